@@ -1,0 +1,5 @@
+import sys
+
+from gpuattach_broker.agent.cli import main
+
+sys.exit(main())

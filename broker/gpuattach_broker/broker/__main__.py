@@ -1,0 +1,5 @@
+import sys
+
+from gpuattach_broker.broker.cli import main
+
+sys.exit(main())

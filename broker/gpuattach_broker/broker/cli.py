@@ -1,0 +1,145 @@
+"""``gpuattach-broker``: run the broker and look at what it holds."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import sys
+import time
+
+import grpc
+
+from gpuattach_broker.broker.server import ServeOptions, serve
+from gpuattach_broker.broker.store import Store
+from gpuattach_broker.paths import default_db
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.rpc import key_metadata, read_key_file
+from gpuattach_broker.units import format_duration, format_size, parse_duration
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpuattach-broker", description="The GPU slice broker of jupyter-gpuattach."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the broker")
+    s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
+    s.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
+    s.add_argument("--ttl", type=_duration, default=30.0,
+                   help="a lease ends this long after its kernel's last heartbeat (default 30s)")
+    s.add_argument("--key-file", default="", help="file whose first line every client must present")
+    s.add_argument("--embedded-agent", default="", metavar="DEVICES",
+                   help="also run an agent in this process (auto, nvml or cpu:NxSIZE)")
+    s.add_argument("--pool-size", type=int, default=1, help="warm workers of the embedded agent")
+    s.add_argument("--runtime-file", default="", help="publish address and key in this file")
+    s.add_argument("--idle-exit", type=_duration, default=0.0,
+                   help="exit after this long with no lease and no request (default: never)")
+    s.add_argument("--log-level", default="INFO")
+
+    for name, help_text in (("leases", "list leases"), ("pool", "show the device pool")):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+        if name == "leases":
+            c.add_argument("--user", default="")
+            c.add_argument("--all", action="store_true", help="include ended leases")
+
+    e = sub.add_parser("events", help="print the lease timeline from the state file")
+    e.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
+    e.add_argument("--since", type=_duration, default=0.0, help="only the last N seconds/minutes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "events":
+        return _events(args)
+    return _query(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    key = os.environ.get("GPUATTACH_BROKER_KEY", "")
+    if args.key_file:
+        try:
+            key = read_key_file(args.key_file)
+        except OSError as exc:
+            print(f"gpuattach-broker: {exc}", file=sys.stderr)
+            return 2
+    options = ServeOptions(
+        address=args.address,
+        db=args.db or str(default_db()),
+        ttl_seconds=args.ttl,
+        key=key,
+        embedded_agent=args.embedded_agent,
+        pool_size=args.pool_size,
+        runtime_file=args.runtime_file,
+        idle_exit_seconds=args.idle_exit,
+    )
+    asyncio.run(serve(options))
+    return 0
+
+
+def _fmt_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3] if ts else "-"
+
+
+def _events(args: argparse.Namespace) -> int:
+    path = args.db or str(default_db())
+    if not os.path.exists(path):
+        print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
+        return 1
+    store = Store(path, readonly=True)
+    since = time.time() - args.since if args.since else 0.0
+    for event in store.events(since=since):
+        lease = event.lease_id[:8] if event.lease_id else "-"
+        print(f"{_fmt_time(event.ts)}  {event.kind:<16} {lease:<8}  {event.user:<10} {event.detail}")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    key = os.environ.get("GPUATTACH_BROKER_KEY", "")
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.BrokerStub(channel)
+        try:
+            if args.command == "leases":
+                reply = stub.ListLeases(
+                    pb.ListLeasesRequest(user=args.user, include_ended=args.all),
+                    metadata=key_metadata(key), timeout=10,
+                )
+                print(f"{'lease':<17}{'user':<12}{'state':<10}{'device':<24}{'memory':>10}  held")
+                for lease in reply.leases:
+                    held = (lease.ended_at or time.time()) - lease.granted_at
+                    print(f"{lease.lease_id:<17}{lease.user:<12}{lease.state:<10}"
+                          f"{lease.device_name[:23]:<24}{format_size(lease.memory_bytes):>10}  "
+                          f"{format_duration(held) if lease.granted_at else '-'}")
+            else:
+                pool = stub.GetPoolStatus(pb.PoolStatusRequest(), metadata=key_metadata(key),
+                                          timeout=10)
+                print(f"{'device':<32}{'kind':<6}{'allocated':>22}  leases  online")
+                for d in pool.devices:
+                    alloc = f"{format_size(d.allocated_bytes)}/{format_size(d.memory_bytes)}"
+                    print(f"{d.device_id:<32}{d.kind:<6}{alloc:>22}  {d.leases:>6}  {d.online}")
+                print(f"queue: {pool.queue_length}  active leases: {pool.active_leases}  "
+                      f"agents: {pool.agents_online}")
+        except grpc.RpcError as exc:
+            print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Placement and queueing: which device a slice goes to, and who waits.
+
+Pure and synchronous on purpose: no I/O, no clock of its own (callers pass
+`now`). The live broker and the utilization simulator drive the very same
+object, so what the simulator predicts is what the broker does.
+
+Every slice is accounted in device memory: a whole device takes all of it,
+a fraction `f` takes `f` of it, a memory request takes what it asks. A
+device never holds slices whose memory adds up to more than it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DeviceState:
+    device_id: str
+    host: str
+    name: str
+    kind: str
+    memory_bytes: int
+    uuid: str = ""
+    online: bool = True
+    draining: bool = False
+    allocated_bytes: int = 0
+    leases: set[str] = field(default_factory=set)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.memory_bytes - self.allocated_bytes
+
+    @property
+    def schedulable(self) -> bool:
+        return self.online and not self.draining
+
+
+@dataclass
+class SliceRequest:
+    request_id: str
+    user: str
+    kernel_id: str = ""
+    memory_bytes: int = 0  # explicit memory cap; 0 = not asked
+    fraction: float = 0.0  # share of one device; 0 = not asked
+    gpus: int = 1  # whole devices on one host (only without memory/fraction)
+    submitted_at: float = 0.0
+
+    @property
+    def whole(self) -> bool:
+        return self.memory_bytes == 0 and (self.fraction == 0.0 or self.fraction >= 1.0)
+
+    def need_on(self, device: DeviceState) -> int:
+        """Bytes of `device` this request takes."""
+        if self.whole:
+            return device.memory_bytes
+        if self.fraction:
+            return int(device.memory_bytes * self.fraction)
+        return self.memory_bytes
+
+
+@dataclass(frozen=True)
+class Placement:
+    request_id: str
+    host: str
+    device_ids: tuple[str, ...]
+    memory_bytes: int  # per device
+    exclusive: bool
+
+
+class RequestError(ValueError):
+    """A request no device in the pool could ever satisfy."""
+
+
+class Scheduler:
+    """Best-fit bin packing over devices; strict FIFO queue."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, DeviceState] = {}
+        self.queue: list[SliceRequest] = []
+        self.allocations: dict[str, Placement] = {}
+        self._hold_seconds_total = 0.0
+        self._holds = 0
+
+    # ---------------------------------------------------------- devices ---
+
+    def add_device(self, device: DeviceState) -> None:
+        known = self.devices.get(device.device_id)
+        if known is not None:
+            known.online = device.online
+            known.name, known.kind, known.uuid = device.name, device.kind, device.uuid
+            known.memory_bytes = device.memory_bytes
+            return
+        self.devices[device.device_id] = device
+
+    def set_host_online(self, host: str, online: bool) -> None:
+        for device in self.devices.values():
+            if device.host == host:
+                device.online = online
+
+    # -------------------------------------------------------- placement ---
+
+    def check_satisfiable(self, request: SliceRequest) -> None:
+        """Refuse requests that could not fit even on an empty pool."""
+        if request.fraction < 0 or request.fraction > 1:
+            raise RequestError(f"fraction must be in (0, 1], got {request.fraction}")
+        if request.gpus < 1:
+            raise RequestError("gpus must be at least 1")
+        if request.gpus > 1 and not request.whole:
+            raise RequestError("several devices can only be taken whole (drop --mem/--fraction)")
+        if not self.devices:
+            return  # agents may still be registering; the request waits
+        if request.gpus > 1:
+            per_host: dict[str, int] = {}
+            for device in self.devices.values():
+                per_host[device.host] = per_host.get(device.host, 0) + 1
+            most = max(per_host.values())
+            if request.gpus > most:
+                raise RequestError(
+                    f"{request.gpus} devices asked for, but no host has more than {most}"
+                )
+        elif not request.whole:
+            largest = max(d.memory_bytes for d in self.devices.values())
+            if request.memory_bytes > largest:
+                raise RequestError(
+                    f"{request.memory_bytes} bytes asked for, but the largest device has {largest}"
+                )
+
+    def try_place(
+        self, request: SliceRequest, warm_hosts: Iterable[str] = ()
+    ) -> Placement | None:
+        """Where the request fits now (best fit), or None. Changes nothing."""
+        warm = set(warm_hosts)
+        if request.gpus > 1:
+            return self._place_many(request, warm)
+        best: tuple[int, int, str] | None = None
+        chosen: DeviceState | None = None
+        for device in self.devices.values():
+            if not device.schedulable:
+                continue
+            need = request.need_on(device)
+            if need > device.free_bytes or (request.whole and device.leases):
+                continue
+            # Tightest fit first keeps big holes for big requests; then warm hosts.
+            key = (device.free_bytes - need, 0 if device.host in warm else 1, device.device_id)
+            if best is None or key < best:
+                best, chosen = key, device
+        if chosen is None:
+            return None
+        return Placement(
+            request_id=request.request_id,
+            host=chosen.host,
+            device_ids=(chosen.device_id,),
+            memory_bytes=request.need_on(chosen),
+            exclusive=request.whole,
+        )
+
+    def _place_many(self, request: SliceRequest, warm: set[str]) -> Placement | None:
+        free_by_host: dict[str, list[DeviceState]] = {}
+        for device in sorted(self.devices.values(), key=lambda d: d.device_id):
+            if device.schedulable and not device.leases:
+                free_by_host.setdefault(device.host, []).append(device)
+        candidates = [
+            (len(devs) - request.gpus, 0 if host in warm else 1, host)
+            for host, devs in free_by_host.items()
+            if len(devs) >= request.gpus
+        ]
+        if not candidates:
+            return None
+        host = min(candidates)[2]
+        chosen = free_by_host[host][: request.gpus]
+        return Placement(
+            request_id=request.request_id,
+            host=host,
+            device_ids=tuple(d.device_id for d in chosen),
+            memory_bytes=chosen[0].memory_bytes,
+            exclusive=True,
+        )
+
+    def allocate(self, lease_id: str, placement: Placement) -> None:
+        for device_id in placement.device_ids:
+            device = self.devices[device_id]
+            device.allocated_bytes += placement.memory_bytes
+            device.leases.add(lease_id)
+        self.allocations[lease_id] = placement
+
+    def free(self, lease_id: str, held_seconds: float | None = None) -> Placement | None:
+        placement = self.allocations.pop(lease_id, None)
+        if placement is None:
+            return None
+        for device_id in placement.device_ids:
+            device = self.devices.get(device_id)
+            if device is not None:
+                device.allocated_bytes -= placement.memory_bytes
+                device.leases.discard(lease_id)
+        if held_seconds is not None:
+            self._hold_seconds_total += held_seconds
+            self._holds += 1
+        return placement
+
+    # ------------------------------------------------------------ queue ---
+
+    def submit(self, request: SliceRequest, warm_hosts: Iterable[str] = ()) -> Placement | None:
+        """Place (and allocate, keyed by request id) now if nobody waits ahead
+        and it fits; otherwise queue it and return None."""
+        self.check_satisfiable(request)
+        placement = None if self.queue else self.try_place(request, warm_hosts)
+        if placement is None:
+            self.queue.append(request)
+        else:
+            self.allocate(request.request_id, placement)
+        return placement
+
+    def withdraw(self, request_id: str) -> bool:
+        before = len(self.queue)
+        self.queue = [r for r in self.queue if r.request_id != request_id]
+        return len(self.queue) != before
+
+    def position(self, request_id: str) -> int:
+        """1-based queue position; 0 when not queued."""
+        for index, request in enumerate(self.queue):
+            if request.request_id == request_id:
+                return index + 1
+        return 0
+
+    def grant_waiting(self, warm_hosts: Iterable[str] = ()) -> list[Placement]:
+        """Place queued requests in order, stopping at the first that does not fit.
+
+        Strict FIFO: a request never overtakes an earlier one. Each returned
+        placement is allocated under its request id.
+        """
+        granted: list[Placement] = []
+        while self.queue:
+            placement = self.try_place(self.queue[0], warm_hosts)
+            if placement is None:
+                break
+            self.queue.pop(0)
+            self.allocate(placement.request_id, placement)
+            granted.append(placement)
+        return granted
+
+    def estimated_wait(self, position: int) -> float:
+        """Seconds until a request at `position` is granted; -1 when unknown."""
+        if self._holds == 0 or position <= 0:
+            return -1.0
+        devices = max(1, sum(1 for d in self.devices.values() if d.schedulable))
+        return position * (self._hold_seconds_total / self._holds) / devices
+
+    def why_waiting(self) -> str:
+        usable = [d for d in self.devices.values() if d.schedulable]
+        if not usable:
+            return "no device is online yet"
+        busy = sum(1 for d in usable if d.leases)
+        return f"{busy}/{len(usable)} devices in use"

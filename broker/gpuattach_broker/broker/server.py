@@ -1,0 +1,114 @@
+"""Running the broker: the gRPC server, its timers, and the embedded mode.
+
+Embedded mode is what a laptop or workstation gets with no configuration:
+the first kernel that attaches starts one broker with an in-process agent
+for the user; it writes a runtime file that the user's other kernels find,
+and exits once no kernel has used it for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from gpuattach_broker.agent.agent import Agent
+from gpuattach_broker.agent.backends import open_backend
+from gpuattach_broker.broker.service import BrokerService
+from gpuattach_broker.broker.store import Store
+from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.transfer import GRPC_OPTIONS
+
+log = logging.getLogger("gpuattach.broker")
+
+
+@dataclass
+class ServeOptions:
+    address: str = "127.0.0.1:50051"
+    db: str = ""
+    ttl_seconds: float = 30.0
+    key: str = ""
+    embedded_agent: str = ""  # device spec of an in-process agent, e.g. "auto"
+    pool_size: int = 1
+    runtime_file: str = ""
+    idle_exit_seconds: float = 0.0  # 0: never
+
+
+def write_runtime_file(path: str, address: str, key: str) -> None:
+    """Atomically publish where the broker listens (mode 600: it holds the key)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"address": address, "key": key, "pid": os.getpid()}, handle)
+    os.replace(tmp, target)
+
+
+async def serve(options: ServeOptions) -> None:
+    store = Store(options.db)
+    service = BrokerService(store, ttl_seconds=options.ttl_seconds, key=options.key)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_BrokerServicer_to_server(service, server)
+    port = server.add_insecure_port(options.address)
+    if port == 0:
+        raise SystemExit(f"gpuattach-broker: cannot listen on {options.address}")
+    host = options.address.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    await server.start()
+    log.info("broker listening on %s (state in %s)", address, options.db)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    tasks = [asyncio.create_task(service.expire_loop())]
+    agent: Agent | None = None
+    if options.embedded_agent:
+        backend = open_backend(options.embedded_agent)
+        agent = Agent(address, backend, pool_size=options.pool_size, key=options.key)
+        tasks.append(asyncio.create_task(agent.run(stop)))
+    if options.idle_exit_seconds > 0:
+        tasks.append(asyncio.create_task(_exit_when_idle(service, options.idle_exit_seconds, stop)))
+    if options.runtime_file:
+        write_runtime_file(options.runtime_file, address, options.key)
+    print(json.dumps({"address": address, "pid": os.getpid()}), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        if options.runtime_file:
+            _remove_runtime_file(options.runtime_file)
+        if agent is not None:
+            await agent.shutdown()
+        for task in tasks:
+            task.cancel()
+        await server.stop(grace=1.0)
+        store.close()
+
+
+def _remove_runtime_file(path: str) -> None:
+    """Remove the runtime file only if it is still ours."""
+    try:
+        with open(path) as handle:
+            if json.load(handle).get("pid") == os.getpid():
+                os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+async def _exit_when_idle(service: BrokerService, idle_seconds: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(min(1.0, idle_seconds / 2))
+        if service.idle and time.monotonic() - service.last_activity > idle_seconds:
+            log.info("no kernel used the embedded broker for %.0f s; exiting", idle_seconds)
+            stop.set()

@@ -1,0 +1,528 @@
+"""The broker's gRPC service: leases, the queue, and the agents' channels.
+
+One asyncio loop owns all state; the scheduler decides, the store remembers,
+the agents start and stop workers. The broker is the control plane only:
+no tensor passes through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from gpuattach_broker.broker.scheduler import (
+    DeviceState,
+    Placement,
+    RequestError,
+    Scheduler,
+    SliceRequest,
+)
+from gpuattach_broker.broker.store import LeaseRecord, Store, hash_token
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.rpc import KEY_HEADER
+from gpuattach_broker.units import format_duration, format_size
+
+log = logging.getLogger("gpuattach.broker")
+
+
+START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class AgentConnection:
+    host: str
+    agent_id: str
+    warm_workers: int = 0
+    commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
+    pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
+
+
+@dataclass
+class Waiter:
+    request: SliceRequest
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    placement: Placement | None = None
+
+
+def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
+    return pb.Lease(
+        lease_id=lease.lease_id,
+        user=lease.user,
+        kernel_id=lease.kernel_id,
+        token=token,
+        host=lease.host,
+        device_ids=lease.device_ids,
+        device_name=lease.device_name,
+        slice=pb.SliceSpec(
+            memory_bytes=lease.req_memory_bytes, fraction=lease.req_fraction, gpus=lease.req_gpus
+        ),
+        memory_bytes=lease.memory_bytes,
+        worker_endpoint=lease.worker_endpoint,
+        requested_at=lease.requested_at,
+        granted_at=lease.granted_at,
+        expires_at=lease.expires_at,
+        ttl_seconds=lease.ttl_seconds,
+        state=lease.state,
+        end_reason=lease.end_reason,
+        ended_at=lease.ended_at,
+    )
+
+
+class BrokerService(pb_grpc.BrokerServicer):
+    def __init__(self, store: Store, *, ttl_seconds: float = 30.0, key: str = "") -> None:
+        self.store = store
+        self.ttl = ttl_seconds
+        self.key = key
+        self.scheduler = Scheduler()
+        self.agents: dict[str, AgentConnection] = {}
+        self.waiters: dict[str, Waiter] = {}
+        self.last_activity = time.monotonic()
+        self._restore()
+
+    # --------------------------------------------------------- recovery ---
+
+    def _restore(self) -> None:
+        """Rebuild the in-memory picture after a restart; lose no lease."""
+        for device_id, host, name, kind, memory, device_uuid in self.store.devices():
+            self.scheduler.add_device(
+                DeviceState(device_id, host, name, kind, memory, device_uuid, online=False)
+            )
+        now = time.time()
+        for lease in self.store.leases():
+            if lease.state == "starting":
+                self._end_record(lease, "failed", "the broker restarted while the worker started")
+                continue
+            self._allocate_record(lease)
+            # Kernels could not renew while the broker was down: give them a TTL.
+            lease.expires_at = max(lease.expires_at, now + self.ttl)
+            self.store.renew(lease.lease_id, lease.expires_at)
+        self.store.event("broker-started", detail=f"{len(self.scheduler.allocations)} leases kept")
+
+    def _allocate_record(self, lease: LeaseRecord) -> None:
+        for device_id in lease.device_ids:
+            if device_id not in self.scheduler.devices:
+                self.scheduler.add_device(
+                    DeviceState(device_id, lease.host, "", "", lease.memory_bytes, online=False)
+                )
+        self.scheduler.allocate(
+            lease.lease_id,
+            Placement(
+                request_id=lease.lease_id,
+                host=lease.host,
+                device_ids=tuple(lease.device_ids),
+                memory_bytes=lease.memory_bytes,
+                exclusive=lease.exclusive,
+            ),
+        )
+
+    # ------------------------------------------------------------- auth ---
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.key:
+            return
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == KEY_HEADER and isinstance(value, str):
+                presented = value
+        if not hmac.compare_digest(presented, self.key):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "wrong or missing broker key: set GPUATTACH_BROKER_KEY to the broker's key",
+            )
+
+    async def _lease_for(self, ref: pb.LeaseRef, context: grpc.aio.ServicerContext) -> LeaseRecord:
+        lease = self.store.get_lease(ref.lease_id)
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {ref.lease_id!r}")
+        assert lease is not None
+        if not hmac.compare_digest(hash_token(ref.token), lease.token_hash):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the token does not belong to lease {ref.lease_id}",
+            )
+        return lease
+
+    # ----------------------------------------------------------- attach ---
+
+    async def Attach(
+        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AttachEvent]:
+        await self._authenticate(context)
+        self.last_activity = time.monotonic()
+        if not request.user:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach needs a user name")
+        spec = request.slice
+        if spec.memory_bytes and spec.fraction:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "ask for either a memory size or a fraction"
+            )
+        slice_request = SliceRequest(
+            request_id=uuid.uuid4().hex[:16],
+            user=request.user,
+            kernel_id=request.kernel_id,
+            memory_bytes=spec.memory_bytes,
+            fraction=spec.fraction,
+            gpus=spec.gpus or 1,
+            submitted_at=time.time(),
+        )
+        try:
+            placement = self.scheduler.submit(slice_request, self._warm_hosts())
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        self.store.event(
+            "requested", lease_id=slice_request.request_id, user=request.user,
+            detail=_describe_request(slice_request),
+        )
+        if placement is None:
+            try:
+                async for event in self._wait_in_queue(
+                    slice_request, request.wait_seconds, context
+                ):
+                    yield event
+            except BaseException:
+                # Granted just as the client went away: give the room back.
+                waiter = self.waiters.pop(slice_request.request_id, None)
+                if waiter is not None and waiter.placement is not None:
+                    self.scheduler.free(slice_request.request_id)
+                    self._pump_queue()
+                raise
+            placement = self.waiters.pop(slice_request.request_id).placement
+        assert placement is not None
+        lease, token = await self._start(slice_request, placement, context)
+        yield pb.AttachEvent(granted=lease_to_pb(lease, token))
+
+    async def _wait_in_queue(
+        self, req: SliceRequest, wait_seconds: float, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AttachEvent]:
+        if wait_seconds == 0:
+            self.scheduler.withdraw(req.request_id)
+            self.store.event("refused", lease_id=req.request_id, user=req.user, detail="pool full")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no room in the pool ({self.scheduler.why_waiting()}) and --wait 0 was given; "
+                "retry with --wait 60s to queue",
+            )
+        waiter = self.waiters[req.request_id] = Waiter(req)
+        deadline = None if wait_seconds < 0 else time.monotonic() + wait_seconds
+        self.store.event("queued", lease_id=req.request_id, user=req.user)
+        try:
+            while waiter.placement is None:
+                position = self.scheduler.position(req.request_id)
+                yield pb.AttachEvent(
+                    queued=pb.QueuePosition(
+                        position=position,
+                        queue_length=len(self.scheduler.queue),
+                        estimated_wait_seconds=self.scheduler.estimated_wait(position),
+                        reason=self.scheduler.why_waiting(),
+                    )
+                )
+                waiter.changed.clear()
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.changed.wait(), timeout)
+            if waiter.placement is None:
+                position = self.scheduler.position(req.request_id)
+                self.store.event("gave-up", lease_id=req.request_id, user=req.user)
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"waited {format_duration(wait_seconds)} and still #{position} in the queue; "
+                    "retry with a longer --wait",
+                )
+        finally:
+            if waiter.placement is None:
+                self.waiters.pop(req.request_id, None)
+                if self.scheduler.withdraw(req.request_id):
+                    self._notify_waiters()
+
+    def _warm_hosts(self) -> list[str]:
+        return [a.host for a in self.agents.values() if a.warm_workers > 0]
+
+    def _notify_waiters(self) -> None:
+        for waiter in self.waiters.values():
+            waiter.changed.set()
+
+    def _pump_queue(self) -> None:
+        """Grant queued requests that fit now, in FIFO order."""
+        for placement in self.scheduler.grant_waiting(self._warm_hosts()):
+            waiter = self.waiters.get(placement.request_id)
+            if waiter is None:  # the client went away in the meantime
+                self.scheduler.free(placement.request_id)
+                continue
+            waiter.placement = placement
+        self._notify_waiters()
+
+    async def _start(
+        self, req: SliceRequest, placement: Placement, context: grpc.aio.ServicerContext
+    ) -> tuple[LeaseRecord, str]:
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        device_names = {self.scheduler.devices[d].name for d in placement.device_ids}
+        lease = LeaseRecord(
+            lease_id=req.request_id,
+            user=req.user,
+            kernel_id=req.kernel_id,
+            token_hash=hash_token(token),
+            requested_at=req.submitted_at,
+            state="starting",
+            host=placement.host,
+            device_ids=list(placement.device_ids),
+            device_name=", ".join(sorted(device_names)),
+            memory_bytes=placement.memory_bytes,
+            req_memory_bytes=req.memory_bytes,
+            req_fraction=req.fraction,
+            req_gpus=req.gpus,
+            exclusive=placement.exclusive,
+            ttl_seconds=self.ttl,
+        )
+        self.store.put_lease(lease)
+        agent = self.agents.get(placement.host)
+        try:
+            if agent is None:
+                raise RuntimeError(f"the agent of host {placement.host} is not connected")
+            future: asyncio.Future[pb.LeaseStarted] = asyncio.get_running_loop().create_future()
+            agent.pending_starts[lease.lease_id] = future
+            await agent.commands.put(
+                pb.BrokerCommand(
+                    start=pb.StartLease(
+                        lease_id=lease.lease_id,
+                        token=token,
+                        device_ids=lease.device_ids,
+                        user=lease.user,
+                        memory_bytes=lease.memory_bytes,
+                        fraction=req.fraction,
+                    )
+                )
+            )
+            started = await asyncio.wait_for(future, START_TIMEOUT_S)
+        except (RuntimeError, TimeoutError, asyncio.CancelledError) as exc:
+            if agent is not None:
+                agent.pending_starts.pop(lease.lease_id, None)
+            self._end(lease, "failed", f"worker did not start: {exc or type(exc).__name__}")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the agent on {placement.host} could not start a worker: {exc}",
+            )
+            raise
+        lease.state = "active"
+        lease.worker_endpoint = started.worker_endpoint
+        lease.granted_at = time.time()
+        lease.expires_at = lease.granted_at + self.ttl
+        self.store.put_lease(lease)
+        self.store.event(
+            "granted", lease_id=lease.lease_id, user=lease.user,
+            detail=f"{lease.device_name} on {lease.host}, {format_size(lease.memory_bytes)}, "
+            f"waited {format_duration(lease.granted_at - lease.requested_at)}",
+        )
+        return lease, token
+
+    # ------------------------------------------------ renew and release ---
+
+    async def Renew(self, request: pb.LeaseRef, context: grpc.aio.ServicerContext) -> pb.RenewReply:
+        await self._authenticate(context)
+        lease = await self._lease_for(request, context)
+        self.last_activity = time.monotonic()
+        if lease.active:
+            lease.expires_at = time.time() + self.ttl
+            self.store.renew(lease.lease_id, lease.expires_at)
+        return pb.RenewReply(
+            expires_at=lease.expires_at, state=lease.state, end_reason=lease.end_reason
+        )
+
+    async def Release(
+        self, request: pb.LeaseRef, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseReply:
+        await self._authenticate(context)
+        lease = await self._lease_for(request, context)
+        self.last_activity = time.monotonic()
+        if lease.active:
+            self._end(lease, "released", request.reason or "released by the kernel")
+        return pb.ReleaseReply(held_seconds=lease.held_seconds())
+
+    def _end_record(self, lease: LeaseRecord, state: str, reason: str) -> None:
+        lease.state = state
+        lease.end_reason = reason
+        lease.ended_at = time.time()
+        self.store.put_lease(lease)
+        self.store.event(state, lease_id=lease.lease_id, user=lease.user, detail=reason)
+
+    def _end(self, lease: LeaseRecord, state: str, reason: str) -> None:
+        """End a lease: record why, stop its worker, give its room to the queue."""
+        self._end_record(lease, state, reason)
+        self.scheduler.free(lease.lease_id, held_seconds=lease.held_seconds())
+        agent = self.agents.get(lease.host)
+        if agent is not None:
+            agent.commands.put_nowait(
+                pb.BrokerCommand(stop=pb.StopLease(lease_id=lease.lease_id, reason=reason))
+            )
+        self._pump_queue()
+
+    async def expire_loop(self, interval: float = 0.5) -> None:
+        """Leases whose kernel stopped renewing end after their TTL."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for lease in self.store.leases():
+                if lease.state == "active" and lease.expires_at < now:
+                    self._end(
+                        lease, "expired",
+                        f"no heartbeat from the kernel for {format_duration(self.ttl)}",
+                    )
+
+    # ------------------------------------------------------------ views ---
+
+    async def ListLeases(
+        self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLeasesReply:
+        await self._authenticate(context)
+        leases = self.store.leases(user=request.user, include_ended=request.include_ended)
+        return pb.ListLeasesReply(leases=[lease_to_pb(lease) for lease in leases])
+
+    async def GetPoolStatus(
+        self, request: pb.PoolStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PoolStatus:
+        await self._authenticate(context)
+        return self.pool_status()
+
+    def pool_status(self) -> pb.PoolStatus:
+        devices = [
+            pb.DeviceStatus(
+                device_id=d.device_id,
+                host=d.host,
+                name=d.name,
+                kind=d.kind,
+                memory_bytes=d.memory_bytes,
+                allocated_bytes=d.allocated_bytes,
+                allocated_fraction=d.allocated_bytes / d.memory_bytes if d.memory_bytes else 0.0,
+                leases=len(d.leases),
+                online=d.online,
+                exclusive=any(
+                    self.scheduler.allocations[lease_id].exclusive
+                    for lease_id in d.leases
+                    if lease_id in self.scheduler.allocations
+                ),
+            )
+            for d in sorted(self.scheduler.devices.values(), key=lambda d: d.device_id)
+        ]
+        return pb.PoolStatus(
+            devices=devices,
+            queue_length=len(self.scheduler.queue),
+            active_leases=len(self.scheduler.allocations),
+            agents_online=len(self.agents),
+        )
+
+    @property
+    def idle(self) -> bool:
+        return not self.scheduler.allocations and not self.scheduler.queue and not self.waiters
+
+    # ----------------------------------------------------------- agents ---
+
+    async def AgentChannel(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BrokerCommand]:
+        await self._authenticate(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("msg") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an agent must say hello first")
+        assert first is not None
+        hello = first.hello
+        agent = AgentConnection(hello.host, hello.agent_id, hello.warm_workers)
+        previous = self.agents.get(hello.host)
+        if previous is not None:
+            for future in previous.pending_starts.values():
+                future.cancel()
+        self.agents[hello.host] = agent
+        self._register_devices(hello)
+        self._reconcile(agent, hello)
+        log.info("agent %s on %s connected with %d devices", hello.agent_id, hello.host,
+                 len(hello.devices))
+        reader = asyncio.create_task(self._read_agent(agent, request_iterator))
+        try:
+            self._pump_queue()
+            while not reader.done():
+                get = asyncio.create_task(agent.commands.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    yield get.result()
+                else:
+                    get.cancel()
+        finally:
+            reader.cancel()
+            if self.agents.get(hello.host) is agent:
+                del self.agents[hello.host]
+                self.scheduler.set_host_online(hello.host, False)
+                for future in agent.pending_starts.values():
+                    future.cancel()
+                self.store.event("agent-gone", detail=hello.host)
+
+    def _register_devices(self, hello: pb.AgentHello) -> None:
+        for info in hello.devices:
+            self.scheduler.add_device(
+                DeviceState(
+                    info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
+                )
+            )
+            self.store.put_device(
+                info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
+            )
+        self.scheduler.set_host_online(hello.host, True)
+        self.store.event("agent-connected", detail=f"{hello.host}: {len(hello.devices)} devices")
+
+    def _reconcile(self, agent: AgentConnection, hello: pb.AgentHello) -> None:
+        """Match the agent's live workers with the leases the store holds."""
+        live = {w.lease_id for w in hello.live_leases}
+        for lease in self.store.leases():
+            if lease.host != hello.host or lease.state != "active":
+                continue
+            if lease.lease_id not in live:
+                self._end(lease, "failed", "its worker is gone (the agent restarted)")
+        for lease_id in live:
+            record = self.store.get_lease(lease_id)
+            if record is None or not record.active:
+                agent.commands.put_nowait(
+                    pb.BrokerCommand(stop=pb.StopLease(lease_id=lease_id, reason="unknown lease"))
+                )
+
+    async def _read_agent(
+        self, agent: AgentConnection, request_iterator: AsyncIterator[pb.AgentMessage]
+    ) -> None:
+        async for message in request_iterator:
+            kind = message.WhichOneof("msg")
+            if kind == "heartbeat":
+                agent.warm_workers = message.heartbeat.warm_workers
+            elif kind == "started":
+                future = agent.pending_starts.pop(message.started.lease_id, None)
+                if future is not None and not future.done():
+                    future.set_result(message.started)
+            elif kind == "failed":
+                future = agent.pending_starts.pop(message.failed.lease_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(RuntimeError(message.failed.error))
+            elif kind == "ended":
+                lease = self.store.get_lease(message.ended.lease_id)
+                if lease is not None and lease.active:
+                    self._end(lease, "failed", message.ended.reason)
+
+
+def _describe_request(req: SliceRequest) -> str:
+    if req.gpus > 1:
+        return f"{req.gpus} whole devices"
+    if req.whole:
+        return "whole device"
+    if req.fraction:
+        return f"fraction {req.fraction:g}"
+    return f"memory {format_size(req.memory_bytes)}"

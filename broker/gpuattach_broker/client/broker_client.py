@@ -1,0 +1,166 @@
+"""A kernel's side of the broker protocol: attach, keep the lease alive, release.
+
+Synchronous on purpose: it runs inside magics and a heartbeat thread of a
+kernel, never on the kernel's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.rpc import key_metadata
+
+log = logging.getLogger("gpuattach.client")
+
+
+class BrokerError(RuntimeError):
+    """The broker refused or could not be reached; the message says why."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _error(exc: grpc.RpcError, what: str, address: str) -> BrokerError:
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return BrokerError(f"cannot reach the GPU broker at {address} ({what})", code)
+    return BrokerError(details or f"{what} failed ({code.name})", code)
+
+
+@dataclass
+class BrokerAddress:
+    address: str
+    key: str = ""
+
+
+class BrokerClient:
+    def __init__(self, target: BrokerAddress) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target.address)
+        self.stub = pb_grpc.BrokerStub(self.channel)
+        self.metadata = key_metadata(target.key)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def attach(
+        self,
+        request: pb.AttachRequest,
+        on_queued: Callable[[pb.QueuePosition], None] = lambda position: None,
+    ) -> pb.Lease:
+        """Wait for a grant, reporting queue positions. Ctrl-C withdraws the request."""
+        events: queue.Queue[pb.AttachEvent | BaseException | None] = queue.Queue()
+        call = self.stub.Attach(request, metadata=self.metadata)
+
+        def pump() -> None:
+            try:
+                for event in call:
+                    events.put(event)
+            except BaseException as exc:
+                events.put(exc)
+            events.put(None)
+
+        threading.Thread(target=pump, daemon=True, name="gpuattach-attach").start()
+        try:
+            while True:
+                try:
+                    item = events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    raise BrokerError("the broker closed the attach stream without a grant")
+                if isinstance(item, grpc.RpcError):
+                    raise _error(item, "attach", self.target.address)
+                if isinstance(item, BaseException):
+                    raise item
+                if item.WhichOneof("event") == "granted":
+                    return item.granted
+                on_queued(item.queued)
+        except KeyboardInterrupt:
+            call.cancel()
+            raise
+
+    def renew(self, lease: pb.Lease, timeout: float = 5.0) -> pb.RenewReply:
+        try:
+            return self.stub.Renew(
+                pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
+                metadata=self.metadata, timeout=timeout,
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, "renew", self.target.address) from None
+
+    def release(self, lease: pb.Lease, reason: str = "", patience: float = 30.0) -> pb.ReleaseReply:
+        """Release, retrying for `patience` seconds while the broker restarts."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return self.stub.Release(
+                    pb.LeaseRef(lease_id=lease.lease_id, token=lease.token, reason=reason),
+                    metadata=self.metadata, timeout=5,
+                )
+            except grpc.RpcError as exc:
+                error = _error(exc, "release", self.target.address)
+                if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise error from None
+                time.sleep(0.25)
+
+    def list_leases(self, user: str = "", include_ended: bool = False) -> list[pb.Lease]:
+        try:
+            reply = self.stub.ListLeases(
+                pb.ListLeasesRequest(user=user, include_ended=include_ended),
+                metadata=self.metadata, timeout=10,
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, "list leases", self.target.address) from None
+        return list(reply.leases)
+
+    def pool_status(self) -> pb.PoolStatus:
+        try:
+            return self.stub.GetPoolStatus(pb.PoolStatusRequest(), metadata=self.metadata,
+                                           timeout=10)
+        except grpc.RpcError as exc:
+            raise _error(exc, "pool status", self.target.address) from None
+
+
+class LeaseKeeper:
+    """Renews a lease in the background; notices when the broker ended it."""
+
+    def __init__(self, client: BrokerClient, lease: pb.Lease,
+                 on_ended: Callable[[str, str], None]) -> None:
+        self.client = client
+        self.lease = lease
+        self.on_ended = on_ended
+        self.interval = max(0.5, lease.ttl_seconds / 3) if lease.ttl_seconds else 10.0
+        self.ended_reason = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gpuattach-heartbeat")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                reply = self.client.renew(self.lease)
+            except BrokerError as exc:
+                # The broker may be restarting; it keeps the lease. Try again.
+                log.debug("heartbeat failed: %s", exc)
+                continue
+            if reply.state not in ("active", "starting"):
+                self.ended_reason = reply.end_reason or reply.state
+                self.on_ended(reply.state, self.ended_reason)
+                return

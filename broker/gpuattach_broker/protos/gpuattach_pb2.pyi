@@ -1,0 +1,516 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SliceSpec(_message.Message):
+    __slots__ = ("memory_bytes", "fraction", "gpus")
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    memory_bytes: int
+    fraction: float
+    gpus: int
+    def __init__(self, memory_bytes: _Optional[int] = ..., fraction: _Optional[float] = ..., gpus: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("user", "kernel_id", "slice", "wait_seconds", "client_host")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    kernel_id: str
+    slice: SliceSpec
+    wait_seconds: float
+    client_host: str
+    def __init__(self, user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., client_host: _Optional[str] = ...) -> None: ...
+
+class QueuePosition(_message.Message):
+    __slots__ = ("position", "queue_length", "estimated_wait_seconds", "reason")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    queue_length: int
+    estimated_wait_seconds: float
+    reason: str
+    def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    END_REASON_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    user: str
+    kernel_id: str
+    token: str
+    host: str
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    device_name: str
+    slice: SliceSpec
+    memory_bytes: int
+    worker_endpoint: str
+    requested_at: float
+    granted_at: float
+    expires_at: float
+    ttl_seconds: float
+    state: str
+    end_reason: str
+    ended_at: float
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ...) -> None: ...
+
+class AttachEvent(_message.Message):
+    __slots__ = ("queued", "granted")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    queued: QueuePosition
+    granted: Lease
+    def __init__(self, queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., granted: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
+class LeaseRef(_message.Message):
+    __slots__ = ("lease_id", "token", "reason")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    token: str
+    reason: str
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RenewReply(_message.Message):
+    __slots__ = ("expires_at", "state", "end_reason")
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    END_REASON_FIELD_NUMBER: _ClassVar[int]
+    expires_at: float
+    state: str
+    end_reason: str
+    def __init__(self, expires_at: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("held_seconds",)
+    HELD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    held_seconds: float
+    def __init__(self, held_seconds: _Optional[float] = ...) -> None: ...
+
+class ListLeasesRequest(_message.Message):
+    __slots__ = ("user", "include_ended")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ENDED_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    include_ended: bool
+    def __init__(self, user: _Optional[str] = ..., include_ended: _Optional[bool] = ...) -> None: ...
+
+class ListLeasesReply(_message.Message):
+    __slots__ = ("leases",)
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[Lease]
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ...) -> None: ...
+
+class PoolStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceStatus(_message.Message):
+    __slots__ = ("device_id", "host", "name", "kind", "memory_bytes", "allocated_bytes", "allocated_fraction", "leases", "online", "exclusive")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    host: str
+    name: str
+    kind: str
+    memory_bytes: int
+    allocated_bytes: int
+    allocated_fraction: float
+    leases: int
+    online: bool
+    exclusive: bool
+    def __init__(self, device_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., allocated_fraction: _Optional[float] = ..., leases: _Optional[int] = ..., online: _Optional[bool] = ..., exclusive: _Optional[bool] = ...) -> None: ...
+
+class PoolStatus(_message.Message):
+    __slots__ = ("devices", "queue_length", "active_leases", "agents_online")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    queue_length: int
+    active_leases: int
+    agents_online: int
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue_length: _Optional[int] = ..., active_leases: _Optional[int] = ..., agents_online: _Optional[int] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device_id", "name", "kind", "memory_bytes", "uuid")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    name: str
+    kind: str
+    memory_bytes: int
+    uuid: str
+    def __init__(self, device_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., uuid: _Optional[str] = ...) -> None: ...
+
+class LiveLease(_message.Message):
+    __slots__ = ("lease_id", "worker_endpoint", "pid")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    worker_endpoint: str
+    pid: int
+    def __init__(self, lease_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class AgentHello(_message.Message):
+    __slots__ = ("host", "agent_id", "devices", "live_leases", "warm_workers", "version")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
+    WARM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    agent_id: str
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    live_leases: _containers.RepeatedCompositeFieldContainer[LiveLease]
+    warm_workers: int
+    version: str
+    def __init__(self, host: _Optional[str] = ..., agent_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., live_leases: _Optional[_Iterable[_Union[LiveLease, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class AgentHeartbeat(_message.Message):
+    __slots__ = ("warm_workers",)
+    WARM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    warm_workers: int
+    def __init__(self, warm_workers: _Optional[int] = ...) -> None: ...
+
+class LeaseStarted(_message.Message):
+    __slots__ = ("lease_id", "worker_endpoint", "pid")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    worker_endpoint: str
+    pid: int
+    def __init__(self, lease_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class LeaseFailed(_message.Message):
+    __slots__ = ("lease_id", "error")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    error: str
+    def __init__(self, lease_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class LeaseEnded(_message.Message):
+    __slots__ = ("lease_id", "reason")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    reason: str
+    def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "started", "failed", "ended")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    hello: AgentHello
+    heartbeat: AgentHeartbeat
+    started: LeaseStarted
+    failed: LeaseFailed
+    ended: LeaseEnded
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[AgentHeartbeat, _Mapping]] = ..., started: _Optional[_Union[LeaseStarted, _Mapping]] = ..., failed: _Optional[_Union[LeaseFailed, _Mapping]] = ..., ended: _Optional[_Union[LeaseEnded, _Mapping]] = ...) -> None: ...
+
+class StartLease(_message.Message):
+    __slots__ = ("lease_id", "token", "device_ids", "user", "memory_bytes", "fraction")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    token: str
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    user: str
+    memory_bytes: int
+    fraction: float
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class StopLease(_message.Message):
+    __slots__ = ("lease_id", "reason")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    reason: str
+    def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BrokerCommand(_message.Message):
+    __slots__ = ("start", "stop")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    start: StartLease
+    stop: StopLease
+    def __init__(self, start: _Optional[_Union[StartLease, _Mapping]] = ..., stop: _Optional[_Union[StopLease, _Mapping]] = ...) -> None: ...
+
+class HelloRequest(_message.Message):
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "client_host", "cwd", "sys_path", "env")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    SYS_PATH_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    python_version: str
+    torch_version: str
+    cloudpickle_version: str
+    client_host: str
+    cwd: str
+    sys_path: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id")
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    CUDA_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    python_version: str
+    torch_version: str
+    cloudpickle_version: str
+    host: str
+    pid: int
+    cwd: str
+    cuda_available: bool
+    device_summary: str
+    lease_id: str
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("code", "execution_count", "silent")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SILENT_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    execution_count: int
+    silent: bool
+    def __init__(self, code: _Optional[str] = ..., execution_count: _Optional[int] = ..., silent: _Optional[bool] = ...) -> None: ...
+
+class InputReply(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    def __init__(self, value: _Optional[str] = ...) -> None: ...
+
+class ExecuteInput(_message.Message):
+    __slots__ = ("request", "input_reply")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_REPLY_FIELD_NUMBER: _ClassVar[int]
+    request: ExecuteRequest
+    input_reply: InputReply
+    def __init__(self, request: _Optional[_Union[ExecuteRequest, _Mapping]] = ..., input_reply: _Optional[_Union[InputReply, _Mapping]] = ...) -> None: ...
+
+class StreamText(_message.Message):
+    __slots__ = ("name", "text")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    text: str
+    def __init__(self, name: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class DisplayData(_message.Message):
+    __slots__ = ("data_json", "metadata_json", "display_id", "update")
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    data_json: str
+    metadata_json: str
+    display_id: str
+    update: bool
+    def __init__(self, data_json: _Optional[str] = ..., metadata_json: _Optional[str] = ..., display_id: _Optional[str] = ..., update: _Optional[bool] = ...) -> None: ...
+
+class ErrorInfo(_message.Message):
+    __slots__ = ("ename", "evalue", "traceback")
+    ENAME_FIELD_NUMBER: _ClassVar[int]
+    EVALUE_FIELD_NUMBER: _ClassVar[int]
+    TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    ename: str
+    evalue: str
+    traceback: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InputRequest(_message.Message):
+    __slots__ = ("prompt", "password")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    password: bool
+    def __init__(self, prompt: _Optional[str] = ..., password: _Optional[bool] = ...) -> None: ...
+
+class ClearOutput(_message.Message):
+    __slots__ = ("wait",)
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    wait: bool
+    def __init__(self, wait: _Optional[bool] = ...) -> None: ...
+
+class ExecuteDone(_message.Message):
+    __slots__ = ("ok", "seconds")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    seconds: float
+    def __init__(self, ok: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ExecuteOutput(_message.Message):
+    __slots__ = ("stream", "display", "execute_result", "error", "input_request", "clear_output", "done")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INPUT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    stream: StreamText
+    display: DisplayData
+    execute_result: DisplayData
+    error: ErrorInfo
+    input_request: InputRequest
+    clear_output: ClearOutput
+    done: ExecuteDone
+    def __init__(self, stream: _Optional[_Union[StreamText, _Mapping]] = ..., display: _Optional[_Union[DisplayData, _Mapping]] = ..., execute_result: _Optional[_Union[DisplayData, _Mapping]] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ..., input_request: _Optional[_Union[InputRequest, _Mapping]] = ..., clear_output: _Optional[_Union[ClearOutput, _Mapping]] = ..., done: _Optional[_Union[ExecuteDone, _Mapping]] = ...) -> None: ...
+
+class InterruptRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InterruptReply(_message.Message):
+    __slots__ = ("interrupted",)
+    INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    interrupted: bool
+    def __init__(self, interrupted: _Optional[bool] = ...) -> None: ...
+
+class NamespaceHeader(_message.Message):
+    __slots__ = ("part_sizes", "imports", "problems", "names")
+    class ImportsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PART_SIZES_FIELD_NUMBER: _ClassVar[int]
+    IMPORTS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    part_sizes: _containers.RepeatedScalarFieldContainer[int]
+    imports: _containers.ScalarMap[str, str]
+    problems: _containers.RepeatedCompositeFieldContainer[NameProblem]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, part_sizes: _Optional[_Iterable[int]] = ..., imports: _Optional[_Mapping[str, str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NameProblem(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class NamespaceChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: NamespaceHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[NamespaceHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("names", "problems", "bytes_received")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    problems: _containers.RepeatedCompositeFieldContainer[NameProblem]
+    bytes_received: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("skip", "force")
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    skip: _containers.RepeatedScalarFieldContainer[str]
+    force: bool
+    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class AssignRequest(_message.Message):
+    __slots__ = ("lease_id", "token", "env", "device_summary")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    token: str
+    env: _containers.ScalarMap[str, str]
+    device_summary: str
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., device_summary: _Optional[str] = ...) -> None: ...
+
+class AssignReply(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,91 @@
+"""Entry point of a worker process: ``python -m gpuattach_broker.worker``.
+
+Started by the agent before any lease exists (a warm worker: torch already
+imported, the shell built); it prints one JSON line with its port when ready,
+then waits for the agent to bind it to a lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+
+
+def _preload() -> None:
+    for name in ("numpy", "torch"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def _watch_parent(parent_pid: int, on_gone: Any) -> None:
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            on_gone()
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuattach-worker")
+    parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process ends")
+    parser.add_argument("--max-namespace-bytes", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    agent_key = os.environ.pop("GPUATTACH_AGENT_KEY", "")
+    if not agent_key:
+        print("gpuattach-worker: GPUATTACH_AGENT_KEY is not set; start workers through the agent",
+              file=sys.stderr)
+        return 2
+
+    _preload()
+    from gpuattach_broker import transfer
+    from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+    from gpuattach_broker.worker.service import (
+        MainThreadExecutor,
+        WorkerService,
+        install_interrupt_handler,
+    )
+    from gpuattach_broker.worker.shell import make_shell
+
+    shell = make_shell()
+    executor = MainThreadExecutor()
+    service = WorkerService(
+        shell, executor, agent_key, max_namespace_bytes=args.max_namespace_bytes or None
+    )
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=8), options=transfer.GRPC_OPTIONS
+    )
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    port = server.add_insecure_port(f"{args.bind}:0")
+    server.start()
+
+    def shutdown(*_: Any) -> None:
+        server.stop(grace=0.5)
+        executor.stop()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    install_interrupt_handler(executor)
+    if args.parent_pid:
+        threading.Thread(
+            target=_watch_parent, args=(args.parent_pid, shutdown), daemon=True
+        ).start()
+    sys.__stdout__.write(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    sys.__stdout__.flush()
+    executor.run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The worker's gRPC service: one process per lease, cells on the main thread.
+
+Cells, namespace loads and dumps run on the main thread (the gRPC handlers
+queue them there) so that an interrupt is a real SIGINT: it stops a
+``time.sleep`` or a ``while True`` the same way Ctrl-C does locally.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import os
+import platform
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import cloudpickle
+import grpc
+
+from gpuattach_broker import codec, transfer
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
+
+T = TypeVar("T")
+
+# Set by the slice, never taken from the kernel's environment.
+SLICE_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "NVIDIA_VISIBLE_DEVICES")
+# Describe the kernel process itself; meaningless in the worker.
+PROCESS_ENV = ("JPY_PARENT_PID", "JPY_SESSION_NAME", "PYDEVD_USE_FRAME_EVAL", "MPLBACKEND")
+
+
+def torch_version() -> str:
+    torch = sys.modules.get("torch")
+    return str(getattr(torch, "__version__", "")) if torch else ""
+
+
+class MainThreadExecutor:
+    """Runs submitted jobs one at a time on the thread that calls run_forever."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+        self._jobs = queue.Queue()
+        self.running_cell = False
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                item = self._jobs.get()
+            except KeyboardInterrupt:
+                continue
+            if item is None:
+                return
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(
+        self,
+        shell: WorkerShell,
+        executor: MainThreadExecutor,
+        agent_key: str,
+        max_namespace_bytes: int | None = None,
+    ) -> None:
+        self.shell = shell
+        self.executor = executor
+        self.agent_key = agent_key
+        self.max_namespace_bytes = max_namespace_bytes
+        self.lease_id = ""
+        self._token = ""
+        self.device_summary = "unassigned"
+        self._cell_lock = threading.Lock()
+        self.assigned = threading.Event()
+
+    # ------------------------------------------------------------ auth ---
+
+    def _bearer(self, context: grpc.ServicerContext) -> str:
+        for key, value in context.invocation_metadata():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                return value[len("Bearer ") :]
+        return ""
+
+    def _check_lease_token(self, context: grpc.ServicerContext) -> None:
+        if not self._token:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is not bound to a lease yet")
+        if not hmac.compare_digest(self._bearer(context), self._token):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"this worker serves lease {self.lease_id}; present that lease's token",
+            )
+
+    # ------------------------------------------------------------ agent ---
+
+    def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignReply:
+        if not hmac.compare_digest(self._bearer(context), self.agent_key):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the agent may assign this worker")
+        if self._token:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker already serves a lease")
+        os.environ.update(request.env)
+        self.lease_id = request.lease_id
+        self._token = request.token
+        self.device_summary = request.device_summary
+        self.assigned.set()
+        return pb.AssignReply(pid=os.getpid())
+
+    # ----------------------------------------------------------- kernel ---
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        self._check_lease_token(context)
+        if request.client_host == socket.gethostname():
+            self.executor.submit(lambda: self._adopt_kernel_context(request)).result()
+        torch = sys.modules.get("torch")
+        cuda = bool(torch is not None and torch.cuda.is_available())
+        return pb.HelloReply(
+            python_version=platform.python_version(),
+            torch_version=torch_version(),
+            cloudpickle_version=cloudpickle.__version__,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            cwd=os.getcwd(),
+            cuda_available=cuda,
+            device_summary=self.device_summary,
+            lease_id=self.lease_id,
+        )
+
+    def _adopt_kernel_context(self, request: pb.HelloRequest) -> None:
+        """Same host: run where the kernel runs, with its path and environment."""
+        for key, value in request.env.items():
+            if key not in SLICE_ENV and key not in PROCESS_ENV and not key.startswith("GPUATTACH_"):
+                os.environ[key] = value
+        for entry in reversed(request.sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        if request.cwd and os.path.isdir(request.cwd):
+            os.chdir(request.cwd)
+
+    def Execute(
+        self, request_iterator: Iterator[pb.ExecuteInput], context: grpc.ServicerContext
+    ) -> Iterator[pb.ExecuteOutput]:
+        self._check_lease_token(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("msg") != "request":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Execute must start with a request")
+            return
+        if not self._cell_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.ABORTED, "another cell is already running on this worker")
+        try:
+            yield from self._execute(first.request, request_iterator)
+        finally:
+            self._cell_lock.release()
+
+    def _execute(
+        self, request: pb.ExecuteRequest, request_iterator: Iterator[pb.ExecuteInput]
+    ) -> Iterator[pb.ExecuteOutput]:
+        sink = CellSink()
+
+        def feed_input_replies() -> None:
+            try:
+                for item in request_iterator:
+                    if item.WhichOneof("msg") == "input_reply":
+                        sink.input_replies.put(item.input_reply.value)
+            except Exception:
+                pass
+            sink.input_replies.put(None)
+
+        threading.Thread(target=feed_input_replies, daemon=True).start()
+        started = time.perf_counter()
+
+        def run() -> bool:
+            if request.execution_count:
+                self.shell.execution_count = request.execution_count
+            self.executor.running_cell = True
+            try:
+                result = self.shell.run_cell(
+                    request.code, store_history=not request.silent, silent=request.silent
+                )
+            finally:
+                self.executor.running_cell = False
+            return bool(result.success)
+
+        def job() -> bool:
+            try:
+                return bool(run_in_sink(sink, run))
+            finally:
+                sink.close()
+
+        future = self.executor.submit(job)
+        yield from _coalesced(sink)
+        ok = False
+        try:
+            ok = future.result()
+        except BaseException as exc:
+            yield pb.ExecuteOutput(error=pb.ErrorInfo(ename=type(exc).__name__, evalue=str(exc)))
+        yield pb.ExecuteOutput(done=pb.ExecuteDone(ok=ok, seconds=time.perf_counter() - started))
+
+    def Interrupt(
+        self, request: pb.InterruptRequest, context: grpc.ServicerContext
+    ) -> pb.InterruptReply:
+        self._check_lease_token(context)
+        if not self.executor.running_cell:
+            return pb.InterruptReply(interrupted=False)
+        os.kill(os.getpid(), signal.SIGINT)
+        return pb.InterruptReply(interrupted=True)
+
+    def PushNamespace(
+        self, request_iterator: Iterator[pb.NamespaceChunk], context: grpc.ServicerContext
+    ) -> pb.PushReply:
+        self._check_lease_token(context)
+        try:
+            header, parts, received = transfer.receive_namespace(
+                request_iterator, max_bytes=self.max_namespace_bytes
+            )
+        except transfer.ProtocolError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+        def load() -> tuple[list[str], dict[str, str]]:
+            modules, problems = codec.import_modules(header.imports)
+            values = codec.decode_namespace(parts) if parts else {}
+            self.shell.user_ns.update(modules)
+            self.shell.user_ns.update(values)
+            return sorted([*modules, *values]), problems
+
+        try:
+            names, problems = self.executor.submit(load).result()
+        except Exception as exc:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"could not load the namespace: {type(exc).__name__}: {exc}",
+            )
+        return pb.PushReply(
+            names=names,
+            problems=[pb.NameProblem(name=n, reason=r) for n, r in sorted(problems.items())],
+            bytes_received=received,
+        )
+
+    def PullNamespace(
+        self, request: pb.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.NamespaceChunk]:
+        self._check_lease_token(context)
+        skip = set(request.skip)
+
+        def dump() -> tuple[codec.Encoded, dict[str, str], list[str]]:
+            values, imports = codec.split_namespace(self.shell.user_ns, self.shell.user_ns_hidden)
+            every_name = sorted([*values, *imports])
+            values = {k: v for k, v in values.items() if k not in skip}
+            return codec.encode_namespace(values), imports, every_name
+
+        encoded, imports, every_name = self.executor.submit(dump).result()
+        if encoded.problems and not request.force:
+            # Nothing moves until the user decides: the lease stays, no value is lost.
+            yield from transfer.chunk_namespace(None, problems=encoded.problems, names=every_name)
+            return
+        yield from transfer.chunk_namespace(encoded, imports=imports, names=every_name)
+
+
+def _coalesced(sink: CellSink) -> Iterator[pb.ExecuteOutput]:
+    """Outputs as they come; consecutive text on one stream merged into one message."""
+    while True:
+        item = sink.outputs.get()
+        if item is None:
+            return
+        batch = [item]
+        while True:
+            try:
+                more = sink.outputs.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                sink.outputs.put(None)
+                break
+            batch.append(more)
+        merged: pb.ExecuteOutput | None = None
+        for output in batch:
+            if merged is not None and output.WhichOneof("msg") == "stream":
+                if merged.stream.name == output.stream.name:
+                    merged.stream.text += output.stream.text
+                    continue
+            if merged is not None:
+                yield merged
+                merged = None
+            if output.WhichOneof("msg") == "stream":
+                merged = output
+            else:
+                yield output
+        if merged is not None:
+            yield merged
+
+
+def install_interrupt_handler(executor: MainThreadExecutor) -> None:
+    """SIGINT stops the running cell and nothing else."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if executor.running_cell:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)

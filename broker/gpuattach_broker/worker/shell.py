@@ -1,0 +1,239 @@
+"""An IPython shell whose every output goes to the cell that is running.
+
+The worker runs cells with the same machinery as ipykernel (magics,
+last-expression display, display hooks, matplotlib's inline backend), but
+instead of publishing on ZMQ it hands each output to the running cell's
+sink, which the Execute RPC streams back to the kernel while the cell runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import json
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.interactiveshell import InteractiveShell
+
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return repr(value)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value or {}, default=_json_default)
+
+
+class CellSink:
+    """Outputs of one running cell, consumed by the Execute RPC."""
+
+    def __init__(self) -> None:
+        self.outputs: queue.Queue[pb.ExecuteOutput | None] = queue.Queue()
+        self.input_replies: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, output: pb.ExecuteOutput) -> None:
+        self.outputs.put(output)
+
+    def stream(self, name: str, text: str) -> None:
+        if text:
+            self.put(pb.ExecuteOutput(stream=pb.StreamText(name=name, text=text)))
+
+    def request_input(self, prompt: str, password: bool = False) -> str:
+        self.put(pb.ExecuteOutput(input_request=pb.InputRequest(prompt=prompt, password=password)))
+        reply = self.input_replies.get()
+        if reply is None:
+            raise EOFError("the kernel closed the input stream")
+        return reply
+
+    def close(self) -> None:
+        self.outputs.put(None)
+
+
+class _SinkRouter:
+    """Where output goes right now: the running cell's sink, else nowhere."""
+
+    def __init__(self) -> None:
+        self._sink: CellSink | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def sink(self) -> CellSink | None:
+        return self._sink
+
+    def set(self, sink: CellSink | None) -> None:
+        with self._lock:
+            self._sink = sink
+
+
+ROUTER = _SinkRouter()
+
+
+class SinkStream:
+    """A text stream (stdout/stderr) that forwards writes to the running cell."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, name: str, fallback: Any) -> None:
+        self.name = name
+        self._fallback = fallback
+
+    def write(self, text: str) -> int:
+        sink = ROUTER.sink
+        if sink is None:
+            return int(self._fallback.write(text))
+        sink.stream(self.name, text)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if ROUTER.sink is None:
+            self._fallback.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return int(self._fallback.fileno())
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+class SinkDisplayHook(DisplayHook):
+    """The last expression's value becomes the cell's execute_result."""
+
+    def start_displayhook(self) -> None:
+        self._format: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def write_output_prompt(self) -> None:
+        pass
+
+    def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
+        self._format = (format_dict, md_dict or {})
+
+    def finish_displayhook(self) -> None:
+        sink = ROUTER.sink
+        if sink is not None and self._format is not None:
+            data, metadata = self._format
+            sink.put(
+                pb.ExecuteOutput(
+                    execute_result=pb.DisplayData(
+                        data_json=to_json(data), metadata_json=to_json(metadata)
+                    )
+                )
+            )
+        self._format = None
+
+
+class SinkDisplayPublisher(DisplayPublisher):
+    """display(), figures and rich reprs become display_data messages."""
+
+    def publish(  # type: ignore[override]
+        self,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        source: Any = None,
+        *,
+        transient: dict[str, Any] | None = None,
+        update: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        sink = ROUTER.sink
+        if sink is None:
+            return
+        display_id = (transient or {}).get("display_id", "")
+        sink.put(
+            pb.ExecuteOutput(
+                display=pb.DisplayData(
+                    data_json=to_json(data),
+                    metadata_json=to_json(metadata),
+                    display_id=str(display_id or ""),
+                    update=update,
+                )
+            )
+        )
+
+    def clear_output(self, wait: bool = False) -> None:
+        sink = ROUTER.sink
+        if sink is not None:
+            sink.put(pb.ExecuteOutput(clear_output=pb.ClearOutput(wait=wait)))
+
+
+class WorkerShell(InteractiveShell):
+    """IPython semantics with outputs routed to the running cell's sink."""
+
+    displayhook_class = SinkDisplayHook  # type: ignore[assignment]
+    display_pub_class = SinkDisplayPublisher  # type: ignore[assignment]
+
+    def init_io(self) -> None:
+        super().init_io()
+        sys.stdout = SinkStream("stdout", sys.__stdout__)
+        sys.stderr = SinkStream("stderr", sys.__stderr__)
+
+    def _showtraceback(self, etype: Any, evalue: Any, stb: list[str]) -> None:
+        sink = ROUTER.sink
+        if sink is None:
+            print(self.InteractiveTB.stb2text(stb), file=sys.__stderr__)
+            return
+        sink.put(
+            pb.ExecuteOutput(
+                error=pb.ErrorInfo(
+                    ename=getattr(etype, "__name__", str(etype)),
+                    evalue=str(evalue),
+                    traceback=list(stb),
+                )
+            )
+        )
+
+
+def make_shell() -> WorkerShell:
+    """The worker's shell: IPython semantics, inline figures, remote input()."""
+    shell = WorkerShell.instance()
+    builtins.input = _remote_input  # type: ignore[assignment]
+    try:
+        import matplotlib  # noqa: F401
+
+        shell.enable_matplotlib("inline")
+    except Exception:
+        pass
+    return shell
+
+
+def _remote_input(prompt: Any = "") -> str:
+    sink = ROUTER.sink
+    if sink is None:
+        raise EOFError("input() outside a running cell")
+    return sink.request_input(str(prompt))
+
+
+def run_in_sink(sink: CellSink, fn: Callable[[], Any]) -> Any:
+    ROUTER.set(sink)
+    try:
+        return fn()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            ROUTER.set(None)

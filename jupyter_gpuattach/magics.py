@@ -1,0 +1,150 @@
+"""``%gpu`` and ``%%gpu``: the notebook user's handle on a GPU slice.
+
+While attached, every cell runs on the worker. That is done with an input
+transformer that rewrites the cell into a ``%%gpu`` call, so the history,
+``In[n]`` and the execution count stay the kernel's own, and the cell's
+output and errors are the remote ones. Cells that manage the slice
+(``%gpu ...``) and ``%%local`` cells stay in the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.units import format_duration, parse_duration, parse_size
+from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession
+
+USAGE = (
+    "usage: %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION] "
+    "| %gpu release [--force] | %gpu status"
+)
+ACTIONS = ("attach", "release", "status")
+# Cells starting with these run in the kernel even while attached.
+LOCAL_PREFIXES = ("%gpu", "%%gpu", "%load_ext", "%reload_ext", "%unload_ext")
+
+
+class RemoteCellRouter:
+    """Input transformer: while attached, a cell becomes ``%%gpu`` of itself."""
+
+    def __init__(self, session: GPUSession) -> None:
+        self.session = session
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        first = next((i for i, line in enumerate(lines) if line.strip()), None)
+        if first is None:
+            return lines
+        head = lines[first].lstrip()
+        if head.startswith("%%local"):
+            return lines[first + 1 :]
+        if not self.session.attached or head.startswith(LOCAL_PREFIXES):
+            return lines
+        source = "".join(lines)
+        return [f"get_ipython().run_cell_magic('gpu', '', {source!r})\n"]
+
+
+class QueueDisplay:
+    """One line that updates in place while the request waits in the queue."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+    def __call__(self, position: pb.QueuePosition) -> None:
+        text = f"GPU: queued #{position.position} of {position.queue_length}"
+        if position.estimated_wait_seconds >= 0:
+            text += f", about {format_duration(position.estimated_wait_seconds)} to wait"
+        if position.reason:
+            text += f" ({position.reason})"
+        text += " · interrupt the kernel to give up"
+        bundle = {"text/plain": text}
+        if self.handle is None:
+            self.handle = display(bundle, raw=True, display_id=True)
+        else:
+            self.handle.update(bundle, raw=True)
+
+
+def _attach_options(args: Any) -> AttachOptions:
+    if args.mem and args.fraction is not None:
+        raise UsageError("%gpu attach: give --mem or --fraction, not both")
+    options = AttachOptions()
+    try:
+        if args.mem:
+            options.memory_bytes = parse_size(args.mem)
+        if args.wait:
+            options.wait_seconds = parse_duration(args.wait)
+    except ValueError as exc:
+        raise UsageError(f"%gpu attach: {exc}") from None
+    if args.fraction is not None:
+        if not 0 < args.fraction <= 1:
+            raise UsageError(f"%gpu attach: --fraction must be in (0, 1], got {args.fraction}")
+        options.fraction = args.fraction
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise UsageError(f"%gpu attach: --gpus must be at least 1, got {args.gpus}")
+        options.gpus = args.gpus
+    return options
+
+
+@magics_class
+class GPUMagics(Magics):
+    def __init__(self, shell: Any, session: GPUSession) -> None:
+        super().__init__(shell)
+        self.session = session
+
+    def _parse(self, line: str) -> Any:
+        try:
+            return parse_argstring(self.gpu, line)
+        except UsageError as exc:
+            raise UsageError(f"%gpu: {exc}. {USAGE}") from None
+
+    @magic_arguments()
+    @argument("action", nargs="?", default=None, help="attach, release or status")
+    @argument("--mem", default="", help="memory of the slice, e.g. 4GiB (default: whole device)")
+    @argument("--fraction", type=float, default=None, help="share of one device, e.g. 0.5")
+    @argument("--gpus", type=int, default=None, help="whole devices on one host")
+    @argument("--wait", default="", help="how long to queue, e.g. 60s, 0 (default: as needed)")
+    @argument("--force", action="store_true", help="release even if some names cannot come back")
+    @line_cell_magic
+    def gpu(self, line: str, cell: str | None = None) -> None:
+        """Attach a GPU slice to this kernel, run cells on it, release it.
+
+        %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION]
+        %gpu release [--force]
+        %gpu status
+        %%gpu [--mem SIZE | --fraction F] [--wait DURATION]   (one cell on the GPU)
+        """
+        args = self._parse(line)
+        try:
+            if cell is not None:
+                self._run_cell(args, cell)
+                return
+            action = args.action or "status"
+            if action not in ACTIONS:
+                raise UsageError(f"%gpu: unknown action {action!r}. {USAGE}")
+            if action == "attach":
+                print(self.session.attach(_attach_options(args), show_queue=QueueDisplay()))
+            elif action == "release":
+                print(self.session.release(force=args.force))
+            else:
+                print(self.session.status())
+        except GPUError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _run_cell(self, args: Any, cell: str) -> None:
+        if args.action is not None:
+            raise UsageError(f"%%gpu takes options only, not {args.action!r}. {USAGE}")
+        if self.session.attached:
+            self.session.run_cell(cell)
+            return
+        # Not attached: attach for this one cell, then bring everything back.
+        print(self.session.attach(_attach_options(args), show_queue=QueueDisplay()))
+        try:
+            self.session.run_cell(cell)
+        finally:
+            if self.session.attached:
+                print(self.session.release())

@@ -1,0 +1,214 @@
+"""Real processes for integration tests: broker, agent, workers and kernels.
+
+Nothing here stands in for a part of the project: the broker and agent are
+the console scripts, workers are started by the agent, kernels are real
+ipykernels driven through jupyter_client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import KernelManager
+
+from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what or predicate}: last={last!r}")
+
+
+@dataclass
+class Stack:
+    """A broker and an agent as separate processes on loopback."""
+
+    workdir: Path
+    devices: str = "cpu:1x8GiB"
+    ttl: str = "10s"
+    pool_size: int = 1
+    key: str = "test-key"
+    port: int = field(default_factory=free_port)
+    broker: subprocess.Popen[bytes] | None = None
+    agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def db(self) -> Path:
+        return self.workdir / "broker.sqlite"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            GPUATTACH_BROKER=self.address,
+            GPUATTACH_BROKER_KEY=self.key,
+            GPUATTACH_STATE_DIR=str(self.workdir / "state"),
+            JUPYTER_RUNTIME_DIR=str(self.workdir / "runtime"),
+        )
+        return env
+
+    def start_broker(self) -> None:
+        log = open(self.workdir / "broker.log", "ab")
+        self.broker = subprocess.Popen(
+            [str(BIN / "gpuattach-broker"), "serve", "--address", self.address,
+             "--db", str(self.db), "--ttl", self.ttl],
+            env=self.env(), stdout=log, stderr=log,
+        )
+        wait_for(self._answers, what="broker to answer")
+
+    def start_agent(self) -> None:
+        log = open(self.workdir / "agent.log", "ab")
+        self.agent = subprocess.Popen(
+            [str(BIN / "gpuattach-agent"), "--broker", self.address, "--devices", self.devices,
+             "--pool-size", str(self.pool_size), "--host", "testhost"],
+            env=self.env(), stdout=log, stderr=log,
+        )
+        wait_for(lambda: self.pool().agents_online == 1, timeout=60, what="agent to register")
+
+    def start(self) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_broker()
+        self.start_agent()
+        return self
+
+    def _answers(self) -> bool:
+        self.pool()
+        return True
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(BrokerAddress(self.address, self.key))
+
+    def pool(self) -> pb.PoolStatus:
+        client = self.client()
+        try:
+            return client.pool_status()
+        finally:
+            client.close()
+
+    def leases(self, include_ended: bool = False) -> list[pb.Lease]:
+        client = self.client()
+        try:
+            return client.list_leases(include_ended=include_ended)
+        finally:
+            client.close()
+
+    def kill_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.send_signal(signal.SIGKILL)
+        self.broker.wait()
+
+    def stop(self) -> None:
+        for proc in (self.agent, self.broker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@dataclass
+class CellResult:
+    status: str
+    stdout: str = ""
+    stderr: str = ""
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    stream_times: list[tuple[float, str]] = field(default_factory=list)
+    ended_at: float = 0.0
+
+
+class Kernel:
+    """A real ipykernel with the extension loaded."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=env, cwd=str(cwd))
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    @property
+    def pid(self) -> int:
+        return int(self.km.provisioner.pid)  # type: ignore[union-attr]
+
+    def submit(self, code: str) -> str:
+        return str(self.kc.execute(code))
+
+    def collect(self, msg_id: str, timeout: float = 120.0) -> CellResult:
+        result = CellResult(status="")
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                result.ended_at = time.monotonic()
+                break
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    result.stdout += content["text"]
+                else:
+                    result.stderr += content["text"]
+                result.stream_times.append((time.monotonic(), content["text"]))
+            elif kind in ("display_data", "execute_result", "update_display_data"):
+                result.outputs.append({"type": kind, **content})
+            elif kind == "error":
+                result.error = content
+        reply = self.kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = self.kc.get_shell_msg(timeout=30)
+        result.status = reply["content"]["status"]
+        return result
+
+    def run(self, code: str, timeout: float = 120.0) -> CellResult:
+        return self.collect(self.submit(code), timeout)
+
+    def ok(self, code: str, timeout: float = 120.0) -> CellResult:
+        """Run a cell that must succeed; fail the test with its output otherwise."""
+        result = self.run(code, timeout)
+        assert result.status == "ok", (code, result.stdout, result.stderr, result.error)
+        return result
+
+    def value(self, expr: str) -> Any:
+        import ast
+
+        return ast.literal_eval(self.ok(f"print(repr({expr}))").stdout.strip())
+
+    def interrupt(self) -> None:
+        self.km.interrupt_kernel()
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
