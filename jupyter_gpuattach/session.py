@@ -112,8 +112,9 @@ class GPUSession:
         request = pb.AttachRequest(
             user=current_user(),
             kernel_id=self.kernel_id,
-            slice=pb.SliceSpec(memory_bytes=options.memory_bytes, fraction=options.fraction,
-                               gpus=options.gpus),
+            slice=pb.SliceSpec(
+                memory_bytes=options.memory_bytes, fraction=options.fraction, gpus=options.gpus
+            ),
             wait_seconds=options.wait_seconds,
             client_host=socket.gethostname(),
         )

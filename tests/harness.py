@@ -78,22 +78,42 @@ class Stack:
         return env
 
     def start_broker(self) -> None:
-        log = open(self.workdir / "broker.log", "ab")
-        self.broker = subprocess.Popen(
-            [str(BIN / "gpuattach-broker"), "serve", "--address", self.address,
-             "--db", str(self.db), "--ttl", self.ttl],
-            env=self.env(), stdout=log, stderr=log,
-        )
+        with open(self.workdir / "broker.log", "ab") as log:
+            self.broker = self._spawn(
+                [
+                    str(BIN / "gpuattach-broker"),
+                    "serve",
+                    "--address",
+                    self.address,
+                    "--db",
+                    str(self.db),
+                    "--ttl",
+                    self.ttl,
+                ],
+                log,
+            )
         wait_for(self._answers, what="broker to answer")
 
     def start_agent(self) -> None:
-        log = open(self.workdir / "agent.log", "ab")
-        self.agent = subprocess.Popen(
-            [str(BIN / "gpuattach-agent"), "--broker", self.address, "--devices", self.devices,
-             "--pool-size", str(self.pool_size), "--host", "testhost"],
-            env=self.env(), stdout=log, stderr=log,
-        )
+        with open(self.workdir / "agent.log", "ab") as log:
+            self.agent = self._spawn(
+                [
+                    str(BIN / "gpuattach-agent"),
+                    "--broker",
+                    self.address,
+                    "--devices",
+                    self.devices,
+                    "--pool-size",
+                    str(self.pool_size),
+                    "--host",
+                    "testhost",
+                ],
+                log,
+            )
         wait_for(lambda: self.pool().agents_online == 1, timeout=60, what="agent to register")
+
+    def _spawn(self, command: list[str], log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=self.env(), stdout=log, stderr=log)
 
     def start(self) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)

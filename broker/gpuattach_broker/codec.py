@@ -77,7 +77,7 @@ class _StorageRef:
         self.storage = storage
         self.device = device
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         torch = sys.modules["torch"]
         storage = self.storage
         if storage.device.type != "cpu":
@@ -293,7 +293,9 @@ def decode_namespace(parts: Iterable[Any]) -> dict[str, Any]:
     return values
 
 
-def import_modules(imports: Mapping[str, str]) -> tuple[dict[str, types.ModuleType], dict[str, str]]:
+def import_modules(
+    imports: Mapping[str, str],
+) -> tuple[dict[str, types.ModuleType], dict[str, str]]:
     """Import modules under their aliases; name the package for missing ones."""
     import importlib
 

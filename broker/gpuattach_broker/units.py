@@ -35,7 +35,9 @@ def parse_size(text: str) -> int:
     match = _SIZE_RE.match(text)
     unit = match.group(2).lower() if match else None
     if not match or unit not in _SIZE_UNITS:
-        raise ValueError(f"cannot read size {text!r}: write a number and a unit, e.g. 4GiB or 512MB")
+        raise ValueError(
+            f"cannot read size {text!r}: write a number and a unit, e.g. 4GiB or 512MB"
+        )
     value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
         raise ValueError(f"size {text!r} must be more than zero")

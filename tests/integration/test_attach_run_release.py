@@ -18,7 +18,9 @@ torch.manual_seed(0)
 class NeuralNetwork(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+        )
     def forward(self, x):
         return self.net(x)
 model = NeuralNetwork()
@@ -59,8 +61,12 @@ def test_train_remotely_then_release_brings_back_exact_parameters(
     release = kernel.ok("%gpu release")
     assert "GPU released" in release.stdout
     assert kernel.value("digest(model)") == worker_digest
-    assert kernel.value("all(a is b for a, b in zip(optimizer.param_groups[0]['params'], "
-                        "model.parameters()))") is True
+    assert (
+        kernel.value(
+            "all(a is b for a, b in zip(optimizer.param_groups[0]['params'], model.parameters()))"
+        )
+        is True
+    )
     assert kernel.value("isinstance(model, NeuralNetwork)") is True
     assert kernel.value("len(losses)") == 20
     wait_for(lambda: not stack.leases(), what="lease to end")
@@ -122,9 +128,7 @@ def test_interrupt_stops_a_remote_infinite_loop_quickly(stack: Stack, kernel: Ke
     assert len(stack.leases()) == 1
 
 
-def test_rich_output_matplotlib_and_dataframe_render_as_local(
-    stack: Stack, kernel: Kernel
-) -> None:
+def test_rich_output_matplotlib_and_dataframe_render_as_local(stack: Stack, kernel: Kernel) -> None:
     kernel.ok("%gpu attach")
     figure = kernel.ok(
         "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('remote')"
@@ -132,8 +136,11 @@ def test_rich_output_matplotlib_and_dataframe_render_as_local(
     assert any("image/png" in o["data"] for o in figure.outputs if o["type"] == "display_data")
     frame = kernel.ok("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
     results = [o for o in frame.outputs if o["type"] == "execute_result"]
-    assert results and "text/html" in results[0]["data"] and "<table" in results[0]["data"][
-        "text/html"]
+    assert (
+        results
+        and "text/html" in results[0]["data"]
+        and "<table" in results[0]["data"]["text/html"]
+    )
     shown = kernel.ok("from IPython.display import HTML, display\ndisplay(HTML('<b>hi</b>'))")
     assert any(o["data"].get("text/html") == "<b>hi</b>" for o in shown.outputs)
 
@@ -160,9 +167,7 @@ def test_files_land_next_to_the_notebook(stack: Stack, kernel: Kernel) -> None:
     assert (pathlib.Path(cwd) / "model.pth").exists()
 
 
-def test_two_kernels_share_a_pool_with_room_for_one(
-    stack: Stack, kernel_factory
-) -> None:
+def test_two_kernels_share_a_pool_with_room_for_one(stack: Stack, kernel_factory) -> None:
     first, second = kernel_factory(stack), kernel_factory(stack)
     first.ok("%gpu attach")
     msg_id = second.submit("%gpu attach --wait 60s")

@@ -14,16 +14,17 @@ import logging
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import grpc
 
 from gpuattach_broker import __version__
 from gpuattach_broker.agent.backends import Device, DeviceBackend
 from gpuattach_broker.agent.pool import WorkerPool, WorkerProcess
-from gpuattach_broker.rpc import key_metadata
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.rpc import key_metadata
 from gpuattach_broker.units import format_size
 
 log = logging.getLogger("gpuattach.agent")
@@ -71,8 +72,8 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -173,8 +174,9 @@ class Agent:
             await worker.assign(start.lease_id, start.token, env, summary)
         except Exception as exc:
             log.error("could not start lease %s: %s", start.lease_id, exc)
-            self._send(pb.AgentMessage(failed=pb.LeaseFailed(lease_id=start.lease_id,
-                                                             error=str(exc))))
+            self._send(
+                pb.AgentMessage(failed=pb.LeaseFailed(lease_id=start.lease_id, error=str(exc)))
+            )
             return
         self.live[start.lease_id] = worker
         self._spawn(self._watch(start.lease_id, worker))
@@ -191,8 +193,9 @@ class Agent:
         if self.live.get(lease_id) is worker:
             del self.live[lease_id]
         if not worker.stopping:
-            self._send(pb.AgentMessage(ended=pb.LeaseEnded(lease_id=lease_id,
-                                                           reason=describe_exit(code))))
+            self._send(
+                pb.AgentMessage(ended=pb.LeaseEnded(lease_id=lease_id, reason=describe_exit(code)))
+            )
 
     async def _stop_lease(self, lease_id: str) -> None:
         worker = self.live.pop(lease_id, None)

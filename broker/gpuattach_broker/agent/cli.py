@@ -17,13 +17,20 @@ from gpuattach_broker.units import format_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpuattach-agent",
-                                     description="Run the workers of GPU leases on this host.")
+    parser = argparse.ArgumentParser(
+        prog="gpuattach-agent", description="Run the workers of GPU leases on this host."
+    )
     parser.add_argument("command", nargs="?", default="run", choices=["run", "check"])
-    parser.add_argument("--broker", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"),
-                        help="broker address host:port")
-    parser.add_argument("--devices", default="auto",
-                        help="auto (NVML if a GPU is present, else CPU), nvml, or cpu:NxSIZE")
+    parser.add_argument(
+        "--broker",
+        default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"),
+        help="broker address host:port",
+    )
+    parser.add_argument(
+        "--devices",
+        default="auto",
+        help="auto (NVML if a GPU is present, else CPU), nvml, or cpu:NxSIZE",
+    )
     parser.add_argument("--host", default="", help="name of this host in the pool")
     parser.add_argument("--pool-size", type=int, default=1, help="warm workers kept ready")
     parser.add_argument("--bind", default="127.0.0.1", help="address workers listen on")
@@ -65,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get("GPUATTACH_BROKER_KEY", "")
     if args.key_file:
         key = read_key_file(args.key_file)
-    agent = Agent(args.broker, backend, host=args.host, pool_size=args.pool_size, bind=args.bind,
-                  advertise=args.advertise, key=key)
+    agent = Agent(
+        args.broker,
+        backend,
+        host=args.host,
+        pool_size=args.pool_size,
+        bind=args.bind,
+        advertise=args.advertise,
+        key=key,
+    )
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -77,6 +77,7 @@ class WorkerPool:
         self.python = python or sys.executable
         self._ready: list[WorkerProcess] = []
         self._starting: set[asyncio.Task[WorkerProcess]] = set()
+        self._stopping: set[asyncio.Task[int | None]] = set()
         self._closed = False
 
     @property
@@ -89,8 +90,13 @@ class WorkerPool:
         env["GPUATTACH_AGENT_KEY"] = key
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "gpuattach_broker.worker",
-            "--bind", self.bind, "--parent-pid", str(os.getpid()),
+            self.python,
+            "-m",
+            "gpuattach_broker.worker",
+            "--bind",
+            self.bind,
+            "--parent-pid",
+            str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -127,7 +133,9 @@ class WorkerPool:
             return
         worker = task.result()
         if self._closed:
-            asyncio.create_task(worker.stop())
+            stopping = asyncio.create_task(worker.stop())
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
             return
         self._ready.append(worker)
 

@@ -37,15 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the broker")
     s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
     s.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
-    s.add_argument("--ttl", type=_duration, default=30.0,
-                   help="a lease ends this long after its kernel's last heartbeat (default 30s)")
+    s.add_argument(
+        "--ttl",
+        type=_duration,
+        default=30.0,
+        help="a lease ends this long after its kernel's last heartbeat (default 30s)",
+    )
     s.add_argument("--key-file", default="", help="file whose first line every client must present")
-    s.add_argument("--embedded-agent", default="", metavar="DEVICES",
-                   help="also run an agent in this process (auto, nvml or cpu:NxSIZE)")
+    s.add_argument(
+        "--embedded-agent",
+        default="",
+        metavar="DEVICES",
+        help="also run an agent in this process (auto, nvml or cpu:NxSIZE)",
+    )
     s.add_argument("--pool-size", type=int, default=1, help="warm workers of the embedded agent")
     s.add_argument("--runtime-file", default="", help="publish address and key in this file")
-    s.add_argument("--idle-exit", type=_duration, default=0.0,
-                   help="exit after this long with no lease and no request (default: never)")
+    s.add_argument(
+        "--idle-exit",
+        type=_duration,
+        default=0.0,
+        help="exit after this long with no lease and no request (default: never)",
+    )
     s.add_argument("--log-level", default="INFO")
 
     for name, help_text in (("leases", "list leases"), ("pool", "show the device pool")):
@@ -106,7 +118,9 @@ def _events(args: argparse.Namespace) -> int:
     since = time.time() - args.since if args.since else 0.0
     for event in store.events(since=since):
         lease = event.lease_id[:8] if event.lease_id else "-"
-        print(f"{_fmt_time(event.ts)}  {event.kind:<16} {lease:<8}  {event.user:<10} {event.detail}")
+        print(
+            f"{_fmt_time(event.ts)}  {event.kind:<16} {lease:<8}  {event.user:<10} {event.detail}"
+        )
     return 0
 
 
@@ -118,23 +132,29 @@ def _query(args: argparse.Namespace) -> int:
             if args.command == "leases":
                 reply = stub.ListLeases(
                     pb.ListLeasesRequest(user=args.user, include_ended=args.all),
-                    metadata=key_metadata(key), timeout=10,
+                    metadata=key_metadata(key),
+                    timeout=10,
                 )
                 print(f"{'lease':<17}{'user':<12}{'state':<10}{'device':<24}{'memory':>10}  held")
                 for lease in reply.leases:
                     held = (lease.ended_at or time.time()) - lease.granted_at
-                    print(f"{lease.lease_id:<17}{lease.user:<12}{lease.state:<10}"
-                          f"{lease.device_name[:23]:<24}{format_size(lease.memory_bytes):>10}  "
-                          f"{format_duration(held) if lease.granted_at else '-'}")
+                    print(
+                        f"{lease.lease_id:<17}{lease.user:<12}{lease.state:<10}"
+                        f"{lease.device_name[:23]:<24}{format_size(lease.memory_bytes):>10}  "
+                        f"{format_duration(held) if lease.granted_at else '-'}"
+                    )
             else:
-                pool = stub.GetPoolStatus(pb.PoolStatusRequest(), metadata=key_metadata(key),
-                                          timeout=10)
+                pool = stub.GetPoolStatus(
+                    pb.PoolStatusRequest(), metadata=key_metadata(key), timeout=10
+                )
                 print(f"{'device':<32}{'kind':<6}{'allocated':>22}  leases  online")
                 for d in pool.devices:
                     alloc = f"{format_size(d.allocated_bytes)}/{format_size(d.memory_bytes)}"
                     print(f"{d.device_id:<32}{d.kind:<6}{alloc:>22}  {d.leases:>6}  {d.online}")
-                print(f"queue: {pool.queue_length}  active leases: {pool.active_leases}  "
-                      f"agents: {pool.agents_online}")
+                print(
+                    f"queue: {pool.queue_length}  active leases: {pool.active_leases}  "
+                    f"agents: {pool.agents_online}"
+                )
         except grpc.RpcError as exc:
             print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1

@@ -127,9 +127,7 @@ class Scheduler:
                     f"{request.memory_bytes} bytes asked for, but the largest device has {largest}"
                 )
 
-    def try_place(
-        self, request: SliceRequest, warm_hosts: Iterable[str] = ()
-    ) -> Placement | None:
+    def try_place(self, request: SliceRequest, warm_hosts: Iterable[str] = ()) -> Placement | None:
         """Where the request fits now (best fit), or None. Changes nothing."""
         warm = set(warm_hosts)
         if request.gpus > 1:

@@ -181,7 +181,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         self.store.event(
-            "requested", lease_id=slice_request.request_id, user=request.user,
+            "requested",
+            lease_id=slice_request.request_id,
+            user=request.user,
             detail=_describe_request(slice_request),
         )
         if placement is None:
@@ -268,7 +270,6 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, req: SliceRequest, placement: Placement, context: grpc.aio.ServicerContext
     ) -> tuple[LeaseRecord, str]:
         token = secrets.token_urlsafe(32)
-        now = time.time()
         device_names = {self.scheduler.devices[d].name for d in placement.device_ids}
         lease = LeaseRecord(
             lease_id=req.request_id,
@@ -324,7 +325,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         lease.expires_at = lease.granted_at + self.ttl
         self.store.put_lease(lease)
         self.store.event(
-            "granted", lease_id=lease.lease_id, user=lease.user,
+            "granted",
+            lease_id=lease.lease_id,
+            user=lease.user,
             detail=f"{lease.device_name} on {lease.host}, {format_size(lease.memory_bytes)}, "
             f"waited {format_duration(lease.granted_at - lease.requested_at)}",
         )
@@ -379,7 +382,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             for lease in self.store.leases():
                 if lease.state == "active" and lease.expires_at < now:
                     self._end(
-                        lease, "expired",
+                        lease,
+                        "expired",
                         f"no heartbeat from the kernel for {format_duration(self.ttl)}",
                     )
 
@@ -448,8 +452,12 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.agents[hello.host] = agent
         self._register_devices(hello)
         self._reconcile(agent, hello)
-        log.info("agent %s on %s connected with %d devices", hello.agent_id, hello.host,
-                 len(hello.devices))
+        log.info(
+            "agent %s on %s connected with %d devices",
+            hello.agent_id,
+            hello.host,
+            len(hello.devices),
+        )
         reader = asyncio.create_task(self._read_agent(agent, request_iterator))
         try:
             self._pump_queue()

@@ -175,7 +175,9 @@ class Store:
         return _row_to_lease(row) if row else None
 
     def renew(self, lease_id: str, expires_at: float) -> None:
-        self.db.execute("UPDATE leases SET expires_at = ? WHERE lease_id = ?", (expires_at, lease_id))
+        self.db.execute(
+            "UPDATE leases SET expires_at = ? WHERE lease_id = ?", (expires_at, lease_id)
+        )
 
     def leases(self, *, user: str = "", include_ended: bool = False) -> list[LeaseRecord]:
         query = f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases"

@@ -95,7 +95,8 @@ class BrokerClient:
         try:
             return self.stub.Renew(
                 pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
-                metadata=self.metadata, timeout=timeout,
+                metadata=self.metadata,
+                timeout=timeout,
             )
         except grpc.RpcError as exc:
             raise _error(exc, "renew", self.target.address) from None
@@ -107,7 +108,8 @@ class BrokerClient:
             try:
                 return self.stub.Release(
                     pb.LeaseRef(lease_id=lease.lease_id, token=lease.token, reason=reason),
-                    metadata=self.metadata, timeout=5,
+                    metadata=self.metadata,
+                    timeout=5,
                 )
             except grpc.RpcError as exc:
                 error = _error(exc, "release", self.target.address)
@@ -119,7 +121,8 @@ class BrokerClient:
         try:
             reply = self.stub.ListLeases(
                 pb.ListLeasesRequest(user=user, include_ended=include_ended),
-                metadata=self.metadata, timeout=10,
+                metadata=self.metadata,
+                timeout=10,
             )
         except grpc.RpcError as exc:
             raise _error(exc, "list leases", self.target.address) from None
@@ -127,8 +130,9 @@ class BrokerClient:
 
     def pool_status(self) -> pb.PoolStatus:
         try:
-            return self.stub.GetPoolStatus(pb.PoolStatusRequest(), metadata=self.metadata,
-                                           timeout=10)
+            return self.stub.GetPoolStatus(
+                pb.PoolStatusRequest(), metadata=self.metadata, timeout=10
+            )
         except grpc.RpcError as exc:
             raise _error(exc, "pool status", self.target.address) from None
 
@@ -136,8 +140,9 @@ class BrokerClient:
 class LeaseKeeper:
     """Renews a lease in the background; notices when the broker ended it."""
 
-    def __init__(self, client: BrokerClient, lease: pb.Lease,
-                 on_ended: Callable[[str, str], None]) -> None:
+    def __init__(
+        self, client: BrokerClient, lease: pb.Lease, on_ended: Callable[[str, str], None]
+    ) -> None:
         self.client = client
         self.lease = lease
         self.on_ended = on_ended

@@ -108,19 +108,34 @@ def _start(path: Path) -> BrokerAddress:
     env = dict(os.environ)
     env["GPUATTACH_BROKER_KEY"] = key
     command = [
-        sys.executable, "-m", "gpuattach_broker.broker", "serve",
-        "--address", "127.0.0.1:0",
-        "--embedded-agent", os.environ.get("GPUATTACH_EMBEDDED_DEVICES", "auto"),
-        "--pool-size", os.environ.get("GPUATTACH_EMBEDDED_POOL_SIZE", "1"),
-        "--idle-exit", os.environ.get("GPUATTACH_EMBEDDED_IDLE_EXIT", "120s"),
-        "--ttl", os.environ.get("GPUATTACH_EMBEDDED_TTL", "30s"),
-        "--runtime-file", str(path),
-        "--db", str(embedded_db()),
+        sys.executable,
+        "-m",
+        "gpuattach_broker.broker",
+        "serve",
+        "--address",
+        "127.0.0.1:0",
+        "--embedded-agent",
+        os.environ.get("GPUATTACH_EMBEDDED_DEVICES", "auto"),
+        "--pool-size",
+        os.environ.get("GPUATTACH_EMBEDDED_POOL_SIZE", "1"),
+        "--idle-exit",
+        os.environ.get("GPUATTACH_EMBEDDED_IDLE_EXIT", "120s"),
+        "--ttl",
+        os.environ.get("GPUATTACH_EMBEDDED_TTL", "30s"),
+        "--runtime-file",
+        str(path),
+        "--db",
+        str(embedded_db()),
     ]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, cwd=str(log_dir),
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=str(log_dir),
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -54,7 +54,8 @@ def check_compatible(kernel: pb.HelloRequest, worker: pb.HelloReply) -> None:
         problems.append("torch is imported here but not installed on the worker")
     if problems:
         raise VersionMismatch(
-            "kernel and GPU worker cannot exchange objects: " + "; ".join(problems)
+            "kernel and GPU worker cannot exchange objects: "
+            + "; ".join(problems)
             + ". Install matching versions on the GPU host (or in the kernel)."
         )
 
@@ -110,8 +111,9 @@ class WorkerClient:
         a second one stops waiting (the cell may still be running remotely).
         """
         inputs: queue.Queue[pb.ExecuteInput | None] = queue.Queue()
-        inputs.put(pb.ExecuteInput(request=pb.ExecuteRequest(code=code,
-                                                              execution_count=execution_count)))
+        inputs.put(
+            pb.ExecuteInput(request=pb.ExecuteRequest(code=code, execution_count=execution_count))
+        )
 
         def requests() -> Iterator[pb.ExecuteInput]:
             while True:
@@ -187,13 +189,12 @@ class WorkerClient:
             raise _rpc_error(exc, "moving the namespace to the GPU") from None
         return reply, sent
 
-    def pull(
-        self, skip: list[str], force: bool
-    ) -> tuple[pb.NamespaceHeader, list[bytearray], int]:
+    def pull(self, skip: list[str], force: bool) -> tuple[pb.NamespaceHeader, list[bytearray], int]:
         try:
             return transfer.receive_namespace(
-                self.stub.PullNamespace(pb.PullRequest(skip=skip, force=force),
-                                        metadata=self.metadata)
+                self.stub.PullNamespace(
+                    pb.PullRequest(skip=skip, force=force), metadata=self.metadata
+                )
             )
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "moving the namespace back") from None

@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     agent_key = os.environ.pop("GPUATTACH_AGENT_KEY", "")
     if not agent_key:
-        print("gpuattach-worker: GPUATTACH_AGENT_KEY is not set; start workers through the agent",
-              file=sys.stderr)
+        print(
+            "gpuattach-worker: GPUATTACH_AGENT_KEY is not set; start workers through the agent",
+            file=sys.stderr,
+        )
         return 2
 
     _preload()
@@ -81,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(
             target=_watch_parent, args=(args.parent_pid, shutdown), daemon=True
         ).start()
-    sys.__stdout__.write(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
-    sys.__stdout__.flush()
+    ready = sys.__stdout__
+    assert ready is not None, "the agent reads the ready line from stdout"
+    ready.write(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    ready.flush()
     executor.run_forever()
     return 0
 

@@ -291,10 +291,15 @@ def _coalesced(sink: CellSink) -> Iterator[pb.ExecuteOutput]:
             batch.append(more)
         merged: pb.ExecuteOutput | None = None
         for output in batch:
-            if merged is not None and output.WhichOneof("msg") == "stream":
-                if merged.stream.name == output.stream.name:
-                    merged.stream.text += output.stream.text
-                    continue
+            same_stream = (
+                merged is not None
+                and output.WhichOneof("msg") == "stream"
+                and merged.stream.name == output.stream.name
+            )
+            if same_stream:
+                assert merged is not None
+                merged.stream.text += output.stream.text
+                continue
             if merged is not None:
                 yield merged
                 merged = None

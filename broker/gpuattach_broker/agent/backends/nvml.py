@@ -23,9 +23,10 @@ class NvmlBackend:
     def __init__(self, nvml: Any = None) -> None:
         if nvml is None:
             try:
-                import pynvml as nvml
+                import pynvml
             except ImportError as exc:  # pragma: no cover - declared dependency
                 raise BackendError("pynvml is not installed: pip install nvidia-ml-py") from exc
+            nvml = pynvml
         self.nvml = nvml
         try:
             nvml.nvmlInit()
@@ -46,8 +47,9 @@ class NvmlBackend:
             uuid = _text(nvml.nvmlDeviceGetUUID(handle))
             name = _text(nvml.nvmlDeviceGetName(handle))
             memory = int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
-            devices.append(Device(local_id=uuid, name=name, kind="gpu", memory_bytes=memory,
-                                  uuid=uuid))
+            devices.append(
+                Device(local_id=uuid, name=name, kind="gpu", memory_bytes=memory, uuid=uuid)
+            )
         return devices
 
     def devices(self) -> list[Device]:

@@ -1,0 +1,212 @@
+"""The machine's own limits, measured in the same run as our figures.
+
+- empty gRPC unary round trip (and an empty bidi-stream call, the shape of
+  Execute) against a trivial server in another process, with a generic
+  handler and raw bytes: no .proto involved;
+- raw TCP 1-byte ping-pong between two processes;
+- loopback TCP throughput between two processes, both ends reusing touched
+  buffers (first touch of fresh memory costs 1-2.5 s per GiB here);
+- memcpy into a touched buffer.
+
+The servers run in processes started with ``spawn`` so they import nothing
+of the benchmark's state (no torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import numpy as np
+from stats import latency, throughput, time_calls
+
+CTX = mp.get_context("spawn")
+SERVICE = "bench.Echo"
+TCP_BUFFER = 64 * 1024 * 1024
+
+
+# ------------------------------------------------------ child processes ---
+
+
+def _grpc_server(port_queue: Any, stop: Any) -> None:
+    import grpc
+
+    def ping(request: bytes, context: Any) -> bytes:
+        return b""
+
+    def chat(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for _ in requests:
+            yield b""
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Ping": grpc.unary_unary_rpc_method_handler(ping),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        },
+    )
+    # The same server shape as the worker's: sync server, thread pool of 8.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_queue.put(port)
+    stop.wait()
+    server.stop(0)
+
+
+def _listen() -> socket.socket:
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    return listener
+
+
+def _tcp_echo_server(port_queue: Any) -> None:
+    listener = _listen()
+    port_queue.put(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        data = conn.recv(1)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+def _tcp_sink_server(port_queue: Any, total: int, reps: int) -> None:
+    listener = _listen()
+    port_queue.put(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = bytearray(b"\0" * TCP_BUFFER)  # touched once, reused
+    view = memoryview(buffer)
+    for _ in range(reps):
+        left = total
+        while left:
+            got = conn.recv_into(view[: min(left, TCP_BUFFER)])
+            if not got:
+                return
+            left -= got
+        conn.sendall(b"k")
+
+
+@contextlib.contextmanager
+def _child(target: Callable[..., None], *args: Any) -> Iterator[int]:
+    """Start a server process; yield its port; always stop it."""
+    port_queue = CTX.Queue()
+    proc = CTX.Process(target=target, args=(port_queue, *args), daemon=True)
+    proc.start()
+    try:
+        yield int(port_queue.get(timeout=60))
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
+# ------------------------------------------------------------- figures ---
+
+
+def grpc_rtt(n: int, warmup: int = 100) -> dict[str, Any]:
+    import grpc
+
+    port_queue, stop = CTX.Queue(), CTX.Event()
+    proc = CTX.Process(target=_grpc_server, args=(port_queue, stop), daemon=True)
+    proc.start()
+    try:
+        port = int(port_queue.get(timeout=60))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            ping = channel.unary_unary(f"/{SERVICE}/Ping")
+            chat = channel.stream_stream(f"/{SERVICE}/Chat")
+            unary = time_calls(lambda: ping(b"", timeout=10), n, warmup)
+
+            def one_exchange() -> None:
+                for _ in chat(iter([b""]), timeout=10):
+                    pass
+
+            bidi = time_calls(one_exchange, max(10, n // 4), warmup // 4)
+        return {"unary": latency(unary), "bidi_stream": latency(bidi)}
+    finally:
+        stop.set()
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
+def tcp_pingpong(n: int, warmup: int = 200) -> dict[str, Any]:
+    with _child(_tcp_echo_server) as port:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+
+            def exchange() -> None:
+                sock.sendall(b"x")
+                if not sock.recv(1):
+                    raise ConnectionError("echo server went away")
+
+            samples = time_calls(exchange, n, warmup)
+        finally:
+            sock.close()
+    summary = latency(samples)
+    return {**summary, "unit": "us", **{k: summary[k] * 1e3 for k in ("p50", "p99", "min", "max")}}
+
+
+def tcp_throughput(total: int, reps: int) -> dict[str, Any]:
+    buffer = np.ones(TCP_BUFFER, dtype=np.uint8)  # touched once, reused
+    view = memoryview(buffer).cast("B")
+    samples = []
+    with _child(_tcp_sink_server, total, reps) as port:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for _ in range(reps):
+                started = time.perf_counter()
+                left = total
+                while left:
+                    piece = view[: min(left, TCP_BUFFER)]
+                    sock.sendall(piece)
+                    left -= piece.nbytes
+                if sock.recv(1) != b"k":
+                    raise ConnectionError("sink server went away")
+                samples.append(time.perf_counter() - started)
+        finally:
+            sock.close()
+    return throughput(total, samples)
+
+
+def memcpy(nbytes: int, reps: int) -> dict[str, Any]:
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    dst.fill(1)  # np.zeros may leave pages untouched; touch them
+    try:
+        samples = time_calls(lambda: np.copyto(dst, src), reps, warmup=1)
+    finally:
+        del src, dst
+    return throughput(nbytes, samples)
+
+
+def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    log("limits: empty gRPC round trip")
+    grpc_figures = grpc_rtt(cfg.grpc_n)
+    log("limits: TCP 1-byte ping-pong")
+    pingpong = tcp_pingpong(cfg.pingpong_n)
+    log(f"limits: loopback TCP throughput ({cfg.tcp_bytes / 2**20:.0f} MiB)")
+    tcp = tcp_throughput(cfg.tcp_bytes, cfg.tcp_reps)
+    log(f"limits: memcpy ({cfg.memcpy_bytes / 2**20:.0f} MiB)")
+    copy = memcpy(cfg.memcpy_bytes, cfg.memcpy_reps)
+    return {
+        "grpc_unary_rtt": grpc_figures["unary"],
+        "grpc_bidi_call": grpc_figures["bidi_stream"],
+        "tcp_pingpong": pingpong,
+        "tcp_throughput": tcp,
+        "memcpy": copy,
+    }

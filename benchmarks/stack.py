@@ -1,0 +1,198 @@
+"""A real broker and agent on loopback, as separate processes, for benchmarks.
+
+The same console scripts a deployment runs (``gpuattach-broker serve`` and
+``gpuattach-agent``) with the CPU device backend. Both start in their own
+session so a Ctrl-C in the terminal reaches only the benchmark, which then
+stops them (the agent stops its workers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+
+BIN = Path(sys.executable).parent
+WORKER_MODULE = "gpuattach_broker.worker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what or predicate}: last={last!r}")
+
+
+@dataclass
+class Stack:
+    """``gpuattach-broker serve`` plus one ``gpuattach-agent`` on 127.0.0.1."""
+
+    workdir: Path
+    devices: str = "cpu:1x64GiB"
+    pool_size: int = 1
+    # Long enough that a lease held through a 1 GiB migration needs no heartbeat.
+    ttl: str = "10m"
+    key: str = "bench-key"
+    port: int = field(default_factory=free_port)
+    broker: subprocess.Popen[bytes] | None = None
+    agent: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            GPUATTACH_BROKER=self.address,
+            GPUATTACH_BROKER_KEY=self.key,
+            GPUATTACH_STATE_DIR=str(self.workdir / "state"),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _popen(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        with open(self.workdir / log_name, "ab") as log:
+            return subprocess.Popen(
+                args,
+                env=self.env(),
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def start(self, timeout: float = 90.0) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.broker = self._popen(
+            [
+                str(BIN / "gpuattach-broker"), "serve", "--address", self.address,
+                "--db", str(self.workdir / "broker.sqlite"), "--ttl", self.ttl,
+                "--log-level", "WARNING",
+            ],
+            "broker.log",
+        )  # fmt: skip
+        wait_for(self._answers, timeout=timeout, what="the broker to answer")
+        self.agent = self._popen(
+            [
+                str(BIN / "gpuattach-agent"), "--broker", self.address, "--devices", self.devices,
+                "--pool-size", str(self.pool_size), "--host", "benchhost",
+                "--log-level", "WARNING",
+            ],
+            "agent.log",
+        )  # fmt: skip
+        wait_for(
+            lambda: self.pool().agents_online == 1, timeout=timeout, what="the agent to register"
+        )
+        self.wait_pool_warm(timeout=timeout)
+        return self
+
+    def _answers(self) -> bool:
+        if self.broker is not None and self.broker.poll() is not None:
+            raise RuntimeError(f"the broker exited: {self.log_tail('broker.log')}")
+        self.pool()
+        return True
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(BrokerAddress(self.address, self.key))
+
+    def pool(self) -> pb.PoolStatus:
+        client = self.client()
+        try:
+            return client.pool_status()
+        finally:
+            client.close()
+
+    # ------------------------------------------------------ warm pool ---
+
+    def worker_processes(self) -> list[psutil.Process]:
+        if self.agent is None or self.agent.poll() is not None:
+            return []
+        try:
+            children = psutil.Process(self.agent.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        workers = []
+        for child in children:
+            try:
+                if WORKER_MODULE in " ".join(child.cmdline()):
+                    workers.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        return workers
+
+    @staticmethod
+    def _listening(proc: psutil.Process) -> bool:
+        try:
+            return any(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp"))
+        except psutil.NoSuchProcess:
+            return False
+
+    def pool_is_warm(self) -> bool:
+        """Exactly pool_size workers, all serving, none bound to a lease or exiting."""
+        workers = self.worker_processes()
+        return len(workers) == self.pool_size and all(self._listening(w) for w in workers)
+
+    def wait_pool_warm(self, timeout: float = 60.0, settle: float = 0.2) -> float:
+        """Wait until the warm pool is refilled and idle; returns seconds waited."""
+        started = time.monotonic()
+        if self.agent is not None and self.agent.poll() is not None:
+            raise RuntimeError(f"the agent exited: {self.log_tail('agent.log')}")
+        wait_for(self.pool_is_warm, timeout=timeout, what="the agent's warm pool to refill")
+        # A worker listens a moment before the agent reads its ready line.
+        time.sleep(settle)
+        return time.monotonic() - started
+
+    # ------------------------------------------------------- teardown ---
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.workdir / name
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        workers = self.worker_processes()
+        for proc in (self.agent, self.broker):
+            if proc is None or proc.poll() is not None:
+                continue
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            except ProcessLookupError:
+                pass
+        # The agent stops its workers; make sure of it, by process id.
+        _gone, alive = psutil.wait_procs(workers, timeout=5)
+        for worker in alive:
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
