@@ -22,7 +22,10 @@ def load_ipython_extension(ipython: Any) -> None:
         return
     session = GPUSession(ipython)
     setattr(ipython, _SESSION_ATTR, session)
-    ipython.register_magics(GPUMagics(ipython, session))
+    magics = GPUMagics(ipython, session)
+    ipython.register_magics(magics)
+    ipython.events.register("post_run_cell", magics.push_local_changes)
+    session.magics = magics  # type: ignore[attr-defined]
     router = RemoteCellRouter(session)
     ipython.input_transformers_cleanup.insert(0, router)
     session.router = router  # type: ignore[attr-defined]
@@ -36,6 +39,10 @@ def unload_ipython_extension(ipython: Any) -> None:
         return
     if session.attached:
         print(session.release())
+    session.disable_auto()
+    magics = getattr(session, "magics", None)
+    if magics is not None:
+        ipython.events.unregister("post_run_cell", magics.push_local_changes)
     router = getattr(session, "router", None)
     if router in ipython.input_transformers_cleanup:
         ipython.input_transformers_cleanup.remove(router)

@@ -9,6 +9,7 @@ output and errors are the remote ones. Cells that manage the slice
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -18,19 +19,34 @@ from IPython.display import display
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, parse_duration, parse_size
+from jupyter_gpuattach.gpu_cells import needs_gpu
 from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession
 
 USAGE = (
     "usage: %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION] "
+    "| %gpu auto [off] [--idle DURATION] [--mem SIZE | --fraction F] "
     "| %gpu release [--force] | %gpu status"
 )
-ACTIONS = ("attach", "release", "status")
+ACTIONS = ("attach", "release", "status", "auto")
 # Cells starting with these run in the kernel even while attached.
 LOCAL_PREFIXES = ("%gpu", "%%gpu", "%load_ext", "%reload_ext", "%unload_ext")
+DEFAULT_IDLE = "60s"
+
+
+def routed(source: str, gpu: bool) -> list[str]:
+    """The cell as a call of ``%%gpu``; `gpu` says whether it counts as GPU work."""
+    kind = "gpu" if gpu else "other"
+    return [f"get_ipython().run_cell_magic('gpu', '--routed {kind}', {source!r})\n"]
 
 
 class RemoteCellRouter:
-    """Input transformer: while attached, a cell becomes ``%%gpu`` of itself."""
+    """Input transformer deciding where a cell runs.
+
+    Attached: every cell runs on the worker. Auto mode and not attached: a
+    cell that needs the GPU (see gpu_cells) attaches and runs there; others
+    run here. ``%%local`` always runs here; what it changes goes to the
+    worker afterwards.
+    """
 
     def __init__(self, session: GPUSession) -> None:
         self.session = session
@@ -40,12 +56,20 @@ class RemoteCellRouter:
         if first is None:
             return lines
         head = lines[first].lstrip()
+        session = self.session
         if head.startswith("%%local"):
+            session.wait_for_sync()
+            session.local_cell_pending = session.attached
             return lines[first + 1 :]
-        if not self.session.attached or head.startswith(LOCAL_PREFIXES):
+        if head.startswith(LOCAL_PREFIXES):
             return lines
         source = "".join(lines)
-        return [f"get_ipython().run_cell_magic('gpu', '', {source!r})\n"]
+        if session.attached:
+            gpu = session.auto is None or needs_gpu(source, session.shell.user_ns)[0]
+            return routed(source, gpu)
+        if session.auto is not None and needs_gpu(source, session.shell.user_ns)[0]:
+            return routed(source, True)
+        return lines
 
 
 class QueueDisplay:
@@ -103,7 +127,10 @@ class GPUMagics(Magics):
             raise UsageError(f"%gpu: {exc}. {USAGE}") from None
 
     @magic_arguments()
-    @argument("action", nargs="?", default=None, help="attach, release or status")
+    @argument("action", nargs="?", default=None, help="attach, release, status or auto")
+    @argument("switch", nargs="?", default=None, help="auto only: off")
+    @argument("--idle", default="", help=f"auto: release after this long idle ({DEFAULT_IDLE})")
+    @argument("--routed", default="", help=argparse.SUPPRESS)
     @argument("--mem", default="", help="memory of the slice, e.g. 4GiB (default: whole device)")
     @argument("--fraction", type=float, default=None, help="share of one device, e.g. 0.5")
     @argument("--gpus", type=int, default=None, help="whole devices on one host")
@@ -114,9 +141,12 @@ class GPUMagics(Magics):
         """Attach a GPU slice to this kernel, run cells on it, release it.
 
         %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION]
+        %gpu auto [--idle DURATION] [--mem SIZE | --fraction F]   (attach on demand)
+        %gpu auto off
         %gpu release [--force]
         %gpu status
         %%gpu [--mem SIZE | --fraction F] [--wait DURATION]   (one cell on the GPU)
+        %%local   (one cell in the kernel while attached)
         """
         args = self._parse(line)
         try:
@@ -126,25 +156,60 @@ class GPUMagics(Magics):
             action = args.action or "status"
             if action not in ACTIONS:
                 raise UsageError(f"%gpu: unknown action {action!r}. {USAGE}")
+            if args.switch is not None and action != "auto":
+                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}. {USAGE}")
             if action == "attach":
                 print(self.session.attach(_attach_options(args), show_queue=QueueDisplay()))
             elif action == "release":
                 print(self.session.release(force=args.force))
+            elif action == "auto":
+                print(self._auto(args))
             else:
                 print(self.session.status())
         except GPUError as exc:
             raise UsageError(str(exc)) from None
 
+    def _auto(self, args: Any) -> str:
+        if args.switch == "off":
+            return self.session.disable_auto()
+        if args.switch not in (None, "on"):
+            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}. {USAGE}")
+        try:
+            idle = parse_duration(args.idle or DEFAULT_IDLE)
+        except ValueError as exc:
+            raise UsageError(f"%gpu auto: {exc}") from None
+        if idle < 0:
+            raise UsageError("%gpu auto: --idle must be a duration such as 60s")
+        return self.session.enable_auto(_attach_options(args), idle)
+
     def _run_cell(self, args: Any, cell: str) -> None:
         if args.action is not None:
             raise UsageError(f"%%gpu takes options only, not {args.action!r}. {USAGE}")
-        if self.session.attached:
-            self.session.run_cell(cell)
+        session = self.session
+        gpu = args.routed != "other"
+        if session.attached:
+            session.run_cell(cell, gpu=gpu)
+            return
+        if session.auto is not None:
+            # Auto mode: attach on demand and keep the slice until it is idle.
+            options = session.auto.options if args.routed else _attach_options(args)
+            print(session.attach(options, show_queue=QueueDisplay()))
+            session.run_cell(cell, gpu=True)
             return
         # Not attached: attach for this one cell, then bring everything back.
-        print(self.session.attach(_attach_options(args), show_queue=QueueDisplay()))
+        print(session.attach(_attach_options(args), show_queue=QueueDisplay()))
         try:
-            self.session.run_cell(cell)
+            session.run_cell(cell)
         finally:
-            if self.session.attached:
-                print(self.session.release())
+            if session.attached:
+                print(session.release())
+
+    def push_local_changes(self, result: Any = None) -> None:
+        """After a %%local cell while attached: send what it changed to the worker."""
+        if not self.session.local_cell_pending:
+            return
+        self.session.local_cell_pending = False
+        try:
+            self.session.push_changes()
+        except GPUError as exc:
+            print(f"GPU: {exc}")

@@ -1,9 +1,15 @@
-"""The attach lifecycle of one kernel: attach, run remote cells, release.
+"""The attach lifecycle of one kernel: attach, run remote cells, sync, release.
 
-The kernel keeps its own copy of every name while attached: a worker that
-dies takes with it only what remote cells changed, never what the kernel had
-before. Release brings back what changed and removes what remote cells
-deleted; names that could not go to the GPU never left the kernel.
+While attached, the worker holds the live namespace; after every remote cell
+the kernel pulls back what changed in the background (tensors go by content
+digest, so only changed ones cross the wire). A worker that dies therefore
+takes with it only the effects of the cell that was running. Release is one
+last such sync, then the lease ends.
+
+In auto mode (``%gpu auto``) cells that need the GPU attach on demand and
+the slice goes back after the idle timeout, with the namespace back in the
+kernel; the next GPU cell attaches again and sends only what changed since
+the host cached it.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import getpass
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -33,6 +41,7 @@ from gpuattach_broker.client.worker_client import (
     check_compatible,
     kernel_hello,
 )
+from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, format_size
 from jupyter_gpuattach.output import OutputRenderer, answer_input, remote_error
@@ -48,6 +57,38 @@ class AttachOptions:
     fraction: float = 0.0
     gpus: int = 1
     wait_seconds: float = -1.0  # < 0: wait as long as it takes
+
+
+@dataclass
+class Transfer:
+    """One namespace move, as the wire saw it."""
+
+    kind: str  # attach | sync | release
+    wire_bytes: int
+    seconds: float
+    names: int
+
+
+@dataclass
+class AutoMode:
+    options: AttachOptions
+    idle: IdleTimer
+    postponed: str = ""  # why the last idle release could not happen
+
+
+@dataclass
+class LeaseClock:
+    """Held and busy time of the current lease, for status and the ledger."""
+
+    attached_at: float = 0.0
+    busy_seconds: float = 0.0
+    cell_started: float | None = None
+
+    def busy(self, now: float | None = None) -> float:
+        running = 0.0
+        if self.cell_started is not None:
+            running = (now or time.monotonic()) - self.cell_started
+        return self.busy_seconds + running
 
 
 def current_user() -> str:
@@ -68,6 +109,17 @@ def _describe_names(problems: dict[str, str]) -> str:
     return ", ".join(f"{name} ({reason})" for name, reason in sorted(problems.items()))
 
 
+@dataclass
+class _Sync:
+    """What one pull brought back."""
+
+    values: int
+    wire_bytes: int
+    seconds: float
+    problems: dict[str, str] = field(default_factory=dict)
+    missing_modules: dict[str, str] = field(default_factory=dict)
+
+
 class GPUSession:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
@@ -77,11 +129,25 @@ class GPUSession:
         self.worker: WorkerClient | None = None
         self.keeper: LeaseKeeper | None = None
         self.worker_info: pb.HelloReply | None = None
-        self.pushed_names: set[str] = set()
+        # Names that live on the worker (to notice remote deletions).
+        self.remote_names: set[str] = set()
         self.kernel_only: dict[str, str] = {}
-        self.attached_at = 0.0
-        self.remote_seconds = 0.0
-        self.lost: str = ""  # why the broker ended the lease behind our back
+        # Storages of the kernel's copy by digest: the worker sends those by reference.
+        self.store = codec.BlobStore()
+        self.clock = LeaseClock()
+        self.transfers: list[Transfer] = []
+        self.lost = ""  # why the lease ended behind our back
+        self.auto: AutoMode | None = None
+        self.last_synced_cell: int | None = None
+        self.running_cell: int | None = None
+        # One worker operation at a time: cells, background syncs, release.
+        self.lock = threading.RLock()
+        self._sync_thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._stop_watcher = threading.Event()
+        self.notify: Callable[[str], None] = print
+        # The router saw a %%local cell while attached: push its changes after it.
+        self.local_cell_pending = False
 
     @property
     def attached(self) -> bool:
@@ -103,13 +169,8 @@ class GPUSession:
             self.broker = BrokerClient(target)
         return self.broker
 
-    # ----------------------------------------------------------- attach ---
-
-    def attach(self, options: AttachOptions, show_queue: Any = None) -> str:
-        if self.lease is not None:
-            return f"GPU already attached: {self._device()} (lease {self.lease.lease_id[:8]})"
-        started = time.perf_counter()
-        request = pb.AttachRequest(
+    def _request(self, options: AttachOptions) -> pb.AttachRequest:
+        return pb.AttachRequest(
             user=current_user(),
             kernel_id=self.kernel_id,
             slice=pb.SliceSpec(
@@ -118,80 +179,127 @@ class GPUSession:
             wait_seconds=options.wait_seconds,
             client_host=socket.gethostname(),
         )
+
+    def _grant(self, options: AttachOptions, show_queue: Any) -> tuple[BrokerClient, pb.Lease]:
+        request = self._request(options)
         on_queued = show_queue or (lambda position: None)
         try:
             broker = self._broker()
             try:
-                lease = broker.attach(request, on_queued=on_queued)
+                return broker, broker.attach(request, on_queued=on_queued)
             except BrokerError as exc:
                 if exc.code != grpc.StatusCode.UNAVAILABLE or os.environ.get("GPUATTACH_BROKER"):
                     raise
                 # The embedded broker exited while idle: start it again.
                 self.broker = None
                 broker = self._broker()
-                lease = broker.attach(request, on_queued=on_queued)
+                return broker, broker.attach(request, on_queued=on_queued)
         except BrokerError as exc:
             raise GPUError(str(exc)) from None
-        worker = WorkerClient(lease.worker_endpoint, lease.token)
-        try:
-            hello = kernel_hello(os.getcwd(), list(sys.path), os.environ)
-            self.worker_info = worker.hello(hello)
-            check_compatible(hello, self.worker_info)
-            moved = self._push(worker)
-        except (VersionMismatch, WorkerGone, RuntimeError) as exc:
-            worker.close()
-            broker.release(lease, reason=f"attach failed: {exc}")
-            raise GPUError(f"attach failed, lease given back: {exc}") from None
-        self.lease, self.worker = lease, worker
-        self.lost = ""
-        self.attached_at = time.time()
-        self.remote_seconds = 0.0
-        self.keeper = LeaseKeeper(broker, lease, self._on_lease_ended)
-        self.keeper.start()
-        line = (
-            f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
-            f"in {format_duration(time.perf_counter() - started)}"
-        )
-        if self.kernel_only:
-            line += (
-                f"\nstays in the kernel, not visible to remote cells: "
-                f"{_describe_names(self.kernel_only)}"
+
+    # ----------------------------------------------------------- attach ---
+
+    def attach(self, options: AttachOptions, show_queue: Any = None) -> str:
+        with self.lock:
+            if self.lease is not None:
+                return f"GPU already attached: {self._device()} (lease {self.lease.lease_id[:8]})"
+            started = time.perf_counter()
+            broker, lease = self._grant(options, show_queue)
+            worker = WorkerClient(lease.worker_endpoint, lease.token)
+            try:
+                hello = kernel_hello(os.getcwd(), list(sys.path), os.environ)
+                self.worker_info = worker.hello(hello)
+                check_compatible(hello, self.worker_info)
+                moved = self._push(worker, started)
+            except (VersionMismatch, WorkerGone, RuntimeError) as exc:
+                worker.close()
+                broker.release(lease, reason=f"attach failed: {exc}")
+                raise GPUError(f"attach failed, lease given back: {exc}") from None
+            self.lease, self.worker = lease, worker
+            self.lost = ""
+            self.clock = LeaseClock(attached_at=time.monotonic())
+            self.keeper = LeaseKeeper(broker, lease, self._on_lease_ended, self.clock.busy)
+            self.keeper.start()
+            line = (
+                f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
+                f"in {format_duration(time.perf_counter() - started)}"
             )
-        return line
+            if self.kernel_only:
+                line += (
+                    "\nstays in the kernel, not visible to remote cells: "
+                    f"{_describe_names(self.kernel_only)}"
+                )
+            return line
 
     def _device(self) -> str:
         if self.worker_info is not None and self.worker_info.device_summary:
             return self.worker_info.device_summary
         return self.lease.device_name if self.lease else "-"
 
-    def _push(self, worker: WorkerClient) -> str:
+    def _push(self, worker: WorkerClient, started: float) -> str:
+        """Send the namespace; tensors the GPU host already caches go by digest."""
         values, imports = codec.split_namespace(self.shell.user_ns, self.shell.user_ns_hidden)
-        encoded = codec.encode_namespace(values)
+        digests = codec.storage_digests(values)
+        missing = worker.missing_blobs(digests) if digests else set()
+        encoded = codec.encode_namespace(values, receiver_has=digests - missing)
         reply, sent = worker.push(encoded, imports)
+        self.store.replace(encoded.blobs)
         self.kernel_only = dict(encoded.problems)
         self.kernel_only.update({p.name: p.reason for p in reply.problems})
-        self.pushed_names = set(encoded.names) | (set(imports) - set(self.kernel_only))
-        return f"moved {len(self.pushed_names)} names ({format_size(sent)})"
+        self.remote_names = set(encoded.names) | (set(imports) - set(self.kernel_only))
+        self.transfers.append(
+            Transfer("attach", sent, time.perf_counter() - started, len(self.remote_names))
+        )
+        cached = len(digests) - len(missing)
+        note = f", {cached} tensors cached on the host" if cached else ""
+        return f"moved {len(self.remote_names)} names ({format_size(sent)}{note})"
+
+    def push_changes(self) -> None:
+        """Send what kernel cells changed to the worker (unchanged tensors by digest)."""
+        with self.lock:
+            if self.worker is None:
+                return
+            try:
+                self._push(self.worker, time.perf_counter())
+            except WorkerGone:
+                self._forget(self._why_gone())
 
     def _on_lease_ended(self, state: str, reason: str) -> None:
         self.lost = f"the broker ended the lease ({state}: {reason})"
 
     # -------------------------------------------------------------- run ---
 
-    def run_cell(self, code: str) -> None:
-        """Run one cell on the worker, its output shown here as it comes."""
-        if self.worker is None or self.lease is None:
-            raise GPUError("no GPU attached: run %gpu attach first")
-        if self.lost:
-            self._forget(self.lost)
-        renderer = OutputRenderer(self.shell)
-        started = time.perf_counter()
-        try:
-            self.worker.execute(code, self._cell_number(), renderer, answer_input)
-        except WorkerGone:
-            self._forget(self._why_gone())
-        finally:
-            self.remote_seconds += time.perf_counter() - started
+    def run_cell(self, code: str, *, gpu: bool = True) -> None:
+        """Run one cell on the worker, its output shown here as it comes.
+
+        `gpu` says whether the cell counts as GPU work for the idle timer.
+        """
+        self.wait_for_sync()
+        with self.lock:
+            if self.worker is None or self.lease is None:
+                raise GPUError("no GPU attached: run %gpu attach first")
+            if self.lost:
+                self._forget(self.lost)
+            cell = self._cell_number()
+            renderer = OutputRenderer(self.shell)
+            now = time.monotonic()
+            if gpu and self.auto is not None:
+                self.auto.idle.cell_started(now)
+            self.running_cell = cell
+            self.clock.cell_started = now
+            try:
+                self.worker.execute(code, cell, renderer, answer_input)
+            except WorkerGone:
+                self._forget(self._why_gone())
+            finally:
+                end = time.monotonic()
+                if self.clock.cell_started is not None:
+                    self.clock.busy_seconds += end - self.clock.cell_started
+                self.clock.cell_started = None
+                self.running_cell = None
+                if gpu and self.auto is not None:
+                    self.auto.idle.cell_finished(end)
+            self._start_sync(cell)
         if renderer.error is not None:
             raise remote_error(renderer.error)
 
@@ -205,13 +313,63 @@ class GPUSession:
         count = int(self.shell.execution_count)
         return count - 1 if IPython.version_info >= (9,) else count
 
+    # ------------------------------------------------------------- sync ---
+
+    def _start_sync(self, cell: int) -> None:
+        """Bring what the cell changed back into the kernel, in the background."""
+
+        def run() -> None:
+            with self.lock:
+                if self.worker is None or self.lost:
+                    return
+                try:
+                    self._sync(force=True, kind="sync")
+                except WorkerGone:
+                    self.lost = "the GPU worker stopped answering"
+                    return
+                except Exception as exc:  # keep the kernel usable; say what happened
+                    self.notify(f"GPU: background sync after In[{cell}] failed: {exc}")
+                    return
+                self.last_synced_cell = cell
+
+        self._sync_thread = threading.Thread(target=run, daemon=True, name="gpuattach-sync")
+        self._sync_thread.start()
+
+    def wait_for_sync(self) -> None:
+        thread = self._sync_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _sync(self, *, force: bool, kind: str) -> _Sync:
+        """Pull the worker's namespace into the kernel; unchanged tensors by digest."""
+        assert self.worker is not None
+        started = time.perf_counter()
+        header, parts, received = self.worker.pull(skip=[], force=force, have=self.store.digests())
+        problems = {p.name: p.reason for p in header.problems}
+        if not parts:  # refused: some names cannot come back and force was not given
+            return _Sync(0, received, time.perf_counter() - started, problems)
+        values = codec.decode_namespace(parts, self.store)
+        modules, missing = codec.import_modules(header.imports)
+        ns = self.shell.user_ns
+        ns.update(modules)
+        ns.update(values)
+        remote = set(header.names)
+        for name in self.remote_names - remote:
+            ns.pop(name, None)  # deleted by a remote cell
+        self.remote_names = remote
+        seconds = time.perf_counter() - started
+        self.transfers.append(Transfer(kind, received, seconds, len(values) + len(modules)))
+        return _Sync(len(values) + len(modules), received, seconds, problems, missing)
+
+    # ----------------------------------------------------------- losing ---
+
     def _why_gone(self) -> str:
         reason = "the GPU worker stopped answering"
         if self.broker is not None and self.lease is not None:
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:  # the agent reports a dead worker within ~1 s
                 try:
-                    reply = self.broker.renew(self.lease)
+                    reply = self.broker.renew(self.lease, self.clock.busy())
                 except BrokerError:
                     break
                 if reply.state not in ("active", "starting"):
@@ -221,17 +379,22 @@ class GPUSession:
 
     def _forget(self, why: str) -> None:
         """The lease is gone: drop it and say exactly what was lost."""
-        lease = self.lease
+        lease, running, synced = self.lease, self.running_cell, self.last_synced_cell
+        busy = self.clock.busy()
         self._teardown()
         if lease is not None and self.broker is not None:
             try:
-                self.broker.release(lease, reason="worker lost", patience=2.0)
+                self.broker.release(lease, reason="worker lost", patience=2.0, busy_seconds=busy)
             except BrokerError:
                 pass
-        raise GPUError(
-            f"{why}. Changes made by remote cells since %gpu attach are lost; the kernel's "
-            "names are as they were before it. Run %gpu attach to continue on a new slice."
+        lost = f"the effects of In[{running}] are lost" if running else "nothing ran since"
+        kept = (
+            f"every name is as of In[{synced}], the last remote cell that finished"
+            if synced
+            else "the kernel's names are as they were at attach"
         )
+        then = "the next GPU cell attaches again" if self.auto else "run %gpu attach to go on"
+        raise GPUError(f"{why}. {lost}; {kept}; {then}.")
 
     def _teardown(self) -> None:
         if self.keeper is not None:
@@ -239,75 +402,155 @@ class GPUSession:
         if self.worker is not None:
             self.worker.close()
         self.lease = self.worker = self.keeper = self.worker_info = None
-        self.pushed_names = set()
+        self.remote_names = set()
         self.kernel_only = {}
+        self.running_cell = None
+        self.last_synced_cell = None
+        if self.auto is not None:
+            self.auto.idle.reset()
 
     # ---------------------------------------------------------- release ---
 
-    def release(self, force: bool = False) -> str:
+    def release(self, force: bool = False, reason: str = "released by the kernel") -> str:
+        self.wait_for_sync()
+        with self.lock:
+            return self._release_locked(force, reason)
+
+    def _release_locked(self, force: bool, reason: str) -> str:
         if self.worker is None or self.lease is None:
             raise GPUError("nothing to release: no GPU is attached to this kernel")
         if self.lost:
             self._forget(self.lost)
-        started = time.perf_counter()
         try:
-            header, parts, received = self.worker.pull(skip=[], force=force)
+            sync = self._sync(force=force, kind="release")
         except WorkerGone:
             self._forget(self._why_gone())
             raise
-        problems = {p.name: p.reason for p in header.problems}
-        if problems and not force:
-            names = ", ".join(sorted(problems))
+        if sync.problems and not force:
+            names = ", ".join(sorted(sync.problems))
+            it = "it" if len(sync.problems) == 1 else "them"
             raise GPUError(
-                f"not released: {_describe_names(problems)} cannot come back to the kernel. "
-                f"Delete or close {'it' if len(problems) == 1 else 'them'} in a cell "
-                f"(del {names}), or run %gpu release --force to drop "
-                f"{'it' if len(problems) == 1 else 'them'}."
+                f"not released: {_describe_names(sync.problems)} cannot come back to the "
+                f"kernel. Delete or close {it} in a cell (del {names}), or run "
+                f"%gpu release --force to drop {it}."
             )
-        values = codec.decode_namespace(parts) if parts else {}
-        modules, missing = codec.import_modules(header.imports)
-        ns = self.shell.user_ns
-        ns.update(modules)
-        ns.update(values)
-        remote_names = set(header.names)
-        for name in self.pushed_names - remote_names:
-            ns.pop(name, None)  # deleted by a remote cell
-        lease = self.lease
-        held = time.time() - self.attached_at
+        for name in sync.problems:
+            self.shell.user_ns.pop(name, None)
+        lease, busy = self.lease, self.clock.busy()
+        held = time.monotonic() - self.clock.attached_at
         self._teardown()
+        self.store.clear()
         assert self.broker is not None
         try:
-            self.broker.release(lease, reason="released by the kernel")
+            self.broker.release(lease, reason=reason, busy_seconds=busy)
         except BrokerError as exc:
             return f"GPU released locally, but the broker did not confirm: {exc}"
         line = (
-            f"GPU released: {len(values) + len(modules)} names back ({format_size(received)}) "
-            f"in {format_duration(time.perf_counter() - started)}; held {format_duration(held)}"
+            f"GPU released: {sync.values} names back ({format_size(sync.wire_bytes)}) "
+            f"in {format_duration(sync.seconds)}; held {format_duration(held)}, "
+            f"busy {format_duration(busy)}"
         )
-        if problems:
-            line += f"; dropped: {', '.join(sorted(problems))}"
-        if missing:
-            line += f"; not importable here: {_describe_names(missing)}"
+        if sync.problems:
+            line += f"; dropped: {', '.join(sorted(sync.problems))}"
+        if sync.missing_modules:
+            line += f"; not importable here: {_describe_names(sync.missing_modules)}"
         return line
+
+    # ------------------------------------------------------------- auto ---
+
+    def enable_auto(self, options: AttachOptions, idle_seconds: float) -> str:
+        self.auto = AutoMode(options, IdleTimer(idle_seconds))
+        if self.attached:
+            # Already holding a slice: start timing its idleness now.
+            self.auto.idle.cell_finished(time.monotonic())
+        self._start_watcher()
+        return (
+            f"GPU auto: cells that need the GPU attach on demand; the slice goes back after "
+            f"{format_duration(idle_seconds)} without one (%gpu auto off to stop)"
+        )
+
+    def disable_auto(self) -> str:
+        self.auto = None
+        self._stop_watcher.set()
+        state = "still attached (%gpu release to give it back)" if self.attached else "detached"
+        return f"GPU auto: off; {state}"
+
+    def _start_watcher(self) -> None:
+        if self._watcher is not None and self._watcher.is_alive():
+            return
+        self._stop_watcher = threading.Event()
+        self._watcher = threading.Thread(
+            target=self._watch_idle,
+            args=(self._stop_watcher,),
+            daemon=True,
+            name="gpuattach-idle",
+        )
+        self._watcher.start()
+
+    def _watch_idle(self, stop: threading.Event) -> None:
+        while not stop.wait(0.2):
+            auto = self.auto
+            if auto is None or not self.attached:
+                continue
+            if not auto.idle.release_due(time.monotonic()):
+                continue
+            sync = self._sync_thread
+            if sync is not None and sync.is_alive():
+                continue
+            if not self.lock.acquire(blocking=False):
+                continue  # a cell or a sync is running: not idle
+            try:
+                if self.attached and auto.idle.release_due(time.monotonic()):
+                    self._idle_release(auto)
+            finally:
+                self.lock.release()
+
+    def _idle_release(self, auto: AutoMode) -> None:
+        idle = auto.idle.idle_seconds
+        try:
+            line = self._release_locked(False, reason=f"idle for {format_duration(idle)}")
+        except GPUError as exc:
+            message = str(exc)
+            if message != auto.postponed:
+                self.notify(f"GPU: idle release postponed: {message}")
+            auto.postponed = message
+            auto.idle.cell_finished(time.monotonic())  # try again after another idle period
+            return
+        auto.postponed = ""
+        self.notify(
+            line.replace("GPU released:", f"GPU released after {format_duration(idle)} idle:", 1)
+        )
 
     # ----------------------------------------------------------- status ---
 
     def status(self) -> str:
+        mode = ""
+        if self.auto is not None:
+            deadline = self.auto.idle.deadline()
+            mode = " · auto"
+            if deadline is not None and self.attached:
+                left = max(0.0, deadline - time.monotonic())
+                mode += f", releasing in {format_duration(left)}"
         if self.lease is None:
-            return "GPU: not attached (run %gpu attach)"
-        held = time.time() - self.attached_at
+            return f"GPU: not attached{mode}" + ("" if self.auto else " (run %gpu attach)")
+        held = time.monotonic() - self.clock.attached_at
+        busy = self.clock.busy()
+        share = f" ({100 * busy / held:.0f} %)" if held > 0 else ""
         return (
             f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]} · "
-            f"held {format_duration(held)}, cells ran {format_duration(self.remote_seconds)}"
+            f"held {format_duration(held)}, busy {format_duration(busy)}{share}{mode}"
             + (f" · {self.lost}" if self.lost else "")
         )
 
     def shutdown(self) -> None:
         """Kernel exit: give the slice back without moving anything."""
+        self._stop_watcher.set()
         if self.lease is not None and self.broker is not None:
-            lease = self.lease
+            lease, busy = self.lease, self.clock.busy()
             self._teardown()
             try:
-                self.broker.release(lease, reason="kernel shut down", patience=2.0)
+                self.broker.release(
+                    lease, reason="kernel shut down", patience=2.0, busy_seconds=busy
+                )
             except BrokerError:
                 pass

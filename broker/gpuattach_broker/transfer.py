@@ -45,11 +45,13 @@ def chunk_namespace(
     pending_bytes = 0
     for part in parts:
         flat = part.cast("B") if part.format != "B" or part.ndim != 1 else part
-        for start in range(0, flat.nbytes, CHUNK_BYTES):
-            piece = flat[start : start + CHUNK_BYTES]
+        start = 0
+        while start < flat.nbytes:
+            piece = flat[start : start + CHUNK_BYTES - pending_bytes]
+            start += piece.nbytes
             pending.append(piece)
             pending_bytes += piece.nbytes
-            if pending_bytes >= CHUNK_BYTES:
+            if pending_bytes == CHUNK_BYTES:
                 yield pb.NamespaceChunk(data=b"".join(pending))
                 pending, pending_bytes = [], 0
     if pending:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import grpc
 import pytest
 
@@ -125,19 +129,25 @@ def test_wrong_broker_key_and_oversized_messages_are_refused(stack: Stack) -> No
     assert stack.broker is not None and stack.broker.poll() is None
 
 
-def test_killed_worker_is_reported_and_pre_attach_names_survive(
+def test_killed_worker_is_reported_and_names_of_finished_cells_survive(
     stack: Stack, kernel: Kernel
 ) -> None:
     kernel.ok("import os\nbefore = 'kept'")
     kernel.ok("%gpu attach")
     worker_pid = kernel.value("os.getpid()")
-    kernel.ok("during = 'lost'")
-    os_kill = __import__("os").kill
-    os_kill(worker_pid, 9)
-    message = one_line_error(kernel, "print('hello')")
+    kernel.ok("during = 'synced'")
+    msg_id = kernel.submit("partial = 'lost'\nimport time\ntime.sleep(60)")
+    time.sleep(1.5)  # the cell is running on the worker
+    os.kill(worker_pid, signal.SIGKILL)
+    result = kernel.collect(msg_id)
+    message = result.stderr.strip()
+    assert result.status == "error" and message.startswith("UsageError: ")
+    assert "\n" not in message
     assert "SIGKILL" in message and "%gpu attach" in message
+    assert "effects of In[" in message and "are lost" in message
     assert kernel.value("before") == "kept"
-    assert kernel.value("'during' in globals()") is False
+    assert kernel.value("during") == "synced"
+    assert kernel.value("'partial' in globals()") is False
     wait_for(lambda: not stack.leases(), what="the dead worker's lease to end")
     assert "GPU attached" in kernel.ok("%gpu attach").stdout
-    assert kernel.value("before") == "kept"
+    assert kernel.value("during") == "synced"

@@ -33,7 +33,9 @@ def test_parse_size(text: str, expected: int) -> None:
     assert isinstance(parse_size(text), int)
 
 
-@pytest.mark.parametrize("text", ["lots", "", "   ", "-1GiB", "4XB", "GiB", "4 Gibibytes", "1e9", "4,5GiB"])
+@pytest.mark.parametrize(
+    "text", ["lots", "", "   ", "-1GiB", "4XB", "GiB", "4 Gibibytes", "1e9", "4,5GiB"]
+)
 def test_parse_size_malformed_says_what_to_write(text: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_size(text)

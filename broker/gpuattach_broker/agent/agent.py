@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,10 +28,16 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
 from gpuattach_broker.units import format_size
+from gpuattach_broker.worker.blobcache import cached_users, default_root
 
 log = logging.getLogger("gpuattach.agent")
 
 HEARTBEAT_S = 2.0
+
+
+def _safe_name(user: str) -> str:
+    """A user name as one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", user).lstrip(".") or "_"
 
 
 def describe_exit(code: int | None) -> str:
@@ -55,6 +63,8 @@ class Agent:
         bind: str = "127.0.0.1",
         advertise: str = "",
         key: str = "",
+        blob_cache: str | Path | None = None,
+        blob_cache_bytes: int = 8 << 30,
     ) -> None:
         self.broker_address = broker_address
         self.backend = backend
@@ -63,6 +73,8 @@ class Agent:
         self.bind = bind
         self.advertise = advertise or bind
         self.key = key
+        self.blob_cache = Path(blob_cache) if blob_cache else default_root()
+        self.blob_cache_bytes = blob_cache_bytes
         self.pool = WorkerPool(size=pool_size, bind=bind)
         self.devices: dict[str, Device] = {
             f"{self.host}/{d.local_id}": d for d in backend.devices()
@@ -158,7 +170,13 @@ class Agent:
 
     async def _heartbeat(self) -> None:
         while True:
-            self._send(pb.AgentMessage(heartbeat=pb.AgentHeartbeat(warm_workers=self.pool.warm)))
+            self._send(
+                pb.AgentMessage(
+                    heartbeat=pb.AgentHeartbeat(
+                        warm_workers=self.pool.warm, cached_users=cached_users(self.blob_cache)
+                    )
+                )
+            )
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _start_lease(self, start: pb.StartLease) -> None:
@@ -169,6 +187,8 @@ class Agent:
             devices = [self.devices[d] for d in start.device_ids]
             worker = await self.pool.take()
             env = self.backend.slice_env(devices, start.memory_bytes)
+            env["GPUATTACH_BLOB_CACHE"] = str(self.blob_cache / _safe_name(start.user))
+            env["GPUATTACH_BLOB_CACHE_BYTES"] = str(self.blob_cache_bytes)
             count = f"{len(devices)}x " if len(devices) > 1 else ""
             summary = f"{count}{devices[0].name} on {self.host} ({format_size(start.memory_bytes)})"
             await worker.assign(start.lease_id, start.token, env, summary)

@@ -13,7 +13,7 @@ import sys
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import BackendError, CpuBackend, NvmlBackend, open_backend
 from gpuattach_broker.rpc import read_key_file
-from gpuattach_broker.units import format_size
+from gpuattach_broker.units import format_size, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bind", default="127.0.0.1", help="address workers listen on")
     parser.add_argument("--advertise", default="", help="address kernels reach workers at")
     parser.add_argument("--key-file", default="", help="file with the broker's key")
+    parser.add_argument(
+        "--blob-cache",
+        default="",
+        help="folder of the per-user tensor blob cache (default: /dev/shm)",
+    )
+    parser.add_argument(
+        "--blob-cache-bytes", default="8GiB", help="byte budget of each user's blob cache (LRU)"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -72,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     key = os.environ.get("GPUATTACH_BROKER_KEY", "")
     if args.key_file:
         key = read_key_file(args.key_file)
+    try:
+        cache_bytes = parse_size(args.blob_cache_bytes)
+    except ValueError as exc:
+        print(f"gpuattach-agent: --blob-cache-bytes: {exc}", file=sys.stderr)
+        return 2
     agent = Agent(
         args.broker,
         backend,
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         bind=args.bind,
         advertise=args.advertise,
         key=key,
+        blob_cache=args.blob_cache or None,
+        blob_cache_bytes=cache_bytes,
     )
 
     async def run() -> None:

@@ -18,6 +18,8 @@ from gpuattach_broker.paths import default_db
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata, read_key_file
+from gpuattach_broker.simulator.cli import add_arguments as add_simulator_arguments
+from gpuattach_broker.simulator.cli import run as run_simulator
 from gpuattach_broker.units import format_duration, format_size, parse_duration
 
 
@@ -70,6 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("events", help="print the lease timeline from the state file")
     e.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
     e.add_argument("--since", type=_duration, default=0.0, help="only the last N seconds/minutes")
+
+    u = sub.add_parser("usage", help="GPU time held vs busy, from the ledger")
+    u.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
+    u.add_argument(
+        "--since", type=_duration, default=0.0, help="only leases granted since, e.g. 1h"
+    )
+    u.add_argument(
+        "--by",
+        choices=["user", "kernel", "device", "lease"],
+        default="user",
+        help="how to group the rows (groups come with the policy file)",
+    )
+
+    add_simulator_arguments(
+        sub.add_parser(
+            "simulate", help="replay a workload trace against the broker's placement and queue"
+        )
+    )
     return parser
 
 
@@ -79,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "events":
         return _events(args)
+    if args.command == "usage":
+        return _usage(args)
+    if args.command == "simulate":
+        return run_simulator(args)
     return _query(args)
 
 
@@ -121,6 +145,41 @@ def _events(args: argparse.Namespace) -> int:
         print(
             f"{_fmt_time(event.ts)}  {event.kind:<16} {lease:<8}  {event.user:<10} {event.detail}"
         )
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    """Per group: leases, seconds held, seconds a cell ran, and the busy share."""
+    path = args.db or str(default_db())
+    if not os.path.exists(path):
+        print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
+        return 1
+    store = Store(path, readonly=True)
+    now = time.time()
+    since = now - args.since if args.since else 0.0
+    rows: dict[str, list[float]] = {}
+    for lease in store.leases(include_ended=True):
+        if not lease.granted_at or lease.granted_at < since:
+            continue
+        key = {
+            "user": lease.user,
+            "kernel": lease.kernel_id or "-",
+            "device": ",".join(lease.device_ids),
+            "lease": lease.lease_id,
+        }[args.by]
+        row = rows.setdefault(key, [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += lease.held_seconds(now)
+        row[2] += min(lease.busy_seconds, lease.held_seconds(now))
+    store.close()
+    print(f"{args.by:<20}{'leases':>8}{'held s':>12}{'busy s':>12}{'busy %':>8}")
+    total = [0, 0.0, 0.0]
+    for key, (count, held, busy) in sorted(rows.items()):
+        share = f"{100 * busy / held:.1f}" if held else "-"
+        print(f"{key[:19]:<20}{int(count):>8}{held:>12.1f}{busy:>12.1f}{share:>8}")
+        total = [total[0] + count, total[1] + held, total[2] + busy]
+    share = f"{100 * total[2] / total[1]:.1f}" if total[1] else "-"
+    print(f"{'total':<20}{int(total[0]):>8}{total[1]:>12.1f}{total[2]:>12.1f}{share:>8}")
     return 0
 
 

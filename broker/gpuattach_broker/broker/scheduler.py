@@ -11,7 +11,7 @@ device never holds slices whose memory adds up to more than it has.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
@@ -56,7 +56,7 @@ class SliceRequest:
         if self.whole:
             return device.memory_bytes
         if self.fraction:
-            return int(device.memory_bytes * self.fraction)
+            return max(1, int(device.memory_bytes * self.fraction))
         return self.memory_bytes
 
 
@@ -80,6 +80,7 @@ class Scheduler:
         self.devices: dict[str, DeviceState] = {}
         self.queue: list[SliceRequest] = []
         self.allocations: dict[str, Placement] = {}
+        self._held: dict[str, dict[str, int]] = {}  # bytes per lease per device
         self._hold_seconds_total = 0.0
         self._holds = 0
 
@@ -127,12 +128,21 @@ class Scheduler:
                     f"{request.memory_bytes} bytes asked for, but the largest device has {largest}"
                 )
 
-    def try_place(self, request: SliceRequest, warm_hosts: Iterable[str] = ()) -> Placement | None:
-        """Where the request fits now (best fit), or None. Changes nothing."""
-        warm = set(warm_hosts)
+    def try_place(
+        self,
+        request: SliceRequest,
+        warm_hosts: Iterable[str] = (),
+        prefer_hosts: Iterable[str] = (),
+    ) -> Placement | None:
+        """Where the request fits now, or None. Changes nothing.
+
+        A host in `prefer_hosts` (one that caches the user's tensor blobs)
+        wins when it has room; then the tightest fit, then a warm host.
+        """
+        warm, prefer = set(warm_hosts), set(prefer_hosts)
         if request.gpus > 1:
-            return self._place_many(request, warm)
-        best: tuple[int, int, str] | None = None
+            return self._place_many(request, warm, prefer)
+        best: tuple[int, int, int, str] | None = None
         chosen: DeviceState | None = None
         for device in self.devices.values():
             if not device.schedulable:
@@ -141,7 +151,12 @@ class Scheduler:
             if need > device.free_bytes or (request.whole and device.leases):
                 continue
             # Tightest fit first keeps big holes for big requests; then warm hosts.
-            key = (device.free_bytes - need, 0 if device.host in warm else 1, device.device_id)
+            key = (
+                0 if device.host in prefer else 1,
+                device.free_bytes - need,
+                0 if device.host in warm else 1,
+                device.device_id,
+            )
             if best is None or key < best:
                 best, chosen = key, device
         if chosen is None:
@@ -154,19 +169,21 @@ class Scheduler:
             exclusive=request.whole,
         )
 
-    def _place_many(self, request: SliceRequest, warm: set[str]) -> Placement | None:
+    def _place_many(
+        self, request: SliceRequest, warm: set[str], prefer: set[str]
+    ) -> Placement | None:
         free_by_host: dict[str, list[DeviceState]] = {}
         for device in sorted(self.devices.values(), key=lambda d: d.device_id):
             if device.schedulable and not device.leases:
                 free_by_host.setdefault(device.host, []).append(device)
         candidates = [
-            (len(devs) - request.gpus, 0 if host in warm else 1, host)
+            (0 if host in prefer else 1, len(devs) - request.gpus, 0 if host in warm else 1, host)
             for host, devs in free_by_host.items()
             if len(devs) >= request.gpus
         ]
         if not candidates:
             return None
-        host = min(candidates)[2]
+        host = min(candidates)[3]
         chosen = free_by_host[host][: request.gpus]
         return Placement(
             request_id=request.request_id,
@@ -177,9 +194,12 @@ class Scheduler:
         )
 
     def allocate(self, lease_id: str, placement: Placement) -> None:
+        held = self._held[lease_id] = {}
         for device_id in placement.device_ids:
             device = self.devices[device_id]
-            device.allocated_bytes += placement.memory_bytes
+            take = device.memory_bytes if placement.exclusive else placement.memory_bytes
+            device.allocated_bytes += take
+            held[device_id] = take
             device.leases.add(lease_id)
         self.allocations[lease_id] = placement
 
@@ -187,10 +207,11 @@ class Scheduler:
         placement = self.allocations.pop(lease_id, None)
         if placement is None:
             return None
+        held = self._held.pop(lease_id, {})
         for device_id in placement.device_ids:
             device = self.devices.get(device_id)
             if device is not None:
-                device.allocated_bytes -= placement.memory_bytes
+                device.allocated_bytes -= held.get(device_id, placement.memory_bytes)
                 device.leases.discard(lease_id)
         if held_seconds is not None:
             self._hold_seconds_total += held_seconds
@@ -199,11 +220,16 @@ class Scheduler:
 
     # ------------------------------------------------------------ queue ---
 
-    def submit(self, request: SliceRequest, warm_hosts: Iterable[str] = ()) -> Placement | None:
+    def submit(
+        self,
+        request: SliceRequest,
+        warm_hosts: Iterable[str] = (),
+        prefer_hosts: Iterable[str] = (),
+    ) -> Placement | None:
         """Place (and allocate, keyed by request id) now if nobody waits ahead
         and it fits; otherwise queue it and return None."""
         self.check_satisfiable(request)
-        placement = None if self.queue else self.try_place(request, warm_hosts)
+        placement = None if self.queue else self.try_place(request, warm_hosts, prefer_hosts)
         if placement is None:
             self.queue.append(request)
         else:
@@ -222,7 +248,11 @@ class Scheduler:
                 return index + 1
         return 0
 
-    def grant_waiting(self, warm_hosts: Iterable[str] = ()) -> list[Placement]:
+    def grant_waiting(
+        self,
+        warm_hosts: Iterable[str] = (),
+        prefer: Callable[[SliceRequest], Iterable[str]] = lambda request: (),
+    ) -> list[Placement]:
         """Place queued requests in order, stopping at the first that does not fit.
 
         Strict FIFO: a request never overtakes an earlier one. Each returned
@@ -230,7 +260,7 @@ class Scheduler:
         """
         granted: list[Placement] = []
         while self.queue:
-            placement = self.try_place(self.queue[0], warm_hosts)
+            placement = self.try_place(self.queue[0], warm_hosts, prefer(self.queue[0]))
             if placement is None:
                 break
             self.queue.pop(0)

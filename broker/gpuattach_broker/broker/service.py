@@ -43,6 +43,7 @@ class AgentConnection:
     host: str
     agent_id: str
     warm_workers: int = 0
+    cached_users: frozenset[str] = frozenset()
     commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
     pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
 
@@ -75,6 +76,7 @@ def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
         state=lease.state,
         end_reason=lease.end_reason,
         ended_at=lease.ended_at,
+        busy_seconds=lease.busy_seconds,
     )
 
 
@@ -176,7 +178,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             submitted_at=time.time(),
         )
         try:
-            placement = self.scheduler.submit(slice_request, self._warm_hosts())
+            placement = self.scheduler.submit(
+                slice_request, self._warm_hosts(), self._cache_hosts(slice_request)
+            )
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
@@ -247,10 +251,15 @@ class BrokerService(pb_grpc.BrokerServicer):
             if waiter.placement is None:
                 self.waiters.pop(req.request_id, None)
                 if self.scheduler.withdraw(req.request_id):
-                    self._notify_waiters()
+                    # Requests behind it may fit now.
+                    self._pump_queue()
 
     def _warm_hosts(self) -> list[str]:
         return [a.host for a in self.agents.values() if a.warm_workers > 0]
+
+    def _cache_hosts(self, request: SliceRequest) -> list[str]:
+        """Hosts that cache this user's tensor blobs: a re-attach there is cheap."""
+        return [a.host for a in self.agents.values() if request.user in a.cached_users]
 
     def _notify_waiters(self) -> None:
         for waiter in self.waiters.values():
@@ -258,7 +267,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def _pump_queue(self) -> None:
         """Grant queued requests that fit now, in FIFO order."""
-        for placement in self.scheduler.grant_waiting(self._warm_hosts()):
+        for placement in self.scheduler.grant_waiting(self._warm_hosts(), self._cache_hosts):
             waiter = self.waiters.get(placement.request_id)
             if waiter is None:  # the client went away in the meantime
                 self.scheduler.free(placement.request_id)
@@ -341,7 +350,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.last_activity = time.monotonic()
         if lease.active:
             lease.expires_at = time.time() + self.ttl
-            self.store.renew(lease.lease_id, lease.expires_at)
+            self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds)
         return pb.RenewReply(
             expires_at=lease.expires_at, state=lease.state, end_reason=lease.end_reason
         )
@@ -353,6 +362,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         lease = await self._lease_for(request, context)
         self.last_activity = time.monotonic()
         if lease.active:
+            lease.busy_seconds = max(lease.busy_seconds, request.busy_seconds)
             self._end(lease, "released", request.reason or "released by the kernel")
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
@@ -512,6 +522,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
                 agent.warm_workers = message.heartbeat.warm_workers
+                agent.cached_users = frozenset(message.heartbeat.cached_users)
             elif kind == "started":
                 future = agent.pending_starts.pop(message.started.lease_id, None)
                 if future is not None and not future.done():

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS leases (
     ttl_seconds REAL NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     end_reason TEXT NOT NULL DEFAULT '',
-    ended_at REAL NOT NULL DEFAULT 0
+    ended_at REAL NOT NULL DEFAULT 0,
+    busy_seconds REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_user ON leases(user);
@@ -89,6 +90,7 @@ class LeaseRecord:
     ttl_seconds: float = 0.0
     end_reason: str = ""
     ended_at: float = 0.0
+    busy_seconds: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -122,6 +124,7 @@ _LEASE_COLUMNS = [
     "state",
     "end_reason",
     "ended_at",
+    "busy_seconds",
 ]
 
 
@@ -152,6 +155,13 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a state file written by an older version up to this schema."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
+        if "busy_seconds" not in columns:
+            self.db.execute("ALTER TABLE leases ADD COLUMN busy_seconds REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -174,10 +184,17 @@ class Store:
         ).fetchone()
         return _row_to_lease(row) if row else None
 
-    def renew(self, lease_id: str, expires_at: float) -> None:
-        self.db.execute(
-            "UPDATE leases SET expires_at = ? WHERE lease_id = ?", (expires_at, lease_id)
-        )
+    def renew(self, lease_id: str, expires_at: float, busy_seconds: float | None = None) -> None:
+        if busy_seconds is None:
+            self.db.execute(
+                "UPDATE leases SET expires_at = ? WHERE lease_id = ?", (expires_at, lease_id)
+            )
+        else:
+            self.db.execute(
+                "UPDATE leases SET expires_at = ?, busy_seconds = MAX(busy_seconds, ?) "
+                "WHERE lease_id = ?",
+                (expires_at, busy_seconds, lease_id),
+            )
 
     def leases(self, *, user: str = "", include_ended: bool = False) -> list[LeaseRecord]:
         query = f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases"

@@ -91,23 +91,34 @@ class BrokerClient:
             call.cancel()
             raise
 
-    def renew(self, lease: pb.Lease, timeout: float = 5.0) -> pb.RenewReply:
+    def renew(
+        self, lease: pb.Lease, busy_seconds: float = 0.0, timeout: float = 5.0
+    ) -> pb.RenewReply:
         try:
             return self.stub.Renew(
-                pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
+                pb.LeaseRef(lease_id=lease.lease_id, token=lease.token, busy_seconds=busy_seconds),
                 metadata=self.metadata,
                 timeout=timeout,
             )
         except grpc.RpcError as exc:
             raise _error(exc, "renew", self.target.address) from None
 
-    def release(self, lease: pb.Lease, reason: str = "", patience: float = 30.0) -> pb.ReleaseReply:
+    def release(
+        self,
+        lease: pb.Lease,
+        reason: str = "",
+        patience: float = 30.0,
+        busy_seconds: float = 0.0,
+    ) -> pb.ReleaseReply:
         """Release, retrying for `patience` seconds while the broker restarts."""
         deadline = time.monotonic() + patience
+        ref = pb.LeaseRef(
+            lease_id=lease.lease_id, token=lease.token, reason=reason, busy_seconds=busy_seconds
+        )
         while True:
             try:
                 return self.stub.Release(
-                    pb.LeaseRef(lease_id=lease.lease_id, token=lease.token, reason=reason),
+                    ref,
                     metadata=self.metadata,
                     timeout=5,
                 )
@@ -141,11 +152,16 @@ class LeaseKeeper:
     """Renews a lease in the background; notices when the broker ended it."""
 
     def __init__(
-        self, client: BrokerClient, lease: pb.Lease, on_ended: Callable[[str, str], None]
+        self,
+        client: BrokerClient,
+        lease: pb.Lease,
+        on_ended: Callable[[str, str], None],
+        busy_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.client = client
         self.lease = lease
         self.on_ended = on_ended
+        self.busy_seconds = busy_seconds
         self.interval = max(0.5, lease.ttl_seconds / 3) if lease.ttl_seconds else 10.0
         self.ended_reason = ""
         self._stop = threading.Event()
@@ -160,7 +176,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                reply = self.client.renew(self.lease)
+                reply = self.client.renew(self.lease, self.busy_seconds())
             except BrokerError as exc:
                 # The broker may be restarting; it keeps the lease. Try again.
                 log.debug("heartbeat failed: %s", exc)

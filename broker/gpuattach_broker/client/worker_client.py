@@ -11,8 +11,7 @@ import platform
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import cloudpickle
 import grpc
@@ -169,6 +168,16 @@ class WorkerClient:
             raise WorkerGone("the GPU worker ended the cell without finishing it")
         return done
 
+    def missing_blobs(self, digests: Iterable[str]) -> set[str]:
+        """Which blobs the worker (or its host's cache) lacks."""
+        try:
+            reply = self.stub.MissingBlobs(
+                pb.BlobList(digests=sorted(digests)), metadata=self.metadata, timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, "asking the GPU host for cached tensors") from None
+        return set(reply.digests)
+
     def push(
         self,
         encoded: codec.Encoded,
@@ -189,16 +198,16 @@ class WorkerClient:
             raise _rpc_error(exc, "moving the namespace to the GPU") from None
         return reply, sent
 
-    def pull(self, skip: list[str], force: bool) -> tuple[pb.NamespaceHeader, list[bytearray], int]:
+    def pull(
+        self, skip: list[str], force: bool, have: Iterable[str] = ()
+    ) -> tuple[pb.NamespaceHeader, list[bytearray], int]:
+        """The worker's namespace; blobs in `have` come by reference."""
         try:
             return transfer.receive_namespace(
                 self.stub.PullNamespace(
-                    pb.PullRequest(skip=skip, force=force), metadata=self.metadata
+                    pb.PullRequest(skip=skip, force=force, have=sorted(have)),
+                    metadata=self.metadata,
                 )
             )
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "moving the namespace back") from None
-
-
-def decode_pulled(header: pb.NamespaceHeader, parts: list[bytearray]) -> dict[str, Any]:
-    return codec.decode_namespace(parts) if parts else {}

@@ -43,7 +43,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at")
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Lease(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     kernel_id: str
@@ -78,7 +79,8 @@ class Lease(_message.Message):
     state: str
     end_reason: str
     ended_at: float
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ...) -> None: ...
+    busy_seconds: float
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -89,14 +91,16 @@ class AttachEvent(_message.Message):
     def __init__(self, queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., granted: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class LeaseRef(_message.Message):
-    __slots__ = ("lease_id", "token", "reason")
+    __slots__ = ("lease_id", "token", "reason", "busy_seconds")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: str
     reason: str
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    busy_seconds: float
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
 
 class RenewReply(_message.Message):
     __slots__ = ("expires_at", "state", "end_reason")
@@ -209,10 +213,12 @@ class AgentHello(_message.Message):
     def __init__(self, host: _Optional[str] = ..., agent_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., live_leases: _Optional[_Iterable[_Union[LiveLease, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class AgentHeartbeat(_message.Message):
-    __slots__ = ("warm_workers",)
+    __slots__ = ("warm_workers", "cached_users")
     WARM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_USERS_FIELD_NUMBER: _ClassVar[int]
     warm_workers: int
-    def __init__(self, warm_workers: _Optional[int] = ...) -> None: ...
+    cached_users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, warm_workers: _Optional[int] = ..., cached_users: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaseStarted(_message.Message):
     __slots__ = ("lease_id", "worker_endpoint", "pid")
@@ -483,12 +489,20 @@ class PushReply(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("skip", "force")
+    __slots__ = ("skip", "force", "have")
     SKIP_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    HAVE_FIELD_NUMBER: _ClassVar[int]
     skip: _containers.RepeatedScalarFieldContainer[str]
     force: bool
-    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ...) -> None: ...
+    have: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BlobList(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("lease_id", "token", "env", "device_summary")

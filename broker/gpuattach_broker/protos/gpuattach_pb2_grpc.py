@@ -347,6 +347,11 @@ class WorkerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.PullRequest.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.NamespaceChunk.FromString,
                 _registered_method=True)
+        self.MissingBlobs = channel.unary_unary(
+                '/gpuattach.v1.Worker/MissingBlobs',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
+                _registered_method=True)
         self.Assign = channel.unary_unary(
                 '/gpuattach.v1.Worker/Assign',
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignRequest.SerializeToString,
@@ -387,6 +392,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MissingBlobs(self, request, context):
+        """Which of these blobs the worker has neither in memory nor in the host's
+        blob cache (the kernel sends only those).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Assign(self, request, context):
         """Agent only (authenticated with the agent's key): bind a warm worker to
         a lease.
@@ -422,6 +435,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PullNamespace,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.PullRequest.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.NamespaceChunk.SerializeToString,
+            ),
+            'MissingBlobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.MissingBlobs,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
             ),
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
@@ -564,6 +582,33 @@ class Worker:
             '/gpuattach.v1.Worker/PullNamespace',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.PullRequest.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.NamespaceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MissingBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Worker/MissingBlobs',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
             options,
             channel_credentials,
             insecure,

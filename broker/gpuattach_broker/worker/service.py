@@ -26,6 +26,7 @@ import grpc
 from gpuattach_broker import codec, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.worker.blobcache import BlobCache
 from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
 
 T = TypeVar("T")
@@ -89,6 +90,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.lease_id = ""
         self._token = ""
         self.device_summary = "unassigned"
+        # Storages of the current namespace by digest; the host's blob cache
+        # (set at Assign) answers for the rest.
+        self.store = codec.BlobStore()
+        self.cache: BlobCache | None = None
         self._cell_lock = threading.Lock()
         self.assigned = threading.Event()
 
@@ -117,6 +122,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self._token:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker already serves a lease")
         os.environ.update(request.env)
+        folder = request.env.get("GPUATTACH_BLOB_CACHE", "")
+        if folder:
+            budget = int(request.env.get("GPUATTACH_BLOB_CACHE_BYTES", str(8 << 30)))
+            self.cache = BlobCache(folder, budget)
+            self.store.fallback = self.cache.load
+        fraction = request.env.get("GPUATTACH_MEMORY_FRACTION", "")
+        if fraction:
+            self.executor.submit(lambda: _cap_memory(float(fraction))).result()
         self.lease_id = request.lease_id
         self._token = request.token
         self.device_summary = request.device_summary
@@ -235,13 +248,15 @@ class WorkerService(pb_grpc.WorkerServicer):
 
         def load() -> tuple[list[str], dict[str, str]]:
             modules, problems = codec.import_modules(header.imports)
-            values = codec.decode_namespace(parts) if parts else {}
+            values = codec.decode_namespace(parts, self.store) if parts else {}
             self.shell.user_ns.update(modules)
             self.shell.user_ns.update(values)
             return sorted([*modules, *values]), problems
 
         try:
             names, problems = self.executor.submit(load).result()
+            if self.cache is not None and self.store.received:
+                self.cache.put_in_background(self.store.received)
         except Exception as exc:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -259,11 +274,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._check_lease_token(context)
         skip = set(request.skip)
 
+        have = frozenset(request.have)
+
         def dump() -> tuple[codec.Encoded, dict[str, str], list[str]]:
             values, imports = codec.split_namespace(self.shell.user_ns, self.shell.user_ns_hidden)
             every_name = sorted([*values, *imports])
             values = {k: v for k, v in values.items() if k not in skip}
-            return codec.encode_namespace(values), imports, every_name
+            encoded = codec.encode_namespace(values, receiver_has=have)
+            self.store.replace(encoded.blobs)
+            return encoded, imports, every_name
 
         encoded, imports, every_name = self.executor.submit(dump).result()
         if encoded.problems and not request.force:
@@ -271,6 +290,25 @@ class WorkerService(pb_grpc.WorkerServicer):
             yield from transfer.chunk_namespace(None, problems=encoded.problems, names=every_name)
             return
         yield from transfer.chunk_namespace(encoded, imports=imports, names=every_name)
+        if self.cache is not None and encoded.sent_blobs:
+            # The kernel now holds these: a later lease on this host need not get them again.
+            self.cache.put_in_background(encoded.sent_blobs)
+
+    def MissingBlobs(self, request: pb.BlobList, context: grpc.ServicerContext) -> pb.BlobList:
+        self._check_lease_token(context)
+        missing = [
+            d
+            for d in request.digests
+            if d not in self.store and (self.cache is None or not self.cache.has(d))
+        ]
+        return pb.BlobList(digests=missing)
+
+
+def _cap_memory(fraction: float) -> None:
+    """A fractional slice: cap torch's allocator before the first allocation."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
 
 
 def _coalesced(sink: CellSink) -> Iterator[pb.ExecuteOutput]:

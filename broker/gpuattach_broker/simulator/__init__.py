@@ -1,0 +1,132 @@
+"""Utilization simulator: what would the broker do with this workload?
+
+Replays notebook workloads (a NotebookOS trace, a CSV, or the broker's own
+usage ledger) on a virtual GPU pool and compares, side by side:
+
+- **static reservation**: each kernel reserves its maximum GPU count from
+  session start to session stop, the way a GPU pod per notebook works;
+- **attach per cell** (``%gpu auto``) with idle timeouts (0, 60, 300 s by
+  default): a GPU cell attaches a slice if the kernel has none, waiting in
+  the broker's FIFO queue when the pool is full; the slice goes back when the
+  kernel's idle timer says so; a cell needing *more* GPUs than the kernel
+  holds releases and re-attaches;
+- **fractional slices**: like attach per cell (idle 60 s), but a one-GPU cell
+  asks for its own GPU memory (a memory slice, packed with others on one
+  card) instead of a whole GPU; multi-GPU cells stay whole.
+
+Usage::
+
+    python -m gpuattach_broker.simulator TRACE --pool 4x8GPU --out report/
+
+It prints the comparison table and, with ``--out``, writes ``report.md``,
+``report.json`` and PNG plots (utilization over time, wait-time CDF, GPUs
+needed versus idle timeout).
+
+The model
+---------
+- **Same code as the live broker.** Every placement and queueing decision is
+  made by ``gpuattach_broker.broker.scheduler.Scheduler`` (best-fit bin
+  packing by memory, strict FIFO: ``submit``, ``grant_waiting``, ``free``,
+  ``withdraw``), and every idle release by ``gpuattach_broker.idle.IdleTimer``,
+  the object ``%gpu auto`` uses. A change there changes the prediction.
+  As in the live broker, an attach prefers a host whose blob cache holds
+  the user's tensors: in the model a host caches a user from their first
+  attach there on (per-user budgets: nobody else evicts them).
+- **Virtual clock.** A discrete-event loop jumps from event to event; a
+  two-day trace replays in milliseconds per policy.
+- **Cells and kernels.** A kernel runs its cells one at a time. A cell is
+  ready at its trace start, or when the kernel's previous cell ends if that
+  is later. A GPU cell that waits for a slice starts when granted and runs
+  its full duration; the delay pushes the kernel's later cells only where
+  they would otherwise overlap (think time in the trace absorbs it). CPU-only
+  cells (``gpus == 0``) never need a slice and never wait. A session stops at
+  its trace stop, or when its last (delayed) cell ends.
+- **Static reservation** is asked for at session start for the larger of
+  the session's declared maximum and its largest cell; GPU cells that find
+  it still queued wait for it; it is released at session stop.
+- **Simultaneous events** run in a fixed order: cells end, idle timers fire,
+  sessions stop, sessions start, cells become ready. With ``IdleTimer``'s
+  ``now >= deadline`` rule, a slice whose idle deadline falls on the instant
+  the next cell arrives is released and attached again. NotebookOS traces
+  count in whole minutes with gaps of at least one tick, so there an idle
+  timeout of 60 s keeps a slice only across gaps that queueing closed.
+- **Metrics.** GPU time is counted per physical card: *held* while a card
+  carries at least one lease, *busy* while at least one cell runs on it (a
+  1-GPU cell in an 8-GPU reservation keeps one card busy). A *wait* runs
+  from the moment a GPU cell is ready until it has its slice. A *migration*
+  is one namespace transfer: in at each attach, out at each release; its
+  size is the cell's ``memory`` (host memory in the trace). The static
+  policy migrates nothing: its kernel lives on the GPU host.
+- **GPUs needed.** The smallest pool in *whole hosts* of the ``--pool``
+  shape for which the p95 wait of GPU cells is at most 60 s, found by
+  re-running the simulation on 1, 2, 3, ... hosts (multi-GPU cells must fit
+  on one host, and pools grow by hosts).
+
+Input formats
+-------------
+- ``trace``: NotebookOS workload JSON (``sessions[]`` with ``start_tick``,
+  ``stop_tick``, ``max_resource_request``, ``trainings[]`` with
+  ``start_tick``, ``duration_in_ticks``, ``gpus``, ``vram`` and ``memory`` in
+  GB); one tick is 60 s.
+- ``csv``: header ``kernel,start,duration,gpus,memory``; seconds; memory in
+  bytes or with a unit (``16GiB``), used both as the cell's GPU memory and as
+  its namespace size. A kernel lives from its first cell's start to its last
+  cell's end.
+- ``ledger``: the live broker's SQLite state file; each granted lease becomes
+  one cell of its kernel from ``granted_at`` to ``ended_at``.
+
+What it cannot know (limits)
+----------------------------
+- **Migration time.** Moving a namespace in and out is taken as instant.
+  Some trace namespaces are hundreds of GB; on a real network they take
+  minutes each way, during which the slice is held but idle, so the attach
+  policies' utilization and waits are optimistic, more so at idle 0.
+- **Network and storage contention.** Concurrent migrations share links and
+  the blob cache; warm workers and cached blobs (the scheduler's warm-host
+  preference) are not modelled: no host is ever warm.
+- **Users react to queueing.** Think time and the cells themselves are taken
+  from the trace as if nothing changed; real users who wait go for coffee,
+  give up, or batch their work differently. Nobody gives up in the model.
+- **Co-located slices don't slow each other.** Fractional slices on one
+  card run as fast as alone; real compute sharing (MPS, time slicing) slows
+  both. Memory needs are the trace's ``vram`` with a floor (``--min-slice``,
+  default 1 GiB) for cells that list almost none.
+- **No policy layer.** Quotas, priorities, preemption, lab hours and max
+  lease length of the admin policy are not applied: every request is plain
+  FIFO. Broker or host failures, heartbeat loss and kernel restarts are not
+  modelled.
+- **Ledger inputs** know when leases were held, not when cells ran or how big
+  namespaces were: each lease is taken as one busy cell, migrated bytes are 0.
+"""
+
+from __future__ import annotations
+
+from gpuattach_broker.simulator.engine import SimulationError, simulate
+from gpuattach_broker.simulator.metrics import RunResult
+from gpuattach_broker.simulator.policies import (
+    Policy,
+    attach_policy,
+    default_policies,
+    fractional_policy,
+    static_policy,
+)
+from gpuattach_broker.simulator.pool import PoolSpec, parse_pool
+from gpuattach_broker.simulator.traces import load_workload
+from gpuattach_broker.simulator.workload import Cell, Session, Workload
+
+__all__ = [
+    "Cell",
+    "Policy",
+    "PoolSpec",
+    "RunResult",
+    "Session",
+    "SimulationError",
+    "Workload",
+    "attach_policy",
+    "default_policies",
+    "fractional_policy",
+    "load_workload",
+    "parse_pool",
+    "simulate",
+    "static_policy",
+]

@@ -1,0 +1,307 @@
+"""The discrete-event loop: a virtual clock that jumps from event to event.
+
+Nothing sleeps. Each kernel is a small state machine (waiting for a slice,
+running a cell, idle while holding a slice); every placement and queueing
+decision is delegated to the live broker's `Scheduler` (`submit`,
+`grant_waiting`, `free`, `withdraw`) and every idle-release decision to the
+kernel's `IdleTimer`, so the simulation predicts what the live code does.
+
+Timing model (why cells move):
+- A kernel runs its cells one after another. A cell becomes *ready* at its
+  trace start, or when the kernel's previous cell ends if that is later: a
+  delay shifts later cells only where they would otherwise overlap, and gaps
+  in the trace (user think time) absorb it.
+- A ready GPU cell that has no suitable slice asks for one; if it waits in
+  the queue it starts when granted and keeps its full duration.
+- Events at the same instant run in a fixed order: cells end, idle timers
+  fire, sessions stop, sessions start, cells become ready. So a slice whose
+  idle deadline is the instant the next cell arrives is released first
+  (`IdleTimer.release_due` is `now >= deadline`), exactly as the timer says.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from gpuattach_broker.broker.scheduler import Placement, Scheduler, SliceRequest
+from gpuattach_broker.idle import IdleTimer
+from gpuattach_broker.simulator.metrics import Recorder, RunResult
+from gpuattach_broker.simulator.policies import Mode, Policy, SliceShape
+from gpuattach_broker.simulator.pool import PoolSpec, build_scheduler
+from gpuattach_broker.simulator.workload import Cell, Session, Workload
+
+
+class SimulationError(RuntimeError):
+    """The workload cannot run on the pool (a cell no device could ever hold)
+    or the run ended in an inconsistent state."""
+
+
+class _Event(IntEnum):
+    """Kinds of event; the value is the tie-break order at one instant."""
+
+    CELL_END = 0
+    IDLE_CHECK = 1
+    SESSION_STOP = 2
+    SESSION_START = 3
+    CELL_READY = 4
+
+
+@dataclass
+class _Lease:
+    request_id: str
+    shape: SliceShape
+    placement: Placement
+    granted_at: float
+
+
+@dataclass
+class _Kernel:
+    index: int
+    session: Session
+    timer: IdleTimer
+    lease: _Lease | None = None
+    pending: tuple[str, SliceShape] | None = None  # queued request id and shape
+    waiting: tuple[Cell, float] | None = None  # cell waiting for a slice, and when it got ready
+    running: Cell | None = None
+    running_on: tuple[str, ...] = ()
+    finished: int = 0
+    stop_due: bool = False
+    namespace_bytes: int = 0  # the namespace that would migrate out now
+    requests: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def all_cells_done(self) -> bool:
+        return self.finished == len(self.session.cells)
+
+
+class Simulation:
+    """One policy on one pool over one workload. `run()` once."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        pool: PoolSpec,
+        policy: Policy,
+        scheduler_factory: Callable[[PoolSpec], Scheduler] = build_scheduler,
+    ) -> None:
+        self.workload = workload
+        self.pool = pool
+        self.policy = policy
+        self.scheduler = scheduler_factory(pool)
+        self.kernels = [
+            _Kernel(index=i, session=s, timer=IdleTimer(policy.idle_seconds))
+            for i, s in enumerate(workload.sessions)
+        ]
+        self.by_request: dict[str, _Kernel] = {}
+        self._cached: dict[str, set[str]] = {}  # user -> hosts caching their blobs
+        self.recorder = Recorder(workload.origin)
+        self._heap: list[tuple[float, int, int, int, int]] = []
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------ events ---
+
+    def _push(self, when: float, kind: _Event, kernel: _Kernel, arg: int = 0) -> None:
+        heapq.heappush(self._heap, (when, int(kind), next(self._seq), kernel.index, arg))
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        self._check_satisfiable()
+        for kernel in self.kernels:
+            self._push(kernel.session.start, _Event.SESSION_START, kernel)
+        handlers = {
+            _Event.CELL_END: self._on_cell_end,
+            _Event.IDLE_CHECK: self._on_idle_check,
+            _Event.SESSION_STOP: self._on_session_stop,
+            _Event.SESSION_START: self._on_session_start,
+            _Event.CELL_READY: self._on_cell_ready,
+        }
+        while self._heap:
+            now, kind, _, index, arg = heapq.heappop(self._heap)
+            handlers[_Event(kind)](self.kernels[index], now, arg)
+        if self.scheduler.queue or self.scheduler.allocations:
+            raise SimulationError(
+                f"run ended with {len(self.scheduler.queue)} queued and "
+                f"{len(self.scheduler.allocations)} allocated requests"
+            )
+        result = RunResult.from_recorder(
+            self.recorder,
+            policy=self.policy.name,
+            pool=str(self.pool),
+            pool_gpus=self.pool.gpus,
+            span_seconds=self.workload.span_seconds,
+        )
+        result.wall_seconds = time.perf_counter() - started
+        return result
+
+    def _on_session_start(self, kernel: _Kernel, now: float, _: int) -> None:
+        session = kernel.session
+        if self.policy.mode is Mode.STATIC and session.reserve_gpus > 0:
+            self._submit(kernel, SliceShape(gpus=session.reserve_gpus), now)
+        if session.cells:
+            self._push(max(now, session.cells[0].start), _Event.CELL_READY, kernel, 0)
+        self._push(session.stop, _Event.SESSION_STOP, kernel)
+
+    def _on_cell_ready(self, kernel: _Kernel, now: float, position: int) -> None:
+        cell = kernel.session.cells[position]
+        if not cell.needs_gpu:
+            self._start_cell(kernel, cell, ready=now, now=now)
+            return
+        if self.policy.mode is Mode.STATIC:
+            if kernel.lease is not None:
+                self._start_cell(kernel, cell, ready=now, now=now)
+            else:  # the reservation is still queued: the cell waits for it
+                kernel.waiting = (cell, now)
+            return
+        need = self.policy.shape_for(cell, self.pool.gpu_memory_bytes)
+        if kernel.lease is not None and kernel.lease.shape.covers(need):
+            self._start_cell(kernel, cell, ready=now, now=now)
+            return
+        if kernel.lease is not None:  # too small: give it back and ask again
+            self._release(kernel, now)
+        kernel.waiting = (cell, now)
+        self._submit(kernel, need, now)
+
+    def _on_cell_end(self, kernel: _Kernel, now: float, _: int) -> None:
+        cell = kernel.running
+        assert cell is not None
+        kernel.running = None
+        kernel.finished += 1
+        if cell.needs_gpu:
+            self.recorder.cell_finished(now, kernel.running_on, cell.gpus * cell.duration)
+            kernel.running_on = ()
+            kernel.namespace_bytes = cell.namespace_bytes
+            if self.policy.releases_when_idle:
+                kernel.timer.cell_finished(now)
+                deadline = kernel.timer.deadline()
+                if deadline is not None:
+                    self._push(max(now, deadline), _Event.IDLE_CHECK, kernel)
+        cells = kernel.session.cells
+        if cell.index + 1 < len(cells):
+            nxt = cells[cell.index + 1]
+            self._push(max(nxt.start, now), _Event.CELL_READY, kernel, nxt.index)
+        elif kernel.stop_due:
+            self._stop(kernel, now)
+
+    def _on_idle_check(self, kernel: _Kernel, now: float, _: int) -> None:
+        # Stale checks are harmless: the timer itself knows whether a cell
+        # started or finished since this check was scheduled.
+        if kernel.lease is not None and kernel.timer.release_due(now):
+            self._release(kernel, now)
+
+    def _on_session_stop(self, kernel: _Kernel, now: float, _: int) -> None:
+        if kernel.all_cells_done:
+            self._stop(kernel, now)
+        else:  # delayed cells still to run: the kernel lives until they finish
+            kernel.stop_due = True
+
+    # ----------------------------------------------------------- actions ---
+
+    def _submit(self, kernel: _Kernel, shape: SliceShape, now: float) -> None:
+        request_id = f"k{kernel.index}.{next(kernel.requests)}"
+        request = SliceRequest(
+            request_id=request_id,
+            user=kernel.session.user,
+            kernel_id=kernel.session.kernel,
+            memory_bytes=shape.memory_bytes,
+            gpus=shape.gpus,
+            submitted_at=now,
+        )
+        self.by_request[request_id] = kernel
+        kernel.pending = (request_id, shape)
+        placement = self.scheduler.submit(request, prefer_hosts=self._cache_hosts(request))
+        if placement is not None:
+            self._granted(kernel, placement, now)
+
+    def _granted(self, kernel: _Kernel, placement: Placement, now: float) -> None:
+        assert kernel.pending is not None and kernel.pending[0] == placement.request_id
+        request_id, shape = kernel.pending
+        kernel.pending = None
+        kernel.lease = _Lease(request_id, shape, placement, granted_at=now)
+        self.recorder.lease_granted(now, placement.device_ids)
+        waiting, kernel.waiting = kernel.waiting, None
+        if self.policy.mode is Mode.ATTACH and waiting is not None:
+            kernel.namespace_bytes = waiting[0].namespace_bytes
+            hosts = self._cached.setdefault(kernel.session.user, set())
+            self.recorder.migrated(kernel.namespace_bytes, to_cached_host=placement.host in hosts)
+            hosts.add(placement.host)  # the worker writes the user's blobs to the host cache
+        if waiting is not None:
+            cell, ready = waiting
+            self._start_cell(kernel, cell, ready=ready, now=now)
+
+    def _start_cell(self, kernel: _Kernel, cell: Cell, *, ready: float, now: float) -> None:
+        kernel.running = cell
+        self.recorder.log_start(cell, ready, now)
+        if cell.needs_gpu:
+            assert kernel.lease is not None
+            kernel.running_on = kernel.lease.placement.device_ids[: cell.gpus]
+            self.recorder.cell_started(
+                now, kernel.running_on, wait=now - ready, delay=now - cell.start
+            )
+            if self.policy.releases_when_idle:
+                kernel.timer.cell_started(now)
+        self._push(now + cell.duration, _Event.CELL_END, kernel, cell.index)
+
+    def _release(self, kernel: _Kernel, now: float) -> None:
+        lease = kernel.lease
+        assert lease is not None
+        held = now - lease.granted_at
+        self.scheduler.free(lease.request_id, held_seconds=held)
+        kernel.lease = None
+        self.recorder.lease_freed(
+            now,
+            lease.placement.device_ids,
+            held * lease.shape.gpu_equivalents(self.pool.gpu_memory_bytes),
+        )
+        if self.policy.mode is Mode.ATTACH:
+            self.recorder.migrated(kernel.namespace_bytes)  # namespace moves out
+            kernel.timer.reset()
+        self._pump(now)
+
+    def _cache_hosts(self, request: SliceRequest) -> list[str]:
+        """Hosts whose blob cache holds this user's tensors: the live broker
+        prefers them (a re-attach there sends only what changed). Per-user
+        cache budgets mean other users never evict them; the static policy's
+        kernels never migrate, so they never fill a cache."""
+        return sorted(self._cached.get(request.user, ()))
+
+    def _pump(self, now: float) -> None:
+        """Room was freed: the scheduler grants queued requests in FIFO order."""
+        for placement in self.scheduler.grant_waiting(prefer=self._cache_hosts):
+            self._granted(self.by_request[placement.request_id], placement, now)
+
+    def _stop(self, kernel: _Kernel, now: float) -> None:
+        if kernel.pending is not None:  # a reservation never granted in the session's life
+            self.scheduler.withdraw(kernel.pending[0])
+            kernel.pending = None
+            self._pump(now)
+        if kernel.lease is not None:
+            self._release(kernel, now)
+
+    # ------------------------------------------------------------ checks ---
+
+    def _check_satisfiable(self) -> None:
+        """Refuse up front a workload with cells no device could ever hold:
+        the live broker would refuse them too (`RequestError`)."""
+        largest = max((c.gpus for c in self.workload.cells), default=0)
+        if self.policy.mode is Mode.STATIC:
+            largest = max([largest, *(s.reserve_gpus for s in self.workload.sessions)])
+        if largest > self.pool.gpus_per_host:
+            raise SimulationError(
+                f"the workload asks for {largest} GPUs on one host, but pool {self.pool} has "
+                f"{self.pool.gpus_per_host} per host: use a pool like 1x{largest}GPU"
+            )
+
+
+def simulate(
+    workload: Workload,
+    pool: PoolSpec,
+    policy: Policy,
+    scheduler_factory: Callable[[PoolSpec], Scheduler] = build_scheduler,
+) -> RunResult:
+    """Run `policy` over `workload` on `pool` and measure it."""
+    return Simulation(workload, pool, policy, scheduler_factory).run()

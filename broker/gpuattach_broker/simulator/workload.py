@@ -1,0 +1,123 @@
+"""The simulator's view of a workload: kernels (sessions) and their cells.
+
+Every input format (NotebookOS trace, CSV, the broker's own ledger) is turned
+into these few immutable records, so the engine never knows where a workload
+came from. Times are seconds on one virtual clock; sizes are bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell execution of a kernel.
+
+    `gpus == 0` is a CPU-only cell: it runs in the kernel and never needs a
+    slice. `vram_bytes` is what a fractional slice asks for; `namespace_bytes`
+    is what moves in on attach and out on release.
+    """
+
+    kernel: str
+    index: int
+    start: float
+    duration: float
+    gpus: int
+    vram_bytes: int = 0
+    namespace_bytes: int = 0
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.gpus > 0
+
+
+@dataclass(frozen=True)
+class Session:
+    """A kernel's life: it exists from `start` to `stop` and runs `cells` in
+    order, one at a time (a kernel executes one cell after another)."""
+
+    kernel: str
+    user: str
+    start: float
+    stop: float
+    cells: tuple[Cell, ...]
+    max_gpus: int = 0  # what a static reservation holds for the whole session
+
+    @property
+    def reserve_gpus(self) -> int:
+        """GPUs a static reservation takes: the declared maximum, never less
+        than what a cell of the session uses."""
+        return max([self.max_gpus, *(c.gpus for c in self.cells)])
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    sessions: tuple[Session, ...]
+    source_format: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def origin(self) -> float:
+        """The first instant of the workload; plots count hours from here."""
+        return min((s.start for s in self.sessions), default=0.0)
+
+    @property
+    def end(self) -> float:
+        return max(
+            (max(s.stop, *(c.start + c.duration for c in s.cells)) for s in self.sessions),
+            default=0.0,
+        )
+
+    @property
+    def span_seconds(self) -> float:
+        return max(0.0, self.end - self.origin)
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [cell for session in self.sessions for cell in session.cells]
+
+    @property
+    def gpu_cells(self) -> list[Cell]:
+        return [cell for cell in self.cells if cell.needs_gpu]
+
+    def cell_gpu_seconds(self) -> float:
+        """GPU-seconds of work the cells ask for, whatever the policy."""
+        return sum(c.gpus * c.duration for c in self.cells)
+
+
+def make_session(
+    kernel: str,
+    cells: list[Cell],
+    *,
+    user: str = "",
+    start: float | None = None,
+    stop: float | None = None,
+    max_gpus: int = 0,
+) -> Session:
+    """A session whose cells are sorted and renumbered; its span defaults to
+    first cell start .. last cell end (all a CSV or a ledger can tell)."""
+    ordered = sorted(cells, key=lambda c: (c.start, c.index))
+    renumbered = tuple(
+        Cell(
+            kernel=kernel,
+            index=i,
+            start=c.start,
+            duration=c.duration,
+            gpus=c.gpus,
+            vram_bytes=c.vram_bytes,
+            namespace_bytes=c.namespace_bytes,
+        )
+        for i, c in enumerate(ordered)
+    )
+    first = min((c.start for c in renumbered), default=0.0)
+    last = max((c.start + c.duration for c in renumbered), default=first)
+    return Session(
+        kernel=kernel,
+        user=user or kernel,
+        start=first if start is None else min(start, first),
+        stop=last if stop is None else max(stop, last),
+        cells=renumbered,
+        max_gpus=max_gpus,
+    )
