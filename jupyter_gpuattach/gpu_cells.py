@@ -28,7 +28,7 @@ from gpuattach_broker.codec import REMEMBERED_DEVICE_ATTR
 
 _TRAINING_CALLS = {"backward", "step", "zero_grad"}
 _DEVICE_CALLS = {"cuda", "to"}
-_MODULE_CALLS = {"train", "eval", "forward", "parameters"}
+_MODULE_CALLS = {"train", "eval", "forward"}
 
 
 def _plain_python(source: str) -> str:
