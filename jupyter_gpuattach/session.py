@@ -218,7 +218,14 @@ class GPUSession:
             self.lease, self.worker = lease, worker
             self.lost = ""
             self.clock = LeaseClock(attached_at=time.monotonic())
-            self.keeper = LeaseKeeper(broker, lease, self._on_lease_ended, self.clock.busy)
+            self.keeper = LeaseKeeper(
+                broker,
+                lease,
+                self._on_lease_ended,
+                self.clock.busy,
+                idle_release_in=self._idle_release_in,
+                on_idle_override=self._on_idle_override,
+            )
             self.keeper.start()
             line = (
                 f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
@@ -263,6 +270,24 @@ class GPUSession:
                 self._push(self.worker, time.perf_counter())
             except WorkerGone:
                 self._forget(self._why_gone())
+
+    def _idle_release_in(self) -> float:
+        """Seconds until auto mode releases the slice if nothing runs; -1: not scheduled."""
+        auto = self.auto
+        deadline = auto.idle.deadline() if auto is not None else None
+        return -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _on_idle_override(self, seconds: float) -> None:
+        """The idle timeout was changed from the Jupyter UI."""
+        auto = self.auto
+        if auto is None:
+            options = AttachOptions()
+            if self.lease is not None:
+                spec = self.lease.slice
+                options = AttachOptions(spec.memory_bytes, spec.fraction, spec.gpus or 1)
+            self.enable_auto(options, seconds)
+        elif auto.idle.idle_seconds != seconds:
+            auto.idle.idle_seconds = seconds
 
     def _on_lease_ended(self, state: str, reason: str) -> None:
         self.lost = f"the broker ended the lease ({state}: {reason})"

@@ -77,6 +77,7 @@ def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
         end_reason=lease.end_reason,
         ended_at=lease.ended_at,
         busy_seconds=lease.busy_seconds,
+        idle_release_at=lease.idle_release_at,
     )
 
 
@@ -147,6 +148,21 @@ class BrokerService(pb_grpc.BrokerServicer):
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {ref.lease_id!r}")
         assert lease is not None
+        if ref.on_behalf_of and not ref.token:
+            # A trusted service (the Jupyter server extension) acting for a user
+            # it authenticated: it must hold the broker key, and the lease must
+            # be that user's.
+            if not self.key:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "acting on behalf of a user needs a broker started with a key",
+                )
+            if ref.on_behalf_of != lease.user:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"lease {ref.lease_id} belongs to another user",
+                )
+            return lease
         if not hmac.compare_digest(hash_token(ref.token), lease.token_hash):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -349,11 +365,38 @@ class BrokerService(pb_grpc.BrokerServicer):
         lease = await self._lease_for(request, context)
         self.last_activity = time.monotonic()
         if lease.active:
-            lease.expires_at = time.time() + self.ttl
-            self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds)
+            now = time.time()
+            lease.expires_at = now + self.ttl
+            idle_at = now + request.idle_release_in if request.idle_release_in >= 0 else 0.0
+            self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
         return pb.RenewReply(
-            expires_at=lease.expires_at, state=lease.state, end_reason=lease.end_reason
+            expires_at=lease.expires_at,
+            state=lease.state,
+            end_reason=lease.end_reason,
+            idle_seconds=lease.idle_override,
         )
+
+    async def SetKernelIdle(
+        self, request: pb.KernelIdleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KernelIdleReply:
+        """The Jupyter UI changes a kernel's idle timeout; the kernel's next
+        heartbeat picks it up."""
+        await self._authenticate(context)
+        if request.idle_seconds < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "idle timeout must be >= 0")
+        leases = [
+            lease
+            for lease in self.store.leases(user=request.user)
+            if lease.kernel_id == request.kernel_id
+        ]
+        if not leases:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"user {request.user!r} holds no lease for kernel {request.kernel_id!r}",
+            )
+        for lease in leases:
+            self.store.set_idle_override(lease.lease_id, request.idle_seconds)
+        return pb.KernelIdleReply(leases=len(leases))
 
     async def Release(
         self, request: pb.LeaseRef, context: grpc.aio.ServicerContext

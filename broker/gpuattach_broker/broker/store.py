@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS leases (
     state TEXT NOT NULL,
     end_reason TEXT NOT NULL DEFAULT '',
     ended_at REAL NOT NULL DEFAULT 0,
-    busy_seconds REAL NOT NULL DEFAULT 0
+    busy_seconds REAL NOT NULL DEFAULT 0,
+    idle_release_at REAL NOT NULL DEFAULT 0,
+    idle_override REAL NOT NULL DEFAULT -1
 );
 CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_user ON leases(user);
@@ -91,6 +93,8 @@ class LeaseRecord:
     end_reason: str = ""
     ended_at: float = 0.0
     busy_seconds: float = 0.0
+    idle_release_at: float = 0.0
+    idle_override: float = -1.0
 
     @property
     def active(self) -> bool:
@@ -125,6 +129,8 @@ _LEASE_COLUMNS = [
     "end_reason",
     "ended_at",
     "busy_seconds",
+    "idle_release_at",
+    "idle_override",
 ]
 
 
@@ -160,8 +166,11 @@ class Store:
     def _migrate(self) -> None:
         """Bring a state file written by an older version up to this schema."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
-        if "busy_seconds" not in columns:
-            self.db.execute("ALTER TABLE leases ADD COLUMN busy_seconds REAL NOT NULL DEFAULT 0")
+        for name, default in (("busy_seconds", 0), ("idle_release_at", 0), ("idle_override", -1)):
+            if name not in columns:
+                self.db.execute(
+                    f"ALTER TABLE leases ADD COLUMN {name} REAL NOT NULL DEFAULT {default}"
+                )
 
     def close(self) -> None:
         self.db.close()
@@ -184,17 +193,28 @@ class Store:
         ).fetchone()
         return _row_to_lease(row) if row else None
 
-    def renew(self, lease_id: str, expires_at: float, busy_seconds: float | None = None) -> None:
+    def renew(
+        self,
+        lease_id: str,
+        expires_at: float,
+        busy_seconds: float | None = None,
+        idle_release_at: float = 0.0,
+    ) -> None:
         if busy_seconds is None:
             self.db.execute(
                 "UPDATE leases SET expires_at = ? WHERE lease_id = ?", (expires_at, lease_id)
             )
         else:
             self.db.execute(
-                "UPDATE leases SET expires_at = ?, busy_seconds = MAX(busy_seconds, ?) "
-                "WHERE lease_id = ?",
-                (expires_at, busy_seconds, lease_id),
+                "UPDATE leases SET expires_at = ?, busy_seconds = MAX(busy_seconds, ?), "
+                "idle_release_at = ? WHERE lease_id = ?",
+                (expires_at, busy_seconds, idle_release_at, lease_id),
             )
+
+    def set_idle_override(self, lease_id: str, idle_seconds: float) -> None:
+        self.db.execute(
+            "UPDATE leases SET idle_override = ? WHERE lease_id = ?", (idle_seconds, lease_id)
+        )
 
     def leases(self, *, user: str = "", include_ended: bool = False) -> list[LeaseRecord]:
         query = f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases"

@@ -92,11 +92,20 @@ class BrokerClient:
             raise
 
     def renew(
-        self, lease: pb.Lease, busy_seconds: float = 0.0, timeout: float = 5.0
+        self,
+        lease: pb.Lease,
+        busy_seconds: float = 0.0,
+        timeout: float = 5.0,
+        idle_release_in: float = -1.0,
     ) -> pb.RenewReply:
         try:
             return self.stub.Renew(
-                pb.LeaseRef(lease_id=lease.lease_id, token=lease.token, busy_seconds=busy_seconds),
+                pb.LeaseRef(
+                    lease_id=lease.lease_id,
+                    token=lease.token,
+                    busy_seconds=busy_seconds,
+                    idle_release_in=idle_release_in,
+                ),
                 metadata=self.metadata,
                 timeout=timeout,
             )
@@ -128,6 +137,29 @@ class BrokerClient:
                     raise error from None
                 time.sleep(0.25)
 
+    def release_for(self, lease_id: str, user: str, reason: str) -> pb.ReleaseReply:
+        """Release a user's lease as a trusted service holding the broker key."""
+        try:
+            return self.stub.Release(
+                pb.LeaseRef(lease_id=lease_id, on_behalf_of=user, reason=reason),
+                metadata=self.metadata,
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, "release", self.target.address) from None
+
+    def set_kernel_idle(self, user: str, kernel_id: str, idle_seconds: float) -> int:
+        """Change a kernel's idle timeout; it applies at the kernel's next heartbeat."""
+        try:
+            reply = self.stub.SetKernelIdle(
+                pb.KernelIdleRequest(user=user, kernel_id=kernel_id, idle_seconds=idle_seconds),
+                metadata=self.metadata,
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, "set idle timeout", self.target.address) from None
+        return int(reply.leases)
+
     def list_leases(self, user: str = "", include_ended: bool = False) -> list[pb.Lease]:
         try:
             reply = self.stub.ListLeases(
@@ -157,11 +189,15 @@ class LeaseKeeper:
         lease: pb.Lease,
         on_ended: Callable[[str, str], None],
         busy_seconds: Callable[[], float] = lambda: 0.0,
+        idle_release_in: Callable[[], float] = lambda: -1.0,
+        on_idle_override: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.client = client
         self.lease = lease
         self.on_ended = on_ended
         self.busy_seconds = busy_seconds
+        self.idle_release_in = idle_release_in
+        self.on_idle_override = on_idle_override
         self.interval = max(0.5, lease.ttl_seconds / 3) if lease.ttl_seconds else 10.0
         self.ended_reason = ""
         self._stop = threading.Event()
@@ -176,7 +212,9 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                reply = self.client.renew(self.lease, self.busy_seconds())
+                reply = self.client.renew(
+                    self.lease, self.busy_seconds(), idle_release_in=self.idle_release_in()
+                )
             except BrokerError as exc:
                 # The broker may be restarting; it keeps the lease. Try again.
                 log.debug("heartbeat failed: %s", exc)
@@ -185,3 +223,5 @@ class LeaseKeeper:
                 self.ended_reason = reply.end_reason or reply.state
                 self.on_ended(reply.state, self.ended_reason)
                 return
+            if reply.idle_seconds >= 0:
+                self.on_idle_override(reply.idle_seconds)

@@ -59,6 +59,11 @@ class BrokerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.PoolStatusRequest.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.PoolStatus.FromString,
                 _registered_method=True)
+        self.SetKernelIdle = channel.unary_unary(
+                '/gpuattach.v1.Broker/SetKernelIdle',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleReply.FromString,
+                _registered_method=True)
         self.AgentChannel = channel.stream_stream(
                 '/gpuattach.v1.Broker/AgentChannel',
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AgentMessage.SerializeToString,
@@ -100,6 +105,12 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetKernelIdle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AgentChannel(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,6 +144,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.GetPoolStatus,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.PoolStatusRequest.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.PoolStatus.SerializeToString,
+            ),
+            'SetKernelIdle': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKernelIdle,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleReply.SerializeToString,
             ),
             'AgentChannel': grpc.stream_stream_rpc_method_handler(
                     servicer.AgentChannel,
@@ -275,6 +291,33 @@ class Broker:
             '/gpuattach.v1.Broker/GetPoolStatus',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.PoolStatusRequest.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.PoolStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKernelIdle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Broker/SetKernelIdle',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleReply.FromString,
             options,
             channel_credentials,
             insecure,
