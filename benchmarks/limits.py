@@ -28,6 +28,12 @@ from stats import latency, throughput, time_calls
 CTX = mp.get_context("spawn")
 SERVICE = "bench.Echo"
 TCP_BUFFER = 64 * 1024 * 1024
+# The chunk size and message limits the project's namespace transfer uses.
+GRPC_CHUNK = 4 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
 
 
 # ------------------------------------------------------ child processes ---
@@ -43,15 +49,22 @@ def _grpc_server(port_queue: Any, stop: Any) -> None:
         for _ in requests:
             yield b""
 
+    chunk = b"\1" * GRPC_CHUNK
+
+    def flood(request: bytes, context: Any) -> Iterator[bytes]:
+        for _ in range(int(request)):
+            yield chunk
+
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Ping": grpc.unary_unary_rpc_method_handler(ping),
             "Chat": grpc.stream_stream_rpc_method_handler(chat),
+            "Flood": grpc.unary_stream_rpc_method_handler(flood),
         },
     )
     # The same server shape as the worker's: sync server, thread pool of 8.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -115,17 +128,18 @@ def _child(target: Callable[..., None], *args: Any) -> Iterator[int]:
 # ------------------------------------------------------------- figures ---
 
 
-def grpc_rtt(n: int, warmup: int = 100) -> dict[str, Any]:
+def grpc_figures(n: int, stream_bytes: int, stream_reps: int, warmup: int = 100) -> dict[str, Any]:
     import grpc
 
     port_queue, stop = CTX.Queue(), CTX.Event()
     proc = CTX.Process(target=_grpc_server, args=(port_queue, stop), daemon=True)
     proc.start()
     try:
-        port = int(port_queue.get(timeout=60))
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        target = f"127.0.0.1:{int(port_queue.get(timeout=60))}"
+        with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
             ping = channel.unary_unary(f"/{SERVICE}/Ping")
             chat = channel.stream_stream(f"/{SERVICE}/Chat")
+            flood = channel.unary_stream(f"/{SERVICE}/Flood")
             unary = time_calls(lambda: ping(b"", timeout=10), n, warmup)
 
             def one_exchange() -> None:
@@ -133,7 +147,30 @@ def grpc_rtt(n: int, warmup: int = 100) -> dict[str, Any]:
                     pass
 
             bidi = time_calls(one_exchange, max(10, n // 4), warmup // 4)
-        return {"unary": latency(unary), "bidi_stream": latency(bidi)}
+
+            messages = max(1, stream_bytes // GRPC_CHUNK)
+
+            def stream() -> None:
+                got = sum(len(m) for m in flood(str(messages).encode(), timeout=120))
+                if got != messages * GRPC_CHUNK:
+                    raise ConnectionError(f"streamed {got} bytes, expected {messages * GRPC_CHUNK}")
+
+            streamed = time_calls(stream, stream_reps, warmup=1)
+
+        def fresh_channel() -> None:
+            with grpc.insecure_channel(target) as fresh:
+                fresh.unary_unary(f"/{SERVICE}/Ping")(b"", timeout=10)
+
+        first_call = time_calls(fresh_channel, max(10, n // 20), warmup=3)
+        return {
+            "unary": latency(unary),
+            "bidi_stream": latency(bidi),
+            "new_channel_first_call": latency(first_call),
+            "stream_throughput": {
+                **throughput(messages * GRPC_CHUNK, streamed),
+                "message_bytes": GRPC_CHUNK,
+            },
+        }
     finally:
         stop.set()
         proc.join(5)
@@ -187,16 +224,13 @@ def memcpy(nbytes: int, reps: int) -> dict[str, Any]:
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.zeros(nbytes, dtype=np.uint8)
     dst.fill(1)  # np.zeros may leave pages untouched; touch them
-    try:
-        samples = time_calls(lambda: np.copyto(dst, src), reps, warmup=1)
-    finally:
-        del src, dst
+    samples = time_calls(lambda: np.copyto(dst, src), reps, warmup=1)
     return throughput(nbytes, samples)
 
 
 def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    log("limits: empty gRPC round trip")
-    grpc_figures = grpc_rtt(cfg.grpc_n)
+    log("limits: gRPC round trips and server-streaming throughput")
+    rpc = grpc_figures(cfg.grpc_n, cfg.tcp_bytes, cfg.tcp_reps)
     log("limits: TCP 1-byte ping-pong")
     pingpong = tcp_pingpong(cfg.pingpong_n)
     log(f"limits: loopback TCP throughput ({cfg.tcp_bytes / 2**20:.0f} MiB)")
@@ -204,8 +238,10 @@ def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     log(f"limits: memcpy ({cfg.memcpy_bytes / 2**20:.0f} MiB)")
     copy = memcpy(cfg.memcpy_bytes, cfg.memcpy_reps)
     return {
-        "grpc_unary_rtt": grpc_figures["unary"],
-        "grpc_bidi_call": grpc_figures["bidi_stream"],
+        "grpc_unary_rtt": rpc["unary"],
+        "grpc_bidi_call": rpc["bidi_stream"],
+        "grpc_new_channel_first_call": rpc["new_channel_first_call"],
+        "grpc_stream_throughput": rpc["stream_throughput"],
         "tcp_pingpong": pingpong,
         "tcp_throughput": tcp,
         "memcpy": copy,

@@ -9,10 +9,12 @@ stops them (the agent stops its workers).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,7 @@ class Stack:
     port: int = field(default_factory=free_port)
     broker: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
+    blob_cache: Path | None = None
 
     @property
     def address(self) -> str:
@@ -72,6 +75,8 @@ class Stack:
             GPUATTACH_BROKER=self.address,
             GPUATTACH_BROKER_KEY=self.key,
             GPUATTACH_STATE_DIR=str(self.workdir / "state"),
+            # Workers are IPython shells: keep their history database in the scratch folder.
+            IPYTHONDIR=str(self.workdir / "ipython"),
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -87,25 +92,52 @@ class Stack:
                 start_new_session=True,
             )
 
+    def _blob_cache_args(self) -> list[str]:
+        """A scratch blob cache (tmpfs, like the default) where the agent has one."""
+        agent = str(BIN / "gpuattach-agent")
+        usage = subprocess.run([agent, "--help"], capture_output=True, text=True, check=False)
+        if "--blob-cache" not in usage.stdout:
+            return []
+        shm = Path("/dev/shm")
+        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
+        self.blob_cache = Path(tempfile.mkdtemp(prefix="gpuattach-bench-blobs-", dir=parent))
+        return ["--blob-cache", str(self.blob_cache), "--blob-cache-bytes", "4GiB"]
+
     def start(self, timeout: float = 90.0) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.broker = self._popen(
             [
-                str(BIN / "gpuattach-broker"), "serve", "--address", self.address,
-                "--db", str(self.workdir / "broker.sqlite"), "--ttl", self.ttl,
-                "--log-level", "WARNING",
+                str(BIN / "gpuattach-broker"),
+                "serve",
+                "--address",
+                self.address,
+                "--db",
+                str(self.workdir / "broker.sqlite"),
+                "--ttl",
+                self.ttl,
+                "--log-level",
+                "WARNING",
             ],
             "broker.log",
-        )  # fmt: skip
+        )
         wait_for(self._answers, timeout=timeout, what="the broker to answer")
         self.agent = self._popen(
             [
-                str(BIN / "gpuattach-agent"), "--broker", self.address, "--devices", self.devices,
-                "--pool-size", str(self.pool_size), "--host", "benchhost",
-                "--log-level", "WARNING",
+                str(BIN / "gpuattach-agent"),
+                "--broker",
+                self.address,
+                "--devices",
+                self.devices,
+                "--pool-size",
+                str(self.pool_size),
+                "--host",
+                "benchhost",
+                "--log-level",
+                "WARNING",
+                *self._blob_cache_args(),
             ],
             "agent.log",
-        )  # fmt: skip
+        )
         wait_for(
             lambda: self.pool().agents_online == 1, timeout=timeout, what="the agent to register"
         )
@@ -153,20 +185,45 @@ class Stack:
         except psutil.NoSuchProcess:
             return False
 
-    def pool_is_warm(self) -> bool:
-        """Exactly pool_size workers, all serving, none bound to a lease or exiting."""
+    def pool_is_warm(self, leased: int = 0) -> bool:
+        """pool_size warm workers plus `leased` bound ones, all serving, none exiting."""
         workers = self.worker_processes()
-        return len(workers) == self.pool_size and all(self._listening(w) for w in workers)
+        return len(workers) == self.pool_size + leased and all(self._listening(w) for w in workers)
 
-    def wait_pool_warm(self, timeout: float = 60.0, settle: float = 0.2) -> float:
-        """Wait until the warm pool is refilled and idle; returns seconds waited."""
+    def wait_pool_warm(self, leased: int = 0, timeout: float = 60.0, settle: float = 0.2) -> float:
+        """Wait until the warm pool is refilled and idle; returns seconds waited.
+
+        `leased`: how many workers are bound to leases still held.
+        """
         started = time.monotonic()
         if self.agent is not None and self.agent.poll() is not None:
             raise RuntimeError(f"the agent exited: {self.log_tail('agent.log')}")
-        wait_for(self.pool_is_warm, timeout=timeout, what="the agent's warm pool to refill")
+        try:
+            wait_for(
+                lambda: self.pool_is_warm(leased),
+                timeout=timeout,
+                what="the agent's warm pool to refill",
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe_workers()}") from None
         # A worker listens a moment before the agent reads its ready line.
         time.sleep(settle)
         return time.monotonic() - started
+
+    def describe_workers(self) -> str:
+        """The agent's worker processes, for an error message."""
+        lines = []
+        for proc in self.worker_processes():
+            try:
+                listening = self._listening(proc)
+                age = time.time() - proc.create_time()
+                lines.append(
+                    f"worker {proc.pid}: {proc.status()}, listening={listening}, "
+                    f"age {age:.1f} s, cpu {sum(proc.cpu_times()[:2]):.1f} s"
+                )
+            except psutil.Error as exc:
+                lines.append(f"worker {proc.pid}: {exc!r}")
+        return "\n".join(lines) or "no worker processes"
 
     # ------------------------------------------------------- teardown ---
 
@@ -196,3 +253,6 @@ class Stack:
                 worker.kill()
             except psutil.NoSuchProcess:
                 pass
+        if self.blob_cache is not None:
+            shutil.rmtree(self.blob_cache, ignore_errors=True)
+            self.blob_cache = None

@@ -148,6 +148,8 @@ class GPUSession:
         self.notify: Callable[[str], None] = print
         # The router saw a %%local cell while attached: push its changes after it.
         self.local_cell_pending = False
+        self.preempted = ""  # why the broker wants the slice back
+        self.migrating = False
 
     @property
     def attached(self) -> bool:
@@ -159,7 +161,10 @@ class GPUSession:
         if self.broker is None:
             address = os.environ.get("GPUATTACH_BROKER", "")
             if address:
-                target = BrokerAddress(address, os.environ.get("GPUATTACH_BROKER_KEY", ""))
+                token = os.environ.get("GPUATTACH_TOKEN") or os.environ.get(
+                    "JUPYTERHUB_API_TOKEN", ""
+                )
+                target = BrokerAddress(address, os.environ.get("GPUATTACH_BROKER_KEY", ""), token)
             else:
                 from jupyter_core.paths import jupyter_runtime_dir
 
@@ -225,8 +230,12 @@ class GPUSession:
                 self.clock.busy,
                 idle_release_in=self._idle_release_in,
                 on_idle_override=self._on_idle_override,
+                on_preempt=self._on_preempt,
+                migrating=lambda: self.migrating,
             )
             self.keeper.start()
+            self.preempted = ""
+            self._start_watcher()
             line = (
                 f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
                 f"in {format_duration(time.perf_counter() - started)}"
@@ -270,6 +279,11 @@ class GPUSession:
                 self._push(self.worker, time.perf_counter())
             except WorkerGone:
                 self._forget(self._why_gone())
+
+    def _on_preempt(self, reason: str) -> None:
+        """A higher-priority request needs the slice: move out as soon as no cell runs."""
+        self.preempted = reason
+        self._start_watcher()
 
     def _idle_release_in(self) -> float:
         """Seconds until auto mode releases the slice if nothing runs; -1: not scheduled."""
@@ -369,7 +383,13 @@ class GPUSession:
         """Pull the worker's namespace into the kernel; unchanged tensors by digest."""
         assert self.worker is not None
         started = time.perf_counter()
-        header, parts, received = self.worker.pull(skip=[], force=force, have=self.store.digests())
+        self.migrating = True
+        try:
+            header, parts, received = self.worker.pull(
+                skip=[], force=force, have=self.store.digests()
+            )
+        finally:
+            self.migrating = False
         problems = {p.name: p.reason for p in header.problems}
         if not parts:  # refused: some names cannot come back and force was not given
             return _Sync(0, received, time.perf_counter() - started, problems)
@@ -395,7 +415,9 @@ class GPUSession:
             while time.monotonic() < deadline:  # the agent reports a dead worker within ~1 s
                 try:
                     reply = self.broker.renew(self.lease, self.clock.busy())
-                except BrokerError:
+                except BrokerError as exc:
+                    if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        return f"{reason}: {exc}"
                     break
                 if reply.state not in ("active", "starting"):
                     return f"{reason}: {reply.end_reason or reply.state}"
@@ -496,7 +518,6 @@ class GPUSession:
 
     def disable_auto(self) -> str:
         self.auto = None
-        self._stop_watcher.set()
         state = "still attached (%gpu release to give it back)" if self.attached else "detached"
         return f"GPU auto: off; {state}"
 
@@ -514,6 +535,9 @@ class GPUSession:
 
     def _watch_idle(self, stop: threading.Event) -> None:
         while not stop.wait(0.2):
+            if self.preempted and self.attached:
+                self._preempted_release()
+                continue
             auto = self.auto
             if auto is None or not self.attached:
                 continue
@@ -529,6 +553,27 @@ class GPUSession:
                     self._idle_release(auto)
             finally:
                 self.lock.release()
+
+    def _preempted_release(self) -> None:
+        """Give the slice back for a higher-priority request once no cell runs."""
+        sync = self._sync_thread
+        if sync is not None and sync.is_alive():
+            return
+        if not self.lock.acquire(blocking=False):
+            return  # a cell is running: the broker waits until the grace period ends
+        try:
+            if not self.attached:
+                return
+            reason = self.preempted
+            try:
+                line = self._release_locked(True, reason="preempted")
+            except GPUError as exc:
+                line = str(exc)
+            then = "the next GPU cell queues again" if self.auto else "%gpu attach to queue again"
+            self.notify(f"GPU preempted: {reason}. {line}; {then}")
+        finally:
+            self.preempted = ""
+            self.lock.release()
 
     def _idle_release(self, auto: AutoMode) -> None:
         idle = auto.idle.idle_seconds

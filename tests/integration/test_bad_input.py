@@ -107,11 +107,13 @@ def test_wrong_tokens_and_unknown_leases_are_refused(stack: Stack) -> None:
         client.close()
     # A released lease's token opens nothing any more.
     with grpc.insecure_channel(stack.address) as channel:
-        reply = pb_grpc.BrokerStub(channel).Renew(
-            pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
-            metadata=key_metadata(stack.key),
-        )
-    assert reply.state == "released"
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.BrokerStub(channel).Renew(
+                pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
+                metadata=key_metadata(stack.key),
+            )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has ended (released" in refused.value.details()
 
 
 def test_wrong_broker_key_and_oversized_messages_are_refused(stack: Stack) -> None:

@@ -12,6 +12,8 @@ import time
 
 import grpc
 
+from gpuattach_broker.broker.identity import StaticTokens
+from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.server import ServeOptions, serve
 from gpuattach_broker.broker.store import Store
 from gpuattach_broker.paths import default_db
@@ -60,7 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="exit after this long with no lease and no request (default: never)",
     )
+    s.add_argument("--policy", default="", help="TOML policy file (reloaded on change/SIGHUP)")
+    s.add_argument("--tokens-file", default="", help="static user tokens (gpuattach-broker token)")
+    s.add_argument(
+        "--hub-api-url",
+        default=os.environ.get("JUPYTERHUB_API_URL", ""),
+        help="JupyterHub API URL, to accept kernels' JUPYTERHUB_API_TOKEN",
+    )
+    s.add_argument("--metrics-address", default="", help="host:port for Prometheus /metrics")
     s.add_argument("--log-level", default="INFO")
+
+    pc = sub.add_parser("policy", help="check a policy file")
+    pc.add_argument("action", choices=["check"])
+    pc.add_argument("file")
+
+    tk = sub.add_parser("token", help="create a user token (printed once, stored hashed)")
+    tk.add_argument("action", choices=["add"])
+    tk.add_argument("user")
+    tk.add_argument("--file", required=True, help="the broker's --tokens-file")
+    tk.add_argument("--admin", action="store_true")
+    tk.add_argument("--group", action="append", default=[], help="repeatable")
+
+    rv = sub.add_parser("revoke", help="end a lease now (admin)")
+    rv.add_argument("lease_id")
+    rv.add_argument("--reason", default="")
+    rv.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+
+    dr = sub.add_parser("drain", help="stop placing slices on a host (admin)")
+    dr.add_argument("host")
+    dr.add_argument("--undo", action="store_true", help="put the host back into service")
+    dr.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+
+    au = sub.add_parser("audit", help="who attached, released, revoked what, when (admin)")
+    au.add_argument("--since", type=_duration, default=0.0)
+    au.add_argument("--user", default="")
+    au.add_argument("--lease", default="")
+    au.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
 
     for name, help_text in (("leases", "list leases"), ("pool", "show the device pool")):
         c = sub.add_parser(name, help=help_text)
@@ -103,7 +140,81 @@ def main(argv: list[str] | None = None) -> int:
         return _usage(args)
     if args.command == "simulate":
         return run_simulator(args)
+    if args.command == "policy":
+        return _policy_check(args.file)
+    if args.command == "token":
+        token = StaticTokens.add(args.file, args.user, admin=args.admin, groups=tuple(args.group))
+        print(f"token for {args.user} (shown once; only its hash is stored):\n{token}")
+        return 0
+    if args.command in ("revoke", "drain", "audit"):
+        return _admin(args)
     return _query(args)
+
+
+def _policy_check(path: str) -> int:
+    try:
+        policy = load_policy(path)
+    except OSError as exc:
+        print(f"gpuattach-broker: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    except PolicyErrors as exc:
+        for error in exc.errors:
+            print(f"{path}:{error}")
+        print(f"{len(exc.errors)} mistake(s); the broker would refuse this file", file=sys.stderr)
+        return 1
+    print(
+        f"{path}: OK — {len(policy.groups)} groups, {len(policy.users)} users, "
+        f"priorities {dict(policy.priorities)}, preemption "
+        f"{'on, grace ' + format_duration(policy.preemption_grace) if policy.preemption else 'off'}"
+    )
+    return 0
+
+
+def _credentials() -> tuple[tuple[str, str], ...]:
+    metadata = key_metadata(os.environ.get("GPUATTACH_BROKER_KEY", ""))
+    token = os.environ.get("GPUATTACH_TOKEN", "")
+    return metadata + ((("authorization", f"token {token}"),) if token else ())
+
+
+def _admin(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.BrokerStub(channel)
+        try:
+            if args.command == "revoke":
+                reply = stub.Revoke(
+                    pb.RevokeRequest(lease_id=args.lease_id, reason=args.reason),
+                    metadata=_credentials(),
+                    timeout=10,
+                )
+                print(f"revoked {args.lease_id} after {format_duration(reply.held_seconds)}")
+            elif args.command == "drain":
+                drained = stub.Drain(
+                    pb.DrainRequest(host=args.host, undrain=args.undo),
+                    metadata=_credentials(),
+                    timeout=10,
+                )
+                state = "back in service" if args.undo else "draining"
+                print(
+                    f"{args.host}: {drained.devices} devices {state}; "
+                    f"{drained.active_leases} leases still running there"
+                )
+            else:
+                since = time.time() - args.since if args.since else 0.0
+                events = stub.GetEvents(
+                    pb.EventsRequest(since=since, user=args.user, lease_id=args.lease),
+                    metadata=_credentials(),
+                    timeout=10,
+                ).events
+                for event in events:
+                    lease = event.lease_id[:8] or "-"
+                    print(
+                        f"{_fmt_time(event.ts)}  {event.kind:<16} {lease:<8}  "
+                        f"{event.user:<10} {event.detail}"
+                    )
+        except grpc.RpcError as exc:
+            print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -124,7 +235,17 @@ def _serve(args: argparse.Namespace) -> int:
         pool_size=args.pool_size,
         runtime_file=args.runtime_file,
         idle_exit_seconds=args.idle_exit,
+        policy=args.policy,
+        tokens_file=args.tokens_file,
+        hub_api_url=args.hub_api_url,
+        metrics_address=args.metrics_address,
     )
+    if args.policy:
+        try:
+            load_policy(args.policy)
+        except (OSError, PolicyErrors) as exc:
+            print(f"gpuattach-broker: the policy is not usable:\n{exc}", file=sys.stderr)
+            return 2
     asyncio.run(serve(options))
     return 0
 
@@ -184,14 +305,13 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    key = os.environ.get("GPUATTACH_BROKER_KEY", "")
     with grpc.insecure_channel(args.address) as channel:
         stub = pb_grpc.BrokerStub(channel)
         try:
             if args.command == "leases":
                 reply = stub.ListLeases(
                     pb.ListLeasesRequest(user=args.user, include_ended=args.all),
-                    metadata=key_metadata(key),
+                    metadata=_credentials(),
                     timeout=10,
                 )
                 print(f"{'lease':<17}{'user':<12}{'state':<10}{'device':<24}{'memory':>10}  held")
@@ -204,7 +324,7 @@ def _query(args: argparse.Namespace) -> int:
                     )
             else:
                 pool = stub.GetPoolStatus(
-                    pb.PoolStatusRequest(), metadata=key_metadata(key), timeout=10
+                    pb.PoolStatusRequest(), metadata=_credentials(), timeout=10
                 )
                 print(f"{'device':<32}{'kind':<6}{'allocated':>22}  leases  online")
                 for d in pool.devices:

@@ -11,7 +11,7 @@ device never holds slices whose memory adds up to more than it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -46,6 +46,8 @@ class SliceRequest:
     fraction: float = 0.0  # share of one device; 0 = not asked
     gpus: int = 1  # whole devices on one host (only without memory/fraction)
     submitted_at: float = 0.0
+    priority: int = 0  # higher is granted first (policy classes and time windows)
+    max_slices: int | None = None  # the user's concurrent limit; None: none
 
     @property
     def whole(self) -> bool:
@@ -74,12 +76,26 @@ class RequestError(ValueError):
 
 
 class Scheduler:
-    """Best-fit bin packing over devices; strict FIFO queue."""
+    """Best-fit bin packing over devices, and the order in which waiters are granted.
 
-    def __init__(self) -> None:
+    Waiting requests are granted by standing: higher priority first; with
+    `fair_share`, then the user holding fewer slices (a user with many waiting
+    kernels does not starve others); then first come, first served. The
+    request with the best standing is never overtaken: when it does not fit,
+    nobody behind it is granted. A request whose user is at their concurrent
+    limit (`max_slices`) has no standing until one of their slices ends.
+    Without priorities and fair share this is strict FIFO.
+    """
+
+    def __init__(self, fair_share: bool = False) -> None:
+        self.fair_share = fair_share
         self.devices: dict[str, DeviceState] = {}
         self.queue: list[SliceRequest] = []
         self.allocations: dict[str, Placement] = {}
+        self.owners: dict[str, str] = {}  # lease id -> user
+        self._held_by_user: dict[str, int] = {}
+        self._arrival: dict[str, int] = {}  # request id -> order of submission
+        self._arrivals = 0
         self._held: dict[str, dict[str, int]] = {}  # bytes per lease per device
         self._hold_seconds_total = 0.0
         self._holds = 0
@@ -193,7 +209,14 @@ class Scheduler:
             exclusive=True,
         )
 
-    def allocate(self, lease_id: str, placement: Placement) -> None:
+    def held_bytes(self, lease_id: str, device_id: str) -> int:
+        return self._held.get(lease_id, {}).get(device_id, 0)
+
+    def held_by(self, user: str) -> int:
+        """Slices the user holds now."""
+        return self._held_by_user.get(user, 0)
+
+    def allocate(self, lease_id: str, placement: Placement, user: str = "") -> None:
         held = self._held[lease_id] = {}
         for device_id in placement.device_ids:
             device = self.devices[device_id]
@@ -202,11 +225,17 @@ class Scheduler:
             held[device_id] = take
             device.leases.add(lease_id)
         self.allocations[lease_id] = placement
+        self.owners[lease_id] = user
+        self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
 
     def free(self, lease_id: str, held_seconds: float | None = None) -> Placement | None:
         placement = self.allocations.pop(lease_id, None)
         if placement is None:
             return None
+        owner = self.owners.pop(lease_id, "")
+        self._held_by_user[owner] = self._held_by_user.get(owner, 1) - 1
+        if not self._held_by_user[owner]:
+            del self._held_by_user[owner]
         held = self._held.pop(lease_id, {})
         for device_id in placement.device_ids:
             device = self.devices.get(device_id)
@@ -229,21 +258,41 @@ class Scheduler:
         """Place (and allocate, keyed by request id) now if nobody waits ahead
         and it fits; otherwise queue it and return None."""
         self.check_satisfiable(request)
-        placement = None if self.queue else self.try_place(request, warm_hosts, prefer_hosts)
+        self._arrivals += 1
+        self._arrival[request.request_id] = self._arrivals
+        placement = None
+        if self._eligible(request):
+            ahead = [r for r in self.queue if self._eligible(r)]
+            if not ahead or self._standing(request) < min(map(self._standing, ahead)):
+                placement = self.try_place(request, warm_hosts, prefer_hosts)
         if placement is None:
             self.queue.append(request)
         else:
-            self.allocate(request.request_id, placement)
+            self._arrival.pop(request.request_id, None)
+            self.allocate(request.request_id, placement, request.user)
         return placement
+
+    def _eligible(self, request: SliceRequest) -> bool:
+        return request.max_slices is None or self.held_by(request.user) < request.max_slices
+
+    def _standing(self, request: SliceRequest) -> tuple[int, int, float, int]:
+        share = self.held_by(request.user) if self.fair_share else 0
+        arrival = self._arrival.get(request.request_id, self._arrivals + 1)
+        return (-request.priority, share, request.submitted_at, arrival)
+
+    def ordered_queue(self) -> list[SliceRequest]:
+        """Waiting requests by standing; those at their user's limit last."""
+        return sorted(self.queue, key=lambda r: (not self._eligible(r), self._standing(r)))
 
     def withdraw(self, request_id: str) -> bool:
         before = len(self.queue)
         self.queue = [r for r in self.queue if r.request_id != request_id]
+        self._arrival.pop(request_id, None)
         return len(self.queue) != before
 
     def position(self, request_id: str) -> int:
-        """1-based queue position; 0 when not queued."""
-        for index, request in enumerate(self.queue):
+        """1-based queue position by standing; 0 when not queued."""
+        for index, request in enumerate(self.ordered_queue()):
             if request.request_id == request_id:
                 return index + 1
         return 0
@@ -253,20 +302,29 @@ class Scheduler:
         warm_hosts: Iterable[str] = (),
         prefer: Callable[[SliceRequest], Iterable[str]] = lambda request: (),
     ) -> list[Placement]:
-        """Place queued requests in order, stopping at the first that does not fit.
+        """Grant waiting requests by standing, stopping at the first that does not fit.
 
-        Strict FIFO: a request never overtakes an earlier one. Each returned
-        placement is allocated under its request id.
+        Each returned placement is allocated under its request id.
         """
         granted: list[Placement] = []
-        while self.queue:
-            placement = self.try_place(self.queue[0], warm_hosts, prefer(self.queue[0]))
+        while True:
+            candidates = [r for r in self.queue if self._eligible(r)]
+            if not candidates:
+                break
+            best = min(candidates, key=self._standing)
+            placement = self.try_place(best, warm_hosts, prefer(best))
             if placement is None:
                 break
-            self.queue.pop(0)
-            self.allocate(placement.request_id, placement)
+            self.queue.remove(best)
+            self._arrival.pop(best.request_id, None)
+            self.allocate(placement.request_id, placement, best.user)
             granted.append(placement)
         return granted
+
+    def blocked_head(self) -> SliceRequest | None:
+        """The waiting request with the best standing, if it is waiting for room."""
+        candidates = [r for r in self.queue if self._eligible(r)]
+        return min(candidates, key=self._standing) if candidates else None
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at `position` is granted; -1 when unknown."""
@@ -281,3 +339,36 @@ class Scheduler:
             return "no device is online yet"
         busy = sum(1 for d in usable if d.leases)
         return f"{busy}/{len(usable)} devices in use"
+
+
+def preemption_victims(
+    scheduler: Scheduler, request: SliceRequest, leases: Mapping[str, tuple[int, float]]
+) -> list[str] | None:
+    """The fewest lower-priority leases on one device whose end lets `request` fit.
+
+    `leases` maps each lease to (priority, granted_at). Lowest priority goes
+    first, then the most recently granted (it has the least to lose).
+    Several-device requests never preempt. None when no set of
+    lower-priority leases would make room.
+    """
+    if request.gpus > 1:
+        return None
+    best: list[str] | None = None
+    for device in sorted(scheduler.devices.values(), key=lambda d: d.device_id):
+        if not device.schedulable:
+            continue
+        lower = [lid for lid in device.leases if leases.get(lid, (0, 0.0))[0] < request.priority]
+        if request.whole and len(lower) != len(device.leases):
+            continue  # a whole device needs every lease on it gone
+        need = request.need_on(device)
+        freed, chosen = device.free_bytes, list[str]()
+        order = sorted(lower, key=lambda lid: (leases[lid][0], -leases[lid][1]))
+        for lease_id in order:
+            if freed >= need and not (request.whole and len(chosen) < len(device.leases)):
+                break
+            chosen.append(lease_id)
+            freed += scheduler.held_bytes(lease_id, device.device_id)
+        enough = freed >= need and (not request.whole or len(chosen) == len(device.leases))
+        if enough and chosen and (best is None or len(chosen) < len(best)):
+            best = chosen
+    return best

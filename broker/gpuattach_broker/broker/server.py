@@ -22,6 +22,8 @@ import grpc
 
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
+from gpuattach_broker.broker.identity import AnyOf, Authenticator, HubAuthenticator, StaticTokens
+from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.service import BrokerService
 from gpuattach_broker.broker.store import Store
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
@@ -40,6 +42,10 @@ class ServeOptions:
     pool_size: int = 1
     runtime_file: str = ""
     idle_exit_seconds: float = 0.0  # 0: never
+    policy: str = ""  # TOML policy file; reloaded on change and on SIGHUP
+    tokens_file: str = ""  # static user tokens (hashed)
+    hub_api_url: str = ""  # JupyterHub API, to resolve kernels' JUPYTERHUB_API_TOKEN
+    metrics_address: str = ""  # host:port for Prometheus /metrics
 
 
 def write_runtime_file(path: str, address: str, key: str) -> None:
@@ -53,9 +59,60 @@ def write_runtime_file(path: str, address: str, key: str) -> None:
     os.replace(tmp, target)
 
 
+def _authenticator(options: ServeOptions) -> Authenticator | None:
+    authenticators: list[Authenticator] = []
+    if options.tokens_file:
+        authenticators.append(StaticTokens(options.tokens_file))
+    if options.hub_api_url:
+        authenticators.append(HubAuthenticator(options.hub_api_url))
+    if not authenticators:
+        return None
+    return authenticators[0] if len(authenticators) == 1 else AnyOf(authenticators)
+
+
+class PolicyWatcher:
+    """Reloads the policy file when it changes or on SIGHUP; a bad file keeps the old policy."""
+
+    def __init__(self, service: BrokerService, path: str) -> None:
+        self.service = service
+        self.path = path
+        self.mtime = self._mtime()
+
+    def _mtime(self) -> float:
+        try:
+            return os.stat(self.path).st_mtime
+        except OSError:
+            return 0.0
+
+    def reload(self) -> bool:
+        self.mtime = self._mtime()
+        try:
+            policy = load_policy(self.path)
+        except (OSError, PolicyErrors) as exc:
+            log.error("policy %s rejected, the old one stays in force:\n%s", self.path, exc)
+            self.service.store.event("policy-rejected", detail=str(exc)[:2000])
+            return False
+        self.service.set_policy(policy)
+        log.info("policy %s loaded", self.path)
+        return True
+
+    async def watch(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._mtime() != self.mtime:
+                self.reload()
+
+
 async def serve(options: ServeOptions) -> None:
+    policy = load_policy(options.policy) if options.policy else None
     store = Store(options.db)
-    service = BrokerService(store, ttl_seconds=options.ttl_seconds, key=options.key)
+    service = BrokerService(
+        store,
+        ttl_seconds=options.ttl_seconds,
+        key=options.key,
+        policy=policy,
+        authenticator=_authenticator(options),
+    )
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_BrokerServicer_to_server(service, server)
     port = server.add_insecure_port(options.address)
@@ -68,11 +125,23 @@ async def serve(options: ServeOptions) -> None:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
 
     tasks = [asyncio.create_task(service.expire_loop())]
+    if options.policy:
+        watcher = PolicyWatcher(service, options.policy)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+        tasks.append(asyncio.create_task(watcher.watch()))
+    if options.metrics_address:
+        metrics_port = service.metrics.serve(options.metrics_address)
+        log.info(
+            "metrics on http://%s:%d/metrics",
+            options.metrics_address.rpartition(":")[0] or "127.0.0.1",
+            metrics_port,
+        )
     agent: Agent | None = None
     if options.embedded_agent:
         backend = open_backend(options.embedded_agent)

@@ -15,16 +15,27 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
+from gpuattach_broker.broker.identity import TOKEN_HEADER, Authenticator, AuthError, Identity
+from gpuattach_broker.broker.metrics import BrokerMetrics
+from gpuattach_broker.broker.policy import Policy
+from gpuattach_broker.broker.quotas import (
+    QuotaRefusal,
+    check_hours,
+    check_slice,
+    concurrent_refusal,
+    limit_source,
+)
 from gpuattach_broker.broker.scheduler import (
     DeviceState,
     Placement,
     RequestError,
     Scheduler,
     SliceRequest,
+    preemption_victims,
 )
 from gpuattach_broker.broker.store import LeaseRecord, Store, hash_token
 from gpuattach_broker.protos import gpuattach_pb2 as pb
@@ -78,17 +89,31 @@ def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
         ended_at=lease.ended_at,
         busy_seconds=lease.busy_seconds,
         idle_release_at=lease.idle_release_at,
+        priority=lease.priority,
+        preempt_deadline=lease.preempt_deadline,
     )
 
 
 class BrokerService(pb_grpc.BrokerServicer):
-    def __init__(self, store: Store, *, ttl_seconds: float = 30.0, key: str = "") -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl_seconds: float = 30.0,
+        key: str = "",
+        policy: Policy | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.store = store
         self.ttl = ttl_seconds
         self.key = key
-        self.scheduler = Scheduler()
+        self.policy = policy or Policy()
+        self.authenticator = authenticator
+        self.scheduler = Scheduler(fair_share=True)
+        self.metrics = BrokerMetrics()
         self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
+        self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
         self.last_activity = time.monotonic()
         self._restore()
 
@@ -126,36 +151,81 @@ class BrokerService(pb_grpc.BrokerServicer):
                 memory_bytes=lease.memory_bytes,
                 exclusive=lease.exclusive,
             ),
+            lease.user,
         )
 
     # ------------------------------------------------------------- auth ---
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.key:
-            return
-        presented = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == KEY_HEADER and isinstance(value, str):
-                presented = value
-        if not hmac.compare_digest(presented, self.key):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "wrong or missing broker key: set GPUATTACH_BROKER_KEY to the broker's key",
-            )
+    def _credentials(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        key = token = ""
+        for name, value in context.invocation_metadata() or ():
+            if not isinstance(value, str):
+                continue
+            if name == KEY_HEADER:
+                key = value
+            elif name == TOKEN_HEADER:
+                token = value.split(" ", 1)[1] if " " in value else value
+        return key, token
 
-    async def _lease_for(self, ref: pb.LeaseRef, context: grpc.aio.ServicerContext) -> LeaseRecord:
+    async def _identify(self, context: grpc.aio.ServicerContext, claimed: str = "") -> Identity:
+        """Who calls: a service with the broker key, a user with a token, or (on an
+        open loopback broker with neither) whoever it claims to be."""
+        key, token = self._credentials(context)
+        if self.key and key and hmac.compare_digest(key, self.key):
+            return Identity(claimed or "service", service=True)
+        if token and self.authenticator is not None:
+            try:
+                identity = await self.authenticator.authenticate(token)
+            except AuthError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                raise
+            if identity.user in self.policy.admins():
+                identity = replace(identity, admin=True)
+            return identity
+        if not self.key and self.authenticator is None:
+            return Identity(claimed or "anonymous", service=True)
+        if key:
+            message = "wrong broker key: set GPUATTACH_BROKER_KEY to the broker's key"
+        else:
+            message = (
+                "no credentials: set GPUATTACH_TOKEN to the token your GPU admin gave you "
+                "(under JupyterHub the kernel's JUPYTERHUB_API_TOKEN is used)"
+            )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        raise AssertionError("unreachable")
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
+        return await self._identify(context)
+
+    async def _admin(self, context: grpc.aio.ServicerContext) -> Identity:
+        identity = await self._identify(context)
+        if not identity.trusted:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity.user} is not a GPU admin (admin = true in the policy's [users])",
+            )
+        return identity
+
+    async def _lease_for(
+        self, ref: pb.LeaseRef, context: grpc.aio.ServicerContext, identity: Identity
+    ) -> LeaseRecord:
         lease = self.store.get_lease(ref.lease_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {ref.lease_id!r}")
         assert lease is not None
+        if not identity.trusted and identity.user != lease.user:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"lease {ref.lease_id} belongs to another user",
+            )
         if ref.on_behalf_of and not ref.token:
             # A trusted service (the Jupyter server extension) acting for a user
-            # it authenticated: it must hold the broker key, and the lease must
-            # be that user's.
-            if not self.key:
+            # it authenticated itself: it must hold the broker key, and the
+            # lease must be that user's.
+            if not (self.key and identity.service):
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    "acting on behalf of a user needs a broker started with a key",
+                    "acting on behalf of a user needs the broker key",
                 )
             if ref.on_behalf_of != lease.user:
                 await context.abort(
@@ -175,24 +245,41 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Attach(
         self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttachEvent]:
-        await self._authenticate(context)
+        identity = await self._identify(context, request.user)
         self.last_activity = time.monotonic()
-        if not request.user:
+        user = identity.user
+        if not user or len(user) > 256:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach needs a user name")
         spec = request.slice
         if spec.memory_bytes and spec.fraction:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "ask for either a memory size or a fraction"
             )
+        effective = self.policy.effective(user, identity.groups)
         slice_request = SliceRequest(
             request_id=uuid.uuid4().hex[:16],
-            user=request.user,
+            user=user,
             kernel_id=request.kernel_id,
             memory_bytes=spec.memory_bytes,
             fraction=spec.fraction,
             gpus=spec.gpus or 1,
             submitted_at=time.time(),
+            priority=effective.priority,
+            max_slices=effective.limits.max_slices,
         )
+        try:
+            check_slice(effective, slice_request)
+            check_hours(
+                effective, self.store.leases(user=user, include_ended=True), self._device_memory()
+            )
+            held = self.scheduler.held_by(user)
+            limit = effective.limits.max_slices
+            if limit is not None and held >= limit and effective.limits.on_limit == "refuse":
+                raise QuotaRefusal(concurrent_refusal(effective, held))
+        except QuotaRefusal as exc:
+            self.store.event("refused", user=user, detail=str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
         try:
             placement = self.scheduler.submit(
                 slice_request, self._warm_hosts(), self._cache_hosts(slice_request)
@@ -203,8 +290,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.store.event(
             "requested",
             lease_id=slice_request.request_id,
-            user=request.user,
-            detail=_describe_request(slice_request),
+            user=user,
+            detail=f"{_describe_request(slice_request)}, priority {effective.priority_class} "
+            f"({limit_source(effective)})",
         )
         if placement is None:
             try:
@@ -246,7 +334,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                         position=position,
                         queue_length=len(self.scheduler.queue),
                         estimated_wait_seconds=self.scheduler.estimated_wait(position),
-                        reason=self.scheduler.why_waiting(),
+                        reason=self._why_waiting(req),
                     )
                 )
                 waiter.changed.clear()
@@ -270,6 +358,15 @@ class BrokerService(pb_grpc.BrokerServicer):
                     # Requests behind it may fit now.
                     self._pump_queue()
 
+    def _why_waiting(self, req: SliceRequest) -> str:
+        if req.max_slices is not None and self.scheduler.held_by(req.user) >= req.max_slices:
+            effective = self.policy.effective(req.user)
+            return concurrent_refusal(effective, self.scheduler.held_by(req.user)).split(":")[0]
+        return self.scheduler.why_waiting()
+
+    def _device_memory(self) -> dict[str, int]:
+        return {d.device_id: d.memory_bytes for d in self.scheduler.devices.values()}
+
     def _warm_hosts(self) -> list[str]:
         return [a.host for a in self.agents.values() if a.warm_workers > 0]
 
@@ -282,14 +379,51 @@ class BrokerService(pb_grpc.BrokerServicer):
             waiter.changed.set()
 
     def _pump_queue(self) -> None:
-        """Grant queued requests that fit now, in FIFO order."""
+        """Grant queued requests that fit now, by standing; preempt for the blocked head."""
         for placement in self.scheduler.grant_waiting(self._warm_hosts(), self._cache_hosts):
             waiter = self.waiters.get(placement.request_id)
             if waiter is None:  # the client went away in the meantime
                 self.scheduler.free(placement.request_id)
                 continue
             waiter.placement = placement
+        self._maybe_preempt()
         self._notify_waiters()
+
+    def _maybe_preempt(self) -> None:
+        """A higher-priority request waits: ask lower-priority kernels to move out.
+
+        The victims' kernels see it at their next heartbeat, move their
+        namespace back and release; a lease still held at the end of the
+        grace period is ended then (never while its kernel reports that it is
+        migrating).
+        """
+        if not self.policy.preemption:
+            return
+        head = self.scheduler.blocked_head()
+        if head is None or head.request_id not in self.waiters:
+            return
+        active = {lease.lease_id: lease for lease in self.store.leases()}
+        if any(lease.state == "preempting" for lease in active.values()):
+            return  # room is already being made
+        ranks = {lid: (lease.priority, lease.granted_at) for lid, lease in active.items()}
+        victims = preemption_victims(self.scheduler, head, ranks)
+        if not victims:
+            return
+        deadline = time.time() + self.policy.preemption_grace
+        effective = self.policy.effective(head.user)
+        why = (
+            f"preempted for a {effective.priority_class}-priority request "
+            f"({limit_source(effective)}); moving the namespace back within "
+            f"{format_duration(self.policy.preemption_grace)}"
+        )
+        for lease_id in victims:
+            lease = active[lease_id]
+            lease.state = "preempting"
+            lease.preempt_deadline = deadline
+            lease.end_reason = why
+            self.store.put_lease(lease)
+            self.store.event("preempting", lease_id=lease_id, user=lease.user, detail=why)
+            self.metrics.preemptions.inc()
 
     async def _start(
         self, req: SliceRequest, placement: Placement, context: grpc.aio.ServicerContext
@@ -312,8 +446,10 @@ class BrokerService(pb_grpc.BrokerServicer):
             req_gpus=req.gpus,
             exclusive=placement.exclusive,
             ttl_seconds=self.ttl,
+            priority=req.priority,
         )
         self.store.put_lease(lease)
+        start_clock = time.monotonic()
         agent = self.agents.get(placement.host)
         try:
             if agent is None:
@@ -349,6 +485,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         lease.granted_at = time.time()
         lease.expires_at = lease.granted_at + self.ttl
         self.store.put_lease(lease)
+        self.metrics.attach_latency.observe(time.monotonic() - start_clock)
+        self.metrics.queue_wait.observe(max(0.0, lease.granted_at - lease.requested_at))
         self.store.event(
             "granted",
             lease_id=lease.lease_id,
@@ -361,18 +499,24 @@ class BrokerService(pb_grpc.BrokerServicer):
     # ------------------------------------------------ renew and release ---
 
     async def Renew(self, request: pb.LeaseRef, context: grpc.aio.ServicerContext) -> pb.RenewReply:
-        await self._authenticate(context)
-        lease = await self._lease_for(request, context)
+        identity = await self._identify(context)
+        lease = await self._lease_for(request, context, identity)
         self.last_activity = time.monotonic()
-        if lease.active:
-            now = time.time()
-            lease.expires_at = now + self.ttl
-            idle_at = now + request.idle_release_in if request.idle_release_in >= 0 else 0.0
-            self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
+        if not lease.active:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"lease {lease.lease_id} has ended ({lease.state}: {lease.end_reason})",
+            )
+        now = time.time()
+        if request.migrating:
+            self.migrating[lease.lease_id] = time.monotonic()
+        lease.expires_at = now + self.ttl
+        idle_at = now + request.idle_release_in if request.idle_release_in >= 0 else 0.0
+        self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
         return pb.RenewReply(
             expires_at=lease.expires_at,
             state=lease.state,
-            end_reason=lease.end_reason,
+            end_reason=lease.end_reason if lease.state == "preempting" else "",
             idle_seconds=lease.idle_override,
         )
 
@@ -381,7 +525,9 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> pb.KernelIdleReply:
         """The Jupyter UI changes a kernel's idle timeout; the kernel's next
         heartbeat picks it up."""
-        await self._authenticate(context)
+        identity = await self._identify(context)
+        if not identity.trusted and identity.user != request.user:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not your kernel")
         if request.idle_seconds < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "idle timeout must be >= 0")
         leases = [
@@ -401,13 +547,62 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Release(
         self, request: pb.LeaseRef, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReply:
-        await self._authenticate(context)
-        lease = await self._lease_for(request, context)
+        identity = await self._identify(context)
+        lease = await self._lease_for(request, context, identity)
         self.last_activity = time.monotonic()
         if lease.active:
             lease.busy_seconds = max(lease.busy_seconds, request.busy_seconds)
-            self._end(lease, "released", request.reason or "released by the kernel")
+            if lease.state == "preempting":
+                self._end(lease, "preempted", lease.end_reason)
+            else:
+                self._end(lease, "released", request.reason or "released by the kernel")
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
+
+    async def Revoke(
+        self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseReply:
+        identity = await self._admin(context)
+        lease = self.store.get_lease(request.lease_id)
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {request.lease_id!r}")
+        assert lease is not None
+        if lease.active:
+            reason = f"revoked by {identity.user}" + (
+                f": {request.reason}" if request.reason else ""
+            )
+            self._end(lease, "revoked", reason)
+        return pb.ReleaseReply(held_seconds=lease.held_seconds())
+
+    async def Drain(
+        self, request: pb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainReply:
+        identity = await self._admin(context)
+        devices = [d for d in self.scheduler.devices.values() if d.host == request.host]
+        if not devices:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no devices of host {request.host!r}")
+        for device in devices:
+            device.draining = not request.undrain
+        what = "undrained" if request.undrain else "drained"
+        self.store.event(what, user=identity.user, detail=request.host)
+        if request.undrain:
+            self._pump_queue()
+        return pb.DrainReply(
+            devices=len(devices), active_leases=sum(len(d.leases) for d in devices)
+        )
+
+    async def GetEvents(
+        self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EventsReply:
+        await self._admin(context)
+        events = self.store.events(
+            since=request.since, lease_id=request.lease_id, user=request.user
+        )
+        return pb.EventsReply(
+            events=[
+                pb.Event(ts=e.ts, lease_id=e.lease_id, user=e.user, kind=e.kind, detail=e.detail)
+                for e in events
+            ]
+        )
 
     def _end_record(self, lease: LeaseRecord, state: str, reason: str) -> None:
         lease.state = state
@@ -419,7 +614,14 @@ class BrokerService(pb_grpc.BrokerServicer):
     def _end(self, lease: LeaseRecord, state: str, reason: str) -> None:
         """End a lease: record why, stop its worker, give its room to the queue."""
         self._end_record(lease, state, reason)
-        self.scheduler.free(lease.lease_id, held_seconds=lease.held_seconds())
+        self.migrating.pop(lease.lease_id, None)
+        placement = self.scheduler.free(lease.lease_id, held_seconds=lease.held_seconds())
+        devices = len(placement.device_ids) if placement else 1
+        self.metrics.held_device_seconds.inc(lease.held_seconds() * devices)
+        self.metrics.busy_device_seconds.inc(
+            min(lease.busy_seconds, lease.held_seconds()) * devices
+        )
+        self.metrics.leases_ended.labels(state).inc()
         agent = self.agents.get(lease.host)
         if agent is not None:
             agent.commands.put_nowait(
@@ -428,25 +630,72 @@ class BrokerService(pb_grpc.BrokerServicer):
         self._pump_queue()
 
     async def expire_loop(self, interval: float = 0.5) -> None:
-        """Leases whose kernel stopped renewing end after their TTL."""
+        """Timers: heartbeats missed, preemption grace over, maximum lease length."""
+        ticks = 0
         while True:
             await asyncio.sleep(interval)
-            now = time.time()
-            for lease in self.store.leases():
-                if lease.state == "active" and lease.expires_at < now:
+            self.tick(time.time())
+            ticks += 1
+            if ticks % 20 == 0:
+                self.refresh_priorities()
+
+    def tick(self, now: float) -> None:
+        for lease in self.store.leases():
+            if lease.state == "starting":
+                continue  # its worker is being started; _start times that out
+            if lease.expires_at < now:
+                self._end(
+                    lease,
+                    "expired",
+                    f"no heartbeat from the kernel for {format_duration(self.ttl)}",
+                )
+            elif lease.state == "preempting" and lease.preempt_deadline < now:
+                said = self.migrating.get(lease.lease_id)
+                if said is not None and time.monotonic() - said < max(2.0, self.ttl):
+                    continue  # never cut a kernel off in the middle of moving its namespace
+                self._end(lease, "preempted", lease.end_reason + " (grace period over)")
+            elif lease.state == "active" and lease.granted_at:
+                max_lease = self.policy.effective(lease.user).limits.max_lease
+                if max_lease is not None and now - lease.granted_at > max_lease:
                     self._end(
                         lease,
                         "expired",
-                        f"no heartbeat from the kernel for {format_duration(self.ttl)}",
+                        f"reached the maximum lease length of {format_duration(max_lease)}",
                     )
+        self.metrics.refresh(self._metrics_snapshot)
+
+    def refresh_priorities(self) -> None:
+        """Time windows open and close: re-rank the waiting requests."""
+        for request in self.scheduler.queue:
+            effective = self.policy.effective(request.user)
+            request.priority = effective.priority
+            request.max_slices = effective.limits.max_slices
+        self._pump_queue()
+
+    def set_policy(self, policy: Policy) -> None:
+        """A new policy applies to waiting requests at once, to leases at their next check."""
+        self.policy = policy
+        self.store.event("policy-loaded", detail=policy.source)
+        self.refresh_priorities()
+
+    def _metrics_snapshot(self) -> tuple[int, int, int, int, int]:
+        online = [d for d in self.scheduler.devices.values() if d.schedulable]
+        return (
+            sum(d.memory_bytes for d in online),
+            sum(d.allocated_bytes for d in self.scheduler.devices.values()),
+            len(online),
+            len(self.scheduler.allocations),
+            len(self.scheduler.queue),
+        )
 
     # ------------------------------------------------------------ views ---
 
     async def ListLeases(
         self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListLeasesReply:
-        await self._authenticate(context)
-        leases = self.store.leases(user=request.user, include_ended=request.include_ended)
+        identity = await self._identify(context)
+        user = request.user if identity.trusted else identity.user
+        leases = self.store.leases(user=user, include_ended=request.include_ended)
         return pb.ListLeasesReply(leases=[lease_to_pb(lease) for lease in leases])
 
     async def GetPoolStatus(
@@ -467,6 +716,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 allocated_fraction=d.allocated_bytes / d.memory_bytes if d.memory_bytes else 0.0,
                 leases=len(d.leases),
                 online=d.online,
+                draining=d.draining,
                 exclusive=any(
                     self.scheduler.allocations[lease_id].exclusive
                     for lease_id in d.leases
@@ -491,7 +741,9 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def AgentChannel(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BrokerCommand]:
-        await self._authenticate(context)
+        identity = await self._identify(context)
+        if not identity.service:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agents need the broker key")
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an agent must say hello first")
@@ -547,7 +799,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         """Match the agent's live workers with the leases the store holds."""
         live = {w.lease_id for w in hello.live_leases}
         for lease in self.store.leases():
-            if lease.host != hello.host or lease.state != "active":
+            if lease.host != hello.host or lease.state not in ("active", "preempting"):
                 continue
             if lease.lease_id not in live:
                 self._end(lease, "failed", "its worker is gone (the agent restarted)")

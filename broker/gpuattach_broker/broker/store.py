@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS leases (
     ended_at REAL NOT NULL DEFAULT 0,
     busy_seconds REAL NOT NULL DEFAULT 0,
     idle_release_at REAL NOT NULL DEFAULT 0,
-    idle_override REAL NOT NULL DEFAULT -1
+    idle_override REAL NOT NULL DEFAULT -1,
+    priority INTEGER NOT NULL DEFAULT 0,
+    preempt_deadline REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_user ON leases(user);
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-ACTIVE_STATES = ("starting", "active")
+# A preempting lease still runs: its kernel is moving its namespace out.
+ACTIVE_STATES = ("starting", "active", "preempting")
 
 
 def hash_token(token: str) -> str:
@@ -95,6 +98,8 @@ class LeaseRecord:
     busy_seconds: float = 0.0
     idle_release_at: float = 0.0
     idle_override: float = -1.0
+    priority: int = 0
+    preempt_deadline: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -131,6 +136,8 @@ _LEASE_COLUMNS = [
     "busy_seconds",
     "idle_release_at",
     "idle_override",
+    "priority",
+    "preempt_deadline",
 ]
 
 
@@ -166,7 +173,14 @@ class Store:
     def _migrate(self) -> None:
         """Bring a state file written by an older version up to this schema."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
-        for name, default in (("busy_seconds", 0), ("idle_release_at", 0), ("idle_override", -1)):
+        added = (
+            ("busy_seconds", 0),
+            ("idle_release_at", 0),
+            ("idle_override", -1),
+            ("priority", 0),
+            ("preempt_deadline", 0),
+        )
+        for name, default in added:
             if name not in columns:
                 self.db.execute(
                     f"ALTER TABLE leases ADD COLUMN {name} REAL NOT NULL DEFAULT {default}"
@@ -253,10 +267,15 @@ class Store:
             (time.time(), lease_id, user, kind, detail),
         )
 
-    def events(self, *, since: float = 0.0, lease_id: str = "") -> list[EventRecord]:
+    def events(
+        self, *, since: float = 0.0, lease_id: str = "", user: str = ""
+    ) -> list[EventRecord]:
         query = "SELECT ts, lease_id, user, kind, detail FROM events WHERE ts >= ?"
         args: list[Any] = [since]
         if lease_id:
             query += " AND lease_id = ?"
             args.append(lease_id)
+        if user:
+            query += " AND user = ?"
+            args.append(user)
         return [EventRecord(*row) for row in self.db.execute(query + " ORDER BY id", args)]

@@ -42,6 +42,7 @@ def _error(exc: grpc.RpcError, what: str, address: str) -> BrokerError:
 class BrokerAddress:
     address: str
     key: str = ""
+    token: str = ""  # a user token: GPUATTACH_TOKEN, or JUPYTERHUB_API_TOKEN under JupyterHub
 
 
 class BrokerClient:
@@ -49,7 +50,9 @@ class BrokerClient:
         self.target = target
         self.channel = grpc.insecure_channel(target.address)
         self.stub = pb_grpc.BrokerStub(self.channel)
-        self.metadata = key_metadata(target.key)
+        self.metadata = key_metadata(target.key) + (
+            (("authorization", f"token {target.token}"),) if target.token else ()
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -97,6 +100,7 @@ class BrokerClient:
         busy_seconds: float = 0.0,
         timeout: float = 5.0,
         idle_release_in: float = -1.0,
+        migrating: bool = False,
     ) -> pb.RenewReply:
         try:
             return self.stub.Renew(
@@ -105,6 +109,7 @@ class BrokerClient:
                     token=lease.token,
                     busy_seconds=busy_seconds,
                     idle_release_in=idle_release_in,
+                    migrating=migrating,
                 ),
                 metadata=self.metadata,
                 timeout=timeout,
@@ -191,6 +196,8 @@ class LeaseKeeper:
         busy_seconds: Callable[[], float] = lambda: 0.0,
         idle_release_in: Callable[[], float] = lambda: -1.0,
         on_idle_override: Callable[[float], None] = lambda seconds: None,
+        on_preempt: Callable[[str], None] = lambda reason: None,
+        migrating: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client = client
         self.lease = lease
@@ -198,6 +205,8 @@ class LeaseKeeper:
         self.busy_seconds = busy_seconds
         self.idle_release_in = idle_release_in
         self.on_idle_override = on_idle_override
+        self.on_preempt = on_preempt
+        self.migrating = migrating
         self.interval = max(0.5, lease.ttl_seconds / 3) if lease.ttl_seconds else 10.0
         self.ended_reason = ""
         self._stop = threading.Event()
@@ -213,15 +222,26 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 reply = self.client.renew(
-                    self.lease, self.busy_seconds(), idle_release_in=self.idle_release_in()
+                    self.lease,
+                    self.busy_seconds(),
+                    idle_release_in=self.idle_release_in(),
+                    migrating=self.migrating(),
                 )
             except BrokerError as exc:
+                if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    self.ended_reason = str(exc)
+                    self.on_ended("ended", self.ended_reason)
+                    return
                 # The broker may be restarting; it keeps the lease. Try again.
                 log.debug("heartbeat failed: %s", exc)
                 continue
-            if reply.state not in ("active", "starting"):
+            if reply.state not in ("active", "starting", "preempting"):
                 self.ended_reason = reply.end_reason or reply.state
                 self.on_ended(reply.state, self.ended_reason)
                 return
             if reply.idle_seconds >= 0:
                 self.on_idle_override(reply.idle_seconds)
+            if reply.state == "preempting":
+                self.on_preempt(reply.end_reason or "preempted by a higher-priority request")
+                # Keep heartbeating (with the migrating flag) until the release.
+                self.interval = min(self.interval, 1.0)

@@ -43,7 +43,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at")
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class Lease(_message.Message):
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDLE_RELEASE_AT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     kernel_id: str
@@ -82,7 +84,9 @@ class Lease(_message.Message):
     ended_at: float
     busy_seconds: float
     idle_release_at: float
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ...) -> None: ...
+    priority: int
+    preempt_deadline: float
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -93,20 +97,76 @@ class AttachEvent(_message.Message):
     def __init__(self, queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., granted: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class LeaseRef(_message.Message):
-    __slots__ = ("lease_id", "token", "reason", "busy_seconds", "idle_release_in", "on_behalf_of")
+    __slots__ = ("lease_id", "token", "reason", "busy_seconds", "idle_release_in", "on_behalf_of", "migrating")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDLE_RELEASE_IN_FIELD_NUMBER: _ClassVar[int]
     ON_BEHALF_OF_FIELD_NUMBER: _ClassVar[int]
+    MIGRATING_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: str
     reason: str
     busy_seconds: float
     idle_release_in: float
     on_behalf_of: str
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., idle_release_in: _Optional[float] = ..., on_behalf_of: _Optional[str] = ...) -> None: ...
+    migrating: bool
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., idle_release_in: _Optional[float] = ..., on_behalf_of: _Optional[str] = ..., migrating: _Optional[bool] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("lease_id", "reason")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    reason: str
+    def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("host", "undrain")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    UNDRAIN_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    undrain: bool
+    def __init__(self, host: _Optional[str] = ..., undrain: _Optional[bool] = ...) -> None: ...
+
+class DrainReply(_message.Message):
+    __slots__ = ("devices", "active_leases")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
+    devices: int
+    active_leases: int
+    def __init__(self, devices: _Optional[int] = ..., active_leases: _Optional[int] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ("since", "lease_id", "user")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    since: float
+    lease_id: str
+    user: str
+    def __init__(self, since: _Optional[float] = ..., lease_id: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("ts", "lease_id", "user", "kind", "detail")
+    TS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ts: float
+    lease_id: str
+    user: str
+    kind: str
+    detail: str
+    def __init__(self, ts: _Optional[float] = ..., lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class EventsReply(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class KernelIdleRequest(_message.Message):
     __slots__ = ("user", "kernel_id", "idle_seconds")
@@ -161,7 +221,7 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("device_id", "host", "name", "kind", "memory_bytes", "allocated_bytes", "allocated_fraction", "leases", "online", "exclusive")
+    __slots__ = ("device_id", "host", "name", "kind", "memory_bytes", "allocated_bytes", "allocated_fraction", "leases", "online", "exclusive", "draining")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +232,7 @@ class DeviceStatus(_message.Message):
     LEASES_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     host: str
     name: str
@@ -182,7 +243,8 @@ class DeviceStatus(_message.Message):
     leases: int
     online: bool
     exclusive: bool
-    def __init__(self, device_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., allocated_fraction: _Optional[float] = ..., leases: _Optional[int] = ..., online: _Optional[bool] = ..., exclusive: _Optional[bool] = ...) -> None: ...
+    draining: bool
+    def __init__(self, device_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., allocated_fraction: _Optional[float] = ..., leases: _Optional[int] = ..., online: _Optional[bool] = ..., exclusive: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("devices", "queue_length", "active_leases", "agents_online")

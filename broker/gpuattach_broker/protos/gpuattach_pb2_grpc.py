@@ -64,6 +64,21 @@ class BrokerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleRequest.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleReply.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/gpuattach.v1.Broker/Revoke',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.ReleaseReply.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/gpuattach.v1.Broker/Drain',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.DrainRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.DrainReply.FromString,
+                _registered_method=True)
+        self.GetEvents = channel.unary_unary(
+                '/gpuattach.v1.Broker/GetEvents',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.EventsRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.EventsReply.FromString,
+                _registered_method=True)
         self.AgentChannel = channel.stream_stream(
                 '/gpuattach.v1.Broker/AgentChannel',
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AgentMessage.SerializeToString,
@@ -111,6 +126,25 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Admin only (the broker key, or a user with the admin role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AgentChannel(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,6 +183,21 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.SetKernelIdle,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleRequest.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleReply.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.RevokeRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.DrainRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.DrainReply.SerializeToString,
+            ),
+            'GetEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvents,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.EventsRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.EventsReply.SerializeToString,
             ),
             'AgentChannel': grpc.stream_stream_rpc_method_handler(
                     servicer.AgentChannel,
@@ -318,6 +367,87 @@ class Broker:
             '/gpuattach.v1.Broker/SetKernelIdle',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleRequest.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.KernelIdleReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Broker/Revoke',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.RevokeRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Broker/Drain',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.DrainRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Broker/GetEvents',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.EventsRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.EventsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,278 @@
+"""Our figures, through the real client classes against a real broker and agent.
+
+No Jupyter kernel: the same calls GPUSession makes (BrokerClient.attach,
+WorkerClient.hello/execute/push/pull, codec.encode_namespace/decode_namespace),
+timed one by one.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from stack import Stack
+from stats import latency, throughput
+
+from gpuattach_broker import codec
+from gpuattach_broker.client.broker_client import BrokerClient
+from gpuattach_broker.client.worker_client import WorkerClient, check_compatible, kernel_hello
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+
+STREAM_LINES = 1000
+STREAM_CODE = f"for line in range({STREAM_LINES}):\n    print(f'line {{line}}')\n"
+
+
+def make_tensors(nbytes: int, count: int = 4) -> dict[str, torch.Tensor]:
+    """`count` float32 tensors of nbytes in all, touched (not lazily zero pages)."""
+    elements = nbytes // 4
+    per = elements // count
+    sizes = [per] * (count - 1) + [elements - per * (count - 1)]
+    return {f"t{i}": torch.empty(n, dtype=torch.float32).fill_(1.0) for i, n in enumerate(sizes)}
+
+
+def refresh(tensors: dict[str, torch.Tensor], rep: int) -> None:
+    """New content each repetition: a content-addressed cache must not skip the bytes."""
+    for i, t in enumerate(tensors.values()):
+        t.fill_(float(rep * 8 + i + 2))
+
+
+def attach_request() -> pb.AttachRequest:
+    return pb.AttachRequest(
+        user="bench",
+        kernel_id="bench",
+        slice=pb.SliceSpec(),
+        wait_seconds=30,
+        client_host=socket.gethostname(),
+    )
+
+
+def hello_request() -> pb.HelloRequest:
+    return kernel_hello(os.getcwd(), list(sys.path), os.environ)
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+class Lease:
+    """An attached lease: broker lease plus a connected worker client."""
+
+    def __init__(self, broker: BrokerClient) -> None:
+        self.broker = broker
+        self.lease = broker.attach(attach_request())
+        self.worker = WorkerClient(self.lease.worker_endpoint, self.lease.token)
+        hello = hello_request()
+        check_compatible(hello, self.worker.hello(hello))
+        self.count = 0
+
+    def run(self, code: str, on_output: Callable[[pb.ExecuteOutput], None] = _noop) -> None:
+        self.count += 1
+        done = self.worker.execute(code, self.count, on_output, lambda request: "")
+        if not done.ok:
+            raise RuntimeError(f"remote cell failed: {code!r}")
+
+    def release(self) -> None:
+        self.worker.close()
+        self.broker.release(self.lease, reason="benchmark")
+
+
+def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict[str, Any]:
+    """Warm attach: attach RPC until granted, then Hello (the first cell could run).
+
+    Each iteration starts with the agent's warm pool refilled and idle, and
+    ends with a release (timed too).
+    """
+    attach_s, hello_s, total_s, push_s, release_s, refill_s = [], [], [], [], [], []
+    empty = codec.encode_namespace({})
+    not_warm = 0
+    for i in range(n + 1):  # the first iteration warms the client's channel up
+        try:
+            refill = stack.wait_pool_warm(timeout=45)
+        except TimeoutError as exc:
+            # Not a warm attach: still run it (the lease must go back), but keep it out.
+            log(f"  warning: {exc}")
+            not_warm += 1
+            refill = math.nan
+        gc.collect()
+        started = time.perf_counter()
+        lease = broker.attach(attach_request())
+        granted = time.perf_counter()
+        worker = WorkerClient(lease.worker_endpoint, lease.token)
+        hello = hello_request()
+        check_compatible(hello, worker.hello(hello))
+        ready = time.perf_counter()
+        worker.push(empty, {})  # what %gpu attach also does with an empty namespace
+        pushed = time.perf_counter()
+        worker.close()
+        released_at = time.perf_counter()
+        broker.release(lease, reason="benchmark")
+        released = time.perf_counter()
+        if i == 0 or math.isnan(refill):
+            continue
+        attach_s.append(granted - started)
+        hello_s.append(ready - granted)
+        total_s.append(ready - started)
+        push_s.append(pushed - ready)
+        release_s.append(released - released_at)
+        refill_s.append(refill)
+        log(f"  attach {i}/{n}: {(ready - started) * 1e3:.1f} ms")
+    try:
+        stack.wait_pool_warm(timeout=45)
+    except TimeoutError as exc:
+        log(f"  warning: {exc}")
+    if not total_s:
+        raise RuntimeError("no attach found the agent's warm pool refilled")
+    return {
+        "warm_attach": latency(total_s),
+        "attach_rpc": latency(attach_s),
+        "hello_rpc": latency(hello_s),
+        "empty_push": latency(push_s),
+        "release": latency(release_s),
+        "pool_refill_wait": latency(refill_s),
+        "attaches_without_warm_pool": not_warm,
+    }
+
+
+def measure_cells(lease: Lease, n_empty: int, n_stream: int) -> dict[str, Any]:
+    for _ in range(20):
+        lease.run("pass")
+    gc.collect()
+    empty = []
+    for _ in range(n_empty):
+        started = time.perf_counter()
+        lease.run("pass")
+        empty.append(time.perf_counter() - started)
+
+    stream, first = [], []
+    for rep in range(n_stream + 1):
+        lines = 0
+        first_at = 0.0
+
+        def count(output: pb.ExecuteOutput) -> None:
+            nonlocal lines, first_at
+            if output.WhichOneof("msg") == "stream":
+                if not first_at:
+                    first_at = time.perf_counter()
+                lines += output.stream.text.count("\n")
+
+        started = time.perf_counter()
+        lease.run(STREAM_CODE, count)
+        ended = time.perf_counter()
+        if lines != STREAM_LINES:
+            raise RuntimeError(f"expected {STREAM_LINES} lines back, got {lines}")
+        if rep:
+            stream.append(ended - started)
+            first.append(first_at - started)
+    return {
+        "empty_cell": latency(empty),
+        "stream_1000_lines": latency(stream),
+        "stream_first_output": latency(first),
+    }
+
+
+def blob_aware(worker: WorkerClient) -> bool:
+    """Whether this version sends tensors the worker's host caches by reference."""
+    return hasattr(worker, "missing_blobs") and hasattr(codec, "storage_digests")
+
+
+def encode_for(worker: WorkerClient, values: dict[str, Any]) -> codec.Encoded:
+    """Encode as the kernel does: blobs the worker already has go by reference."""
+    if not blob_aware(worker):
+        return codec.encode_namespace(values)
+    digests = codec.storage_digests(values)  # type: ignore[attr-defined]
+    have = digests - set(worker.missing_blobs(digests))  # type: ignore[attr-defined]
+    if not have:
+        return codec.encode_namespace(values)
+    return codec.encode_namespace(values, receiver_has=have)  # type: ignore[call-arg]
+
+
+def measure_migration(lease: Lease, nbytes: int, reps: int, log: Any) -> dict[str, Any]:
+    """In: encode + push (worker receives and decodes). Out: pull + decode here.
+
+    Every repetition changes the tensors' content, so all bytes travel both
+    ways (a cold migration). Where the worker caches blobs, an unchanged
+    re-push is timed too.
+    """
+    tensors = make_tensors(nbytes)
+    push_s, encode_s, pull_s, decode_s, repush_s = [], [], [], [], []
+    sent_bytes = repush_bytes = 0
+    try:
+        for rep in range(reps):
+            refresh(tensors, rep)
+            gc.collect()
+            started = time.perf_counter()
+            encoded = encode_for(lease.worker, tensors)
+            encoded_at = time.perf_counter()
+            reply, sent_bytes = lease.worker.push(encoded, {})
+            pushed = time.perf_counter()
+            del encoded
+            if sorted(reply.names) != sorted(tensors):
+                raise RuntimeError(f"push landed {list(reply.names)}")
+            push_s.append(pushed - started)
+            encode_s.append(encoded_at - started)
+
+            if blob_aware(lease.worker):
+                gc.collect()
+                started = time.perf_counter()
+                reply, repush_bytes = lease.worker.push(encode_for(lease.worker, tensors), {})
+                repush_s.append(time.perf_counter() - started)
+
+            gc.collect()
+            started = time.perf_counter()
+            header, parts, _received = lease.worker.pull(skip=[], force=False)
+            pulled = time.perf_counter()
+            values = codec.decode_namespace(parts) if parts else {}
+            decoded = time.perf_counter()
+            back = values.get("t0")
+            if not isinstance(back, torch.Tensor) or back.numel() != tensors["t0"].numel():
+                raise RuntimeError("pull did not bring the tensors back")
+            pull_s.append(decoded - started)
+            decode_s.append(decoded - pulled)
+            del values, parts, header, back
+            log(
+                f"  {nbytes / 1e6:.0f} MB rep {rep + 1}/{reps}: in {nbytes / push_s[-1] / 1e9:.2f}"
+                f" GB/s, out {nbytes / pull_s[-1] / 1e9:.2f} GB/s"
+            )
+        lease.run("del t0, t1, t2, t3\nimport gc\ngc.collect()")
+    finally:
+        del tensors
+        gc.collect()
+    figures: dict[str, Any] = {
+        "in": {**throughput(nbytes, push_s), "encode_ms_p50": _p50_ms(encode_s)},
+        "out": {**throughput(nbytes, pull_s), "decode_ms_p50": _p50_ms(decode_s)},
+        "wire_bytes": sent_bytes,
+    }
+    if repush_s:
+        figures["repush_unchanged"] = {**latency(repush_s), "wire_bytes": repush_bytes}
+    return figures
+
+
+def _p50_ms(samples: list[float]) -> float:
+    return sorted(samples)[len(samples) // 2] * 1e3
+
+
+def measure(stack: Stack, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    broker = stack.client()
+    try:
+        log(f"ours: warm attach x{cfg.attach_n}")
+        figures = measure_attach(stack, broker, cfg.attach_n, log)
+        lease = Lease(broker)
+        try:
+            log(f"ours: empty cell x{cfg.cell_n}, streaming {STREAM_LINES} lines x{cfg.stream_n}")
+            figures.update(measure_cells(lease, cfg.cell_n, cfg.stream_n))
+            figures["migration"] = {}
+            for label, nbytes, reps in cfg.sizes:
+                log(f"ours: migration {label} x{reps}")
+                figures["migration"][label] = measure_migration(lease, nbytes, reps, log)
+        finally:
+            lease.release()
+    finally:
+        broker.close()
+    return figures

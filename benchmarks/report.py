@@ -1,0 +1,294 @@
+"""Turning measured figures into the Markdown table and the JSON report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Issue targets: (row key, comparison, factor, limit key, text).
+ATTACH_TARGET = 10.0  # warm attach <= 10 x empty gRPC RTT
+CELL_TARGET = 3.0  # empty remote cell <= 3 x empty gRPC RTT
+MIGRATION_TARGET = 0.30  # 1 GiB migration >= 30 % of loopback TCP throughput
+
+
+def machine_info() -> dict[str, Any]:
+    import grpc
+    import numpy
+    import torch
+
+    try:
+        import ipyparallel
+
+        ipp = ipyparallel.__version__
+    except ImportError:
+        ipp = ""
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    memory = psutil.virtual_memory()
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_total_gib": round(memory.total / 2**30, 1),
+        "memory_available_gib": round(memory.available / 2**30, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "numpy": numpy.__version__,
+        "ipyparallel": ipp,
+        "git_commit": commit,
+    }
+
+
+# ------------------------------------------------------------ formatting ---
+
+
+def _lat(fig: dict[str, Any] | None) -> str:
+    if not fig:
+        return "—"
+    unit = fig.get("unit", "ms")
+    digits = 0 if unit == "us" else (2 if fig["p50"] < 10 else 1)
+    return f"{fig['p50']:.{digits}f} / {fig['p99']:.{digits}f} {unit}"
+
+
+def _gbps(fig: dict[str, Any] | None) -> str:
+    return f"{fig['p50']:.2f} GB/s" if fig else "—"
+
+
+def _times(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.0f} %"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def _p50(fig: dict[str, Any] | None) -> float | None:
+    return None if not fig else float(fig["p50"])
+
+
+def build_rows(
+    limits: dict[str, Any], ours: dict[str, Any], peer: dict[str, Any] | None, quick: bool
+) -> list[dict[str, Any]]:
+    peer = peer or {}
+    rtt = limits["grpc_unary_rtt"]
+    tcp = limits["tcp_throughput"]
+    rows: list[dict[str, Any]] = []
+
+    def latency_row(
+        name: str,
+        fig: dict[str, Any],
+        peer_fig: dict[str, Any] | None = None,
+        target: float | None = None,
+        peer_note: str = "",
+        limit: dict[str, Any] | None = None,
+        limit_name: str = "gRPC RTT",
+    ) -> None:
+        limit = limit or rtt
+        ratio_limit = _ratio(_p50(fig), _p50(limit))
+        ratio_peer = _ratio(_p50(fig), _p50(peer_fig))
+        row = {
+            "figure": name,
+            "kind": "latency",
+            "ours": fig,
+            "limit": {"name": limit_name, **limit},
+            "ratio_to_limit": ratio_limit,
+            "peer": peer_fig,
+            "ratio_to_peer": ratio_peer,
+            "cells": [
+                name,
+                _lat(fig),
+                f"{_lat(limit)} ({limit_name})",
+                _times(ratio_limit),
+                _lat(peer_fig) + (f" ({peer_note})" if peer_fig and peer_note else ""),
+                _times(ratio_peer),
+            ],
+        }
+        if target is not None:
+            met = ratio_limit is not None and ratio_limit <= target
+            row["target"] = {
+                "text": f"p50 ≤ {target:g}x gRPC RTT",
+                "met": met,
+                "ratio": ratio_limit,
+            }
+        rows.append(row)
+
+    latency_row("warm attach (attach → granted → Hello)", ours["warm_attach"], target=ATTACH_TARGET)
+    latency_row("· attach RPC until granted", ours["attach_rpc"])
+    latency_row(
+        "· worker Hello (new channel)",
+        ours["hello_rpc"],
+        limit=limits["grpc_new_channel_first_call"],
+        limit_name="new channel + 1st call",
+    )
+    latency_row("· empty namespace push (after Hello)", ours["empty_push"])
+    latency_row(
+        "empty remote cell", ours["empty_cell"], peer.get("empty_cell"), CELL_TARGET, "execute"
+    )
+    latency_row(
+        "remote cell printing 1,000 lines",
+        ours["stream_1000_lines"],
+        peer.get("stream_1000_lines"),
+        None,
+        "execute",
+    )
+    latency_row("· first output line of that cell", ours["stream_first_output"])
+    latency_row("release (Release RPC)", ours["release"])
+
+    largest = list(ours["migration"])[-1]
+    for label, fig in ours["migration"].items():
+        for direction, what in (("in", "push: encode + send + decode"), ("out", "pull + decode")):
+            mine = fig[direction]
+            peer_torch = peer.get("migration", {}).get(label, {}).get(direction)
+            peer_numpy = peer.get("migration_numpy", {}).get(label, {}).get(direction)
+            ratio_limit = _ratio(_p50(mine), _p50(tcp))
+            ratio_peer = _ratio(_p50(mine), _p50(peer_torch))
+            ratio_numpy = _ratio(_p50(mine), _p50(peer_numpy))
+            peer_cell = "—"
+            ratio_cell = "—"
+            if peer_torch:
+                peer_cell = f"{_gbps(peer_torch)} torch"
+                ratio_cell = f"{_times(ratio_peer)} torch"
+                if peer_numpy:
+                    peer_cell += f" · {_gbps(peer_numpy)} numpy"
+                    ratio_cell += f" · {_times(ratio_numpy)} numpy"
+            name = f"migration {direction}, {label} ({what})"
+            row = {
+                "figure": name,
+                "kind": "throughput",
+                "ours": mine,
+                "limit": {"name": "loopback TCP throughput", **tcp},
+                "ratio_to_limit": ratio_limit,
+                "peer": peer_torch,
+                "peer_numpy": peer_numpy,
+                "ratio_to_peer": ratio_peer,
+                "ratio_to_peer_numpy": ratio_numpy,
+                "cells": [
+                    name,
+                    _gbps(mine),
+                    f"{_gbps(tcp)} (TCP)",
+                    _pct(ratio_limit),
+                    peer_cell,
+                    ratio_cell,
+                ],
+            }
+            if label == largest:
+                met = ratio_limit is not None and ratio_limit >= MIGRATION_TARGET
+                text = f"≥ {MIGRATION_TARGET:.0%} of TCP (1 GiB)"
+                if quick:
+                    text += f", quick: at {label}"
+                row["target"] = {"text": text, "met": met, "ratio": ratio_limit}
+            rows.append(row)
+        if fig.get("repush_unchanged"):
+            latency_row(
+                f"re-push of the unchanged {label} (worker has the blobs)", fig["repush_unchanged"]
+            )
+    return rows
+
+
+def limits_rows(limits: dict[str, Any]) -> list[list[str]]:
+    return [
+        ["empty gRPC unary RTT (sync server, 8 threads)", _lat(limits["grpc_unary_rtt"])],
+        ["empty gRPC bidi-stream call (1 request, 1 reply)", _lat(limits["grpc_bidi_call"])],
+        ["new gRPC channel + first unary call", _lat(limits["grpc_new_channel_first_call"])],
+        [
+            f"gRPC server-streaming, "
+            f"{limits['grpc_stream_throughput']['bytes'] / 2**20:.0f} MiB in 4 MiB messages",
+            _gbps(limits["grpc_stream_throughput"]),
+        ],
+        ["raw TCP 1-byte ping-pong", _lat(limits["tcp_pingpong"])],
+        [
+            f"loopback TCP, {limits['tcp_throughput']['bytes'] / 2**20:.0f} MiB between processes",
+            _gbps(limits["tcp_throughput"]),
+        ],
+        [
+            f"memcpy, {limits['memcpy']['bytes'] / 2**20:.0f} MiB into a touched buffer",
+            _gbps(limits["memcpy"]),
+        ],
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"# jupyter-gpuattach benchmarks ({report['mode']})",
+        "",
+        f"{m['date']} · {m['cpu_count']} CPUs ({m['cpu_model']}) · {m['memory_total_gib']} GiB · "
+        f"Python {m['python']} · torch {m['torch']} · grpcio {m['grpcio']} · "
+        f"ipyparallel {m['ipyparallel'] or '—'} · commit {m['git_commit'] or '—'} · "
+        f"load {m['load_average']} → {report['load_average_end']} · "
+        f"{report['wall_seconds']:.0f} s",
+        "",
+        "| figure | ours (p50 / p99 or GB/s) | limit | ratio to limit | peer (ipyparallel) "
+        "| ratio to peer | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report["rows"]:
+        target = row.get("target")
+        cells = [
+            *row["cells"],
+            target["text"] if target else "",
+            ("PASS" if target["met"] else "FAIL") if target else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| machine limit (same run) | figure |", "| --- | --- |"]
+    lines += ["| " + " | ".join(r) + " |" for r in limits_rows(report["limits"])]
+    lines += ["", *[f"- {note}" for note in report["notes"]], ""]
+    return "\n".join(lines)
+
+
+NOTES = [
+    "Latency ratios are p50 ÷ p50 (lower is better); throughput ratios to the limit are "
+    "ours ÷ TCP, to the peer ours ÷ peer (higher is better). p99 of a few samples is their max.",
+    "Warm attach: AttachRequest until the Granted event, then a new WorkerClient and its Hello "
+    "(the first remote cell could run); each iteration starts with the agent's warm pool "
+    "refilled and idle, and releases at the end (the release row). The empty namespace push "
+    "that %gpu attach also does is timed separately, after the Hello.",
+    "Empty remote cell: WorkerClient.execute('pass') with a no-op output callback. Peer: "
+    "view.execute('pass', block=True) on a one-engine DirectView (waits for reply and output); "
+    "view.apply_sync(noop) is in the JSON.",
+    "Migration in: encode (the kernel's way: digests and MissingBlobs first where the worker "
+    "caches blobs) + WorkerClient.push, which returns once the worker has received and decoded "
+    "the namespace. Out: WorkerClient.pull (the worker encodes) + codec.decode_namespace here. "
+    "Four float32 tensors with new content every repetition, so every byte travels (cold).",
+    "Peer migration: view.push(dict, block=True) and view.pull(names, block=True) of the same "
+    "torch tensors (ipyparallel pickles them in band) and of numpy views of the same bytes "
+    "(its zero-copy path); the controller runs with --nodb.",
+    "Same machine for everything, one run; the machine is shared, so compare ratios, and "
+    "rerun when the load average is high.",
+]

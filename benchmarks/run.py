@@ -1,0 +1,182 @@
+"""Benchmarks of jupyter-gpuattach against the machine's limits and a peer, in one run.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--no-peer]
+
+Starts a real broker and agent (CPU backend) on loopback, measures the
+machine's limits (gRPC and TCP round trips, TCP throughput, memcpy), our
+figures through the real client classes, and ipyparallel with one engine;
+prints a Markdown table and writes benchmarks/results/latest.{json,md}.
+Targets are reported as PASS/FAIL; they never fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MB = 10**6
+GiB = 2**30
+
+
+@dataclass
+class Config:
+    mode: str
+    grpc_n: int
+    pingpong_n: int
+    tcp_bytes: int
+    tcp_reps: int
+    memcpy_bytes: int
+    memcpy_reps: int
+    attach_n: int
+    cell_n: int
+    stream_n: int
+    sizes: list[tuple[str, int, int]] = field(default_factory=list)  # label, bytes, reps
+    peer_sizes: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(
+            mode="quick",
+            grpc_n=300,
+            pingpong_n=1000,
+            tcp_bytes=256 * 2**20,
+            tcp_reps=3,
+            memcpy_bytes=256 * 2**20,
+            memcpy_reps=3,
+            attach_n=3,
+            cell_n=50,
+            stream_n=5,
+            sizes=[("4 MB", 4 * MB, 3), ("16 MB", 16 * MB, 3)],
+            peer_sizes=[("4 MB", 4 * MB, 2), ("16 MB", 16 * MB, 2)],
+        )
+
+    @classmethod
+    def full(cls) -> Config:
+        return cls(
+            mode="full",
+            grpc_n=2000,
+            pingpong_n=5000,
+            tcp_bytes=GiB,
+            tcp_reps=3,
+            memcpy_bytes=GiB,
+            memcpy_reps=5,
+            attach_n=15,
+            cell_n=300,
+            stream_n=20,
+            sizes=[("100 MB", 100 * MB, 5), ("1 GiB", GiB, 3)],
+            peer_sizes=[("100 MB", 100 * MB, 3), ("1 GiB", GiB, 2)],
+        )
+
+
+T0 = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _clean(value: Any) -> Any:
+    """JSON without NaN/inf."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few iterations (<1 min)")
+    parser.add_argument("--no-peer", action="store_true", help="skip ipyparallel")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.{json,md}")
+    args = parser.parse_args(argv)
+    cfg = Config.quick() if args.quick else Config.full()
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpuattach-bench-"))
+    # ipyparallel's profile (connection files, logs) stays in the scratch folder.
+    os.environ["IPYTHONDIR"] = str(workdir / "ipython")
+
+    # After the signal handler: importing torch takes seconds.
+    import limits
+    import ours
+    import peer
+    import report
+    from stack import Stack
+
+    machine = report.machine_info()
+    log(f"mode {cfg.mode}; scratch {workdir}")
+    stack = None
+    try:
+        limit_figures = limits.measure(cfg, log)
+        log("starting broker + agent (cpu:1x64GiB, pool of 1)")
+        stack = Stack(workdir / "stack")
+        try:
+            stack.start()
+            our_figures = ours.measure(stack, cfg, log)
+        except Exception:
+            for name in ("broker.log", "agent.log"):
+                print(f"--- {name}\n{stack.log_tail(name)}", file=sys.stderr)
+            raise
+        finally:
+            stack.stop()
+        peer_figures = None if args.no_peer else peer.measure(cfg, log)
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
+    finally:
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    quick = cfg.mode == "quick"
+    result = {
+        "mode": cfg.mode,
+        "machine": machine,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": time.monotonic() - T0,
+        "config": asdict(cfg),
+        "limits": limit_figures,
+        "ours": our_figures,
+        "peer": peer_figures,
+        "rows": report.build_rows(limit_figures, our_figures, peer_figures, quick),
+        "notes": list(report.NOTES),
+    }
+    if quick:
+        result["notes"].append(
+            "Quick mode: small sizes and few iterations; the 1 GiB target is "
+            "checked at the largest quick size."
+        )
+    text = report.markdown(result)
+    targets = [{"figure": r["figure"], **r["target"]} for r in result["rows"] if r.get("target")]
+    result["targets"] = targets
+    for row in result["rows"]:
+        row.pop("cells", None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(_clean(result), indent=2) + "\n")
+    (args.out / "latest.md").write_text(text)
+    print(text)
+    log(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Who is calling the broker.
+
+Three kinds of caller:
+
+- a **service** holding the broker key (agents, the Jupyter server extension,
+  the user's own kernels when the broker is the user's embedded one): trusted;
+- a **user** presenting a token: a static token from the tokens file (kept
+  only as SHA-256 hashes), or, under JupyterHub, the kernel's
+  ``JUPYTERHUB_API_TOKEN``, resolved through the Hub API (user, groups,
+  scopes; the token must carry the ``custom:gpuattach:attach`` scope);
+- nobody: allowed only when the broker has neither a key nor an
+  authenticator (a developer's loopback broker), and then trusted as the
+  user it claims to be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+TOKEN_HEADER = "authorization"
+ATTACH_SCOPE = "custom:gpuattach:attach"
+ADMIN_SCOPE = "custom:gpuattach:admin"
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    groups: tuple[str, ...] = ()
+    admin: bool = False
+    service: bool = False  # holds the broker key
+
+    @property
+    def trusted(self) -> bool:
+        return self.service or self.admin
+
+
+class AuthError(Exception):
+    """The credential was refused; the message says why and what to do."""
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, token: str) -> Identity:
+        """The identity behind `token`, or AuthError."""
+        ...
+
+
+def hash_secret(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class StaticTokens:
+    """Tokens from a TOML file, stored hashed::
+
+    [[tokens]]
+    user = "alice"
+    sha256 = "…"          # gpuattach-broker token add alice --file tokens.toml
+    groups = ["course-ml101"]
+    admin = false
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._by_hash: dict[str, Identity] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        raw = tomllib.loads(self.path.read_text()) if self.path.exists() else {}
+        by_hash = {}
+        for entry in raw.get("tokens", []):
+            identity = Identity(
+                user=str(entry["user"]),
+                groups=tuple(entry.get("groups", ())),
+                admin=bool(entry.get("admin", False)),
+            )
+            by_hash[str(entry["sha256"])] = identity
+        self._by_hash = by_hash
+
+    async def authenticate(self, token: str) -> Identity:
+        digest = hash_secret(token)
+        for known, identity in self._by_hash.items():
+            if hmac.compare_digest(known, digest):
+                return identity
+        raise AuthError("unknown token: ask the GPU admin for one (gpuattach-broker token add)")
+
+    @staticmethod
+    def add(
+        path: str | Path, user: str, *, admin: bool = False, groups: tuple[str, ...] = ()
+    ) -> str:
+        """Create a token for `user`, append its hash to the file, return it (shown once)."""
+        token = secrets.token_urlsafe(32)
+        target = Path(path)
+        lines = [
+            "",
+            "[[tokens]]",
+            f"user = {json.dumps(user)}",
+            f'sha256 = "{hash_secret(token)}"',
+            f"groups = {json.dumps(list(groups))}",
+            f"admin = {'true' if admin else 'false'}",
+        ]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a") as handle:
+            handle.write("\n".join(lines) + "\n")
+        target.chmod(0o600)
+        return token
+
+
+class HubAuthenticator:
+    """Resolves a JupyterHub API token through the Hub (like HubAuth), with a cache."""
+
+    def __init__(
+        self, api_url: str, *, cache_seconds: float = 60.0, scope: str = ATTACH_SCOPE
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.cache_seconds = cache_seconds
+        self.scope = scope
+        self._cache: dict[str, tuple[float, Identity]] = {}
+
+    async def authenticate(self, token: str) -> Identity:
+        key = hash_secret(token)
+        cached = self._cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.cache_seconds:
+            return cached[1]
+        model = await asyncio.to_thread(self._fetch, token)
+        scopes = set(model.get("scopes", []))
+        if self.scope not in scopes and "admin:users" not in scopes:
+            raise AuthError(
+                f"JupyterHub user {model.get('name')!r} lacks the {self.scope!r} scope: "
+                "ask the Hub admin to grant it (a role with that custom scope)"
+            )
+        identity = Identity(
+            user=str(model["name"]),
+            groups=tuple(model.get("groups", ()) or ()),
+            admin=ADMIN_SCOPE in scopes or bool(model.get("admin")),
+        )
+        self._cache[key] = (time.monotonic(), identity)
+        return identity
+
+    def _fetch(self, token: str) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.api_url}/user", headers={"Authorization": f"token {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return dict(json.load(response))
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise AuthError(
+                    "JupyterHub refused the token (expired or revoked): restart the kernel "
+                    "from a running server so it gets a fresh JUPYTERHUB_API_TOKEN"
+                ) from None
+            raise AuthError(f"JupyterHub answered {exc.code} for the token") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AuthError(f"cannot reach JupyterHub at {self.api_url}: {exc}") from None
+
+
+class AnyOf:
+    """Tries authenticators in turn; the first that knows the token wins."""
+
+    def __init__(self, authenticators: list[Authenticator]) -> None:
+        self.authenticators = authenticators
+
+    async def authenticate(self, token: str) -> Identity:
+        errors = []
+        for authenticator in self.authenticators:
+            try:
+                return await authenticator.authenticate(token)
+            except AuthError as exc:
+                errors.append(str(exc))
+        raise AuthError("; ".join(errors) or "no authenticator is configured")

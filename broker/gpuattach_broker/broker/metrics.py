@@ -1,0 +1,73 @@
+"""Prometheus metrics of the broker: capacity, use, the queue, attach latency.
+
+One registry per broker (not the process-global one), served over HTTP by
+``gpuattach-broker serve --metrics-address HOST:PORT`` at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+WAIT_BUCKETS = (0.01, 0.1, 1, 5, 15, 30, 60, 120, 300, 900, 3600, float("inf"))
+ATTACH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
+
+
+class BrokerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.capacity_bytes = Gauge(
+            "gpuattach_pool_capacity_bytes",
+            "Device memory in the pool (online devices)",
+            registry=r,
+        )
+        self.allocated_bytes = Gauge(
+            "gpuattach_pool_allocated_bytes", "Device memory held by leases", registry=r
+        )
+        self.devices = Gauge("gpuattach_pool_devices", "Online devices", registry=r)
+        self.active_leases = Gauge("gpuattach_active_leases", "Leases held now", registry=r)
+        self.queue_length = Gauge("gpuattach_queue_length", "Requests waiting", registry=r)
+        self.held_device_seconds = Counter(
+            "gpuattach_held_device_seconds", "Device-seconds held by ended leases", registry=r
+        )
+        self.busy_device_seconds = Counter(
+            "gpuattach_busy_device_seconds",
+            "Device-seconds during which a cell ran, of ended leases",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gpuattach_queue_wait_seconds",
+            "Time from request to grant",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.attach_latency = Histogram(
+            "gpuattach_attach_latency_seconds",
+            "Time from grant decision to a worker bound to the lease",
+            buckets=ATTACH_BUCKETS,
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "gpuattach_preemptions", "Leases preempted by higher-priority requests", registry=r
+        )
+        self.leases_ended = Counter(
+            "gpuattach_leases_ended", "Leases ended, by how", ["state"], registry=r
+        )
+
+    def refresh(self, snapshot: Callable[[], tuple[int, int, int, int, int]]) -> None:
+        capacity, allocated, devices, active, queued = snapshot()
+        self.capacity_bytes.set(capacity)
+        self.allocated_bytes.set(allocated)
+        self.devices.set(devices)
+        self.active_leases.set(active)
+        self.queue_length.set(queued)
+
+    def serve(self, address: str) -> int:
+        """Serve /metrics on `address` (host:port, port 0 picks one); returns the port."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(
+            int(port), addr=host or "127.0.0.1", registry=self.registry
+        )
+        return int(server.server_port)
