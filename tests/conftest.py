@@ -32,10 +32,10 @@ def stack(stack_factory: Any) -> Stack:
 def kernel_factory(tmp_path: Path) -> Iterator[Any]:
     kernels: list[Kernel] = []
 
-    def make(stack: Stack, load: bool = True) -> Kernel:
+    def make(stack: Stack, load: bool = True, token: str = "") -> Kernel:
         cwd = tmp_path / f"notebook{len(kernels)}"
         cwd.mkdir(exist_ok=True)
-        kernel = Kernel(stack.env(), cwd)
+        kernel = Kernel(stack.user_env(token) if token else stack.env(), cwd)
         kernels.append(kernel)
         if load:
             kernel.ok("%load_ext jupyter_gpuattach")

@@ -56,6 +56,7 @@ class Stack:
     pool_size: int = 1
     key: str = "test-key"
     port: int = field(default_factory=free_port)
+    serve_args: list[str] = field(default_factory=list)
     broker: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
 
@@ -66,6 +67,13 @@ class Stack:
     @property
     def db(self) -> Path:
         return self.workdir / "broker.sqlite"
+
+    def user_env(self, token: str) -> dict[str, str]:
+        """A kernel's environment with a user token instead of the broker key."""
+        env = self.env()
+        del env["GPUATTACH_BROKER_KEY"]
+        env["GPUATTACH_TOKEN"] = token
+        return env
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -89,6 +97,7 @@ class Stack:
                     str(self.db),
                     "--ttl",
                     self.ttl,
+                    *self.serve_args,
                 ],
                 log,
             )
@@ -125,7 +134,10 @@ class Stack:
         self.pool()
         return True
 
-    def client(self) -> BrokerClient:
+    def client(self, token: str = "") -> BrokerClient:
+        """A client with the broker key, or (given a token) as that token's user."""
+        if token:
+            return BrokerClient(BrokerAddress(self.address, token=token))
         return BrokerClient(BrokerAddress(self.address, self.key))
 
     def pool(self) -> pb.PoolStatus:

@@ -106,12 +106,11 @@ def test_wrong_tokens_and_unknown_leases_are_refused(stack: Stack) -> None:
         client.release(lease)
         client.close()
     # A released lease's token opens nothing any more.
-    with grpc.insecure_channel(stack.address) as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            pb_grpc.BrokerStub(channel).Renew(
-                pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
-                metadata=key_metadata(stack.key),
-            )
+    with grpc.insecure_channel(stack.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.BrokerStub(channel).Renew(
+            pb.LeaseRef(lease_id=lease.lease_id, token=lease.token),
+            metadata=key_metadata(stack.key),
+        )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "has ended (released" in refused.value.details()
 

@@ -79,8 +79,10 @@ class Scheduler:
     """Best-fit bin packing over devices, and the order in which waiters are granted.
 
     Waiting requests are granted by standing: higher priority first; with
-    `fair_share`, then the user holding fewer slices (a user with many waiting
-    kernels does not starve others); then first come, first served. The
+    `fair_share`, then the user holding fewer slices, then the user served
+    least recently (a user with many waiting kernels does not starve others:
+    after one of theirs is granted, everyone else waiting goes first); then
+    first come, first served. The
     request with the best standing is never overtaken: when it does not fit,
     nobody behind it is granted. A request whose user is at their concurrent
     limit (`max_slices`) has no standing until one of their slices ends.
@@ -96,6 +98,8 @@ class Scheduler:
         self._held_by_user: dict[str, int] = {}
         self._arrival: dict[str, int] = {}  # request id -> order of submission
         self._arrivals = 0
+        self._last_grant: dict[str, int] = {}  # user -> grant counter when last served
+        self._grants = 0
         self._held: dict[str, dict[str, int]] = {}  # bytes per lease per device
         self._hold_seconds_total = 0.0
         self._holds = 0
@@ -227,6 +231,8 @@ class Scheduler:
         self.allocations[lease_id] = placement
         self.owners[lease_id] = user
         self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
+        self._grants += 1
+        self._last_grant[user] = self._grants
 
     def free(self, lease_id: str, held_seconds: float | None = None) -> Placement | None:
         placement = self.allocations.pop(lease_id, None)
@@ -275,10 +281,13 @@ class Scheduler:
     def _eligible(self, request: SliceRequest) -> bool:
         return request.max_slices is None or self.held_by(request.user) < request.max_slices
 
-    def _standing(self, request: SliceRequest) -> tuple[int, int, float, int]:
-        share = self.held_by(request.user) if self.fair_share else 0
+    def _standing(self, request: SliceRequest) -> tuple[int, int, int, float, int]:
+        held = served = 0
+        if self.fair_share:
+            held = self.held_by(request.user)
+            served = self._last_grant.get(request.user, 0)
         arrival = self._arrival.get(request.request_id, self._arrivals + 1)
-        return (-request.priority, share, request.submitted_at, arrival)
+        return (-request.priority, held, served, request.submitted_at, arrival)
 
     def ordered_queue(self) -> list[SliceRequest]:
         """Waiting requests by standing; those at their user's limit last."""

@@ -326,6 +326,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         waiter = self.waiters[req.request_id] = Waiter(req)
         deadline = None if wait_seconds < 0 else time.monotonic() + wait_seconds
         self.store.event("queued", lease_id=req.request_id, user=req.user)
+        self._maybe_preempt()
         try:
             while waiter.placement is None:
                 position = self.scheduler.position(req.request_id)

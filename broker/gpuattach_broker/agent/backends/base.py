@@ -13,6 +13,10 @@ class Device:
     kind: str  # cpu | gpu | mig
     memory_bytes: int
     uuid: str = ""  # what CUDA_VISIBLE_DEVICES takes for gpu and mig
+    # GPU details for `gpuattach-agent check` and the Xid mapping; empty for CPU devices.
+    compute_capability: str = ""  # "9.0"
+    parent: str = ""  # a MIG instance: UUID of the physical GPU it is carved from
+    profile: str = ""  # a MIG instance: its profile, e.g. "1g.10gb"
 
 
 class BackendError(RuntimeError):
@@ -28,4 +32,9 @@ class DeviceBackend(Protocol):
 
     def slice_env(self, devices: list[Device], memory_bytes: int) -> dict[str, str]:
         """Environment a worker needs to see exactly its slice and nothing else."""
+        ...
+
+    def warm_env(self, device: Device) -> dict[str, str] | None:
+        """Environment of a worker pre-warmed on this one device (its CUDA context
+        made ahead of attach), or None when workers are not device-bound (CPU)."""
         ...

@@ -49,3 +49,7 @@ class CpuBackend:
             "GPUATTACH_DEVICES": ",".join(d.local_id for d in devices),
             "GPUATTACH_MEMORY_BYTES": str(memory_bytes),
         }
+
+    def warm_env(self, device: Device) -> dict[str, str] | None:
+        """CPU workers are interchangeable: one shared warm pool serves every device."""
+        return None
