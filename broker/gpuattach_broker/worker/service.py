@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -121,6 +121,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the agent may assign this worker")
         if self._token:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker already serves a lease")
+        conflict = _context_conflict(request.env)
+        if conflict:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, conflict)
         os.environ.update(request.env)
         folder = request.env.get("GPUATTACH_BLOB_CACHE", "")
         if folder:
@@ -305,48 +308,67 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 
 def _cap_memory(fraction: float) -> None:
-    """A fractional slice: cap torch's allocator before the first allocation."""
+    """A fractional slice: cap torch's allocator before the first allocation.
+
+    Works on a warm worker too: the cap applies to allocations, not to the
+    context. It binds torch only; the agent watches the real use via NVML.
+    """
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(fraction, 0)
 
 
+# Read by CUDA when the context is created; too late once it exists.
+CONTEXT_TIME_ENV = ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT")
+
+
+def _context_conflict(env: Mapping[str, str]) -> str:
+    """Why a worker whose CUDA context already exists (pre-warmed on a device)
+    cannot serve this slice; "" when it can. The agent never asks this of it;
+    this guards the invariant instead of silently running on the wrong GPU."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    wanted = env.get("CUDA_VISIBLE_DEVICES", visible)
+    if wanted != visible:
+        return f"this worker's CUDA context is on {visible!r}; it cannot serve {wanted!r}"
+    late = [key for key in CONTEXT_TIME_ENV if key in env]
+    if late:
+        return f"{', '.join(late)} must be set before the CUDA context exists; this worker's does"
+    return ""
+
+
 def _coalesced(sink: CellSink) -> Iterator[pb.ExecuteOutput]:
-    """Outputs as they come; consecutive text on one stream merged into one message."""
+    """Outputs as they come; a run of text on one stream becomes one message."""
+    pending_name, pending = "", list[str]()
+
+    def flush() -> Iterator[pb.ExecuteOutput]:
+        nonlocal pending
+        if pending:
+            yield pb.ExecuteOutput(stream=pb.StreamText(name=pending_name, text="".join(pending)))
+            pending = []
+
     while True:
         item = sink.outputs.get()
-        if item is None:
-            return
-        batch = [item]
         while True:
+            if item is None:
+                yield from flush()
+                return
+            if isinstance(item, tuple):
+                name, text = item
+                if name != pending_name:
+                    yield from flush()
+                    pending_name = name
+                pending.append(text)
+            else:
+                yield from flush()
+                yield item
             try:
-                more = sink.outputs.get_nowait()
+                item = sink.outputs.get_nowait()
             except queue.Empty:
                 break
-            if more is None:
-                sink.outputs.put(None)
-                break
-            batch.append(more)
-        merged: pb.ExecuteOutput | None = None
-        for output in batch:
-            same_stream = (
-                merged is not None
-                and output.WhichOneof("msg") == "stream"
-                and merged.stream.name == output.stream.name
-            )
-            if same_stream:
-                assert merged is not None
-                merged.stream.text += output.stream.text
-                continue
-            if merged is not None:
-                yield merged
-                merged = None
-            if output.WhichOneof("msg") == "stream":
-                merged = output
-            else:
-                yield output
-        if merged is not None:
-            yield merged
+        yield from flush()
 
 
 def install_interrupt_handler(executor: MainThreadExecutor) -> None:

@@ -38,7 +38,9 @@ class CellSink:
     """Outputs of one running cell, consumed by the Execute RPC."""
 
     def __init__(self) -> None:
-        self.outputs: queue.Queue[pb.ExecuteOutput | None] = queue.Queue()
+        # Text as (stream name, text): cheap to make on the cell's thread; the
+        # Execute RPC joins runs of it into one message.
+        self.outputs: queue.Queue[pb.ExecuteOutput | tuple[str, str] | None] = queue.Queue()
         self.input_replies: queue.Queue[str | None] = queue.Queue()
 
     def put(self, output: pb.ExecuteOutput) -> None:
@@ -46,7 +48,7 @@ class CellSink:
 
     def stream(self, name: str, text: str) -> None:
         if text:
-            self.put(pb.ExecuteOutput(stream=pb.StreamText(name=name, text=text)))
+            self.outputs.put((name, text))
 
     def request_input(self, prompt: str, password: bool = False) -> str:
         self.put(pb.ExecuteOutput(input_request=pb.InputRequest(prompt=prompt, password=password)))
@@ -209,7 +211,12 @@ class WorkerShell(InteractiveShell):
 
 def make_shell() -> WorkerShell:
     """The worker's shell: IPython semantics, inline figures, remote input()."""
-    shell = WorkerShell.instance()
+    from traitlets.config import Config
+
+    config = Config()
+    # The kernel keeps the user's history; the worker must not write it too.
+    config.HistoryManager.enabled = False
+    shell = WorkerShell.instance(config=config)
     builtins.input = _remote_input  # type: ignore[assignment]
     try:
         import matplotlib  # noqa: F401
