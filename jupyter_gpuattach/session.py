@@ -44,6 +44,7 @@ from gpuattach_broker.client.worker_client import (
 from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, format_size
+from gpuattach_broker.worker.blobcache import BlobCache
 from jupyter_gpuattach.output import OutputRenderer, answer_input, remote_error
 
 
@@ -105,6 +106,14 @@ def _kernel_id() -> str:
         return uuid.uuid4().hex[:12]
 
 
+def _shared_cache(hello: pb.HelloReply) -> BlobCache | None:
+    """The worker's host blob cache, when this kernel can write it too."""
+    folder = hello.blob_cache
+    if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return None
+    return BlobCache(folder, hello.blob_cache_bytes or 8 << 30)
+
+
 def _describe_names(problems: dict[str, str]) -> str:
     return ", ".join(f"{name} ({reason})" for name, reason in sorted(problems.items()))
 
@@ -150,6 +159,8 @@ class GPUSession:
         self.local_cell_pending = False
         self.preempted = ""  # why the broker wants the slice back
         self.migrating = False
+        # Same host: the user's blob cache on tmpfs, shared with the worker.
+        self.host_cache: BlobCache | None = None
 
     @property
     def attached(self) -> bool:
@@ -215,6 +226,8 @@ class GPUSession:
                 hello = kernel_hello(os.getcwd(), list(sys.path), os.environ)
                 self.worker_info = worker.hello(hello)
                 check_compatible(hello, self.worker_info)
+                self.host_cache = _shared_cache(self.worker_info)
+                self.store.fallback = self.host_cache.load if self.host_cache else None
                 moved = self._push(worker, started)
             except (VersionMismatch, WorkerGone, RuntimeError) as exc:
                 worker.close()
@@ -255,10 +268,20 @@ class GPUSession:
     def _push(self, worker: WorkerClient, started: float) -> str:
         """Send the namespace; tensors the GPU host already caches go by digest."""
         values, imports = codec.split_namespace(self.shell.user_ns, self.shell.user_ns_hidden)
-        digests = codec.storage_digests(values)
+        blobs = codec.storage_blobs(values)
+        digests = set(blobs)
         missing = worker.missing_blobs(digests) if digests else set()
+        staged = 0
+        if missing and self.host_cache is not None:
+            # Same host: write them into the shared cache; the worker maps them.
+            cache = self.host_cache
+            cache.put_many((d, codec.storage_bytes(blobs[d])) for d in missing)
+            still_missing = {d for d in missing if not cache.has(d)}
+            staged = sum(blobs[d].nbytes() for d in missing - still_missing)
+            missing = still_missing
         encoded = codec.encode_namespace(values, receiver_has=digests - missing)
         reply, sent = worker.push(encoded, imports)
+        sent += staged
         self.store.replace(encoded.blobs)
         self.kernel_only = dict(encoded.problems)
         self.kernel_only.update({p.name: p.reason for p in reply.problems})
@@ -267,7 +290,7 @@ class GPUSession:
             Transfer("attach", sent, time.perf_counter() - started, len(self.remote_names))
         )
         cached = len(digests) - len(missing)
-        note = f", {cached} tensors cached on the host" if cached else ""
+        note = f", {cached} tensors by reference" if cached else ""
         return f"moved {len(self.remote_names)} names ({format_size(sent)}{note})"
 
     def push_changes(self) -> None:
@@ -386,7 +409,10 @@ class GPUSession:
         self.migrating = True
         try:
             header, parts, received = self.worker.pull(
-                skip=[], force=force, have=self.store.digests()
+                skip=[],
+                force=force,
+                have=self.store.digests(),
+                via_cache=self.host_cache is not None,
             )
         finally:
             self.migrating = False
@@ -394,6 +420,7 @@ class GPUSession:
         if not parts:  # refused: some names cannot come back and force was not given
             return _Sync(0, received, time.perf_counter() - started, problems)
         values = codec.decode_namespace(parts, self.store)
+        received += sum(s.nbytes() for d, s in self.store.loaded_from_fallback)
         modules, missing = codec.import_modules(header.imports)
         ns = self.shell.user_ns
         ns.update(modules)

@@ -92,6 +92,8 @@ class BlobStore:
         self.fallback = fallback
         # (digest, bytes) of the blobs the last decode received in full.
         self.received: list[tuple[str, Any]] = []
+        # (digest, storage) of the blobs the last decode took from `fallback`.
+        self.loaded_from_fallback: list[tuple[str, Any]] = []
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._blobs
@@ -106,6 +108,8 @@ class BlobStore:
         storage = self._blobs.get(digest)
         if storage is None and self.fallback is not None:
             storage = self.fallback(digest)
+            if storage is not None:
+                self.loaded_from_fallback.append((digest, storage))
         if storage is None:
             raise pickle.UnpicklingError(f"blob {digest} was sent by reference but is not here")
         return storage
@@ -142,11 +146,7 @@ class _StorageRef:
     def cpu_bytes(self) -> Any:
         """The storage's bytes as a numpy uint8 array (a copy only for GPU storages)."""
         if self._cpu is None:
-            torch = sys.modules["torch"]
-            storage = self.storage if self.storage.device.type == "cpu" else self.storage.cpu()
-            nbytes = storage.nbytes()
-            flat = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
-            self._cpu = flat.numpy()
+            self._cpu = storage_bytes(self.storage)
         return self._cpu
 
     def digest(self) -> str:
@@ -414,13 +414,27 @@ def find_unpicklable(values: Mapping[str, Any]) -> dict[str, str]:
     return problems
 
 
-def storage_digests(values: Mapping[str, Any]) -> set[str]:
-    """Digests of every tensor storage reachable from `values` (nothing is copied)."""
+def storage_blobs(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Digest -> storage of every tensor storage reachable from `values` (no copies)."""
     try:
-        return set(_pickle(dict(values))[2].seen)
+        return dict(_pickle(dict(values))[2].seen)
     except Exception:
         problems = find_unpicklable(values)
-        return set(_pickle({k: v for k, v in values.items() if k not in problems})[2].seen)
+        return dict(_pickle({k: v for k, v in values.items() if k not in problems})[2].seen)
+
+
+def storage_digests(values: Mapping[str, Any]) -> set[str]:
+    """Digests of every tensor storage reachable from `values` (nothing is copied)."""
+    return set(storage_blobs(values))
+
+
+def storage_bytes(storage: Any) -> Any:
+    """A storage's bytes as a numpy uint8 array (a copy only for GPU storages)."""
+    torch = sys.modules["torch"]
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    nbytes = storage.nbytes()
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,)).numpy()
 
 
 def encode_namespace(
@@ -462,6 +476,8 @@ def decode_namespace(parts: Iterable[Any], store: BlobStore | None = None) -> di
     exactly the storages of the decoded namespace.
     """
     items = list(parts)
+    if store is not None:
+        store.loaded_from_fallback = []
     decoded: dict[str, Any] = {}
     received: list[tuple[str, Any]] = []
     token, received_token = _DECODED.set(decoded), _RECEIVED.set(received)

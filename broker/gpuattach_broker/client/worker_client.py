@@ -199,13 +199,14 @@ class WorkerClient:
         return reply, sent
 
     def pull(
-        self, skip: list[str], force: bool, have: Iterable[str] = ()
+        self, skip: list[str], force: bool, have: Iterable[str] = (), via_cache: bool = False
     ) -> tuple[pb.NamespaceHeader, list[bytearray], int]:
-        """The worker's namespace; blobs in `have` come by reference."""
+        """The worker's namespace; blobs in `have` (and, `via_cache`, those the
+        worker puts in the shared host cache) come by reference."""
         try:
             return transfer.receive_namespace(
                 self.stub.PullNamespace(
-                    pb.PullRequest(skip=skip, force=force, have=sorted(have)),
+                    pb.PullRequest(skip=skip, force=force, have=sorted(have), via_cache=via_cache),
                     metadata=self.metadata,
                 )
             )

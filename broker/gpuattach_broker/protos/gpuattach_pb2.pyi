@@ -404,7 +404,7 @@ class HelloRequest(_message.Message):
     def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes")
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -414,6 +414,8 @@ class HelloReply(_message.Message):
     CUDA_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOB_CACHE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -423,7 +425,9 @@ class HelloReply(_message.Message):
     cuda_available: bool
     device_summary: str
     lease_id: str
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    blob_cache: str
+    blob_cache_bytes: int
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("code", "execution_count", "silent")
@@ -575,14 +579,16 @@ class PushReply(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("skip", "force", "have")
+    __slots__ = ("skip", "force", "have", "via_cache")
     SKIP_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
+    VIA_CACHE_FIELD_NUMBER: _ClassVar[int]
     skip: _containers.RepeatedScalarFieldContainer[str]
     force: bool
     have: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ...) -> None: ...
+    via_cache: bool
+    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., via_cache: _Optional[bool] = ...) -> None: ...
 
 class BlobList(_message.Message):
     __slots__ = ("digests",)

@@ -147,7 +147,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.executor.submit(lambda: self._adopt_kernel_context(request)).result()
         torch = sys.modules.get("torch")
         cuda = bool(torch is not None and torch.cuda.is_available())
+        same_host = request.client_host == socket.gethostname()
+        shared = self.cache if same_host and self.cache is not None else None
         return pb.HelloReply(
+            blob_cache=str(shared.folder) if shared else "",
+            blob_cache_bytes=shared.budget_bytes if shared else 0,
             python_version=platform.python_version(),
             torch_version=torch_version(),
             cloudpickle_version=cloudpickle.__version__,
@@ -278,12 +282,16 @@ class WorkerService(pb_grpc.WorkerServicer):
         skip = set(request.skip)
 
         have = frozenset(request.have)
+        cache = self.cache if request.via_cache else None
 
         def dump() -> tuple[codec.Encoded, dict[str, str], list[str]]:
             values, imports = codec.split_namespace(self.shell.user_ns, self.shell.user_ns_hidden)
             every_name = sorted([*values, *imports])
             values = {k: v for k, v in values.items() if k not in skip}
-            encoded = codec.encode_namespace(values, receiver_has=have)
+            by_reference = set(have)
+            if cache is not None:
+                by_reference |= _stage_in_cache(cache, codec.storage_blobs(values), have)
+            encoded = codec.encode_namespace(values, receiver_has=by_reference)
             self.store.replace(encoded.blobs)
             return encoded, imports, every_name
 
@@ -305,6 +313,17 @@ class WorkerService(pb_grpc.WorkerServicer):
             if d not in self.store and (self.cache is None or not self.cache.has(d))
         ]
         return pb.BlobList(digests=missing)
+
+
+def _stage_in_cache(cache: BlobCache, blobs: dict[str, Any], have: frozenset[str]) -> set[str]:
+    """Same host: write the blobs the kernel lacks into the shared cache.
+
+    Returns the digests now in the cache, which can go by reference; one
+    that did not fit the cache's budget goes over the wire instead.
+    """
+    wanted = {d: s for d, s in blobs.items() if d not in have}
+    cache.put_many((d, codec.storage_bytes(s)) for d, s in wanted.items() if not cache.has(d))
+    return {d for d in wanted if cache.has(d)}
 
 
 def _cap_memory(fraction: float) -> None:
