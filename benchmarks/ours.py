@@ -254,6 +254,57 @@ def measure_migration(lease: Lease, nbytes: int, reps: int, log: Any) -> dict[st
     return figures
 
 
+def measure_same_host_migration(
+    broker: BrokerClient, nbytes: int, reps: int, log: Any
+) -> dict[str, Any]:
+    """The kernel's own code path on one host: GPUSession pushes through the shared
+    tmpfs blob cache (written once, mapped by the worker) and syncs back the same way.
+
+    In: fresh tensor content pushed (push_changes). Out: every tensor changed
+    on the worker, then synced back into the kernel (the background sync /
+    release path).
+    """
+    from types import SimpleNamespace
+
+    from jupyter_gpuattach.session import AttachOptions, GPUSession
+
+    shell = SimpleNamespace(user_ns={}, user_ns_hidden={}, execution_count=1)
+    session = GPUSession(shell)
+    session.broker = broker
+    session.notify = log
+    session.attach(AttachOptions())
+    if session.host_cache is None:
+        session.release()
+        return {}
+    tensors = make_tensors(nbytes)
+    push_s, pull_s = [], []
+    try:
+        for rep in range(reps):
+            refresh(tensors, rep)
+            shell.user_ns.update(tensors)
+            gc.collect()
+            started = time.perf_counter()
+            session.push_changes()
+            push_s.append(time.perf_counter() - started)
+            session.run_cell("for name in ('t0', 't1', 't2', 't3'):\n    globals()[name].mul_(-1.5)")
+            session.wait_for_sync()  # the background sync of that cell is the "out" path
+            last = session.transfers[-1]
+            if last.kind != "sync" or last.wire_bytes < nbytes:
+                raise RuntimeError(f"sync moved {last.wire_bytes} bytes, expected {nbytes}")
+            pull_s.append(last.seconds)
+            log(
+                f"  {nbytes / 1e6:.0f} MB same host rep {rep + 1}/{reps}: in "
+                f"{nbytes / push_s[-1] / 1e9:.2f} GB/s, out {nbytes / pull_s[-1] / 1e9:.2f} GB/s"
+            )
+    finally:
+        for name in tensors:
+            shell.user_ns.pop(name, None)
+        del tensors
+        session.release(force=True)
+        gc.collect()
+    return {"in": throughput(nbytes, push_s), "out": throughput(nbytes, pull_s)}
+
+
 def _p50_ms(samples: list[float]) -> float:
     return sorted(samples)[len(samples) // 2] * 1e3
 
@@ -273,6 +324,13 @@ def measure(stack: Stack, cfg: Any, log: Callable[[str], None]) -> dict[str, Any
                 figures["migration"][label] = measure_migration(lease, nbytes, reps, log)
         finally:
             lease.release()
+        figures["migration_same_host"] = {}
+        for label, nbytes, reps in cfg.sizes:
+            log(f"ours: same-host migration {label} x{reps}")
+            stack.wait_pool_warm(timeout=45)
+            same = measure_same_host_migration(broker, nbytes, reps, log)
+            if same:
+                figures["migration_same_host"][label] = same
     finally:
         broker.close()
     return figures
