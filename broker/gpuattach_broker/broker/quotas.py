@@ -6,10 +6,11 @@ the defaults), so the one line a user sees says what to do.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterable, Mapping
 
-from gpuattach_broker.broker.policy import Effective
+from gpuattach_broker.broker.policy import Effective, Policy
 from gpuattach_broker.broker.scheduler import SliceRequest
 from gpuattach_broker.broker.store import LeaseRecord
 from gpuattach_broker.units import format_size
@@ -103,6 +104,29 @@ def check_hours(
                 f"{effective.user} used {used:.2f} of the {limit:g} GPU-hours per {label} "
                 f"that {source} allows (counted over the last {label}); try again later"
             )
+
+
+def admit(
+    policy: Policy,
+    request: SliceRequest,
+    held: int,
+    groups: Iterable[str] = (),
+    now: dt.datetime | None = None,
+) -> Effective:
+    """Apply the policy to a new request: its priority and concurrent limit, and
+    the refusals that do not depend on the ledger (slice size; the concurrent
+    limit when the policy says refuse rather than queue).
+
+    The live broker and the simulator both admit requests through here.
+    """
+    effective = policy.effective(request.user, groups, now)
+    request.priority = effective.priority
+    request.max_slices = effective.limits.max_slices
+    check_slice(effective, request)
+    limit = effective.limits.max_slices
+    if limit is not None and held >= limit and effective.limits.on_limit == "refuse":
+        raise QuotaRefusal(concurrent_refusal(effective, held))
+    return effective
 
 
 def concurrent_refusal(effective: Effective, held: int) -> str:

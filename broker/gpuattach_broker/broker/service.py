@@ -24,8 +24,8 @@ from gpuattach_broker.broker.metrics import BrokerMetrics
 from gpuattach_broker.broker.policy import Policy
 from gpuattach_broker.broker.quotas import (
     QuotaRefusal,
+    admit,
     check_hours,
-    check_slice,
     concurrent_refusal,
     limit_source,
 )
@@ -255,7 +255,6 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "ask for either a memory size or a fraction"
             )
-        effective = self.policy.effective(user, identity.groups)
         slice_request = SliceRequest(
             request_id=uuid.uuid4().hex[:16],
             user=user,
@@ -264,18 +263,14 @@ class BrokerService(pb_grpc.BrokerServicer):
             fraction=spec.fraction,
             gpus=spec.gpus or 1,
             submitted_at=time.time(),
-            priority=effective.priority,
-            max_slices=effective.limits.max_slices,
         )
         try:
-            check_slice(effective, slice_request)
+            effective = admit(
+                self.policy, slice_request, self.scheduler.held_by(user), identity.groups
+            )
             check_hours(
                 effective, self.store.leases(user=user, include_ended=True), self._device_memory()
             )
-            held = self.scheduler.held_by(user)
-            limit = effective.limits.max_slices
-            if limit is not None and held >= limit and effective.limits.on_limit == "refuse":
-                raise QuotaRefusal(concurrent_refusal(effective, held))
         except QuotaRefusal as exc:
             self.store.event("refused", user=user, detail=str(exc))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
