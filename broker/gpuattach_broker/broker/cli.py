@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
-import logging
 import os
 import sys
 import time
@@ -14,12 +12,11 @@ import grpc
 
 from gpuattach_broker.broker.identity import StaticTokens
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
-from gpuattach_broker.broker.server import ServeOptions, serve
 from gpuattach_broker.broker.store import Store
 from gpuattach_broker.paths import default_db
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import key_metadata, read_key_file
+from gpuattach_broker.rpc import key_metadata
 from gpuattach_broker.simulator.cli import add_arguments as add_simulator_arguments
 from gpuattach_broker.simulator.cli import run as run_simulator
 from gpuattach_broker.units import format_duration, format_size, parse_duration
@@ -38,39 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the broker")
-    s.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on")
-    s.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
-    s.add_argument(
-        "--ttl",
-        type=_duration,
-        default=30.0,
-        help="a lease ends this long after its kernel's last heartbeat (default 30s)",
+    # `serve` is a traitlets application (config file, --generate-config):
+    # see gpuattach_broker.broker.app; it is listed here for --help only.
+    sub.add_parser(
+        "serve", help="run the broker (gpuattach-broker serve --help-all)", add_help=False
     )
-    s.add_argument("--key-file", default="", help="file whose first line every client must present")
-    s.add_argument(
-        "--embedded-agent",
-        default="",
-        metavar="DEVICES",
-        help="also run an agent in this process (auto, nvml or cpu:NxSIZE)",
-    )
-    s.add_argument("--pool-size", type=int, default=1, help="warm workers of the embedded agent")
-    s.add_argument("--runtime-file", default="", help="publish address and key in this file")
-    s.add_argument(
-        "--idle-exit",
-        type=_duration,
-        default=0.0,
-        help="exit after this long with no lease and no request (default: never)",
-    )
-    s.add_argument("--policy", default="", help="TOML policy file (reloaded on change/SIGHUP)")
-    s.add_argument("--tokens-file", default="", help="static user tokens (gpuattach-broker token)")
-    s.add_argument(
-        "--hub-api-url",
-        default=os.environ.get("JUPYTERHUB_API_URL", ""),
-        help="JupyterHub API URL, to accept kernels' JUPYTERHUB_API_TOKEN",
-    )
-    s.add_argument("--metrics-address", default="", help="host:port for Prometheus /metrics")
-    s.add_argument("--log-level", default="INFO")
 
     pc = sub.add_parser("policy", help="check a policy file")
     pc.add_argument("action", choices=["check"])
@@ -131,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from gpuattach_broker.broker.app import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
     if args.command == "events":
         return _events(args)
     if args.command == "usage":
@@ -214,39 +186,6 @@ def _admin(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    key = os.environ.get("GPUATTACH_BROKER_KEY", "")
-    if args.key_file:
-        try:
-            key = read_key_file(args.key_file)
-        except OSError as exc:
-            print(f"gpuattach-broker: {exc}", file=sys.stderr)
-            return 2
-    options = ServeOptions(
-        address=args.address,
-        db=args.db or str(default_db()),
-        ttl_seconds=args.ttl,
-        key=key,
-        embedded_agent=args.embedded_agent,
-        pool_size=args.pool_size,
-        runtime_file=args.runtime_file,
-        idle_exit_seconds=args.idle_exit,
-        policy=args.policy,
-        tokens_file=args.tokens_file,
-        hub_api_url=args.hub_api_url,
-        metrics_address=args.metrics_address,
-    )
-    if args.policy:
-        try:
-            load_policy(args.policy)
-        except (OSError, PolicyErrors) as exc:
-            print(f"gpuattach-broker: the policy is not usable:\n{exc}", file=sys.stderr)
-            return 2
-    asyncio.run(serve(options))
     return 0
 
 

@@ -1,0 +1,155 @@
+"""``gpuattach-broker serve`` as a traitlets application, configured the way
+JupyterHub and dask-gateway admins know: a ``gpuattach_broker_config.py``
+found in the working directory, ``/etc/gpuattach`` or
+``~/.config/gpuattach`` (or given with ``--config``), ``--generate-config``
+to write a commented default, and every option on the command line too
+(``--address``, or in full ``--BrokerApp.address``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Int, Unicode, default
+from traitlets.config import Application
+
+from gpuattach_broker.broker.policy import PolicyErrors, load_policy
+from gpuattach_broker.broker.server import ServeOptions, serve
+from gpuattach_broker.paths import default_db
+from gpuattach_broker.rpc import read_key_file
+from gpuattach_broker.units import parse_duration
+
+CONFIG_NAME = "gpuattach_broker_config"
+
+
+class BrokerApp(Application):
+    name = "gpuattach-broker serve"
+    description = "The GPU slice broker of jupyter-gpuattach."
+
+    address = Unicode("127.0.0.1:50051", help="host:port to listen on").tag(config=True)
+    db = Unicode("", help="SQLite state file (default: $XDG_STATE_HOME/gpuattach)").tag(config=True)
+    ttl = Unicode("30s", help="A lease ends this long after its kernel's last heartbeat.").tag(
+        config=True
+    )
+    key_file = Unicode("", help="File whose first line agents and services present.").tag(
+        config=True
+    )
+    embedded_agent = Unicode(
+        "", help="Also run an agent in this process: auto, nvml or cpu:NxSIZE."
+    ).tag(config=True)
+    pool_size = Int(1, help="Warm workers of the embedded agent.").tag(config=True)
+    runtime_file = Unicode("", help="Publish the address and key in this file.").tag(config=True)
+    idle_exit = Unicode("0", help="Exit after this long with no lease and no request.").tag(
+        config=True
+    )
+    policy = Unicode("", help="TOML policy file; reloaded on change and on SIGHUP.").tag(
+        config=True
+    )
+    tokens_file = Unicode("", help="Static user tokens (gpuattach-broker token add).").tag(
+        config=True
+    )
+    hub_api_url = Unicode(
+        "", help="JupyterHub API URL, to accept kernels' JUPYTERHUB_API_TOKEN."
+    ).tag(config=True)
+    metrics_address = Unicode("", help="host:port for Prometheus /metrics.").tag(config=True)
+    config_file = Unicode("", help="Load this config file instead of searching.").tag(config=True)
+    generate_config = Bool(False, help="Write a commented default config file and exit.").tag(
+        config=True
+    )
+
+    @default("log_level")
+    def _log_level_default(self) -> int:
+        return logging.INFO
+
+    @default("hub_api_url")
+    def _hub_api_url_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_URL", "")
+
+    aliases = {
+        "address": "BrokerApp.address",
+        "db": "BrokerApp.db",
+        "ttl": "BrokerApp.ttl",
+        "key-file": "BrokerApp.key_file",
+        "embedded-agent": "BrokerApp.embedded_agent",
+        "pool-size": "BrokerApp.pool_size",
+        "runtime-file": "BrokerApp.runtime_file",
+        "idle-exit": "BrokerApp.idle_exit",
+        "policy": "BrokerApp.policy",
+        "tokens-file": "BrokerApp.tokens_file",
+        "hub-api-url": "BrokerApp.hub_api_url",
+        "metrics-address": "BrokerApp.metrics_address",
+        "config": "BrokerApp.config_file",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "generate-config": (
+            {"BrokerApp": {"generate_config": True}},
+            "Write a commented default gpuattach_broker_config.py and exit.",
+        )
+    }
+
+    def config_search_path(self) -> list[str]:
+        return [os.getcwd(), "/etc/gpuattach", str(Path.home() / ".config" / "gpuattach")]
+
+    def initialize(self, argv: Any = None) -> None:
+        self.parse_command_line(argv)
+        cli_config = self.config
+        if self.config_file:
+            folder, name = os.path.split(os.path.abspath(self.config_file))
+            self.load_config_file(name, path=folder)
+        else:
+            self.load_config_file(CONFIG_NAME + ".py", path=self.config_search_path())
+        self.update_config(cli_config)  # the command line wins over the file
+
+    def options(self) -> ServeOptions:
+        key = os.environ.get("GPUATTACH_BROKER_KEY", "")
+        if self.key_file:
+            key = read_key_file(self.key_file)
+        return ServeOptions(
+            address=self.address,
+            db=self.db or str(default_db()),
+            ttl_seconds=parse_duration(self.ttl),
+            key=key,
+            embedded_agent=self.embedded_agent,
+            pool_size=self.pool_size,
+            runtime_file=self.runtime_file,
+            idle_exit_seconds=max(0.0, parse_duration(self.idle_exit)),
+            policy=self.policy,
+            tokens_file=self.tokens_file,
+            hub_api_url=self.hub_api_url,
+            metrics_address=self.metrics_address,
+        )
+
+    def start(self) -> None:
+        if self.generate_config:
+            target = Path(self.config_file or f"{CONFIG_NAME}.py")
+            if target.exists():
+                print(f"gpuattach-broker: {target} exists; not overwriting it", file=sys.stderr)
+                self.exit(1)
+            target.write_text(self.generate_config_file())
+            print(f"wrote {target}")
+            return
+        try:
+            options = self.options()
+            if options.policy:
+                load_policy(options.policy)
+        except (ValueError, OSError) as exc:
+            message = str(exc) if not isinstance(exc, PolicyErrors) else f"\n{exc}"
+            print(f"gpuattach-broker: {message}", file=sys.stderr)
+            self.exit(2)
+        logging.basicConfig(
+            level=self.log_level, format="%(asctime)s %(name)s %(message)s", force=True
+        )
+        asyncio.run(serve(options))
+
+
+def main(argv: list[str] | None = None) -> int:
+    app = BrokerApp()
+    app.initialize(argv)
+    app.start()
+    return 0
