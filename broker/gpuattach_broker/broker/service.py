@@ -268,9 +268,10 @@ class BrokerService(pb_grpc.BrokerServicer):
             effective = admit(
                 self.policy, slice_request, self.scheduler.held_by(user), identity.groups
             )
-            check_hours(
-                effective, self.store.leases(user=user, include_ended=True), self._device_memory()
-            )
+            limits = effective.limits
+            if limits.gpu_hours_per_day is not None or limits.gpu_hours_per_week is not None:
+                since = time.time() - 7 * 24 * 3600
+                check_hours(effective, self.store.leases_since(user, since), self._device_memory())
         except QuotaRefusal as exc:
             self.store.event("refused", user=user, detail=str(exc))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

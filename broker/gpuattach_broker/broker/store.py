@@ -244,6 +244,14 @@ class Store:
         query += " ORDER BY requested_at"
         return [_row_to_lease(r) for r in self.db.execute(query, args)]
 
+    def leases_since(self, user: str, since: float) -> list[LeaseRecord]:
+        """A user's leases held at any time after `since` (for GPU-hour quotas)."""
+        query = (
+            f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases WHERE user = ? "
+            "AND granted_at > 0 AND (ended_at = 0 OR ended_at >= ?)"
+        )
+        return [_row_to_lease(r) for r in self.db.execute(query, (user, since))]
+
     # ---------------------------------------------------------- devices ---
 
     def put_device(
