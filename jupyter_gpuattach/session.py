@@ -175,7 +175,12 @@ class GPUSession:
                 token = os.environ.get("GPUATTACH_TOKEN") or os.environ.get(
                     "JUPYTERHUB_API_TOKEN", ""
                 )
-                target = BrokerAddress(address, os.environ.get("GPUATTACH_BROKER_KEY", ""), token)
+                target = BrokerAddress(
+                    address,
+                    os.environ.get("GPUATTACH_BROKER_KEY", ""),
+                    token,
+                    os.environ.get("GPUATTACH_TLS_CA", ""),
+                )
             else:
                 from jupyter_core.paths import jupyter_runtime_dir
 
@@ -638,6 +643,45 @@ class GPUSession:
             f"held {format_duration(held)}, busy {format_duration(busy)}{share}{mode}"
             + (f" · {self.lost}" if self.lost else "")
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The session's state as plain data, for the status widget.
+
+        Lock-free on purpose: the widget refreshes from a background thread
+        while a cell holds the lock, so it reads each attribute once and
+        tolerates a lease that ends between two reads.
+        """
+        lease, info, auto, clock = self.lease, self.worker_info, self.auto, self.clock
+        now = time.monotonic()
+        deadline = auto.idle.deadline() if auto is not None else None
+        attached = lease is not None
+        held = now - clock.attached_at if attached else 0.0
+        return {
+            "attached": attached,
+            "kernel_id": self.kernel_id,
+            "lease_id": lease.lease_id if lease is not None else "",
+            "device": self._device() if attached else "",
+            "device_name": lease.device_name if lease is not None else "",
+            "host": lease.host if lease is not None else "",
+            "slice": {
+                "memory_bytes": lease.slice.memory_bytes if lease is not None else 0,
+                "fraction": lease.slice.fraction if lease is not None else 0.0,
+                "gpus": (lease.slice.gpus or 1) if lease is not None else 0,
+            },
+            "memory_bytes": lease.memory_bytes if lease is not None else 0,
+            "held_seconds": held,
+            "busy_seconds": clock.busy(now) if attached else 0.0,
+            "running_cell": self.running_cell,
+            "auto": auto is not None,
+            "idle_seconds": auto.idle.idle_seconds if auto is not None else None,
+            "idle_release_in": (
+                max(0.0, deadline - now) if attached and deadline is not None else None
+            ),
+            "worker_pid": info.pid if attached and info is not None else None,
+            "worker_host": info.host if attached and info is not None else "",
+            "worker_endpoint": lease.worker_endpoint if lease is not None else "",
+            "lost": self.lost,
+        }
 
     def shutdown(self) -> None:
         """Kernel exit: give the slice back without moving anything."""

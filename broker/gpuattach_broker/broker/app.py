@@ -22,6 +22,7 @@ from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.server import ServeOptions, serve
 from gpuattach_broker.paths import default_db
 from gpuattach_broker.rpc import read_key_file
+from gpuattach_broker.tls import TLSFiles
 from gpuattach_broker.units import parse_duration
 
 CONFIG_NAME = "gpuattach_broker_config"
@@ -57,6 +58,17 @@ class BrokerApp(Application):
         "", help="JupyterHub API URL, to accept kernels' JUPYTERHUB_API_TOKEN."
     ).tag(config=True)
     metrics_address = Unicode("", help="host:port for Prometheus /metrics.").tag(config=True)
+    tls_cert = Unicode("", help="Server certificate (PEM): kernels connect with TLS.").tag(
+        config=True
+    )
+    tls_key = Unicode("", help="Private key of the server certificate (PEM).").tag(config=True)
+    tls_ca = Unicode("", help="CA that signed the agents' client certificates (PEM).").tag(
+        config=True
+    )
+    agent_address = Unicode("", help="host:port for agents, with mutual TLS.").tag(config=True)
+    allow_plaintext = Bool(False, help="Allow plaintext on a non-loopback address.").tag(
+        config=True
+    )
     config_file = Unicode("", help="Load this config file instead of searching.").tag(config=True)
     generate_config = Bool(False, help="Write a commented default config file and exit.").tag(
         config=True
@@ -83,14 +95,22 @@ class BrokerApp(Application):
         "tokens-file": "BrokerApp.tokens_file",
         "hub-api-url": "BrokerApp.hub_api_url",
         "metrics-address": "BrokerApp.metrics_address",
+        "tls-cert": "BrokerApp.tls_cert",
+        "tls-key": "BrokerApp.tls_key",
+        "tls-ca": "BrokerApp.tls_ca",
+        "agent-address": "BrokerApp.agent_address",
         "config": "BrokerApp.config_file",
         "log-level": "Application.log_level",
     }
     flags = {
+        "allow-plaintext": (
+            {"BrokerApp": {"allow_plaintext": True}},
+            "Listen without TLS on a non-loopback address (a trusted network only).",
+        ),
         "generate-config": (
             {"BrokerApp": {"generate_config": True}},
             "Write a commented default gpuattach_broker_config.py and exit.",
-        )
+        ),
     }
 
     def config_search_path(self) -> list[str]:
@@ -123,6 +143,9 @@ class BrokerApp(Application):
             tokens_file=self.tokens_file,
             hub_api_url=self.hub_api_url,
             metrics_address=self.metrics_address,
+            tls=TLSFiles(self.tls_cert, self.tls_key, self.tls_ca),
+            agent_address=self.agent_address,
+            allow_plaintext=self.allow_plaintext,
         )
 
     def start(self) -> None:
@@ -142,10 +165,13 @@ class BrokerApp(Application):
             message = str(exc) if not isinstance(exc, PolicyErrors) else f"\n{exc}"
             print(f"gpuattach-broker: {message}", file=sys.stderr)
             self.exit(2)
-        logging.basicConfig(
-            level=self.log_level, format="%(asctime)s %(name)s %(message)s", force=True
-        )
-        asyncio.run(serve(options))
+        level = self.log_level if isinstance(self.log_level, int | str) else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", force=True)
+        try:
+            asyncio.run(serve(options))
+        except ValueError as exc:  # e.g. plaintext refused, mTLS without a CA
+            print(f"gpuattach-broker: {exc}", file=sys.stderr)
+            self.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

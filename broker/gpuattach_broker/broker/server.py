@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,7 @@ from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.service import BrokerService
 from gpuattach_broker.broker.store import Store
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.tls import TLSFiles, check_plaintext, server_credentials
 from gpuattach_broker.transfer import GRPC_OPTIONS
 
 log = logging.getLogger("gpuattach.broker")
@@ -46,6 +47,9 @@ class ServeOptions:
     tokens_file: str = ""  # static user tokens (hashed)
     hub_api_url: str = ""  # JupyterHub API, to resolve kernels' JUPYTERHUB_API_TOKEN
     metrics_address: str = ""  # host:port for Prometheus /metrics
+    tls: TLSFiles = field(default_factory=TLSFiles)  # certificate, key (and the agents' CA)
+    agent_address: str = ""  # a second port for agents, with mutual TLS
+    allow_plaintext: bool = False
 
 
 def write_runtime_file(path: str, address: str, key: str) -> None:
@@ -115,7 +119,18 @@ async def serve(options: ServeOptions) -> None:
     )
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_BrokerServicer_to_server(service, server)
-    port = server.add_insecure_port(options.address)
+    if options.tls.enabled:
+        port = server.add_secure_port(options.address, server_credentials(options.tls))
+    else:
+        check_plaintext(options.address, options.allow_plaintext)
+        port = server.add_insecure_port(options.address)
+    if options.agent_address:
+        if not (options.tls.enabled and options.tls.ca):
+            raise ValueError("--agent-address needs --tls-cert, --tls-key and --tls-ca (mTLS)")
+        server.add_secure_port(
+            options.agent_address, server_credentials(options.tls, require_client_cert=True)
+        )
+        service.agents_need_certificate = True
     if port == 0:
         raise SystemExit(f"gpuattach-broker: cannot listen on {options.address}")
     host = options.address.rsplit(":", 1)[0]

@@ -114,6 +114,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
         self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
+        # With an mTLS agent port, agents must come with a verified certificate.
+        self.agents_need_certificate = False
         self.last_activity = time.monotonic()
         self._restore()
 
@@ -741,6 +743,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = await self._identify(context)
         if not identity.service:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agents need the broker key")
+        if self.agents_need_certificate and not context.auth_context().get("x509_common_name"):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "agents connect to the agent port with a client certificate (mutual TLS)",
+            )
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("msg") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an agent must say hello first")

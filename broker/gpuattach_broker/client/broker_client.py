@@ -18,6 +18,7 @@ import grpc
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
+from gpuattach_broker.tls import TLSFiles, channel_credentials
 
 log = logging.getLogger("gpuattach.client")
 
@@ -43,12 +44,17 @@ class BrokerAddress:
     address: str
     key: str = ""
     token: str = ""  # a user token: GPUATTACH_TOKEN, or JUPYTERHUB_API_TOKEN under JupyterHub
+    tls_ca: str = ""  # verify a TLS broker against this CA (GPUATTACH_TLS_CA)
 
 
 class BrokerClient:
     def __init__(self, target: BrokerAddress) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target.address)
+        if target.tls_ca:
+            credentials = channel_credentials(TLSFiles(ca=target.tls_ca))
+            self.channel = grpc.secure_channel(target.address, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target.address)
         self.stub = pb_grpc.BrokerStub(self.channel)
         self.metadata = key_metadata(target.key) + (
             (("authorization", f"token {target.token}"),) if target.token else ()

@@ -1,0 +1,103 @@
+"""Transport security of the broker: TLS for kernels, plaintext only on loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient, BrokerError
+from tests.harness import free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+BROKER = str(Path(sys.executable).parent / "gpuattach-broker")
+
+
+def _write_cert(folder: Path, name: str, issuer_key: object, issuer: x509.Name | None) -> tuple:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+    )
+    if issuer is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())  # type: ignore[arg-type]
+    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key, subject
+
+
+def test_broker_speaks_tls_and_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
+    ca_key, ca_name = _write_cert(tmp_path, "ca", None, None)
+    _write_cert(tmp_path, "broker", ca_key, ca_name)
+    port = free_port()
+    log = open(tmp_path / "broker.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            BROKER,
+            "serve",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(tmp_path / "b.sqlite"),
+            "--tls-cert",
+            str(tmp_path / "broker.pem"),
+            "--tls-key",
+            str(tmp_path / "broker.key"),
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        secure = BrokerClient(BrokerAddress(f"127.0.0.1:{port}", tls_ca=str(tmp_path / "ca.pem")))
+        wait_for(lambda: secure.pool_status() is not None, timeout=30, what="TLS broker")
+        plain = BrokerClient(BrokerAddress(f"127.0.0.1:{port}"))
+        with pytest.raises(BrokerError, match="cannot reach"):
+            plain.pool_status()  # a plaintext client cannot talk to a TLS broker
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+    refused = subprocess.run(
+        [
+            BROKER,
+            "serve",
+            "--address",
+            f"0.0.0.0:{free_port()}",
+            "--db",
+            str(tmp_path / "c.sqlite"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "refusing plaintext" in refused.stderr and "--tls-cert" in refused.stderr
