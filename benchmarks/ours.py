@@ -286,7 +286,9 @@ def measure_same_host_migration(
             started = time.perf_counter()
             session.push_changes()
             push_s.append(time.perf_counter() - started)
-            session.run_cell("for name in ('t0', 't1', 't2', 't3'):\n    globals()[name].mul_(-1.5)")
+            session.run_cell(
+                "for name in ('t0', 't1', 't2', 't3'):\n    globals()[name].mul_(-1.5)"
+            )
             session.wait_for_sync()  # the background sync of that cell is the "out" path
             last = session.transfers[-1]
             if last.kind != "sync" or last.wire_bytes < nbytes:

@@ -4,6 +4,13 @@ runs the workers of the leases placed here.
 It keeps one AgentChannel stream open to the broker and reconnects with
 backoff when the broker goes away; on reconnect it lists the leases whose
 workers still run, so a restarted broker carries on with them.
+
+On an NVML host it also watches its GPUs (gpu_host): a fractional lease
+over its memory cap is ended with the numbers in its end reason; a GPU
+that is lost, vanishes or reports a fatal Xid is drained (it takes no new
+lease) and its leases end with a message that says which GPU and why.
+When the set of devices changes it says hello again (a new session: the
+broker re-registers devices and keeps the live leases).
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from typing import Any
 import grpc
 
 from gpuattach_broker import __version__
-from gpuattach_broker.agent.backends import Device, DeviceBackend
-from gpuattach_broker.agent.pool import WorkerPool, WorkerProcess
+from gpuattach_broker.agent.backends import Device, DeviceBackend, NvmlBackend
+from gpuattach_broker.agent.backends.gpu_slices import needs_fresh_context
+from gpuattach_broker.agent.gpu_host import GpuHost, GpuOptions
+from gpuattach_broker.agent.gpu_monitor import LeaseSample
+from gpuattach_broker.agent.pool import WarmPools, WorkerProcess
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
@@ -33,6 +43,8 @@ from gpuattach_broker.worker.blobcache import cached_users, default_root
 log = logging.getLogger("gpuattach.agent")
 
 HEARTBEAT_S = 2.0
+# After the outbox empties, time for the stream to deliver it before a new hello.
+ANNOUNCE_GRACE_S = 0.5
 
 
 def _safe_name(user: str) -> str:
@@ -65,7 +77,11 @@ class Agent:
         key: str = "",
         blob_cache: str | Path | None = None,
         blob_cache_bytes: int = 8 << 30,
+        gpu: GpuOptions | None = None,
     ) -> None:
+        """`pool_size`: warm workers kept ready; on a GPU host, per device (each
+        with its CUDA context made) plus a shared pool for leases no device
+        pool can serve when the host has several devices or MPS."""
         self.broker_address = broker_address
         self.backend = backend
         self.host = host or socket.gethostname()
@@ -75,14 +91,31 @@ class Agent:
         self.key = key
         self.blob_cache = Path(blob_cache) if blob_cache else default_root()
         self.blob_cache_bytes = blob_cache_bytes
-        self.pool = WorkerPool(size=pool_size, bind=bind)
         self.devices: dict[str, Device] = {
             f"{self.host}/{d.local_id}": d for d in backend.devices()
         }
+        self.pool = self._make_pools(pool_size)
         self.live: dict[str, WorkerProcess] = {}
+        self.lease_devices: dict[str, dict[str, int]] = {}  # lease -> device id -> bytes held
+        self.drained: dict[str, str] = {}  # device id -> why it takes no new lease
+        self.gpu = GpuHost(backend, gpu) if isinstance(backend, NvmlBackend) else None
         self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = 0
+        self._reannounce = asyncio.Event()
         self.connected = asyncio.Event()
+
+    def _make_pools(self, size: int) -> WarmPools:
+        warm = {d.local_id: self.backend.warm_env(d) for d in self.devices.values()}
+        by_device = {k: env for k, env in warm.items() if env is not None}
+        mps = isinstance(self.backend, NvmlBackend) and self.backend.mps.active
+        # Leases no device pool serves: several devices at once, or an MPS share.
+        needs_shared = len(by_device) < len(warm) or len(warm) > 1 or mps
+        shared = size if needs_shared else 0
+        pools = WarmPools(shared_size=shared, device_size=size, bind=self.bind)
+        for device_id, env in by_device.items():
+            pools.add_device(device_id, env)
+        return pools
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -106,6 +139,7 @@ class Agent:
                         uuid=d.uuid,
                     )
                     for device_id, d in self.devices.items()
+                    if device_id not in self.drained
                 ],
                 live_leases=[
                     pb.LiveLease(lease_id=lease_id, worker_endpoint=self._endpoint(w), pid=w.pid)
@@ -122,16 +156,28 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, reconnecting to the broker as needed."""
         self.pool.refill()
+        if self.gpu is not None:
+            self._spawn(self.gpu.run(self._on_breach, self._on_fault, self._on_inventory))
         backoff = 0.2
         try:
             while not stop.is_set():
                 session = asyncio.create_task(self._session())
                 stopper = asyncio.create_task(stop.wait())
-                await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                announce = asyncio.create_task(self._announce_wanted())
+                await asyncio.wait(
+                    {session, stopper, announce}, return_when=asyncio.FIRST_COMPLETED
+                )
                 stopper.cancel()
+                announce.cancel()
                 if stop.is_set():
                     session.cancel()
                     break
+                if not session.done():  # the devices changed: say hello again now
+                    session.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await session
+                    log.info("devices changed; re-registering with the broker")
+                    continue
                 self.connected.clear()
                 exc = session.exception() if not session.cancelled() else None
                 if exc is not None and not isinstance(exc, grpc.aio.AioRpcError):
@@ -144,9 +190,25 @@ class Agent:
         finally:
             await self.shutdown()
 
+    async def _announce_wanted(self) -> None:
+        """Returns when a new hello is due, no lease start is in flight (its
+        answer on a closed stream would be lost) and what the agent sent has
+        gone out: the broker must read a lease's end reason before the new
+        hello, or it would end that lease as "worker gone" instead."""
+        await self._reannounce.wait()
+        while True:
+            while self._starting or not self._outbox.empty():
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(ANNOUNCE_GRACE_S)
+            if not self._starting and self._outbox.empty():
+                break
+        self._reannounce.clear()
+
     async def _session(self) -> None:
-        self._outbox = asyncio.Queue()
+        undelivered, self._outbox = self._outbox, asyncio.Queue()
         self._send(self.hello())
+        while not undelivered.empty():  # after the hello: the broker needs that first
+            self._send(undelivered.get_nowait())
         metadata = key_metadata(self.key)
         async with grpc.aio.insecure_channel(self.broker_address) as channel:
             stub = pb_grpc.BrokerStub(channel)
@@ -180,25 +242,44 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _start_lease(self, start: pb.StartLease) -> None:
+        self._starting += 1
+        worker: WorkerProcess | None = None
         try:
             unknown = [d for d in start.device_ids if d not in self.devices]
             if unknown:
                 raise RuntimeError(f"unknown devices {unknown} on host {self.host}")
+            out = [f"{d} ({self.drained[d]})" for d in start.device_ids if d in self.drained]
+            if out:
+                raise RuntimeError(f"out of service on host {self.host}: {'; '.join(out)}")
             devices = [self.devices[d] for d in start.device_ids]
-            worker = await self.pool.take()
             env = self.backend.slice_env(devices, start.memory_bytes)
             env["GPUATTACH_BLOB_CACHE"] = str(self.blob_cache / _safe_name(start.user))
             env["GPUATTACH_BLOB_CACHE_BYTES"] = str(self.blob_cache_bytes)
+            worker = await self.pool.take(
+                [d.local_id for d in devices], fresh_context=needs_fresh_context(env)
+            )
+            await self._hold(start.lease_id, list(start.device_ids), start.memory_bytes)
+            self.pool.refill()  # replacements only where another slice still fits
             count = f"{len(devices)}x " if len(devices) > 1 else ""
             summary = f"{count}{devices[0].name} on {self.host} ({format_size(start.memory_bytes)})"
             await worker.assign(start.lease_id, start.token, env, summary)
         except Exception as exc:
             log.error("could not start lease %s: %s", start.lease_id, exc)
+            if worker is not None:
+                self._spawn(self._discard(worker))
+            await self._unhold(start.lease_id)
+            self.pool.refill()
             self._send(
                 pb.AgentMessage(failed=pb.LeaseFailed(lease_id=start.lease_id, error=str(exc)))
             )
             return
+        finally:
+            self._starting -= 1
         self.live[start.lease_id] = worker
+        if self.gpu is not None:
+            single = len(devices) == 1 and start.memory_bytes < devices[0].memory_bytes
+            cap = start.memory_bytes if single else 0
+            self.gpu.track(start.lease_id, worker.pid, devices, cap)
         self._spawn(self._watch(start.lease_id, worker))
         self._send(
             pb.AgentMessage(
@@ -208,10 +289,39 @@ class Agent:
             )
         )
 
+    async def _discard(self, worker: WorkerProcess) -> None:
+        await worker.stop()
+
+    async def _hold(self, lease_id: str, device_ids: list[str], memory_bytes: int) -> None:
+        """Count what the lease holds of each device; a device with no room left
+        (held whole, or packed full) keeps no idle warm worker on it."""
+        several = len(device_ids) > 1
+        held = self.lease_devices[lease_id] = {}
+        for device_id in device_ids:
+            size = self.devices[device_id].memory_bytes
+            held[device_id] = size if several else min(size, memory_bytes)
+        for device_id in device_ids:
+            await self.pool.set_room(self.devices[device_id].local_id, self._has_room(device_id))
+
+    async def _unhold(self, lease_id: str) -> None:
+        held = self.lease_devices.pop(lease_id, {})
+        for device_id in held:
+            if device_id in self.devices and device_id not in self.drained:
+                await self.pool.set_room(
+                    self.devices[device_id].local_id, self._has_room(device_id)
+                )
+
+    def _has_room(self, device_id: str) -> bool:
+        used = sum(held.get(device_id, 0) for held in self.lease_devices.values())
+        return used < self.devices[device_id].memory_bytes
+
     async def _watch(self, lease_id: str, worker: WorkerProcess) -> None:
         code = await worker.proc.wait()
         if self.live.get(lease_id) is worker:
             del self.live[lease_id]
+        if self.gpu is not None:
+            self.gpu.untrack(lease_id)
+        await self._unhold(lease_id)
         if not worker.stopping:
             self._send(
                 pb.AgentMessage(ended=pb.LeaseEnded(lease_id=lease_id, reason=describe_exit(code)))
@@ -221,6 +331,69 @@ class Agent:
         worker = self.live.pop(lease_id, None)
         if worker is not None:
             await worker.stop()
+
+    async def end_lease(self, lease_id: str, reason: str) -> None:
+        """End a lease on the agent's own initiative: the broker hears why first
+        (the kernel reads it as the end reason), then the worker stops."""
+        worker = self.live.pop(lease_id, None)
+        if worker is None:
+            return
+        worker.stopping = True
+        self._send(pb.AgentMessage(ended=pb.LeaseEnded(lease_id=lease_id, reason=reason)))
+        await worker.stop()
+
+    def usage(self) -> dict[str, LeaseSample]:
+        """Latest GPU sample per lease (empty on the CPU backend). The heartbeat
+        carries these once the protocol has a field for them."""
+        return self.gpu.usage() if self.gpu is not None else {}
+
+    # ------------------------------------------------------------ GPU faults ---
+
+    async def _on_breach(self, lease_id: str, message: str) -> None:
+        await self.end_lease(lease_id, message)
+
+    async def _on_fault(self, local_ids: list[str], reason: str, end_leases: bool) -> None:
+        """Drain devices (by local id); with `end_leases`, end every lease on them."""
+        ids = [f"{self.host}/{local}" for local in local_ids]
+        fresh = [d for d in ids if d in self.devices and d not in self.drained]
+        for device_id in fresh:
+            self.drained[device_id] = reason
+            await self.pool.remove_device(self.devices[device_id].local_id)
+        if end_leases:
+            hit, endings = set(ids), []
+            for lease_id, held in list(self.lease_devices.items()):
+                if lease_id in self.live and hit & set(held):
+                    names = ", ".join(
+                        sorted({self.devices[d].name for d in hit & set(held) if d in self.devices})
+                    )
+                    endings.append(
+                        self.end_lease(
+                            lease_id,
+                            f"the GPU of this lease ({names} on {self.host}) was taken out of "
+                            f"service: {reason}. Attach again to get a working GPU.",
+                        )
+                    )
+            await asyncio.gather(*endings)
+        if fresh:
+            self._reannounce.set()
+
+    async def _on_inventory(self, devices: list[Device]) -> None:
+        """The device list after a refresh: vanished devices are forgotten (their
+        leases were ended by `_on_fault`), new ones (hot-plug, MIG instances
+        created, a GPU back after a reset) join with warm workers. A device
+        drained for an Xid but still present stays drained."""
+        now = {f"{self.host}/{d.local_id}": d for d in devices}
+        for device_id in [d for d in self.devices if d not in now]:
+            del self.devices[device_id]
+            self.drained.pop(device_id, None)
+        for device_id, device in now.items():
+            if device_id in self.devices:
+                continue
+            self.devices[device_id] = device
+            env = self.backend.warm_env(device)
+            if env is not None and self.pool.device_size:
+                self.pool.add_device(device.local_id, env).refill()
+        self._reannounce.set()
 
     async def shutdown(self) -> None:
         workers = list(self.live.values())

@@ -94,7 +94,9 @@ def start(directory: str | None = None, log_dir: str = "", wait_s: float = 5.0) 
     while time.monotonic() < deadline:
         if _control_pipe(found.pipe_dir):
             log.info("started an MPS control daemon at %s", found.pipe_dir)
-            return MpsState(True, found.pipe_dir, f"MPS control daemon started at {found.pipe_dir}", True)
+            return MpsState(
+                True, found.pipe_dir, f"MPS control daemon started at {found.pipe_dir}", True
+            )
         time.sleep(0.05)
     return MpsState(
         False, found.pipe_dir, f"the MPS control daemon did not open {found.pipe_dir}/control"

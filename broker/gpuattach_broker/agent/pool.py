@@ -3,6 +3,15 @@
 A warm worker has already paid Python start-up and ``import torch`` (about
 2 s); binding it to a lease is one local RPC. After each hand-out the pool
 starts a replacement in the background.
+
+On a GPU host a warm worker can also have made its CUDA context (another
+few hundred ms to seconds on first use). A context belongs to one device,
+chosen by CUDA_VISIBLE_DEVICES before it exists, so such workers are kept
+in one pool per device (`WarmPools`) and a worker warmed on a device is
+only handed to a lease on that device. Leases no device pool can serve
+(several GPUs, or an MPS share that must be set before the context exists)
+take a worker from the shared pool, whose workers have imported torch but
+not touched CUDA. The CPU backend has only the shared pool.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,6 +35,7 @@ from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 log = logging.getLogger("gpuattach.agent")
 
 READY_TIMEOUT_S = 120.0
+WARM_CUDA_FLAG = "--warm-cuda"
 
 
 @dataclass
@@ -36,6 +47,8 @@ class WorkerProcess:
     lease_id: str = ""
     stopping: bool = False
     drain: asyncio.Task[None] | None = field(default=None, repr=False)
+    device: str = ""  # the device whose CUDA context it made; "" for none
+    cuda: str = ""  # what its CUDA warm-up reported (device name, or why it failed)
 
     @property
     def pid(self) -> int:
@@ -67,14 +80,34 @@ class WorkerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 await self.proc.wait()
+        if self.drain is not None and not self.drain.done():
+            # Read its stdout to the end so the pipe closes with the process; a child
+            # of the cell that kept the pipe open must not hold the stop up.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self.drain), 0.5)
         return self.proc.returncode
 
 
 class WorkerPool:
-    def __init__(self, *, size: int = 1, bind: str = "127.0.0.1", python: str = "") -> None:
+    """Warm workers of one kind: `env` and `args` say how they are started."""
+
+    def __init__(
+        self,
+        *,
+        size: int = 1,
+        bind: str = "127.0.0.1",
+        python: str = "",
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        device: str = "",
+    ) -> None:
         self.size = size
         self.bind = bind
         self.python = python or sys.executable
+        self.env = dict(env or {})
+        self.args = list(args)
+        self.device = device
+        self.paused = False
         self._ready: list[WorkerProcess] = []
         self._starting: set[asyncio.Task[WorkerProcess]] = set()
         self._stopping: set[asyncio.Task[int | None]] = set()
@@ -87,6 +120,7 @@ class WorkerPool:
     async def spawn(self) -> WorkerProcess:
         key = secrets.token_urlsafe(24)
         env = dict(os.environ)
+        env.update(self.env)
         env["GPUATTACH_AGENT_KEY"] = key
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = await asyncio.create_subprocess_exec(
@@ -97,6 +131,7 @@ class WorkerPool:
             self.bind,
             "--parent-pid",
             str(os.getpid()),
+            *self.args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -106,16 +141,29 @@ class WorkerPool:
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
             ready = json.loads(line)
         except (TimeoutError, ValueError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            await _kill(proc)
             raise RuntimeError(f"worker process did not start ({exc or 'timeout'})") from exc
-        worker = WorkerProcess(proc=proc, port=int(ready["port"]), key=key, bind=self.bind)
+        except asyncio.CancelledError:
+            # Paused or closed while it started: never leave it running (on a GPU it
+            # would hold a CUDA context nobody accounts for).
+            await asyncio.shield(_kill(proc))
+            raise
+        worker = WorkerProcess(
+            proc=proc,
+            port=int(ready["port"]),
+            key=key,
+            bind=self.bind,
+            device=self.device if ready.get("cuda_ok") else "",
+            cuda=str(ready.get("cuda", "")),
+        )
+        if WARM_CUDA_FLAG in self.args and not ready.get("cuda_ok"):
+            log.warning("worker for %s could not warm CUDA: %s", self.device, worker.cuda)
         worker.drain = asyncio.create_task(_drain(proc.stdout))
         return worker
 
     def refill(self) -> None:
         """Start workers in the background until `size` are warm or starting."""
-        if self._closed:
+        if self._closed or self.paused:
             return
         self._ready = [w for w in self._ready if w.proc.returncode is None]
         missing = self.size - len(self._ready) - len(self._starting)
@@ -132,23 +180,51 @@ class WorkerPool:
             log.error("could not start a warm worker: %s", task.exception())
             return
         worker = task.result()
-        if self._closed:
-            stopping = asyncio.create_task(worker.stop())
-            self._stopping.add(stopping)
-            stopping.add_done_callback(self._stopping.discard)
+        if self._closed or self.paused:
+            self._stop_later(worker)
             return
         self._ready.append(worker)
 
-    async def take(self) -> WorkerProcess:
-        """A warm worker if one is ready, else a freshly started one."""
+    def _stop_later(self, worker: WorkerProcess) -> None:
+        stopping = asyncio.create_task(worker.stop())
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
+
+    def take_ready(self, refill: bool = True) -> WorkerProcess | None:
+        """A warm worker if one is ready, else None. With `refill` a replacement
+        starts now; without, the caller refills once it knows the device has room."""
         while self._ready:
             worker = self._ready.pop(0)
             if worker.proc.returncode is None:
-                self.refill()
+                if refill:
+                    self.refill()
                 return worker
+        return None
+
+    async def take(self) -> WorkerProcess:
+        """A warm worker if one is ready, else a freshly started one."""
+        worker = self.take_ready()
+        if worker is not None:
+            return worker
         worker = await self.spawn()
         self.refill()
         return worker
+
+    async def pause(self) -> None:
+        """Keep no warm worker (and stop those ready) until `resume`.
+
+        A GPU held whole by a lease, or with no room left for another
+        slice, should not carry an idle process's CUDA context.
+        """
+        self.paused = True
+        for task in list(self._starting):
+            task.cancel()
+        ready, self._ready = self._ready, []
+        await asyncio.gather(*(w.stop(grace=1.0) for w in ready), return_exceptions=True)
+
+    def resume(self) -> None:
+        self.paused = False
+        self.refill()
 
     async def close(self) -> None:
         self._closed = True
@@ -156,6 +232,89 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*(w.stop(grace=1.0) for w in self._ready), return_exceptions=True)
         self._ready.clear()
+
+
+class WarmPools:
+    """The shared pool plus one pool per device whose workers pre-warm CUDA there."""
+
+    def __init__(
+        self,
+        *,
+        shared_size: int = 1,
+        device_size: int = 0,
+        bind: str = "127.0.0.1",
+        python: str = "",
+    ) -> None:
+        self.bind = bind
+        self.python = python
+        self.device_size = device_size
+        self.shared = WorkerPool(size=shared_size, bind=bind, python=python)
+        self.devices: dict[str, WorkerPool] = {}
+
+    @property
+    def warm(self) -> int:
+        return self.shared.warm + sum(p.warm for p in self.devices.values())
+
+    def add_device(self, device_id: str, env: Mapping[str, str]) -> WorkerPool:
+        """A pool of workers started with `env` (CUDA_VISIBLE_DEVICES) that make
+        their CUDA context before they report ready."""
+        pool = WorkerPool(
+            size=self.device_size,
+            bind=self.bind,
+            python=self.python,
+            env=env,
+            args=[WARM_CUDA_FLAG],
+            device=device_id,
+        )
+        self.devices[device_id] = pool
+        return pool
+
+    async def remove_device(self, device_id: str) -> None:
+        pool = self.devices.pop(device_id, None)
+        if pool is not None:
+            await pool.close()
+
+    def refill(self) -> None:
+        self.shared.refill()
+        for pool in self.devices.values():
+            pool.refill()
+
+    async def take(
+        self, device_ids: Sequence[str] = (), fresh_context: bool = False
+    ) -> WorkerProcess:
+        """A worker for a lease on `device_ids`.
+
+        Warmed on that very device when the lease is one device and needs no
+        context-time setting (`fresh_context`); else one from the shared
+        pool, or a new one.
+        """
+        if len(device_ids) == 1 and not fresh_context:
+            pool = self.devices.get(device_ids[0])
+            worker = pool.take_ready(refill=False) if pool is not None else None
+            if worker is not None:
+                return worker  # the caller refills (`refill`) after `set_room`
+        return await self.shared.take()
+
+    async def set_room(self, device_id: str, room: bool) -> None:
+        """Keep a warm worker on a device only while another slice can still go there."""
+        pool = self.devices.get(device_id)
+        if pool is None or pool.paused == (not room):
+            return
+        if room:
+            pool.resume()
+        else:
+            await pool.pause()
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            self.shared.close(), *(p.close() for p in self.devices.values()), return_exceptions=True
+        )
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:

@@ -116,7 +116,9 @@ class XidWatcher:
         try:
             self._set = nvml.nvmlEventSetCreate()
         except nvml.NVMLError as exc:
-            self.unsupported = {u: f"no event set: {nvml_error_name(nvml, exc)}" for u in self.gpu_uuids}
+            self.unsupported = {
+                u: f"no event set: {nvml_error_name(nvml, exc)}" for u in self.gpu_uuids
+            }
             return
         for uuid in self.gpu_uuids:
             try:

@@ -3,6 +3,11 @@
 Started by the agent before any lease exists (a warm worker: torch already
 imported, the shell built); it prints one JSON line with its port when ready,
 then waits for the agent to bind it to a lease.
+
+With ``--warm-cuda`` (GPU hosts; the agent sets CUDA_VISIBLE_DEVICES to one
+device first) it also makes its CUDA context and loads the kernels a first
+cell needs before reporting ready, so attach does not pay for them. Such a
+worker can then only serve a lease on that device.
 """
 
 from __future__ import annotations
@@ -28,6 +33,27 @@ def _preload() -> None:
             pass
 
 
+def _warm_cuda() -> tuple[bool, str]:
+    """Make the CUDA context now; (ok, device name or why not). Never raises:
+    a worker that cannot use CUDA still serves (its cells then see no GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    try:
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "none (a CPU build of torch)"
+            return False, f"torch sees no CUDA device (torch CUDA: {built})"
+        x = torch.ones((64, 64), device="cuda")
+        (x @ x).add_(1).sum().item()  # context, allocator, cuBLAS handle, first kernels
+        torch.cuda.synchronize()
+        del x
+        torch.cuda.empty_cache()  # keep no cached block: a fractional cap applies later
+        return True, str(torch.cuda.get_device_name(0))
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
 def _watch_parent(parent_pid: int, on_gone: Any) -> None:
     while True:
         time.sleep(1.0)
@@ -41,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process ends")
     parser.add_argument("--max-namespace-bytes", type=int, default=0)
+    parser.add_argument(
+        "--warm-cuda", action="store_true", help="make the CUDA context before reporting ready"
+    )
     args = parser.parse_args(argv)
 
     agent_key = os.environ.pop("GPUATTACH_AGENT_KEY", "")
@@ -52,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     _preload()
+    cuda_ok, cuda = _warm_cuda() if args.warm_cuda else (False, "")
     from gpuattach_broker import transfer
     from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
     from gpuattach_broker.worker.service import (
@@ -85,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
     ready = sys.__stdout__
     assert ready is not None, "the agent reads the ready line from stdout"
-    ready.write(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    ready.write(
+        json.dumps({"port": port, "pid": os.getpid(), "cuda_ok": cuda_ok, "cuda": cuda}) + "\n"
+    )
     ready.flush()
     executor.run_forever()
     return 0

@@ -211,7 +211,9 @@ def _read_gpu(nvml: Any, index: int) -> GpuRecord:
     return replace(record, migs=migs)
 
 
-def _read_migs(nvml: Any, handle: Any, parent_name: str, parent_memory: int) -> tuple[MigRecord, ...]:
+def _read_migs(
+    nvml: Any, handle: Any, parent_name: str, parent_memory: int
+) -> tuple[MigRecord, ...]:
     migs: list[MigRecord] = []
     for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
         try:
