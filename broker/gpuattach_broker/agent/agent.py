@@ -235,7 +235,19 @@ class Agent:
             self._send(
                 pb.AgentMessage(
                     heartbeat=pb.AgentHeartbeat(
-                        warm_workers=self.pool.warm, cached_users=cached_users(self.blob_cache)
+                        warm_workers=self.pool.warm,
+                        cached_users=cached_users(self.blob_cache),
+                        usage=[
+                            pb.LeaseUsage(
+                                lease_id=lease_id,
+                                memory_bytes=sample.memory_bytes,
+                                sm_percent=-1.0 if sample.sm_percent is None else sample.sm_percent,
+                                busy_seconds=sample.busy_seconds,
+                                sm_seconds=sample.sm_seconds,
+                                sampled_at=sample.at,
+                            )
+                            for lease_id, sample in self.usage().items()
+                        ],
                     )
                 )
             )
@@ -343,8 +355,7 @@ class Agent:
         await worker.stop()
 
     def usage(self) -> dict[str, LeaseSample]:
-        """Latest GPU sample per lease (empty on the CPU backend). The heartbeat
-        carries these once the protocol has a field for them."""
+        """Latest GPU sample per lease (empty on the CPU backend), for the heartbeat."""
         return self.gpu.usage() if self.gpu is not None else {}
 
     # ------------------------------------------------------------ GPU faults ---

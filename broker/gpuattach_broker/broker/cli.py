@@ -198,7 +198,7 @@ def _events(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
         return 1
-    store = Store(path, readonly=True)
+    store = Store(path)  # read-write: brings an older state file up to date
     since = time.time() - args.since if args.since else 0.0
     for event in store.events(since=since):
         lease = event.lease_id[:8] if event.lease_id else "-"
@@ -209,12 +209,13 @@ def _events(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    """Per group: leases, seconds held, seconds a cell ran, and the busy share."""
+    """Per group: leases, seconds held, seconds a cell ran (the kernel's count),
+    seconds the GPU was really busy (NVML; 0 on the CPU backend), busy share."""
     path = args.db or str(default_db())
     if not os.path.exists(path):
         print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
         return 1
-    store = Store(path, readonly=True)
+    store = Store(path)  # read-write: brings an older state file up to date
     now = time.time()
     since = now - args.since if args.since else 0.0
     rows: dict[str, list[float]] = {}
@@ -227,19 +228,26 @@ def _usage(args: argparse.Namespace) -> int:
             "device": ",".join(lease.device_ids),
             "lease": lease.lease_id,
         }[args.by]
-        row = rows.setdefault(key, [0, 0.0, 0.0])
+        held = lease.held_seconds(now)
+        row = rows.setdefault(key, [0, 0.0, 0.0, 0.0])
         row[0] += 1
-        row[1] += lease.held_seconds(now)
-        row[2] += min(lease.busy_seconds, lease.held_seconds(now))
+        row[1] += held
+        row[2] += min(lease.busy_seconds, held)
+        row[3] += min(lease.gpu_busy_seconds, held)
     store.close()
-    print(f"{args.by:<20}{'leases':>8}{'held s':>12}{'busy s':>12}{'busy %':>8}")
-    total = [0, 0.0, 0.0]
-    for key, (count, held, busy) in sorted(rows.items()):
+    header = (
+        f"{args.by:<20}{'leases':>8}{'held s':>12}{'busy s':>12}{'busy %':>8}{'GPU busy s':>12}"
+    )
+    print(header)
+    total = [0.0, 0.0, 0.0, 0.0]
+    for key, row in [*sorted(rows.items()), ("total", total)]:
+        if key != "total":
+            total = [a + b for a, b in zip(total, row, strict=True)]
+        else:
+            row = total
+        count, held, busy, gpu = row
         share = f"{100 * busy / held:.1f}" if held else "-"
-        print(f"{key[:19]:<20}{int(count):>8}{held:>12.1f}{busy:>12.1f}{share:>8}")
-        total = [total[0] + count, total[1] + held, total[2] + busy]
-    share = f"{100 * total[2] / total[1]:.1f}" if total[1] else "-"
-    print(f"{'total':<20}{int(total[0]):>8}{total[1]:>12.1f}{total[2]:>12.1f}{share:>8}")
+        print(f"{key[:19]:<20}{int(count):>8}{held:>12.1f}{busy:>12.1f}{share:>8}{gpu:>12.1f}")
     return 0
 
 

@@ -37,6 +37,11 @@ class BrokerMetrics:
             "Device-seconds during which a cell ran, of ended leases",
             registry=r,
         )
+        self.gpu_busy_device_seconds = Counter(
+            "gpuattach_gpu_busy_device_seconds",
+            "Device-seconds the GPU was really busy (NVML), of ended leases",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "gpuattach_queue_wait_seconds",
             "Time from request to grant",

@@ -91,6 +91,7 @@ def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
         idle_release_at=lease.idle_release_at,
         priority=lease.priority,
         preempt_deadline=lease.preempt_deadline,
+        gpu_busy_seconds=lease.gpu_busy_seconds,
     )
 
 
@@ -114,6 +115,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
         self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
+        # Latest NVML sample per lease, from the agents' heartbeats.
+        self.gpu_usage: dict[str, pb.LeaseUsage] = {}
         # With an mTLS agent port, agents must come with a verified certificate.
         self.agents_need_certificate = False
         self.last_activity = time.monotonic()
@@ -614,12 +617,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         """End a lease: record why, stop its worker, give its room to the queue."""
         self._end_record(lease, state, reason)
         self.migrating.pop(lease.lease_id, None)
+        self.gpu_usage.pop(lease.lease_id, None)
         placement = self.scheduler.free(lease.lease_id, held_seconds=lease.held_seconds())
         devices = len(placement.device_ids) if placement else 1
         self.metrics.held_device_seconds.inc(lease.held_seconds() * devices)
         self.metrics.busy_device_seconds.inc(
             min(lease.busy_seconds, lease.held_seconds()) * devices
         )
+        self.metrics.gpu_busy_device_seconds.inc(lease.gpu_busy_seconds * devices)
         self.metrics.leases_ended.labels(state).inc()
         agent = self.agents.get(lease.host)
         if agent is not None:
@@ -694,8 +699,16 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> pb.ListLeasesReply:
         identity = await self._identify(context)
         user = request.user if identity.trusted else identity.user
-        leases = self.store.leases(user=user, include_ended=request.include_ended)
-        return pb.ListLeasesReply(leases=[lease_to_pb(lease) for lease in leases])
+        leases = [
+            lease_to_pb(x)
+            for x in self.store.leases(user=user, include_ended=request.include_ended)
+        ]
+        for lease in leases:
+            usage = self.gpu_usage.get(lease.lease_id)
+            lease.sm_percent = usage.sm_percent if usage is not None else -1.0
+            if usage is not None:
+                lease.gpu_memory_used_bytes = usage.memory_bytes
+        return pb.ListLeasesReply(leases=leases)
 
     async def GetPoolStatus(
         self, request: pb.PoolStatusRequest, context: grpc.aio.ServicerContext
@@ -787,6 +800,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                 self.store.event("agent-gone", detail=hello.host)
 
     def _register_devices(self, hello: pb.AgentHello) -> None:
+        # Only the devices the agent offers now: one it drained stays out.
+        self.scheduler.set_host_online(hello.host, False)
         for info in hello.devices:
             self.scheduler.add_device(
                 DeviceState(
@@ -796,7 +811,6 @@ class BrokerService(pb_grpc.BrokerServicer):
             self.store.put_device(
                 info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
             )
-        self.scheduler.set_host_online(hello.host, True)
         self.store.event("agent-connected", detail=f"{hello.host}: {len(hello.devices)} devices")
 
     def _reconcile(self, agent: AgentConnection, hello: pb.AgentHello) -> None:
@@ -822,6 +836,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             if kind == "heartbeat":
                 agent.warm_workers = message.heartbeat.warm_workers
                 agent.cached_users = frozenset(message.heartbeat.cached_users)
+                for usage in message.heartbeat.usage:
+                    self.gpu_usage[usage.lease_id] = usage
+                    self.store.record_gpu_busy(usage.lease_id, usage.busy_seconds)
             elif kind == "started":
                 future = agent.pending_starts.pop(message.started.lease_id, None)
                 if future is not None and not future.done():

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS leases (
     idle_release_at REAL NOT NULL DEFAULT 0,
     idle_override REAL NOT NULL DEFAULT -1,
     priority INTEGER NOT NULL DEFAULT 0,
-    preempt_deadline REAL NOT NULL DEFAULT 0
+    preempt_deadline REAL NOT NULL DEFAULT 0,
+    gpu_busy_seconds REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_user ON leases(user);
@@ -100,6 +101,7 @@ class LeaseRecord:
     idle_override: float = -1.0
     priority: int = 0
     preempt_deadline: float = 0.0
+    gpu_busy_seconds: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -138,6 +140,7 @@ _LEASE_COLUMNS = [
     "idle_override",
     "priority",
     "preempt_deadline",
+    "gpu_busy_seconds",
 ]
 
 
@@ -179,6 +182,7 @@ class Store:
             ("idle_override", -1),
             ("priority", 0),
             ("preempt_deadline", 0),
+            ("gpu_busy_seconds", 0),
         )
         for name, default in added:
             if name not in columns:
@@ -224,6 +228,12 @@ class Store:
                 "idle_release_at = ? WHERE lease_id = ?",
                 (expires_at, busy_seconds, idle_release_at, lease_id),
             )
+
+    def record_gpu_busy(self, lease_id: str, busy_seconds: float) -> None:
+        self.db.execute(
+            "UPDATE leases SET gpu_busy_seconds = MAX(gpu_busy_seconds, ?) WHERE lease_id = ?",
+            (busy_seconds, lease_id),
+        )
 
     def set_idle_override(self, lease_id: str, idle_seconds: float) -> None:
         self.db.execute(

@@ -43,7 +43,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline")
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,9 @@ class Lease(_message.Message):
     IDLE_RELEASE_AT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PREEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    GPU_BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SM_PERCENT_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     kernel_id: str
@@ -86,7 +89,10 @@ class Lease(_message.Message):
     idle_release_at: float
     priority: int
     preempt_deadline: float
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ...) -> None: ...
+    gpu_busy_seconds: float
+    gpu_memory_used_bytes: int
+    sm_percent: float
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -299,12 +305,30 @@ class AgentHello(_message.Message):
     def __init__(self, host: _Optional[str] = ..., agent_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., live_leases: _Optional[_Iterable[_Union[LiveLease, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class AgentHeartbeat(_message.Message):
-    __slots__ = ("warm_workers", "cached_users")
+    __slots__ = ("warm_workers", "cached_users", "usage")
     WARM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     CACHED_USERS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     warm_workers: int
     cached_users: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, warm_workers: _Optional[int] = ..., cached_users: _Optional[_Iterable[str]] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[LeaseUsage]
+    def __init__(self, warm_workers: _Optional[int] = ..., cached_users: _Optional[_Iterable[str]] = ..., usage: _Optional[_Iterable[_Union[LeaseUsage, _Mapping]]] = ...) -> None: ...
+
+class LeaseUsage(_message.Message):
+    __slots__ = ("lease_id", "memory_bytes", "sm_percent", "busy_seconds", "sm_seconds", "sampled_at")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SM_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_AT_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    memory_bytes: int
+    sm_percent: float
+    busy_seconds: float
+    sm_seconds: float
+    sampled_at: float
+    def __init__(self, lease_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_seconds: _Optional[float] = ..., sampled_at: _Optional[float] = ...) -> None: ...
 
 class LeaseStarted(_message.Message):
     __slots__ = ("lease_id", "worker_endpoint", "pid")

@@ -7,7 +7,7 @@ usage ledger) on a virtual GPU pool and compares, side by side:
   session start to session stop, the way a GPU pod per notebook works;
 - **attach per cell** (``%gpu auto``) with idle timeouts (0, 60, 300 s by
   default): a GPU cell attaches a slice if the kernel has none, waiting in
-  the broker's FIFO queue when the pool is full; the slice goes back when the
+  the broker's queue when the pool is full; the slice goes back when the
   kernel's idle timer says so; a cell needing *more* GPUs than the kernel
   holds releases and re-attaches;
 - **fractional slices**: like attach per cell (idle 60 s), but a one-GPU cell
@@ -17,6 +17,8 @@ usage ledger) on a virtual GPU pool and compares, side by side:
 Usage::
 
     python -m gpuattach_broker.simulator TRACE --pool 4x8GPU --out report/
+    gpuattach-broker simulate TRACE --policy policy.toml --users 20 \
+        --start 2026-11-24T09:00:00+00:00
 
 It prints the comparison table and, with ``--out``, writes ``report.md``,
 ``report.json`` and PNG plots (utilization over time, wait-time CDF, GPUs
@@ -24,11 +26,19 @@ needed versus idle timeout).
 
 The model
 ---------
-- **Same code as the live broker.** Every placement and queueing decision is
-  made by ``gpuattach_broker.broker.scheduler.Scheduler`` (best-fit bin
-  packing by memory, strict FIFO: ``submit``, ``grant_waiting``, ``free``,
-  ``withdraw``), and every idle release by ``gpuattach_broker.idle.IdleTimer``,
-  the object ``%gpu auto`` uses. A change there changes the prediction.
+- **Same code as the live broker.** Every request is admitted or refused by
+  ``gpuattach_broker.broker.quotas`` (``admit``, then ``check_hours``: the
+  two calls the broker's ``Attach`` makes) under the admin policy (see
+  below); every placement and queueing decision is made by
+  ``gpuattach_broker.broker.scheduler.Scheduler`` built as the live broker
+  builds it, ``Scheduler(fair_share=True)`` (best-fit bin packing by memory;
+  waiting requests by priority, then the user holding fewer slices, then the
+  user served least recently, then first come; a user at their concurrent
+  limit waits: ``submit``, ``grant_waiting``, ``free``, ``withdraw``); and
+  every idle release by ``gpuattach_broker.idle.IdleTimer``, the object
+  ``%gpu auto`` uses. A change there changes the prediction
+  (``tests/integration/test_simulator_parity.py`` plays one scenario on a
+  real broker and here, before and after a policy change).
   As in the live broker, an attach prefers a host whose blob cache holds
   the user's tensors: in the model a host caches a user from their first
   attach there on (per-user budgets: nobody else evicts them).
@@ -44,8 +54,14 @@ The model
 - **Static reservation** is asked for at session start for the larger of
   the session's declared maximum and its largest cell; GPU cells that find
   it still queued wait for it; it is released at session stop.
-- **Simultaneous events** run in a fixed order: cells end, idle timers fire,
-  sessions stop, sessions start, cells become ready. With ``IdleTimer``'s
+- **Refused cells.** A GPU cell whose request the policy refuses fails at
+  once (in ``%gpu auto`` the refusal is the cell's error): it runs nowhere,
+  has no wait, and the kernel goes on with its next cell. Under static
+  reservation a refused reservation fails every GPU cell of its session.
+  Reports count them (*refused*, ``refused_cells``).
+- **Simultaneous events** run in a fixed order: a policy window opens or
+  closes, cells end, idle timers fire, sessions stop, sessions start, cells
+  become ready. With ``IdleTimer``'s
   ``now >= deadline`` rule, a slice whose idle deadline falls on the instant
   the next cell arrives is released and attached again. NotebookOS traces
   count in whole minutes with gaps of at least one tick, so there an idle
@@ -62,16 +78,42 @@ The model
   re-running the simulation on 1, 2, 3, ... hosts (multi-GPU cells must fit
   on one host, and pools grow by hosts).
 
+Admin policy (``--policy FILE``)
+--------------------------------
+The broker's own policy file (``gpuattach-broker serve --policy``; see
+``examples/policy.toml``). Without one the simulated broker runs the live
+broker's built-in default: no limits, one priority, and fair share.
+
+- **Users** are the trace's: a NotebookOS session is its own user (the
+  trace names none), a CSV's optional ``user`` column (default: the kernel
+  name), a ledger's users. ``--users N`` shares the sessions round-robin
+  among ``user1`` .. ``userN`` instead (session i belongs to
+  ``user{i % N + 1}``, in input order).
+- **Groups** come as they do live: a policy group lists its ``members`` by
+  user name, ``[users.NAME]`` names groups; a CSV's optional ``groups``
+  column (``;``-separated) stands for identity groups (what JupyterHub
+  reports), which the broker also passes to ``admit``.
+- **Time windows** are read off the simulated clock: ``--start`` is the
+  wall-clock instant of the workload's first session (default
+  2026-11-23T00:00:00+00:00, a Monday, so runs are reproducible; a ledger
+  keeps its own dates). When a window opens or closes, waiting requests are
+  re-ranked at that instant (the live broker re-ranks every 10 s).
+- **GPU-hour budgets** (``gpu_hours_per_day``/``_per_week``) count the
+  simulated leases, as the broker counts its ledger.
+- A request whose user may hold no slice at all (``max_slices = 0``,
+  ``on_limit = "queue"``) would wait forever live; here it is refused.
+
 Input formats
 -------------
 - ``trace``: NotebookOS workload JSON (``sessions[]`` with ``start_tick``,
   ``stop_tick``, ``max_resource_request``, ``trainings[]`` with
   ``start_tick``, ``duration_in_ticks``, ``gpus``, ``vram`` and ``memory`` in
   GB); one tick is 60 s.
-- ``csv``: header ``kernel,start,duration,gpus,memory``; seconds; memory in
-  bytes or with a unit (``16GiB``), used both as the cell's GPU memory and as
-  its namespace size. A kernel lives from its first cell's start to its last
-  cell's end.
+- ``csv``: header ``kernel,start,duration,gpus,memory`` (optional columns
+  ``user``, ``groups``); seconds; memory in bytes or with a unit
+  (``16GiB``), used both as the cell's GPU memory and as its namespace size;
+  ``0`` on a GPU cell asks for whole GPUs. A kernel lives from its first
+  cell's start to its last cell's end.
 - ``ledger``: the live broker's SQLite state file; each granted lease becomes
   one cell of its kernel from ``granted_at`` to ``ended_at``.
 
@@ -91,16 +133,19 @@ What it cannot know (limits)
   card run as fast as alone; real compute sharing (MPS, time slicing) slows
   both. Memory needs are the trace's ``vram`` with a floor (``--min-slice``,
   default 1 GiB) for cells that list almost none.
-- **No policy layer.** Quotas, priorities, preemption, lab hours and max
-  lease length of the admin policy are not applied: every request is plain
-  FIFO. Broker or host failures, heartbeat loss and kernel restarts are not
-  modelled.
+- **Part of the policy layer.** Priorities, time windows, concurrent limits
+  (``max_slices``, ``on_limit``), slice sizes (``max_slice``, ``max_gpus``)
+  and GPU-hour budgets apply; preemption (``[preemption]``) and the maximum
+  lease length (``max_lease``) do not: nobody is moved out for a
+  higher-priority request, and leases are never cut short. Broker or host
+  failures, heartbeat loss and kernel restarts are not modelled.
 - **Ledger inputs** know when leases were held, not when cells ran or how big
   namespaces were: each lease is taken as one busy cell, migrated bytes are 0.
 """
 
 from __future__ import annotations
 
+from gpuattach_broker.simulator.admission import DEFAULT_START, Admission
 from gpuattach_broker.simulator.engine import SimulationError, simulate
 from gpuattach_broker.simulator.metrics import RunResult
 from gpuattach_broker.simulator.policies import (
@@ -112,9 +157,11 @@ from gpuattach_broker.simulator.policies import (
 )
 from gpuattach_broker.simulator.pool import PoolSpec, parse_pool
 from gpuattach_broker.simulator.traces import load_workload
-from gpuattach_broker.simulator.workload import Cell, Session, Workload
+from gpuattach_broker.simulator.workload import Cell, Session, Workload, with_users
 
 __all__ = [
+    "DEFAULT_START",
+    "Admission",
     "Cell",
     "Policy",
     "PoolSpec",
@@ -129,4 +176,5 @@ __all__ = [
     "parse_pool",
     "simulate",
     "static_policy",
+    "with_users",
 ]

@@ -3,8 +3,8 @@
 The search is in whole hosts of the given shape (`--pool 4x8GPU` searches
 1x8, 2x8, 3x8, ...), because multi-GPU cells must fit on one host and a
 real pool grows by hosts. It scans upward from one host rather than
-bisecting: FIFO queueing is not guaranteed monotone in pool size, and a run
-takes milliseconds.
+bisecting: queueing (fair share, priorities) is not guaranteed monotone in
+pool size, and a run takes milliseconds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpuattach_broker.broker.scheduler import Scheduler
+from gpuattach_broker.simulator.admission import Admission
 from gpuattach_broker.simulator.engine import simulate
 from gpuattach_broker.simulator.metrics import RunResult
 from gpuattach_broker.simulator.policies import Policy
@@ -40,12 +41,15 @@ def gpus_needed(
     target_p95: float = DEFAULT_TARGET_P95,
     max_hosts: int = DEFAULT_MAX_HOSTS,
     scheduler_factory: Callable[[PoolSpec], Scheduler] = build_scheduler,
+    admission: Admission | None = None,
 ) -> CapacityAnswer:
     """The fewest hosts of `shape` (GPUs per host, memory per GPU) on which
     the p95 wait of GPU cells is at most `target_p95` seconds."""
     tried: list[tuple[int, float]] = []
     for hosts in range(1, max_hosts + 1):
-        result: RunResult = simulate(workload, shape.with_hosts(hosts), policy, scheduler_factory)
+        result: RunResult = simulate(
+            workload, shape.with_hosts(hosts), policy, scheduler_factory, admission=admission
+        )
         p95 = result.wait_p(95)
         tried.append((hosts, p95))
         if p95 <= target_p95:

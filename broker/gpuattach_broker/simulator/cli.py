@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from gpuattach_broker.broker.policy import PolicyErrors, load_policy
+from gpuattach_broker.simulator.admission import DEFAULT_START, Admission, parse_start
 from gpuattach_broker.simulator.capacity import DEFAULT_MAX_HOSTS, DEFAULT_TARGET_P95
 from gpuattach_broker.simulator.engine import SimulationError
 from gpuattach_broker.simulator.policies import (
@@ -26,6 +28,7 @@ from gpuattach_broker.simulator.pool import parse_pool
 from gpuattach_broker.simulator.report import table, write_report
 from gpuattach_broker.simulator.study import run_study
 from gpuattach_broker.simulator.traces import FORMATS, WorkloadError, load_workload
+from gpuattach_broker.simulator.workload import with_users
 from gpuattach_broker.units import format_duration, parse_duration, parse_size
 
 T = TypeVar("T")
@@ -128,6 +131,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_HOSTS,
         help=f"largest pool the capacity search tries, in hosts (default {DEFAULT_MAX_HOSTS})",
     )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the broker's admin policy file (TOML): every attach is admitted by the broker's "
+        "own quota code (priorities, time windows, limits; refusals are counted)",
+    )
+    parser.add_argument(
+        "--start",
+        type=_arg(parse_start),
+        default=None,
+        metavar="DATETIME",
+        help="wall-clock date and time of the workload's first session, for the policy's "
+        f"time windows (default {DEFAULT_START.isoformat()}; a ledger keeps its own dates)",
+    )
+    parser.add_argument(
+        "--users",
+        type=_arg(_positive_int),
+        default=None,
+        metavar="N",
+        help="share the sessions round-robin among N users named user1..userN (default: "
+        "each session is its own user, or the CSV's user column, or the ledger's users)",
+    )
     parser.add_argument("--no-search", action="store_true", help="skip the capacity search")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument(
@@ -147,6 +174,18 @@ def run(args: argparse.Namespace) -> int:
     except WorkloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.users is not None:
+        workload = with_users(workload, args.users)
+    admission = Admission(start=args.start)
+    if args.policy is not None:
+        try:
+            admission = Admission(load_policy(args.policy), args.start)
+        except OSError as exc:
+            print(f"error: cannot read policy {args.policy}: {exc}", file=sys.stderr)
+            return 2
+        except PolicyErrors as exc:
+            print(f"error: policy {args.policy} has mistakes:\n{exc}", file=sys.stderr)
+            return 2
     loaded = time.perf_counter()
     policies = default_policies(args.idle, args.fractional_idle, args.min_slice)
     try:
@@ -157,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             search=not args.no_search,
             target_p95=args.target_p95,
             max_hosts=args.max_hosts,
+            admission=admission,
         )
     except SimulationError as exc:
         print(f"error: {exc}", file=sys.stderr)

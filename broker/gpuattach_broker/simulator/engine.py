@@ -1,9 +1,11 @@
 """The discrete-event loop: a virtual clock that jumps from event to event.
 
 Nothing sleeps. Each kernel is a small state machine (waiting for a slice,
-running a cell, idle while holding a slice); every placement and queueing
-decision is delegated to the live broker's `Scheduler` (`submit`,
-`grant_waiting`, `free`, `withdraw`) and every idle-release decision to the
+running a cell, idle while holding a slice); every request is admitted (or
+refused) by the broker's `quotas.admit` and `quotas.check_hours` under the
+admin policy (`Gate`), every placement and queueing decision is delegated to
+the live broker's `Scheduler` (`submit`, `grant_waiting`, `free`, `withdraw`;
+fair share on, as in the broker), and every idle-release decision to the
 kernel's `IdleTimer`, so the simulation predicts what the live code does.
 
 Timing model (why cells move):
@@ -13,9 +15,13 @@ Timing model (why cells move):
   in the trace (user think time) absorb it.
 - A ready GPU cell that has no suitable slice asks for one; if it waits in
   the queue it starts when granted and keeps its full duration.
-- Events at the same instant run in a fixed order: cells end, idle timers
-  fire, sessions stop, sessions start, cells become ready. So a slice whose
-  idle deadline is the instant the next cell arrives is released first
+- A GPU cell whose request the policy refuses fails at once: it runs
+  nowhere, and the kernel goes on with its next cell (in `%gpu auto` the
+  refusal is the cell's error).
+- Events at the same instant run in a fixed order: a policy window opens or
+  closes (waiting requests are re-ranked), cells end, idle timers fire,
+  sessions stop, sessions start, cells become ready. So a slice whose idle
+  deadline is the instant the next cell arrives is released first
   (`IdleTimer.release_due` is `now >= deadline`), exactly as the timer says.
 """
 
@@ -30,6 +36,7 @@ from enum import IntEnum
 
 from gpuattach_broker.broker.scheduler import Placement, Scheduler, SliceRequest
 from gpuattach_broker.idle import IdleTimer
+from gpuattach_broker.simulator.admission import Admission, Gate
 from gpuattach_broker.simulator.metrics import Recorder, RunResult
 from gpuattach_broker.simulator.policies import Mode, Policy, SliceShape
 from gpuattach_broker.simulator.pool import PoolSpec, build_scheduler
@@ -44,11 +51,12 @@ class SimulationError(RuntimeError):
 class _Event(IntEnum):
     """Kinds of event; the value is the tie-break order at one instant."""
 
-    CELL_END = 0
-    IDLE_CHECK = 1
-    SESSION_STOP = 2
-    SESSION_START = 3
-    CELL_READY = 4
+    WINDOW_EDGE = 0  # a policy time window opens or closes (no kernel)
+    CELL_END = 1
+    IDLE_CHECK = 2
+    SESSION_STOP = 3
+    SESSION_START = 4
+    CELL_READY = 5
 
 
 @dataclass
@@ -72,6 +80,7 @@ class _Kernel:
     finished: int = 0
     stop_due: bool = False
     namespace_bytes: int = 0  # the namespace that would migrate out now
+    refusal: str = ""  # why a static reservation was refused (its GPU cells fail)
     requests: itertools.count = field(default_factory=itertools.count)
 
     @property
@@ -88,16 +97,21 @@ class Simulation:
         pool: PoolSpec,
         policy: Policy,
         scheduler_factory: Callable[[PoolSpec], Scheduler] = build_scheduler,
+        admission: Admission | None = None,
     ) -> None:
         self.workload = workload
         self.pool = pool
         self.policy = policy
         self.scheduler = scheduler_factory(pool)
+        self.gate = Gate(
+            admission or Admission(), self.scheduler, workload.origin, workload.unix_times
+        )
         self.kernels = [
             _Kernel(index=i, session=s, timer=IdleTimer(policy.idle_seconds))
             for i, s in enumerate(workload.sessions)
         ]
         self.by_request: dict[str, _Kernel] = {}
+        self._requests: dict[str, SliceRequest] = {}  # submitted, not yet granted
         self._cached: dict[str, set[str]] = {}  # user -> hosts caching their blobs
         self.recorder = Recorder(workload.origin)
         self._heap: list[tuple[float, int, int, int, int]] = []
@@ -105,14 +119,16 @@ class Simulation:
 
     # ------------------------------------------------------------ events ---
 
-    def _push(self, when: float, kind: _Event, kernel: _Kernel, arg: int = 0) -> None:
-        heapq.heappush(self._heap, (when, int(kind), next(self._seq), kernel.index, arg))
+    def _push(self, when: float, kind: _Event, kernel: _Kernel | None, arg: int = 0) -> None:
+        index = -1 if kernel is None else kernel.index
+        heapq.heappush(self._heap, (when, int(kind), next(self._seq), index, arg))
 
     def run(self) -> RunResult:
         started = time.perf_counter()
         self._check_satisfiable()
         for kernel in self.kernels:
             self._push(kernel.session.start, _Event.SESSION_START, kernel)
+        self._push_window_edge(self.workload.origin)
         handlers = {
             _Event.CELL_END: self._on_cell_end,
             _Event.IDLE_CHECK: self._on_idle_check,
@@ -122,7 +138,10 @@ class Simulation:
         }
         while self._heap:
             now, kind, _, index, arg = heapq.heappop(self._heap)
-            handlers[_Event(kind)](self.kernels[index], now, arg)
+            if kind == _Event.WINDOW_EDGE:
+                self._on_window_edge(now)
+            else:
+                handlers[_Event(kind)](self.kernels[index], now, arg)
         if self.scheduler.queue or self.scheduler.allocations:
             raise SimulationError(
                 f"run ended with {len(self.scheduler.queue)} queued and "
@@ -138,10 +157,26 @@ class Simulation:
         result.wall_seconds = time.perf_counter() - started
         return result
 
+    def _push_window_edge(self, now: float) -> None:
+        edge = self.gate.next_window_edge(now)
+        if edge is not None:
+            self._push(edge, _Event.WINDOW_EDGE, None)
+
+    def _on_window_edge(self, now: float) -> None:
+        """A policy window opened or closed: re-rank the waiting requests and
+        grant what now goes first, as the live broker's `refresh_priorities`."""
+        self.gate.refresh(self._groups_of, now)
+        self._pump(now)
+        if self._heap:  # something is still to happen: watch the next edge
+            self._push_window_edge(now)
+
+    def _groups_of(self, request: SliceRequest) -> tuple[str, ...]:
+        return self.by_request[request.request_id].session.groups
+
     def _on_session_start(self, kernel: _Kernel, now: float, _: int) -> None:
         session = kernel.session
         if self.policy.mode is Mode.STATIC and session.reserve_gpus > 0:
-            self._submit(kernel, SliceShape(gpus=session.reserve_gpus), now)
+            kernel.refusal = self._submit(kernel, SliceShape(gpus=session.reserve_gpus), now)
         if session.cells:
             self._push(max(now, session.cells[0].start), _Event.CELL_READY, kernel, 0)
         self._push(session.stop, _Event.SESSION_STOP, kernel)
@@ -154,8 +189,10 @@ class Simulation:
         if self.policy.mode is Mode.STATIC:
             if kernel.lease is not None:
                 self._start_cell(kernel, cell, ready=now, now=now)
-            else:  # the reservation is still queued: the cell waits for it
+            elif kernel.pending is not None:  # the reservation is still queued: wait for it
                 kernel.waiting = (cell, now)
+            else:  # the policy refused the reservation
+                self._refuse(kernel, cell, ready=now, now=now, reason=kernel.refusal)
             return
         need = self.policy.shape_for(cell, self.pool.gpu_memory_bytes)
         if kernel.lease is not None and kernel.lease.shape.covers(need):
@@ -164,7 +201,10 @@ class Simulation:
         if kernel.lease is not None:  # too small: give it back and ask again
             self._release(kernel, now)
         kernel.waiting = (cell, now)
-        self._submit(kernel, need, now)
+        refusal = self._submit(kernel, need, now)
+        if refusal:
+            kernel.waiting = None
+            self._refuse(kernel, cell, ready=now, now=now, reason=refusal)
 
     def _on_cell_end(self, kernel: _Kernel, now: float, _: int) -> None:
         cell = kernel.running
@@ -180,6 +220,9 @@ class Simulation:
                 deadline = kernel.timer.deadline()
                 if deadline is not None:
                     self._push(max(now, deadline), _Event.IDLE_CHECK, kernel)
+        self._next_cell(kernel, cell, now)
+
+    def _next_cell(self, kernel: _Kernel, cell: Cell, now: float) -> None:
         cells = kernel.session.cells
         if cell.index + 1 < len(cells):
             nxt = cells[cell.index + 1]
@@ -201,7 +244,9 @@ class Simulation:
 
     # ----------------------------------------------------------- actions ---
 
-    def _submit(self, kernel: _Kernel, shape: SliceShape, now: float) -> None:
+    def _submit(self, kernel: _Kernel, shape: SliceShape, now: float) -> str:
+        """Ask for a slice as the broker's `Attach` does: admission under the
+        policy, then the scheduler. '' when granted or queued, else the refusal."""
         request_id = f"k{kernel.index}.{next(kernel.requests)}"
         request = SliceRequest(
             request_id=request_id,
@@ -211,17 +256,31 @@ class Simulation:
             gpus=shape.gpus,
             submitted_at=now,
         )
+        refusal = self.gate.admit(request, kernel.session.groups, now)
+        if refusal:
+            return refusal
         self.by_request[request_id] = kernel
+        self._requests[request_id] = request
         kernel.pending = (request_id, shape)
         placement = self.scheduler.submit(request, prefer_hosts=self._cache_hosts(request))
         if placement is not None:
             self._granted(kernel, placement, now)
+        return ""
+
+    def _refuse(
+        self, kernel: _Kernel, cell: Cell, *, ready: float, now: float, reason: str
+    ) -> None:
+        """The policy refused the cell's slice: the cell fails at once."""
+        self.recorder.cell_refused(cell, ready, now, reason)
+        kernel.finished += 1
+        self._next_cell(kernel, cell, now)
 
     def _granted(self, kernel: _Kernel, placement: Placement, now: float) -> None:
         assert kernel.pending is not None and kernel.pending[0] == placement.request_id
         request_id, shape = kernel.pending
         kernel.pending = None
         kernel.lease = _Lease(request_id, shape, placement, granted_at=now)
+        self.gate.granted(self._requests.pop(request_id), placement, now)
         self.recorder.lease_granted(now, placement.device_ids)
         waiting, kernel.waiting = kernel.waiting, None
         if self.policy.mode is Mode.ATTACH and waiting is not None:
@@ -251,6 +310,7 @@ class Simulation:
         assert lease is not None
         held = now - lease.granted_at
         self.scheduler.free(lease.request_id, held_seconds=held)
+        self.gate.ended(lease.request_id, now)
         kernel.lease = None
         self.recorder.lease_freed(
             now,
@@ -277,6 +337,7 @@ class Simulation:
     def _stop(self, kernel: _Kernel, now: float) -> None:
         if kernel.pending is not None:  # a reservation never granted in the session's life
             self.scheduler.withdraw(kernel.pending[0])
+            self._requests.pop(kernel.pending[0], None)
             kernel.pending = None
             self._pump(now)
         if kernel.lease is not None:
@@ -302,6 +363,13 @@ def simulate(
     pool: PoolSpec,
     policy: Policy,
     scheduler_factory: Callable[[PoolSpec], Scheduler] = build_scheduler,
+    *,
+    admission: Admission | None = None,
 ) -> RunResult:
-    """Run `policy` over `workload` on `pool` and measure it."""
-    return Simulation(workload, pool, policy, scheduler_factory).run()
+    """Run `policy` over `workload` on `pool` and measure it.
+
+    `admission`: the broker's admin policy file and the clock's start date
+    (default: the live broker's built-in policy, no limits; see
+    `gpuattach_broker.simulator.admission`).
+    """
+    return Simulation(workload, pool, policy, scheduler_factory, admission).run()

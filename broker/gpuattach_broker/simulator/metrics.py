@@ -25,7 +25,8 @@ class CellStart:
     index: int
     gpus: int
     ready: float  # trace start, or the previous cell's end if later
-    started: float  # when it ran: `ready` plus any wait for a slice
+    started: float  # when it ran: `ready` plus any wait for a slice (refused: when refused)
+    refused: str = ""  # why the broker refused its slice (the cell then did not run)
 
     @property
     def wait(self) -> float:
@@ -54,6 +55,7 @@ class Recorder:
         self.migrations = 0
         self.bytes_migrated = 0
         self.cached_host_attaches = 0  # attaches to a host that caches the user's blobs
+        self.refused: list[CellStart] = []  # GPU cells whose slice the policy refused
 
     def _advance(self, now: float) -> None:
         if now < self.now:
@@ -118,6 +120,13 @@ class Recorder:
         """Every cell, CPU-only ones too: when it could run and when it ran."""
         self.cell_log.append(CellStart(cell.kernel, cell.index, cell.gpus, ready, now))
 
+    def cell_refused(self, cell: Cell, ready: float, now: float, reason: str) -> None:
+        """A GPU cell whose slice the policy refused: it fails at once, runs nowhere
+        and has no wait (its kernel goes on with its next cell)."""
+        entry = CellStart(cell.kernel, cell.index, cell.gpus, ready, now, refused=reason)
+        self.cell_log.append(entry)
+        self.refused.append(entry)
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default); 0 for no values."""
@@ -147,6 +156,7 @@ class RunResult:
     cached_host_attaches: int
     timeline: list[tuple[float, int, int]] = field(repr=False)
     cell_log: list[CellStart] = field(default_factory=list, repr=False)
+    refused: list[CellStart] = field(default_factory=list, repr=False)
     wall_seconds: float = 0.0
     gpus_needed: int | None = None  # filled by the capacity search
 
@@ -171,6 +181,7 @@ class RunResult:
             cached_host_attaches=rec.cached_host_attaches,
             timeline=list(rec.timeline),
             cell_log=list(rec.cell_log),
+            refused=list(rec.refused),
         )
 
     @property
@@ -210,6 +221,12 @@ class RunResult:
     def migrations_per_hour(self) -> float:
         return self._per_hour(self.migrations)
 
+    def gpu_cell_order(self) -> list[tuple[str, int]]:
+        """GPU cells that ran, as (kernel, index), in the order they started
+        (ties: the order the engine started them at that instant)."""
+        ran = [c for c in self.cell_log if c.gpus and not c.refused]
+        return [(c.kernel, c.index) for c in sorted(ran, key=lambda c: c.started)]
+
     def started(self, kernel: str, index: int) -> CellStart:
         """The log entry of one cell (tests and notebooks look cells up)."""
         for entry in self.cell_log:
@@ -229,6 +246,7 @@ class RunResult:
             "slice_gpu_hours_held": round(self.slice_gpu_seconds / HOUR, 3),
             "cell_gpu_hours": round(self.cell_gpu_seconds / HOUR, 3),
             "gpu_cells": len(self.waits),
+            "refused_cells": len(self.refused),
             "end_hours": round(self.end_hours, 3),
             "wait_mean_s": round(self.wait_mean, 3),
             "wait_p50_s": round(self.wait_p(50), 3),

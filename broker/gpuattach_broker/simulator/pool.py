@@ -1,7 +1,8 @@
 """The simulated GPU pool: `4x8GPU` means 4 hosts of 8 GPUs each.
 
 The pool is fed to a real `Scheduler` as `DeviceState`s, exactly as agents
-register their devices with the live broker.
+register their devices with the live broker, and the scheduler is built as
+the live broker builds it (fair share on).
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ def pool_devices(spec: PoolSpec) -> list[DeviceState]:
     ]
 
 
-def build_scheduler(spec: PoolSpec) -> Scheduler:
-    """A live-broker `Scheduler` holding the pool's devices, nothing allocated."""
-    scheduler = Scheduler()
+def build_scheduler(spec: PoolSpec, fair_share: bool = True) -> Scheduler:
+    """A live-broker `Scheduler` holding the pool's devices, nothing allocated.
+
+    Fair share is on, as in the live broker (`BrokerService` always builds
+    `Scheduler(fair_share=True)`); `fair_share=False` gives strict FIFO among
+    equal priorities, which no live broker does (for comparisons only).
+    """
+    scheduler = Scheduler(fair_share=fair_share)
     for device in pool_devices(spec):
         scheduler.add_device(device)
     return scheduler

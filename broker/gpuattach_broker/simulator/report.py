@@ -21,6 +21,11 @@ def _wait(seconds: float) -> str:
     return "0 s" if seconds == 0 else format_duration(seconds)
 
 
+def _start(study: Study) -> str:
+    w = study.workload
+    return study.admission.start_for(w.origin, w.unix_times).isoformat()
+
+
 def to_json(study: Study) -> dict[str, Any]:
     w = study.workload
     return {
@@ -41,6 +46,12 @@ def to_json(study: Study) -> dict[str, Any]:
             "gpus_per_host": study.pool.gpus_per_host,
             "gpus": study.pool.gpus,
             "gpu_memory_bytes": study.pool.gpu_memory_bytes,
+        },
+        "admission": {
+            "policy": study.admission.policy.source,
+            "start": _start(study),
+            "fair_share": study.fair_share,
+            "users": len({s.user for s in w.sessions}),
         },
         "policies": [
             {
@@ -74,6 +85,8 @@ def to_json(study: Study) -> dict[str, Any]:
 def _needed(result: RunResult, searched: bool, max_tried: int) -> str:
     if not searched:
         return "-"
+    if not result.waits and result.refused:
+        return "- (all refused)"
     if result.gpus_needed is None:
         return f"> {max_tried}"
     return str(result.gpus_needed)
@@ -89,8 +102,9 @@ def table(study: Study) -> str:
     target = f"{study.target_p95_s:g} s"
     head = (
         "| policy | GPU-h held | GPU-h busy | busy/held | wait mean | p50 | p95 | p99 | ends at "
-        f"| attaches/h | migrations/h | migrated | to cached host | GPUs for p95 ≤ {target} |\n"
-        "| --- |" + " ---: |" * 13 + "\n"
+        f"| attaches/h | migrations/h | migrated | to cached host | refused "
+        f"| GPUs for p95 ≤ {target} |\n"
+        "| --- |" + " ---: |" * 14 + "\n"
     )
     rows = []
     for result, answer in zip(study.results, study.capacity, strict=True):
@@ -102,6 +116,7 @@ def table(study: Study) -> str:
             f"| {result.end_hours:.1f} h "
             f"| {result.attaches_per_hour:.2f} | {result.migrations_per_hour:.2f} "
             f"| {_gb(result.bytes_migrated)} | {_cached_share(result)} "
+            f"| {len(result.refused)} "
             f"| {_needed(result, answer is not None, max_tried)} |"
         )
     return head + "\n".join(rows) + "\n"
@@ -117,7 +132,12 @@ def to_markdown(study: Study, plots: list[str] | None = None) -> str:
         f"{w.span_seconds / HOUR:.1f} h; the cells ask for {w.cell_gpu_seconds() / HOUR:,.1f} "
         "GPU-h.",
         f"- Pool: {study.pool} ({study.pool.gpus} GPUs). Placement and queueing by the live "
-        "broker's `Scheduler` (best fit, strict FIFO); idle release by the kernel's `IdleTimer`.",
+        "broker's `Scheduler` (best fit; waiting requests by priority, then "
+        f"{'fair share, then ' if study.fair_share else ''}first come); idle release by the "
+        "kernel's `IdleTimer`.",
+        f"- Admin policy: `{study.admission.policy.source}`, applied to every request by the "
+        f"broker's `quotas.admit` and `check_hours`; the clock starts {_start(study)}; "
+        f"{len({s.user for s in w.sessions})} users.",
         *(f"- Note: {note}" for note in w.notes),
         "",
         table(study),
@@ -132,6 +152,9 @@ def to_markdown(study: Study, plots: list[str] | None = None) -> str:
         "not cache yet). Rates are per hour of the workload's span.",
         "- *to cached host*: share of attaches placed on a host whose blob cache already "
         "holds the user's tensors (the live scheduler prefers such hosts).",
+        "- *refused*: GPU cells whose slice the admin policy refused (a slice larger than "
+        'allowed, a concurrent limit with `on_limit = "refuse"`, a spent GPU-hour budget); '
+        "such a cell fails at once, runs nowhere and counts in no wait.",
         "- *ends at*: hours from the workload's start until its last cell and lease ended; "
         f"the trace spans {w.span_seconds / HOUR:.1f} h, so a later end is queueing "
         "stretching the run (and held GPU-hours can then exceed pool size x span).",

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gpuattach_broker.broker.scheduler import Scheduler
+from gpuattach_broker.simulator.admission import Admission
 from gpuattach_broker.simulator.capacity import (
     DEFAULT_MAX_HOSTS,
     DEFAULT_TARGET_P95,
@@ -32,6 +33,8 @@ class Study:
     target_p95_s: float
     timings: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    admission: Admission = field(default_factory=Admission)
+    fair_share: bool = True  # how the scheduler orders waiters (the live broker: fair share)
 
 
 def run_study(
@@ -43,9 +46,13 @@ def run_study(
     target_p95: float = DEFAULT_TARGET_P95,
     max_hosts: int = DEFAULT_MAX_HOSTS,
     scheduler_factory: Callable[[PoolSpec], Scheduler] = build_scheduler,
+    admission: Admission | None = None,
 ) -> Study:
+    admission = admission or Admission()
     started = time.perf_counter()
-    results = [simulate(workload, pool, p, scheduler_factory) for p in policies]
+    results = [
+        simulate(workload, pool, p, scheduler_factory, admission=admission) for p in policies
+    ]
     simulated = time.perf_counter()
     capacity: list[CapacityAnswer | None] = []
     for policy, result in zip(policies, results, strict=True):
@@ -59,6 +66,7 @@ def run_study(
             target_p95=target_p95,
             max_hosts=max_hosts,
             scheduler_factory=scheduler_factory,
+            admission=admission,
         )
         result.gpus_needed = answer.gpus
         capacity.append(answer)
@@ -71,4 +79,6 @@ def run_study(
         capacity=capacity,
         target_p95_s=target_p95,
         timings={"simulate_s": simulated - started, "search_s": searched - simulated},
+        admission=admission,
+        fair_share=scheduler_factory(pool).fair_share,
     )

@@ -24,6 +24,7 @@ TICK_SECONDS = 60.0  # NotebookOS traces count time in one-minute ticks
 GB = 1000**3  # NotebookOS sizes are in (decimal) GB
 
 CSV_COLUMNS = ("kernel", "start", "duration", "gpus", "memory")
+CSV_OPTIONAL = ("user", "groups")  # the kernel's user (default: the kernel name); its groups
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -119,7 +120,12 @@ def _size(text: str) -> int:
 def load_csv(path: Path) -> Workload:
     """`kernel,start,duration,gpus,memory`: seconds, and memory as bytes or
     with a unit (16GiB). The memory is both the cell's GPU memory (what a
-    fractional slice asks for) and the namespace size that migrates."""
+    fractional slice asks for) and the namespace size that migrates.
+
+    Optional columns: `user` (whose kernel it is; default the kernel name) and
+    `groups` (the user's identity groups, as JupyterHub would report them,
+    separated by `;`). A kernel belongs to one user: its rows must agree.
+    """
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -129,6 +135,7 @@ def load_csv(path: Path) -> Workload:
                 f"{path}: CSV header must contain {','.join(CSV_COLUMNS)}; missing {missing}"
             )
         by_kernel: dict[str, list[Cell]] = defaultdict(list)
+        owners: dict[str, tuple[str, tuple[str, ...]]] = {}
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             try:
@@ -149,8 +156,18 @@ def load_csv(path: Path) -> Workload:
                 raise WorkloadError(f"{path}:{line}: {exc}") from exc
             if cell.duration < 0 or cell.gpus < 0:
                 raise WorkloadError(f"{path}:{line}: duration and gpus must not be negative")
+            groups = tuple(g.strip() for g in row.get("groups", "").split(";") if g.strip())
+            owner = (row.get("user", "") or kernel, groups)
+            if owners.setdefault(kernel, owner) != owner:
+                raise WorkloadError(
+                    f"{path}:{line}: kernel {kernel!r} was given user {owners[kernel][0]!r} and "
+                    f"groups {list(owners[kernel][1])} before; a kernel belongs to one user"
+                )
             by_kernel[kernel].append(cell)
-    sessions = tuple(make_session(k, cells) for k, cells in by_kernel.items())
+    sessions = tuple(
+        make_session(k, cells, user=owners[k][0], groups=owners[k][1])
+        for k, cells in by_kernel.items()
+    )
     return Workload(name=path.stem, sessions=sessions, source_format="csv")
 
 
@@ -197,4 +214,10 @@ def load_ledger(path: Path) -> Workload:
     if still_active:
         notes.append(f"{still_active} lease(s) still active: taken to end at the last timestamp")
     sessions = tuple(make_session(k, cells, user=users[k]) for k, cells in by_kernel.items())
-    return Workload(name=path.stem, sessions=sessions, source_format="ledger", notes=tuple(notes))
+    return Workload(
+        name=path.stem,
+        sessions=sessions,
+        source_format="ledger",
+        notes=tuple(notes),
+        unix_times=True,
+    )

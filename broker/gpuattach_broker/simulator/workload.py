@@ -7,7 +7,7 @@ came from. Times are seconds on one virtual clock; sizes are bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Session:
     stop: float
     cells: tuple[Cell, ...]
     max_gpus: int = 0  # what a static reservation holds for the whole session
+    groups: tuple[str, ...] = ()  # identity groups (as JupyterHub reports them)
 
     @property
     def reserve_gpus(self) -> int:
@@ -57,6 +58,7 @@ class Workload:
     sessions: tuple[Session, ...]
     source_format: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    unix_times: bool = False  # times are Unix timestamps (a ledger), not seconds from 0
 
     @property
     def origin(self) -> float:
@@ -95,6 +97,7 @@ def make_session(
     start: float | None = None,
     stop: float | None = None,
     max_gpus: int = 0,
+    groups: tuple[str, ...] = (),
 ) -> Session:
     """A session whose cells are sorted and renumbered; its span defaults to
     first cell start .. last cell end (all a CSV or a ledger can tell)."""
@@ -120,4 +123,19 @@ def make_session(
         stop=last if stop is None else max(stop, last),
         cells=renumbered,
         max_gpus=max_gpus,
+        groups=groups,
     )
+
+
+def with_users(workload: Workload, users: int) -> Workload:
+    """The same workload with its sessions shared round-robin among `users`
+    users named ``user1`` .. ``userN`` (session i belongs to ``user{i % N + 1}``,
+    in the input's session order): NotebookOS traces name no user, and the
+    policy's limits and fair share are per user."""
+    if users < 1:
+        raise ValueError(f"need at least one user, got {users}")
+    sessions = tuple(
+        replace(session, user=f"user{i % users + 1}") for i, session in enumerate(workload.sessions)
+    )
+    note = f"sessions shared round-robin among {users} users (user1 .. user{users})"
+    return replace(workload, sessions=sessions, notes=(*workload.notes, note))
