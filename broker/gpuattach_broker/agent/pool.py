@@ -35,6 +35,7 @@ from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 log = logging.getLogger("gpuattach.agent")
 
 READY_TIMEOUT_S = 120.0
+REFILL_DELAY_S = 1.0
 WARM_CUDA_FLAG = "--warm-cuda"
 
 
@@ -192,12 +193,17 @@ class WorkerPool:
 
     def take_ready(self, refill: bool = True) -> WorkerProcess | None:
         """A warm worker if one is ready, else None. With `refill` a replacement
-        starts now; without, the caller refills once it knows the device has room."""
+        starts shortly; without, the caller refills once it knows the device has room.
+
+        The replacement waits REFILL_DELAY_S: its ``import torch`` costs about two
+        seconds of CPU, which would otherwise compete with the attach it serves
+        and the first cells of the lease.
+        """
         while self._ready:
             worker = self._ready.pop(0)
             if worker.proc.returncode is None:
                 if refill:
-                    self.refill()
+                    asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
                 return worker
         return None
 

@@ -26,11 +26,16 @@ import grpc
 
 
 def _preload() -> None:
-    for name in ("numpy", "torch"):
+    """Pay the imports and first-use costs before any lease, not during attach."""
+    for name in ("numpy", "numpy.random", "torch"):
         try:
             __import__(name)
         except ImportError:
             pass
+    from gpuattach_broker import codec
+
+    encoded = codec.encode_namespace({"warm": [1, 2, 3]})
+    codec.decode_namespace([bytes(p) for p in encoded.parts])
 
 
 def _warm_cuda() -> tuple[bool, str]:
