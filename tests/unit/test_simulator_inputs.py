@@ -3,13 +3,20 @@ specs, and the command line with its report files."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 
 from gpuattach_broker.broker.store import LeaseRecord, Store, hash_token
-from gpuattach_broker.simulator import attach_policy, load_workload, parse_pool, simulate
+from gpuattach_broker.simulator import (
+    Admission,
+    attach_policy,
+    load_workload,
+    parse_pool,
+    simulate,
+)
 from gpuattach_broker.simulator.cli import main, parse_idle_list
 from gpuattach_broker.simulator.pool import PoolSpec, build_scheduler
 from gpuattach_broker.simulator.traces import WorkloadError, detect_format
@@ -176,6 +183,11 @@ def test_ledger_leases_become_cells(tmp_path: Path) -> None:
     assert any("still active" in note for note in w.notes)
     r = simulate(w, parse_pool("1x2GPU"), attach_policy(0))
     assert r.busy_card_seconds == 100 + 120 + 100
+    # Its times are Unix timestamps: policy windows read the ledger's own dates.
+    assert w.unix_times
+    assert Admission().start_for(w.origin, w.unix_times) == dt.datetime.fromtimestamp(1000, dt.UTC)
+    start = dt.datetime(2026, 11, 24, 9, tzinfo=dt.UTC)
+    assert Admission(start=start).start_for(w.origin, w.unix_times) == start
 
 
 def test_not_a_ledger(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """The simulator predicts the live code because it *runs* the live code:
 change the broker's `Scheduler` or the kernel's `IdleTimer` and its
-predictions change with them."""
+predictions change with them (the admin policy: test_simulator_policy.py)."""
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def test_patching_scheduler_try_place_changes_the_prediction(
     assert r.started("c", 0).wait == 80.0  # c now waits for a's card
 
 
-def test_strict_fifo_of_the_live_scheduler(tmp_path: Path) -> None:
+def test_the_head_of_the_live_queue_is_never_overtaken(tmp_path: Path) -> None:
     # x holds 1 of 2 GPUs; big (2 GPUs) queues at 10; small (1 GPU) at 20 would
     # fit but does not overtake: it waits for big, which waits for x (ends 100).
     w = csv_workload(tmp_path, "x,0,100,1,1GiB", "big,10,10,2,1GiB", "small,20,10,1,1GiB")
@@ -80,11 +81,38 @@ def test_strict_fifo_of_the_live_scheduler(tmp_path: Path) -> None:
     assert r.started("small", 0).started == 110.0
 
 
+# One GPU. x runs 0..50 (served first); h queues at 1 and runs 50..150; x's
+# second cell queues at 60, y's only cell at 70. At 150 the live broker's fair
+# share serves y first (never served) though x asked first: y 150..160, x 160..170.
+FAIR = ("x,0,50,1,1GiB", "h,1,100,1,1GiB", "x,60,10,1,1GiB", "y,70,10,1,1GiB")
+
+
+def test_fair_share_is_on_as_in_the_live_broker(tmp_path: Path) -> None:
+    w = csv_workload(tmp_path, *FAIR)
+    r = simulate(w, parse_pool("1x1GPU"), attach_policy(0))
+    assert r.started("y", 0).started == 150.0
+    assert r.started("x", 1).started == 160.0
+    assert r.gpu_cell_order() == [("x", 0), ("h", 0), ("y", 0), ("x", 1)]
+    # Strict FIFO (a scheduler no live broker builds) would have served x first.
+    fifo = simulate(
+        w, parse_pool("1x1GPU"), attach_policy(0), partial(build_scheduler, fair_share=False)
+    )
+    assert fifo.gpu_cell_order() == [("x", 0), ("h", 0), ("x", 1), ("y", 0)]
+
+
+def test_the_simulated_scheduler_is_built_like_the_live_brokers(tmp_path: Path) -> None:
+    from gpuattach_broker.broker.service import BrokerService
+    from gpuattach_broker.broker.store import Store
+
+    live = BrokerService(Store(tmp_path / "broker.sqlite"))
+    assert build_scheduler(parse_pool("1x1GPU")).fair_share == live.scheduler.fair_share is True
+
+
 class CountingScheduler(Scheduler):
     calls: dict[str, int]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(fair_share=True)
         self.calls = {"submit": 0, "grant_waiting": 0, "free": 0, "withdraw": 0}
 
     # Pass-through overrides, whatever extra arguments the live methods grow.

@@ -62,6 +62,7 @@ class AgentConnection:
 @dataclass
 class Waiter:
     request: SliceRequest
+    groups: tuple[str, ...] = ()  # the caller's identity groups, for re-ranking
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     placement: Placement | None = None
 
@@ -298,7 +299,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         if placement is None:
             try:
                 async for event in self._wait_in_queue(
-                    slice_request, request.wait_seconds, context
+                    slice_request, request.wait_seconds, context, identity.groups
                 ):
                     yield event
             except BaseException:
@@ -314,7 +315,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         yield pb.AttachEvent(granted=lease_to_pb(lease, token))
 
     async def _wait_in_queue(
-        self, req: SliceRequest, wait_seconds: float, context: grpc.aio.ServicerContext
+        self,
+        req: SliceRequest,
+        wait_seconds: float,
+        context: grpc.aio.ServicerContext,
+        groups: tuple[str, ...] = (),
     ) -> AsyncIterator[pb.AttachEvent]:
         if wait_seconds == 0:
             self.scheduler.withdraw(req.request_id)
@@ -324,7 +329,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"no room in the pool ({self.scheduler.why_waiting()}) and --wait 0 was given; "
                 "retry with --wait 60s to queue",
             )
-        waiter = self.waiters[req.request_id] = Waiter(req)
+        waiter = self.waiters[req.request_id] = Waiter(req, groups)
         deadline = None if wait_seconds < 0 else time.monotonic() + wait_seconds
         self.store.event("queued", lease_id=req.request_id, user=req.user)
         self._maybe_preempt()
@@ -671,7 +676,8 @@ class BrokerService(pb_grpc.BrokerServicer):
     def refresh_priorities(self) -> None:
         """Time windows open and close: re-rank the waiting requests."""
         for request in self.scheduler.queue:
-            effective = self.policy.effective(request.user)
+            waiter = self.waiters.get(request.request_id)
+            effective = self.policy.effective(request.user, waiter.groups if waiter else ())
             request.priority = effective.priority
             request.max_slices = effective.limits.max_slices
         self._pump_queue()
