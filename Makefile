@@ -5,9 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint proto bench clean
+CHROMIUM ?= /usr/bin/chromium
 
-$(STAMP): pyproject.toml
+.PHONY: demo test install lint proto bench clean chromium labextension
+
+# The editable install also builds the JupyterLab extension (labextension/,
+# through hatch-jupyter-builder: node and the npm registry) and installs it
+# and the server extension's enable file into the venv.
+$(STAMP): pyproject.toml labextension/package.json
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first: a bare requirement would pull a multi-GB CUDA build.
@@ -25,7 +30,29 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint
+# Rebuild the JupyterLab extension after editing labextension/src, and
+# reinstall so the venv's copy (share/jupyter/labextensions) is the new one.
+labextension: $(STAMP)
+	cd labextension && PATH="$(abspath $(VENV))/bin:$$PATH" jlpm install && \
+	  PATH="$(abspath $(VENV))/bin:$$PATH" jlpm build:prod
+	$(PY) -m pip install --quiet --no-deps -e .
+
+# The browser test drives Debian's chromium (never a downloaded browser).
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "no $(CHROMIUM): the browser test is skipped (apt-get install chromium as root)"; \
+	  fi; \
+	fi
+
+# JupyterHub's proxy, for the identity test under a real Hub (npm, kept in the tree).
+CHP := .ci-node/node_modules/.bin/configurable-http-proxy
+$(CHP):
+	npm install --silent --no-audit --no-fund --prefix .ci-node configurable-http-proxy@5
+
+test: $(STAMP) lint chromium $(CHP)
 	$(PY) -m pytest -q -ra
 
 proto: $(STAMP)

@@ -33,6 +33,13 @@ def load_ipython_extension(ipython: Any) -> None:
     atexit.register(session.shutdown)
 
 
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    """The Jupyter server extension (REST API for the JupyterLab GPU item and panel)."""
+    from jupyter_gpuattach.server.app import GPUAttachApp
+
+    return [{"module": "jupyter_gpuattach", "app": GPUAttachApp}]
+
+
 def unload_ipython_extension(ipython: Any) -> None:
     session = getattr(ipython, _SESSION_ATTR, None)
     if session is None:

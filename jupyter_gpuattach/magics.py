@@ -159,13 +159,15 @@ class GPUMagics(Magics):
             if args.switch is not None and action != "auto":
                 raise UsageError(f"%gpu {action}: unexpected {args.switch!r}. {USAGE}")
             if action == "attach":
-                print(self.session.attach(_attach_options(args), show_queue=QueueDisplay()))
+                options = _attach_options(args)
+                print(self.session.attach(options, show_queue=self._status_display()))
             elif action == "release":
                 print(self.session.release(force=args.force))
             elif action == "auto":
                 print(self._auto(args))
             else:
                 print(self.session.status())
+                self._show_widget()
         except GPUError as exc:
             raise UsageError(str(exc)) from None
 
@@ -193,16 +195,29 @@ class GPUMagics(Magics):
         if session.auto is not None:
             # Auto mode: attach on demand and keep the slice until it is idle.
             options = session.auto.options if args.routed else _attach_options(args)
-            print(session.attach(options, show_queue=QueueDisplay()))
+            print(session.attach(options, show_queue=self._status_display()))
             session.run_cell(cell, gpu=True)
             return
         # Not attached: attach for this one cell, then bring everything back.
-        print(session.attach(_attach_options(args), show_queue=QueueDisplay()))
+        print(session.attach(_attach_options(args), show_queue=self._status_display()))
         try:
             session.run_cell(cell)
         finally:
             if session.attached:
                 print(session.release())
+
+    def _show_widget(self) -> Any:
+        """The live status widget where this kernel can show one (see widget.py), else None."""
+        try:
+            from jupyter_gpuattach.widget import show_status
+
+            return show_status(self.session)
+        except Exception:  # a frontend without widgets still gets the text lines
+            return None
+
+    def _status_display(self) -> Any:
+        """What shows queue positions during an attach: the widget, or a text line."""
+        return self._show_widget() or QueueDisplay()
 
     def push_local_changes(self, result: Any = None) -> None:
         """After a %%local cell while attached: send what it changed to the worker."""

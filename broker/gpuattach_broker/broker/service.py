@@ -719,8 +719,13 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def GetPoolStatus(
         self, request: pb.PoolStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.PoolStatus:
-        await self._authenticate(context)
-        return self.pool_status()
+        identity = await self._authenticate(context)
+        status = self.pool_status()
+        if not identity.trusted:
+            mine = [q for q in status.queue if q.user == identity.user]
+            del status.queue[:]
+            status.queue.extend(mine)
+        return status
 
     def pool_status(self) -> pb.PoolStatus:
         devices = [
@@ -748,6 +753,15 @@ class BrokerService(pb_grpc.BrokerServicer):
             queue_length=len(self.scheduler.queue),
             active_leases=len(self.scheduler.allocations),
             agents_online=len(self.agents),
+            queue=[
+                pb.QueuedRequest(
+                    user=request.user,
+                    kernel_id=request.kernel_id,
+                    position=position,
+                    estimated_wait_seconds=self.scheduler.estimated_wait(position),
+                )
+                for position, request in enumerate(self.scheduler.ordered_queue(), 1)
+            ],
         )
 
     @property

@@ -252,17 +252,31 @@ class DeviceStatus(_message.Message):
     draining: bool
     def __init__(self, device_id: _Optional[str] = ..., host: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., allocated_fraction: _Optional[float] = ..., leases: _Optional[int] = ..., online: _Optional[bool] = ..., exclusive: _Optional[bool] = ..., draining: _Optional[bool] = ...) -> None: ...
 
+class QueuedRequest(_message.Message):
+    __slots__ = ("user", "kernel_id", "position", "estimated_wait_seconds")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    kernel_id: str
+    position: int
+    estimated_wait_seconds: float
+    def __init__(self, user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., position: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ...) -> None: ...
+
 class PoolStatus(_message.Message):
-    __slots__ = ("devices", "queue_length", "active_leases", "agents_online")
+    __slots__ = ("devices", "queue_length", "active_leases", "agents_online", "queue")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     AGENTS_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
     queue_length: int
     active_leases: int
     agents_online: int
-    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue_length: _Optional[int] = ..., active_leases: _Optional[int] = ..., agents_online: _Optional[int] = ...) -> None: ...
+    queue: _containers.RepeatedCompositeFieldContainer[QueuedRequest]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., queue_length: _Optional[int] = ..., active_leases: _Optional[int] = ..., agents_online: _Optional[int] = ..., queue: _Optional[_Iterable[_Union[QueuedRequest, _Mapping]]] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
     __slots__ = ("device_id", "name", "kind", "memory_bytes", "uuid")

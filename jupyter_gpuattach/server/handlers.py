@@ -1,0 +1,190 @@
+"""REST handlers under ``<base_url>gpuattach/api/``.
+
+Every method carries ``@tornado.web.authenticated`` (a test fails when one
+does not). The two status endpoints set ``_track_activity = False``: the UI
+polls them every few seconds, and a poll is not a person using the server,
+so an idle culler must still see the server as idle. What does count is
+real work on a lease (see activity.py) and the two actions here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import grpc
+import tornado.web
+from jupyter_server.base.handlers import APIHandler
+
+from gpuattach_broker.client.broker_client import BrokerError
+from jupyter_gpuattach.server.gateway import BrokerGateway, BrokerUnavailable
+from jupyter_gpuattach.server.views import LIVE_STATES, lease_json, pool_json
+
+SETTINGS_KEY = "gpuattach"
+
+_STATUS = {
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class GPUAttachHandler(APIHandler):
+    """Shared plumbing: the gateway, who the user is, errors as JSON."""
+
+    @property
+    def state(self) -> Any:
+        return self.settings[SETTINGS_KEY]
+
+    @property
+    def gateway(self) -> BrokerGateway:
+        return self.state.gateway  # type: ignore[no-any-return]
+
+    @property
+    def lease_user(self) -> str:
+        """The broker user whose leases this server's user may see and release."""
+        return self.state.lease_user  # type: ignore[no-any-return]
+
+    @property
+    def is_admin(self) -> bool:
+        user = self.current_user
+        username = getattr(user, "username", "") or ""
+        if username in self.state.admin_users:
+            return True
+        hub_user = getattr(user, "hub_user", None)  # JupyterHub's identity provider
+        return bool(isinstance(hub_user, dict) and hub_user.get("admin"))
+
+    def fail(self, status: int, message: str) -> None:
+        self.set_status(status)
+        self.finish(json.dumps({"message": message}))
+
+    def broker_error(self, exc: BrokerError) -> None:
+        self.fail(_STATUS.get(exc.code, 502) if exc.code else 502, str(exc))
+
+    async def notebooks(self) -> dict[str, str]:
+        """Kernel id -> notebook path, for the kernels of this server."""
+        manager = self.settings.get("session_manager")
+        if manager is None:
+            return {}
+        try:
+            sessions = await manager.list_sessions()
+        except Exception:
+            return {}
+        return {s["kernel"]["id"]: s.get("path", "") for s in sessions if s.get("kernel")}
+
+    def json_body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except ValueError:
+            raise tornado.web.HTTPError(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise tornado.web.HTTPError(400, "the request body must be a JSON object")
+        return body
+
+
+class PoolHandler(GPUAttachHandler):
+    _track_activity = False
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        gateway = self.gateway
+        try:
+            status = await gateway.pool()
+        except BrokerUnavailable:
+            status = None
+        except BrokerError as exc:
+            self.broker_error(exc)
+            return
+        answer = pool_json(
+            status, user=self.lease_user, admin=self.is_admin, broker=gateway.describe()
+        )
+        self.finish(json.dumps(answer))
+
+
+class LeasesHandler(GPUAttachHandler):
+    _track_activity = False
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        everyone = self.get_argument("all", "") in ("1", "true", "yes")
+        admin = self.is_admin
+        if everyone and not admin:
+            self.fail(403, "only GPU admins see every user's leases")
+            return
+        kernel_id = self.get_argument("kernel_id", "")
+        try:
+            leases = await self.gateway.leases("" if everyone else self.lease_user)
+        except BrokerUnavailable:
+            leases = []
+        except BrokerError as exc:
+            self.broker_error(exc)
+            return
+        now = time.time()
+        notebooks = await self.notebooks()
+        answer = {
+            "user": self.lease_user,
+            "admin": admin,
+            "leases": [
+                lease_json(lease, now, notebooks)
+                for lease in leases
+                if lease.state in LIVE_STATES and (not kernel_id or lease.kernel_id == kernel_id)
+            ],
+            "now": now,
+        }
+        self.finish(json.dumps(answer))
+
+
+class ReleaseHandler(GPUAttachHandler):
+    @tornado.web.authenticated
+    async def post(self, lease_id: str) -> None:
+        body = self.json_body()
+        who = getattr(self.current_user, "username", "") or self.lease_user
+        reason = str(body.get("reason") or "released from Jupyter")[:200] + f" (by {who})"
+        try:
+            reply = await self.gateway.release(lease_id, self.lease_user, reason)
+        except BrokerUnavailable as exc:
+            self.fail(503, str(exc))
+            return
+        except BrokerError as exc:
+            self.broker_error(exc)
+            return
+        self.finish(json.dumps({"lease_id": lease_id, "held_seconds": reply.held_seconds}))
+
+
+class KernelIdleHandler(GPUAttachHandler):
+    @tornado.web.authenticated
+    async def put(self, kernel_id: str) -> None:
+        body = self.json_body()
+        seconds = body.get("seconds")
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 0 <= seconds <= 7 * 24 * 3600
+        ):
+            self.fail(400, 'give {"seconds": N} with N between 0 and 604800')
+            return
+        try:
+            leases = await self.gateway.set_idle(self.lease_user, kernel_id, float(seconds))
+        except BrokerUnavailable as exc:
+            self.fail(503, str(exc))
+            return
+        except BrokerError as exc:
+            self.broker_error(exc)
+            return
+        self.finish(json.dumps({"kernel_id": kernel_id, "seconds": seconds, "leases": leases}))
+
+
+_ID = r"([A-Za-z0-9_.\-]+)"
+
+HANDLERS: list[tuple[str, type[GPUAttachHandler]]] = [
+    (r"/gpuattach/api/pool", PoolHandler),
+    (r"/gpuattach/api/leases", LeasesHandler),
+    (rf"/gpuattach/api/leases/{_ID}/release", ReleaseHandler),
+    (rf"/gpuattach/api/kernels/{_ID}/idle", KernelIdleHandler),
+]

@@ -1,0 +1,153 @@
+"""Packaging and Binder, from a clean copy of the repository in a fresh venv.
+
+One slow test on purpose (one venv, one build of the JupyterLab extension):
+1. a plain ``pip install .`` next to JupyterLab leaves the server extension
+   and the JupyterLab extension enabled and OK;
+2. ``binder/postBuild`` then ``binder/start`` leave a working setup: both
+   example notebooks run top to bottom, and JupyterLab answers the GPU API
+   with the embedded broker on the CPU backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.harness import free_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def clean_copy(target: Path) -> Path:
+    """The files a clone would have: tracked and new files, nothing git ignores
+    (no node_modules, no built extension, no venv)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        source = ROOT / os.fsdecode(name)
+        if source.is_file():
+            destination = target / os.fsdecode(name)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+    return target
+
+
+def run(command: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> str:
+    done = subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    output = ANSI.sub("", done.stdout + done.stderr)
+    assert done.returncode == 0, f"{command} failed:\n{output[-6000:]}"
+    return output
+
+
+def test_pip_install_and_binder_scripts_in_a_fresh_venv(tmp_path: Path) -> None:
+    if not shutil.which("node"):
+        pytest.skip("building the JupyterLab extension needs node")
+    clone = clean_copy(tmp_path / "clone")
+    assert not (clone / "jupyter_gpuattach" / "labextension").exists()
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GPUATTACH_", "JUPYTER", "VIRTUAL_ENV", "PYTHON"))
+    }
+    env.update(
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        HOME=str(tmp_path / "home"),
+        PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        PYTHON=python,
+    )
+    timings: dict[str, float] = {}
+
+    # 1. A plain `pip install .` into an environment that has JupyterLab.
+    started = time.monotonic()
+    run([python, "-m", "pip", "install", "-q", "jupyterlab>=4,<5"], env, clone)
+    run([python, "-m", "pip", "install", "-q", "."], env, clone)
+    timings["pip_install_s"] = time.monotonic() - started
+    servers = run([str(venv / "bin" / "jupyter"), "server", "extension", "list"], env, clone)
+    assert re.search(r"jupyter_gpuattach\s+enabled", servers), servers
+    assert re.search(r"jupyter_gpuattach 0\.1\.0 OK", servers), servers
+    labextensions = run([str(venv / "bin" / "jupyter"), "labextension", "list"], env, clone)
+    assert re.search(r"jupyter-gpuattach v0\.1\.0 enabled OK", labextensions), labextensions
+
+    # 2. Binder's scripts, as Binder runs them.
+    started = time.monotonic()
+    out = run([str(clone / "binder" / "postBuild")], env, clone)
+    assert "Binder setup done" in out
+    timings["postBuild_s"] = time.monotonic() - started
+    start = str(clone / "binder" / "start")
+    for notebook in ("quickstart.ipynb", "auto_mode.ipynb"):
+        started = time.monotonic()
+        out = run(
+            [start, python, "examples/run_notebook.py", f"examples/{notebook}"], env, clone, 600
+        )
+        assert "ran to completion" in out, out[-4000:]
+        timings[f"{notebook}_s"] = time.monotonic() - started
+    assert_lab_serves_the_gpu_api(start, env, clone, tmp_path)
+    print(json.dumps(timings))
+
+
+def assert_lab_serves_the_gpu_api(start: str, env: dict[str, str], cwd: Path, tmp: Path) -> None:
+    port, token = free_port(), "binder-test"
+    with open(tmp / "lab.log", "wb") as log:
+        lab = subprocess.Popen(
+            [
+                start,
+                "jupyter",
+                "lab",
+                "--no-browser",
+                "--allow-root",
+                f"--port={port}",
+                "--ServerApp.ip=127.0.0.1",
+                f"--IdentityProvider.token={token}",
+            ],
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def pool() -> dict[str, object] | None:
+            url = f"http://127.0.0.1:{port}/gpuattach/api/pool?token={token}"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                answer: dict[str, object] = json.load(reply)
+            return answer if answer["devices_total"] else None
+
+        answer = wait_for(pool, timeout=120, interval=1.0, what="the GPU pool through the lab")
+        assert answer["devices_total"] == 2, answer  # binder/start: cpu:2x4GiB
+        assert answer["broker"]["embedded"], answer  # type: ignore[index]
+    finally:
+        os.killpg(lab.pid, signal.SIGTERM)
+        try:
+            lab.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(lab.pid, signal.SIGKILL)
+        for path in (tmp / "runtime").glob("gpuattach-embedded-*.json"):
+            try:
+                os.kill(int(json.loads(path.read_text())["pid"]), signal.SIGTERM)
+            except (OSError, ValueError, KeyError):
+                pass

@@ -1,0 +1,57 @@
+"""With no broker configured the extension starts the user's embedded broker,
+the same one the kernels find through the runtime file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuattach_broker.client.embedded import runtime_file
+
+
+@pytest.fixture
+def extension_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("GPUATTACH_EMBEDDED_DEVICES", "cpu:1x4GiB")
+    monkeypatch.setenv("GPUATTACH_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    return {"broker_address": "", "lease_user": "alice"}
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (the broker is a child of this test process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_starts_the_embedded_broker_and_stops_it_when_unused(
+    jp_fetch: Any, jp_serverapp: Any, tmp_path: Path
+) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        pool = json.loads((await jp_fetch("gpuattach", "api", "pool")).body)
+        if pool["devices_total"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert pool["broker"]["embedded"] and pool["broker"]["state"] == "running"
+    assert pool["devices_total"] == 1 and pool["memory_total_bytes"] == 4 * 1024**3
+    info = json.loads(runtime_file(tmp_path / "runtime").read_text())
+    assert pool["broker"]["address"] == info["address"]
+    # Kernels started by this server inherit the longer idle exit.
+    assert os.environ["GPUATTACH_EMBEDDED_IDLE_EXIT"] == "1h"
+    # Server shutdown stops the broker it started, since no lease uses it.
+    extension = jp_serverapp.extension_manager.extensions["jupyter_gpuattach"]
+    (point,) = extension.extension_points.values()
+    await point.app.stop_extension()
+    deadline = time.monotonic() + 20
+    while _alive(info["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(info["pid"])
+    assert not runtime_file(tmp_path / "runtime").exists()
