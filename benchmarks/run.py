@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     import ours
     import peer
     import report
+    import scheduling
     from stack import Stack
 
     machine = report.machine_info()
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.stop()
         peer_figures = None if args.no_peer else peer.measure(cfg, log)
+        log("scheduling decisions at 1,000 devices and 10,000 queued requests")
+        our_figures["scheduling"] = scheduling.measure()
     except KeyboardInterrupt:
         log("interrupted; everything started was stopped")
         return 130

@@ -11,6 +11,7 @@ device never holds slices whose memory adds up to more than it has.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -97,6 +98,10 @@ class Scheduler:
         self.owners: dict[str, str] = {}  # lease id -> user
         self._held_by_user: dict[str, int] = {}
         self._arrival: dict[str, int] = {}  # request id -> order of submission
+        # Each user's waiting requests, best first: a user's own requests keep
+        # their order (priority, then arrival), so the best waiting request is
+        # the best of the users' heads, found in O(users), not O(queue).
+        self._waiting: dict[str, list[SliceRequest]] = {}
         self._arrivals = 0
         self._last_grant: dict[str, int] = {}  # user -> grant counter when last served
         self._grants = 0
@@ -268,15 +273,49 @@ class Scheduler:
         self._arrival[request.request_id] = self._arrivals
         placement = None
         if self._eligible(request):
-            ahead = [r for r in self.queue if self._eligible(r)]
-            if not ahead or self._standing(request) < min(map(self._standing, ahead)):
+            ahead = self._best()
+            if ahead is None or self._standing(request) < self._standing(ahead):
                 placement = self.try_place(request, warm_hosts, prefer_hosts)
         if placement is None:
-            self.queue.append(request)
+            self._enqueue(request)
         else:
             self._arrival.pop(request.request_id, None)
             self.allocate(request.request_id, placement, request.user)
         return placement
+
+    def _own_order(self, request: SliceRequest) -> tuple[int, float, int]:
+        return (-request.priority, request.submitted_at, self._arrival.get(request.request_id, 0))
+
+    def _enqueue(self, request: SliceRequest) -> None:
+        self.queue.append(request)
+        bisect.insort(self._waiting.setdefault(request.user, []), request, key=self._own_order)
+
+    def _dequeue(self, request: SliceRequest) -> None:
+        self.queue.remove(request)
+        mine = self._waiting.get(request.user, [])
+        if request in mine:
+            mine.remove(request)
+        if not mine:
+            self._waiting.pop(request.user, None)
+        self._arrival.pop(request.request_id, None)
+
+    def _best(self) -> SliceRequest | None:
+        """The eligible waiting request with the best standing."""
+        best: SliceRequest | None = None
+        best_key: tuple[int, int, int, float, int] | None = None
+        for mine in self._waiting.values():
+            head = mine[0]
+            if not self._eligible(head):
+                continue
+            key = self._standing(head)
+            if best_key is None or key < best_key:
+                best, best_key = head, key
+        return best
+
+    def reprioritize(self) -> None:
+        """Waiting requests' priorities changed (a policy window opened or closed)."""
+        for mine in self._waiting.values():
+            mine.sort(key=self._own_order)
 
     def _eligible(self, request: SliceRequest) -> bool:
         return request.max_slices is None or self.held_by(request.user) < request.max_slices
@@ -294,10 +333,11 @@ class Scheduler:
         return sorted(self.queue, key=lambda r: (not self._eligible(r), self._standing(r)))
 
     def withdraw(self, request_id: str) -> bool:
-        before = len(self.queue)
-        self.queue = [r for r in self.queue if r.request_id != request_id]
-        self._arrival.pop(request_id, None)
-        return len(self.queue) != before
+        for request in self.queue:
+            if request.request_id == request_id:
+                self._dequeue(request)
+                return True
+        return False
 
     def position(self, request_id: str) -> int:
         """1-based queue position by standing; 0 when not queued."""
@@ -317,23 +357,20 @@ class Scheduler:
         """
         granted: list[Placement] = []
         while True:
-            candidates = [r for r in self.queue if self._eligible(r)]
-            if not candidates:
+            best = self._best()
+            if best is None:
                 break
-            best = min(candidates, key=self._standing)
             placement = self.try_place(best, warm_hosts, prefer(best))
             if placement is None:
                 break
-            self.queue.remove(best)
-            self._arrival.pop(best.request_id, None)
+            self._dequeue(best)
             self.allocate(placement.request_id, placement, best.user)
             granted.append(placement)
         return granted
 
     def blocked_head(self) -> SliceRequest | None:
         """The waiting request with the best standing, if it is waiting for room."""
-        candidates = [r for r in self.queue if self._eligible(r)]
-        return min(candidates, key=self._standing) if candidates else None
+        return self._best()
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at `position` is granted; -1 when unknown."""

@@ -680,6 +680,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             effective = self.policy.effective(request.user, waiter.groups if waiter else ())
             request.priority = effective.priority
             request.max_slices = effective.limits.max_slices
+        self.scheduler.reprioritize()
         self._pump_queue()
 
     def set_policy(self, policy: Policy) -> None:

@@ -128,6 +128,7 @@ class Gate:
             effective = self.policy.effective(request.user, groups_of(request), self.when(t))
             request.priority = effective.priority
             request.max_slices = effective.limits.max_slices
+        self.scheduler.reprioritize()
 
     def next_window_edge(self, t: float) -> float | None:
         """The first virtual instant after `t` at which a policy window opens or
