@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from tests.harness import free_port, wait_for
 pytestmark = pytest.mark.integration
 
 BROKER = str(Path(sys.executable).parent / "gpuattach-broker")
+AGENT = str(Path(sys.executable).parent / "gpuattach-agent")
 
 
 def _write_cert(folder: Path, name: str, issuer_key: object, issuer: x509.Name | None) -> tuple:
@@ -101,3 +104,75 @@ def test_broker_speaks_tls_and_refuses_plaintext_off_loopback(tmp_path: Path) ->
     )
     assert refused.returncode == 2
     assert "refusing plaintext" in refused.stderr and "--tls-cert" in refused.stderr
+
+
+def test_agents_need_a_client_certificate_on_the_agent_port(tmp_path: Path) -> None:
+    ca_key, ca_name = _write_cert(tmp_path, "ca", None, None)
+    _write_cert(tmp_path, "broker", ca_key, ca_name)
+    _write_cert(tmp_path, "agent", ca_key, ca_name)
+    port, agent_port = free_port(), free_port()
+    env = {**os.environ, "GPUATTACH_BROKER_KEY": "k"}
+    env.pop("GPUATTACH_BROKER", None)
+    tls = ["--tls-cert", str(tmp_path / "broker.pem"), "--tls-key", str(tmp_path / "broker.key")]
+    procs = []
+    log = open(tmp_path / "log", "wb")  # noqa: SIM115 - closed below
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    BROKER,
+                    "serve",
+                    "--address",
+                    f"127.0.0.1:{port}",
+                    "--db",
+                    str(tmp_path / "b.db"),
+                    *tls,
+                    "--tls-ca",
+                    str(tmp_path / "ca.pem"),
+                    "--agent-address",
+                    f"127.0.0.1:{agent_port}",
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
+        client = BrokerClient(
+            BrokerAddress(f"127.0.0.1:{port}", key="k", tls_ca=str(tmp_path / "ca.pem"))
+        )
+        wait_for(lambda: client.pool_status() is not None, timeout=30, what="TLS broker")
+        agent = [
+            AGENT,
+            "--broker",
+            f"127.0.0.1:{agent_port}",
+            "--devices",
+            "cpu:1x1GiB",
+            "--pool-size",
+            "0",
+            "--tls-ca",
+            str(tmp_path / "ca.pem"),
+        ]
+        procs.append(subprocess.Popen(agent, env=env, stdout=log, stderr=log))
+        time.sleep(3)
+        assert client.pool_status().agents_online == 0, "no client certificate, no agent"
+        procs.pop().terminate()
+        procs.append(
+            subprocess.Popen(
+                [
+                    *agent,
+                    "--tls-cert",
+                    str(tmp_path / "agent.pem"),
+                    "--tls-key",
+                    str(tmp_path / "agent.key"),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
+        wait_for(lambda: client.pool_status().agents_online == 1, timeout=30, what="mTLS agent")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        log.close()

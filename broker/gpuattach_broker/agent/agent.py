@@ -37,6 +37,7 @@ from gpuattach_broker.agent.pool import WarmPools, WorkerProcess
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
+from gpuattach_broker.tls import TLSFiles, channel_credentials
 from gpuattach_broker.units import format_size
 from gpuattach_broker.worker.blobcache import cached_users, default_root
 
@@ -78,11 +79,14 @@ class Agent:
         blob_cache: str | Path | None = None,
         blob_cache_bytes: int = 8 << 30,
         gpu: GpuOptions | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         """`pool_size`: warm workers kept ready; on a GPU host, per device (each
         with its CUDA context made) plus a shared pool for leases no device
         pool can serve when the host has several devices or MPS."""
         self.broker_address = broker_address
+        # With a CA: TLS to the broker's agent port, presenting cert/key (mTLS).
+        self.tls = tls or TLSFiles()
         self.backend = backend
         self.host = host or socket.gethostname()
         self.agent_id = uuid.uuid4().hex[:8]
@@ -210,7 +214,11 @@ class Agent:
         while not undelivered.empty():  # after the hello: the broker needs that first
             self._send(undelivered.get_nowait())
         metadata = key_metadata(self.key)
-        async with grpc.aio.insecure_channel(self.broker_address) as channel:
+        if self.tls.ca:
+            channel = grpc.aio.secure_channel(self.broker_address, channel_credentials(self.tls))
+        else:
+            channel = grpc.aio.insecure_channel(self.broker_address)
+        async with channel:
             stub = pb_grpc.BrokerStub(channel)
             call = stub.AgentChannel(self._requests(), metadata=metadata)
             heartbeat = asyncio.create_task(self._heartbeat())

@@ -17,6 +17,7 @@ from gpuattach_broker.agent.caps import CapPolicy
 from gpuattach_broker.agent.check import run_check
 from gpuattach_broker.agent.gpu_host import GpuOptions
 from gpuattach_broker.rpc import read_key_file
+from gpuattach_broker.tls import TLSFiles
 from gpuattach_broker.units import parse_duration, parse_size
 
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bind", default="127.0.0.1", help="address workers listen on")
     parser.add_argument("--advertise", default="", help="address kernels reach workers at")
     parser.add_argument("--key-file", default="", help="file with the broker's key")
+    parser.add_argument("--tls-ca", default="", help="CA of the broker's certificate (TLS)")
+    parser.add_argument("--tls-cert", default="", help="this agent's client certificate (mTLS)")
+    parser.add_argument("--tls-key", default="", help="the key of that certificate")
     parser.add_argument(
         "--blob-cache",
         default="",
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         blob_cache=args.blob_cache or None,
         blob_cache_bytes=cache_bytes,
         gpu=options,
+        tls=TLSFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
     )
 
     async def run() -> None:
