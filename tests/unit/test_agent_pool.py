@@ -165,14 +165,24 @@ def test_pausing_while_a_worker_starts_leaves_no_process(
 
     monkeypatch.setenv("SLOW_START", "5")
 
+    def stand_ins() -> list[psutil.Process]:
+        """This test's worker processes (other tests may leave children of their own)."""
+        found = []
+        for child in psutil.Process().children():
+            try:
+                if child.status() != "zombie" and python in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                pass
+        return found
+
     async def scenario() -> None:
         pools = pools_for(python, size=1, shared=0)
         pools.refill()
-        me = psutil.Process()
-        await until(lambda: len(me.children()) == 2)  # both device workers are starting
+        await until(lambda: len(stand_ins()) == 2)  # both device workers are starting
         await pools.set_room("GPU-a", False)
         await pools.close()
-        await until(lambda: not [c for c in me.children() if c.status() != "zombie"])
+        await until(lambda: not stand_ins())
 
     run(scenario)
 
