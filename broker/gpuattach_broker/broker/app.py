@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Int, Unicode, default
+from traitlets import Bool, Enum, Int, Unicode, default
 from traitlets.config import Application
 
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
@@ -74,9 +74,11 @@ class BrokerApp(Application):
         config=True
     )
 
-    @default("log_level")
-    def _log_level_default(self) -> int:
-        return logging.INFO
+    log_level = Enum(
+        (0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"),
+        default_value=logging.INFO,
+        help="Log level, by value or name.",
+    ).tag(config=True)
 
     @default("hub_api_url")
     def _hub_api_url_default(self) -> str:
