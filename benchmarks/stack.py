@@ -11,43 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from tests.harness import free_port, wait_for  # one copy of these for tests and benchmarks
 
 BIN = Path(sys.executable).parent
 WORKER_MODULE = "gpuattach_broker.worker"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except Exception as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what or predicate}: last={last!r}")
 
 
 @dataclass
