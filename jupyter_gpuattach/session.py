@@ -226,7 +226,7 @@ class GPUSession:
                 return f"GPU already attached: {self._device()} (lease {self.lease.lease_id[:8]})"
             started = time.perf_counter()
             broker, lease = self._grant(options, show_queue)
-            worker = WorkerClient(lease.worker_endpoint, lease.token)
+            worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
             try:
                 hello = kernel_hello(os.getcwd(), list(sys.path), os.environ)
                 self.worker_info = worker.hello(hello)

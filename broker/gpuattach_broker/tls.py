@@ -5,6 +5,13 @@ connect to a second port that requires a client certificate signed by the
 agents' CA (mTLS). Plaintext is refused on anything but loopback unless the
 admin says otherwise (``--allow-plaintext``): a broker reachable from other
 hosts must not carry tokens in the clear.
+
+Workers are reached by kernels directly (cells and tensors do not pass the
+broker), so an agent on a shared network gives its workers a certificate
+too (`WorkerTLS`). Kernels need no extra configuration for it: the agent
+announces the certificate's trust root to the broker over its mTLS
+channel, and the broker hands it to the kernel with the lease, over the
+kernel's own TLS channel; the kernel then pins exactly that root.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -27,6 +35,37 @@ class TLSFiles:
         return bool(self.cert and self.key)
 
 
+@dataclass(frozen=True)
+class WorkerTLS:
+    """The certificate workers serve with; `ca` is what kernels should trust
+    (the CA that signed `cert`; the certificate itself when empty)."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+    def check(self) -> None:
+        """ValueError naming the missing half or an unreadable file."""
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("worker TLS needs both --worker-tls-cert and --worker-tls-key")
+        for path in (self.cert, self.key, self.ca):
+            if path and not Path(path).is_file():
+                raise ValueError(f"worker TLS: no such file: {path}")
+
+    def trust_root(self) -> bytes:
+        """PEM that kernels verify workers against; b"" without TLS."""
+        if not self.enabled:
+            return b""
+        return _read(self.ca or self.cert)
+
+    def worker_args(self) -> list[str]:
+        return ["--tls-cert", self.cert, "--tls-key", self.key] if self.enabled else []
+
+
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
@@ -40,6 +79,30 @@ def server_credentials(
         [(_read(files.key), _read(files.cert))],
         root_certificates=_read(files.ca) if files.ca else None,
         require_client_auth=require_client_cert,
+    )
+
+
+def worker_channel(
+    target: str, tls_root: bytes, options: list[tuple[str, Any]] | None = None
+) -> grpc.Channel:
+    """A kernel's channel to its worker: TLS pinned to the root the lease
+    carries when the agent serves workers with TLS, else plaintext."""
+    options = list(options or [])
+    if not tls_root:
+        return grpc.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls_root)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def agent_worker_channel(target: str, tls_root: bytes, name: str) -> grpc.aio.Channel:
+    """The agent's own channel to a worker it started. It dials the bind
+    address, which the certificate need not name, so the check is made
+    against `name` (the advertised host) instead."""
+    if not tls_root:
+        return grpc.aio.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls_root)
+    return grpc.aio.secure_channel(
+        target, credentials, options=[("grpc.ssl_target_name_override", name)]
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -240,3 +242,36 @@ def test_malformed_and_oversized_rpcs_leave_broker_and_worker_serving(stack: Sta
         worker.close()
         client.release(lease)
     assert stack.pool().agents_online == 1
+
+
+def test_usage_by_group_counts_identity_and_policy_groups(stack_factory, tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens.toml"
+    alice = StaticTokens.add(tokens_file, "alice", groups=("ml101",))  # an identity group
+    bob = StaticTokens.add(tokens_file, "bob")
+    carol = StaticTokens.add(tokens_file, "carol")
+    policy_path = tmp_path / "policy.toml"
+    policy_path.write_text('[groups.staff]\nmembers = ["alice", "carol"]\n')  # a policy group
+    stack = stack_factory(
+        serve_args=["--tokens-file", str(tokens_file), "--policy", str(policy_path)]
+    )
+    for user, token in (("alice", alice), ("bob", bob), ("carol", carol)):
+        client = stack.client(token)
+        client.release(client.attach(pb.AttachRequest(user=user, wait_seconds=-1)))
+    usage = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "gpuattach-broker"),
+            "usage",
+            "--db",
+            str(stack.db),
+            "--by",
+            "group",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line.replace("(no group)", "(none)").split() for line in usage.splitlines()[1:]]
+    leases = {row[0]: int(row[1]) for row in rows}
+    assert leases.pop("(none)") == 1, usage  # "(no group)": bob
+    # alice counts in both her groups; the total counts each lease once
+    assert leases == {"ml101": 1, "staff": 2, "total": 3}, usage

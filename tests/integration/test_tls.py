@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient, BrokerError
+from gpuattach_broker.client.worker_client import WorkerClient
+from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -176,3 +178,92 @@ def test_agents_need_a_client_certificate_on_the_agent_port(tmp_path: Path) -> N
             proc.terminate()
             proc.wait(10)
         log.close()
+
+
+def test_workers_serve_tls_that_kernels_verify_with_the_root_from_their_lease(
+    tmp_path: Path,
+) -> None:
+    ca_key, ca_name = _write_cert(tmp_path, "ca", None, None)
+    for name in ("broker", "agent", "worker"):
+        _write_cert(tmp_path, name, ca_key, ca_name)
+    other_ca_key, other_ca_name = _write_cert(tmp_path, "other-ca", None, None)
+    port, agent_port = free_port(), free_port()
+    env = {**os.environ, "GPUATTACH_BROKER_KEY": "k"}
+    env.pop("GPUATTACH_BROKER", None)
+    pem = {name: str(tmp_path / f"{name}.pem") for name in ("ca", "broker", "agent", "worker")}
+    log = open(tmp_path / "log", "wb")  # noqa: SIM115 - closed below
+    procs = [
+        subprocess.Popen(
+            [
+                *(BROKER, "serve", "--address", f"127.0.0.1:{port}"),
+                *("--db", str(tmp_path / "b.db"), "--tls-ca", pem["ca"]),
+                *("--tls-cert", pem["broker"], "--tls-key", str(tmp_path / "broker.key")),
+                *("--agent-address", f"127.0.0.1:{agent_port}"),
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+        ),
+        subprocess.Popen(
+            [
+                *(AGENT, "--broker", f"127.0.0.1:{agent_port}", "--devices", "cpu:1x1GiB"),
+                *("--tls-ca", pem["ca"], "--tls-cert", pem["agent"]),
+                *("--tls-key", str(tmp_path / "agent.key")),
+                *("--worker-tls-cert", pem["worker"]),
+                *("--worker-tls-key", str(tmp_path / "worker.key")),
+                *("--worker-tls-ca", pem["ca"]),
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+        ),
+    ]
+    try:
+        client = BrokerClient(BrokerAddress(f"127.0.0.1:{port}", key="k", tls_ca=pem["ca"]))
+        wait_for(lambda: client.pool_status().agents_online == 1, timeout=30, what="mTLS agent")
+        lease = client.attach(pb.AttachRequest(user="ada", wait_seconds=-1))
+        # the kernel learns whom to trust from its lease, over the broker's TLS channel
+        assert lease.worker_tls_root == (tmp_path / "ca.pem").read_bytes()
+        worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
+        outputs: list[pb.ExecuteOutput] = []
+        done = worker.execute("print(6 * 7)", 1, outputs.append, lambda request: "")
+        assert done.ok and "42" in "".join(o.stream.text for o in outputs)
+        worker.close()
+        plain = WorkerClient(lease.worker_endpoint, lease.token)  # plaintext to a TLS worker
+        with pytest.raises(Exception, match=r"cannot reach|stopped answering|unavailable"):
+            plain.hello(pb.HelloRequest())
+        plain.close()
+        forged = WorkerClient(
+            lease.worker_endpoint, lease.token, (tmp_path / "other-ca.pem").read_bytes()
+        )  # a worker whose certificate does not chain to the lease's root is not trusted
+        with pytest.raises(Exception, match=r"cannot reach|stopped answering|unavailable"):
+            forged.hello(pb.HelloRequest())
+        forged.close()
+        # the admin CLI reaches a TLS broker with --tls-ca
+        listing = subprocess.run(
+            [BROKER, "leases", "--address", f"127.0.0.1:{port}", "--tls-ca", pem["ca"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listing.returncode == 0 and lease.lease_id in listing.stdout, listing
+        client.release(lease)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        log.close()
+    del other_ca_key, other_ca_name
+
+
+def test_agent_refuses_plaintext_workers_off_loopback(tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [AGENT, "--devices", "cpu:1x1GiB", "--bind", "0.0.0.0", "--broker", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "refusing plaintext workers on 0.0.0.0" in refused.stderr
+    assert "--worker-tls-cert" in refused.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from gpuattach_broker.agent import mps
 from gpuattach_broker.agent.backends.pci import nvidia_gpus
-from gpuattach_broker.agent.cli import build_parser, gpu_options, main
+from gpuattach_broker.agent.cli import AgentApp, main
 
 
 def test_detect_a_running_daemon(tmp_path: Path) -> None:
@@ -77,14 +77,20 @@ def test_pci_probe(tmp_path: Path) -> None:
     assert nvidia_gpus(str(tmp_path / "missing")) == []
 
 
+def _app(argv: list[str]) -> AgentApp:
+    AgentApp.clear_instance()
+    app = AgentApp()
+    app.initialize(argv)
+    return app
+
+
 def test_gpu_options() -> None:
-    parser = build_parser()
-    options = gpu_options(parser.parse_args(["--cap-margin", "2GiB", "--sample-interval", "250ms"]))
+    options = _app(["--cap-margin", "2GiB", "--sample-interval", "250ms"]).gpu_options()
     assert options.caps.margin_bytes == 2 << 30 and options.sample_interval == 0.25
     with pytest.raises(ValueError, match="--cap-margin"):
-        gpu_options(parser.parse_args(["--cap-margin", "lots"]))
+        _app(["--cap-margin", "lots"]).gpu_options()
     with pytest.raises(ValueError, match="more than zero"):
-        gpu_options(parser.parse_args(["--refresh-interval", "0"]))
+        _app(["--refresh-interval", "0"]).gpu_options()
 
 
 def test_bad_gpu_option_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

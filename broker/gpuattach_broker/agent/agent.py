@@ -37,7 +37,7 @@ from gpuattach_broker.agent.pool import WarmPools, WorkerProcess
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
-from gpuattach_broker.tls import TLSFiles, channel_credentials
+from gpuattach_broker.tls import TLSFiles, WorkerTLS, channel_credentials, is_loopback
 from gpuattach_broker.units import format_size
 from gpuattach_broker.worker.blobcache import cached_users, default_root
 
@@ -80,13 +80,25 @@ class Agent:
         blob_cache_bytes: int = 8 << 30,
         gpu: GpuOptions | None = None,
         tls: TLSFiles | None = None,
+        worker_tls: WorkerTLS | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
         """`pool_size`: warm workers kept ready; on a GPU host, per device (each
         with its CUDA context made) plus a shared pool for leases no device
-        pool can serve when the host has several devices or MPS."""
+        pool can serve when the host has several devices or MPS.
+
+        Workers listen on `bind`; off loopback they serve TLS (`worker_tls`)
+        unless `allow_plaintext` (kernels send tokens and tensors there)."""
         self.broker_address = broker_address
         # With a CA: TLS to the broker's agent port, presenting cert/key (mTLS).
         self.tls = tls or TLSFiles()
+        self.worker_tls = worker_tls or WorkerTLS()
+        self.worker_tls.check()
+        if not self.worker_tls.enabled and not is_loopback(bind) and not allow_plaintext:
+            raise ValueError(
+                f"refusing plaintext workers on {bind}: give --worker-tls-cert and "
+                "--worker-tls-key, or --allow-plaintext if the network is trusted"
+            )
         self.backend = backend
         self.host = host or socket.gethostname()
         self.agent_id = uuid.uuid4().hex[:8]
@@ -116,7 +128,13 @@ class Agent:
         # Leases no device pool serves: several devices at once, or an MPS share.
         needs_shared = len(by_device) < len(warm) or len(warm) > 1 or mps
         shared = size if needs_shared else 0
-        pools = WarmPools(shared_size=shared, device_size=size, bind=self.bind)
+        pools = WarmPools(
+            shared_size=shared,
+            device_size=size,
+            bind=self.bind,
+            tls=self.worker_tls,
+            tls_name=self.advertise,
+        )
         for device_id, env in by_device.items():
             pools.add_device(device_id, env)
         return pools
@@ -151,6 +169,7 @@ class Agent:
                 ],
                 warm_workers=self.pool.warm,
                 version=__version__,
+                worker_tls_root=self.worker_tls.trust_root(),
             )
         )
 

@@ -1,162 +1,306 @@
-"""``gpuattach-agent``: offer this host's devices to a broker, or check them."""
+"""``gpuattach-agent``: offer this host's devices to a broker, or check them.
+
+A traitlets application, configured like ``gpuattach-broker serve`` (and
+JupyterHub): a ``gpuattach_agent_config.py`` found in the working
+directory, ``/etc/gpuattach`` or ``~/.config/gpuattach`` (or given with
+``--config``), ``--generate-config`` to write a commented default, and
+every option on the command line too (``--devices``, or in full
+``--AgentApp.devices``). ``gpuattach-agent check`` prints what this host
+can offer and exits.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from gpuattach_broker.agent import mps
+from traitlets import Bool, Enum, Int, Unicode, default
+from traitlets.config import Application
+
+from gpuattach_broker.agent import mps as mps_control
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import BackendError, CpuBackend, NvmlBackend, open_backend
 from gpuattach_broker.agent.caps import CapPolicy
 from gpuattach_broker.agent.check import run_check
 from gpuattach_broker.agent.gpu_host import GpuOptions
 from gpuattach_broker.rpc import read_key_file
-from gpuattach_broker.tls import TLSFiles
+from gpuattach_broker.tls import TLSFiles, WorkerTLS
 from gpuattach_broker.units import parse_duration, parse_size
 
+CONFIG_NAME = "gpuattach_agent_config"
+COMMANDS = ("run", "check")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpuattach-agent", description="Run the workers of GPU leases on this host."
+
+class AgentApp(Application):
+    name = "gpuattach-agent"
+    description = "Run the workers of GPU leases on this host (gpuattach-agent [run|check])."
+
+    broker = Unicode(help="Broker address host:port (the agent port when it uses mTLS).").tag(
+        config=True
     )
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "check"])
-    parser.add_argument(
-        "--broker",
-        default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"),
-        help="broker address host:port",
-    )
-    parser.add_argument(
-        "--devices",
-        default="auto",
+    devices = Unicode(
+        "auto",
         help="auto (NVML if a GPU is present, else CPU), nvml, nvml:<index|UUID>,... "
-        "(only those GPUs or MIG instances), or cpu:NxSIZE",
+        "(only those GPUs or MIG instances), or cpu:NxSIZE.",
+    ).tag(config=True)
+    host = Unicode("", help="Name of this host in the pool (default: the host name).").tag(
+        config=True
     )
-    parser.add_argument("--host", default="", help="name of this host in the pool")
-    parser.add_argument(
-        "--pool-size",
-        type=int,
-        default=1,
-        help="warm workers kept ready (on a GPU host: per device, CUDA context made)",
+    pool_size = Int(
+        1, help="Warm workers kept ready (on a GPU host: per device, CUDA context made)."
+    ).tag(config=True)
+    bind = Unicode("127.0.0.1", help="Address workers listen on.").tag(config=True)
+    advertise = Unicode("", help="Address kernels reach workers at (default: bind).").tag(
+        config=True
     )
-    parser.add_argument("--bind", default="127.0.0.1", help="address workers listen on")
-    parser.add_argument("--advertise", default="", help="address kernels reach workers at")
-    parser.add_argument("--key-file", default="", help="file with the broker's key")
-    parser.add_argument("--tls-ca", default="", help="CA of the broker's certificate (TLS)")
-    parser.add_argument("--tls-cert", default="", help="this agent's client certificate (mTLS)")
-    parser.add_argument("--tls-key", default="", help="the key of that certificate")
-    parser.add_argument(
-        "--blob-cache",
-        default="",
-        help="folder of the per-user tensor blob cache (default: /dev/shm)",
+    key_file = Unicode("", help="File whose first line is the broker's key.").tag(config=True)
+    tls_ca = Unicode("", help="CA of the broker's certificate (TLS to the broker).").tag(
+        config=True
     )
-    parser.add_argument(
-        "--blob-cache-bytes", default="8GiB", help="byte budget of each user's blob cache (LRU)"
+    tls_cert = Unicode("", help="This agent's client certificate (mTLS to the broker).").tag(
+        config=True
     )
-    gpu = parser.add_argument_group("GPU hosts (NVML backend)")
-    gpu.add_argument(
-        "--mps",
-        default="auto",
-        choices=mps.MODES,
-        help="compute shares: auto (use a running MPS control daemon), start (start one if "
-        "none runs), off (time-slicing)",
+    tls_key = Unicode("", help="The key of that client certificate.").tag(config=True)
+    worker_tls_cert = Unicode(
+        "",
+        help="Certificate workers serve TLS with; it must name the advertised address. "
+        "Kernels get its trust root with their lease, so they need no configuration.",
+    ).tag(config=True)
+    worker_tls_key = Unicode("", help="The key of the workers' certificate.").tag(config=True)
+    worker_tls_ca = Unicode(
+        "", help="CA that signed the workers' certificate (default: trust the certificate)."
+    ).tag(config=True)
+    allow_plaintext = Bool(
+        False, help="Let workers listen without TLS on a non-loopback address."
+    ).tag(config=True)
+    blob_cache = Unicode(
+        "", help="Folder of the per-user tensor blob cache (default: /dev/shm)."
+    ).tag(config=True)
+    blob_cache_bytes = Unicode("8GiB", help="Byte budget of each user's blob cache (LRU).").tag(
+        config=True
     )
-    gpu.add_argument("--sample-interval", default="1s", help="how often leases' GPU use is read")
-    gpu.add_argument(
-        "--refresh-interval",
-        default="30s",
-        help="how often the GPU inventory is re-read (hot-plug, MIG changes)",
+    mps = Enum(
+        mps_control.MODES,
+        default_value="auto",
+        help="Compute shares: auto (use a running MPS control daemon), start (start one if "
+        "none runs), off (time-slicing).",
+    ).tag(config=True)
+    sample_interval = Unicode("1s", help="How often leases' GPU use is read (NVML).").tag(
+        config=True
     )
-    gpu.add_argument(
-        "--cap-margin",
-        default="1GiB",
-        help="GPU memory a fractional lease may hold over its cap (at least 10%% of the cap) "
-        "before the agent ends it",
+    refresh_interval = Unicode(
+        "30s", help="How often the GPU inventory is re-read (hot-plug, MIG changes)."
+    ).tag(config=True)
+    cap_margin = Unicode(
+        "1GiB",
+        help="GPU memory a fractional lease may hold over its cap (at least 10% of the cap) "
+        "before the agent ends it.",
+    ).tag(config=True)
+    config_file = Unicode("", help="Load this config file instead of searching.").tag(config=True)
+    generate_config = Bool(False, help="Write a commented default config file and exit.").tag(
+        config=True
     )
-    parser.add_argument("--log-level", default="INFO")
-    return parser
+    log_level = Enum(
+        (0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"),
+        default_value=logging.INFO,
+        help="Log level, by value or name.",
+    ).tag(config=True)
+
+    @default("broker")
+    def _broker_default(self) -> str:
+        return os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051")
+
+    aliases = {
+        "broker": "AgentApp.broker",
+        "devices": "AgentApp.devices",
+        "host": "AgentApp.host",
+        "pool-size": "AgentApp.pool_size",
+        "bind": "AgentApp.bind",
+        "advertise": "AgentApp.advertise",
+        "key-file": "AgentApp.key_file",
+        "tls-ca": "AgentApp.tls_ca",
+        "tls-cert": "AgentApp.tls_cert",
+        "tls-key": "AgentApp.tls_key",
+        "worker-tls-cert": "AgentApp.worker_tls_cert",
+        "worker-tls-key": "AgentApp.worker_tls_key",
+        "worker-tls-ca": "AgentApp.worker_tls_ca",
+        "blob-cache": "AgentApp.blob_cache",
+        "blob-cache-bytes": "AgentApp.blob_cache_bytes",
+        "mps": "AgentApp.mps",
+        "sample-interval": "AgentApp.sample_interval",
+        "refresh-interval": "AgentApp.refresh_interval",
+        "cap-margin": "AgentApp.cap_margin",
+        "config": "AgentApp.config_file",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "allow-plaintext": (
+            {"AgentApp": {"allow_plaintext": True}},
+            "Workers listen without TLS on a non-loopback address (a trusted network only).",
+        ),
+        "generate-config": (
+            {"AgentApp": {"generate_config": True}},
+            "Write a commented default gpuattach_agent_config.py and exit.",
+        ),
+    }
+
+    def config_search_path(self) -> list[str]:
+        return [os.getcwd(), "/etc/gpuattach", str(Path.home() / ".config" / "gpuattach")]
+
+    def initialize(self, argv: Any = None) -> None:
+        self.parse_command_line(argv)
+        cli_config = self.config
+        if self.config_file:
+            folder, name = os.path.split(os.path.abspath(self.config_file))
+            self.load_config_file(name, path=folder)
+        else:
+            self.load_config_file(CONFIG_NAME + ".py", path=self.config_search_path())
+        self.update_config(cli_config)  # the command line wins over the file
+
+    @property
+    def command(self) -> str:
+        """run (the default) or check; ValueError for anything else."""
+        extra = list(self.extra_args)
+        if len(extra) > 1 or (extra and extra[0] not in COMMANDS):
+            raise ValueError(f"unknown command {' '.join(extra)!r}: use run or check")
+        return extra[0] if extra else "run"
+
+    def gpu_options(self) -> GpuOptions:
+        """The GPU watch settings; ValueError names the bad option."""
+        try:
+            sample = parse_duration(self.sample_interval)
+            refresh = parse_duration(self.refresh_interval)
+        except ValueError as exc:
+            raise ValueError(f"--sample-interval/--refresh-interval: {exc}") from exc
+        if sample <= 0 or refresh <= 0:
+            raise ValueError("--sample-interval and --refresh-interval must be more than zero")
+        try:
+            margin = parse_size(self.cap_margin)
+        except ValueError as exc:
+            raise ValueError(f"--cap-margin: {exc}") from exc
+        return GpuOptions(sample, refresh, CapPolicy(margin_bytes=margin))
+
+    def options(self) -> AgentOptions:
+        """Everything checked before any process starts; ValueError names the option."""
+        gpu = self.gpu_options()
+        try:
+            cache_bytes = parse_size(self.blob_cache_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--blob-cache-bytes: {exc}") from exc
+        if self.pool_size < 0:
+            raise ValueError("--pool-size must be 0 or more")
+        key = os.environ.get("GPUATTACH_BROKER_KEY", "")
+        if self.key_file:
+            key = read_key_file(self.key_file)
+        worker_tls = WorkerTLS(self.worker_tls_cert, self.worker_tls_key, self.worker_tls_ca)
+        worker_tls.check()
+        return AgentOptions(gpu, cache_bytes, key, worker_tls)
+
+    def start(self) -> None:
+        if self.generate_config:
+            target = Path(self.config_file or f"{CONFIG_NAME}.py")
+            if target.exists():
+                print(f"gpuattach-agent: {target} exists; not overwriting it", file=sys.stderr)
+                self.exit(1)
+            target.write_text(self.generate_config_file())
+            print(f"wrote {target}")
+            return
+        try:
+            command = self.command
+        except ValueError as exc:
+            print(f"gpuattach-agent: {exc}", file=sys.stderr)
+            self.exit(2)
+        if command == "check":
+            state = mps_control.disabled() if self.mps == "off" else mps_control.detect()
+            code, text = run_check(self.devices, state)
+            print(text, end="")
+            self.exit(code)
+        level = self.log_level if isinstance(self.log_level, int | str) else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", force=True)
+        try:
+            options = self.options()
+        except (ValueError, OSError) as exc:
+            print(f"gpuattach-agent: {exc}", file=sys.stderr)
+            self.exit(2)
+        self.exit(self._run(options))
+
+    def _run(self, options: AgentOptions) -> int:
+        mps_state = mps_control.disabled() if self.mps == "off" else mps_control.detect()
+        try:
+            backend = open_backend(self.devices, mps=mps_state)
+        except BackendError as exc:
+            print(f"gpuattach-agent: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(backend, NvmlBackend):
+            if self.mps == "start":
+                backend.mps = mps_control.start(mps_state.pipe_dir)
+            backend.caps = options.gpu.caps
+            logging.getLogger("gpuattach.agent").info("compute shares: %s", backend.mps.reason)
+        try:
+            agent = Agent(
+                self.broker,
+                backend,
+                host=self.host,
+                pool_size=self.pool_size,
+                bind=self.bind,
+                advertise=self.advertise,
+                key=options.key,
+                blob_cache=self.blob_cache or None,
+                blob_cache_bytes=options.cache_bytes,
+                gpu=options.gpu,
+                tls=TLSFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca),
+                worker_tls=options.worker_tls,
+                allow_plaintext=self.allow_plaintext,
+            )
+        except ValueError as exc:  # e.g. plaintext workers off loopback
+            print(f"gpuattach-agent: {exc}", file=sys.stderr)
+            if isinstance(backend, NvmlBackend):
+                mps_control.stop(backend.mps)
+            return 2
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+            await agent.run(stop)
+
+        try:
+            asyncio.run(run())
+        finally:
+            if isinstance(backend, NvmlBackend):
+                mps_control.stop(backend.mps)
+        return 0
 
 
-def gpu_options(args: argparse.Namespace) -> GpuOptions:
-    """The GPU watch settings; ValueError names the bad option."""
-    try:
-        sample = parse_duration(args.sample_interval)
-        refresh = parse_duration(args.refresh_interval)
-    except ValueError as exc:
-        raise ValueError(f"--sample-interval/--refresh-interval: {exc}") from exc
-    if sample <= 0 or refresh <= 0:
-        raise ValueError("--sample-interval and --refresh-interval must be more than zero")
-    try:
-        margin = parse_size(args.cap_margin)
-    except ValueError as exc:
-        raise ValueError(f"--cap-margin: {exc}") from exc
-    return GpuOptions(sample, refresh, CapPolicy(margin_bytes=margin))
+@dataclass(frozen=True)
+class AgentOptions:
+    gpu: GpuOptions
+    cache_bytes: int
+    key: str
+    worker_tls: WorkerTLS
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "check":
-        state = mps.disabled() if args.mps == "off" else mps.detect()
-        code, text = run_check(args.devices, state)
-        print(text, end="")
-        return code
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    AgentApp.clear_instance()
+    app = AgentApp.instance()
     try:
-        options = gpu_options(args)
-        cache_bytes = parse_size(args.blob_cache_bytes)
-    except ValueError as exc:
-        print(f"gpuattach-agent: {exc}", file=sys.stderr)
-        return 2
-    mps_state = mps.disabled() if args.mps == "off" else mps.detect()
-    try:
-        backend = open_backend(args.devices, mps=mps_state)
-    except BackendError as exc:
-        print(f"gpuattach-agent: {exc}", file=sys.stderr)
-        return 2
-    if isinstance(backend, NvmlBackend):
-        if args.mps == "start":
-            backend.mps = mps.start(mps_state.pipe_dir)
-        backend.caps = options.caps
-        logging.getLogger("gpuattach.agent").info("compute shares: %s", backend.mps.reason)
-    key = os.environ.get("GPUATTACH_BROKER_KEY", "")
-    if args.key_file:
-        key = read_key_file(args.key_file)
-    agent = Agent(
-        args.broker,
-        backend,
-        host=args.host,
-        pool_size=args.pool_size,
-        bind=args.bind,
-        advertise=args.advertise,
-        key=key,
-        blob_cache=args.blob_cache or None,
-        blob_cache_bytes=cache_bytes,
-        gpu=options,
-        tls=TLSFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca),
-    )
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await agent.run(stop)
-
-    try:
-        asyncio.run(run())
-    finally:
-        if isinstance(backend, NvmlBackend):
-            mps.stop(backend.mps)
+        app.initialize(argv)
+        app.start()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     return 0
 
 
-__all__ = ["CpuBackend", "main"]
+__all__ = ["AgentApp", "CpuBackend", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

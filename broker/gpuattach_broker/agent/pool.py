@@ -27,10 +27,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.tls import WorkerTLS, agent_worker_channel
 
 log = logging.getLogger("gpuattach.agent")
 
@@ -50,6 +49,8 @@ class WorkerProcess:
     drain: asyncio.Task[None] | None = field(default=None, repr=False)
     device: str = ""  # the device whose CUDA context it made; "" for none
     cuda: str = ""  # what its CUDA warm-up reported (device name, or why it failed)
+    tls_root: bytes = field(default=b"", repr=False)  # it serves TLS: trust this
+    tls_name: str = ""  # the host name its certificate is checked against
 
     @property
     def pid(self) -> int:
@@ -60,7 +61,8 @@ class WorkerProcess:
         return f"{self.bind}:{self.port}"
 
     async def assign(self, lease_id: str, token: str, env: dict[str, str], summary: str) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        channel = agent_worker_channel(self.address, self.tls_root, self.tls_name)
+        async with channel:
             stub = pb_grpc.WorkerStub(channel)
             await stub.Assign(
                 pb.AssignRequest(lease_id=lease_id, token=token, env=env, device_summary=summary),
@@ -101,8 +103,12 @@ class WorkerPool:
         env: Mapping[str, str] | None = None,
         args: Sequence[str] = (),
         device: str = "",
+        tls: WorkerTLS | None = None,
+        tls_name: str = "",
     ) -> None:
         self.size = size
+        self.tls = tls or WorkerTLS()
+        self.tls_name = tls_name or bind
         self.bind = bind
         self.python = python or sys.executable
         self.env = dict(env or {})
@@ -133,6 +139,7 @@ class WorkerPool:
             "--parent-pid",
             str(os.getpid()),
             *self.args,
+            *self.tls.worker_args(),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=env,
@@ -156,6 +163,8 @@ class WorkerPool:
             bind=self.bind,
             device=self.device if ready.get("cuda_ok") else "",
             cuda=str(ready.get("cuda", "")),
+            tls_root=self.tls.trust_root(),
+            tls_name=self.tls_name,
         )
         if WARM_CUDA_FLAG in self.args and not ready.get("cuda_ok"):
             log.warning("worker for %s could not warm CUDA: %s", self.device, worker.cuda)
@@ -250,11 +259,17 @@ class WarmPools:
         device_size: int = 0,
         bind: str = "127.0.0.1",
         python: str = "",
+        tls: WorkerTLS | None = None,
+        tls_name: str = "",
     ) -> None:
         self.bind = bind
         self.python = python
         self.device_size = device_size
-        self.shared = WorkerPool(size=shared_size, bind=bind, python=python)
+        self.tls = tls or WorkerTLS()
+        self.tls_name = tls_name
+        self.shared = WorkerPool(
+            size=shared_size, bind=bind, python=python, tls=self.tls, tls_name=tls_name
+        )
         self.devices: dict[str, WorkerPool] = {}
 
     @property
@@ -271,6 +286,8 @@ class WarmPools:
             env=env,
             args=[WARM_CUDA_FLAG],
             device=device_id,
+            tls=self.tls,
+            tls_name=self.tls_name,
         )
         self.devices[device_id] = pool
         return pool

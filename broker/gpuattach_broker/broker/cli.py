@@ -19,6 +19,7 @@ from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
 from gpuattach_broker.simulator.cli import add_arguments as add_simulator_arguments
 from gpuattach_broker.simulator.cli import run as run_simulator
+from gpuattach_broker.tls import TLSFiles, channel_credentials
 from gpuattach_broker.units import format_duration, format_size, parse_duration
 
 
@@ -27,6 +28,25 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"),
+        help="broker address host:port (GPUATTACH_BROKER)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("GPUATTACH_TLS_CA", ""),
+        help="verify a TLS broker against this CA (GPUATTACH_TLS_CA)",
+    )
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if args.tls_ca:
+        return grpc.secure_channel(args.address, channel_credentials(TLSFiles(ca=args.tls_ca)))
+    return grpc.insecure_channel(args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,22 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("revoke", help="end a lease now (admin)")
     rv.add_argument("lease_id")
     rv.add_argument("--reason", default="")
-    rv.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+    _add_connection(rv)
 
     dr = sub.add_parser("drain", help="stop placing slices on a host (admin)")
     dr.add_argument("host")
     dr.add_argument("--undo", action="store_true", help="put the host back into service")
-    dr.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+    _add_connection(dr)
 
     au = sub.add_parser("audit", help="who attached, released, revoked what, when (admin)")
     au.add_argument("--since", type=_duration, default=0.0)
     au.add_argument("--user", default="")
     au.add_argument("--lease", default="")
-    au.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+    _add_connection(au)
 
     for name, help_text in (("leases", "list leases"), ("pool", "show the device pool")):
         c = sub.add_parser(name, help=help_text)
-        c.add_argument("--address", default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"))
+        _add_connection(c)
         if name == "leases":
             c.add_argument("--user", default="")
             c.add_argument("--all", action="store_true", help="include ended leases")
@@ -86,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--by",
-        choices=["user", "kernel", "device", "lease"],
+        choices=["user", "group", "kernel", "device", "lease"],
         default="user",
-        help="how to group the rows (groups come with the policy file)",
+        help="how to group the rows; by group, a lease counts in each group its user "
+        "was in when it was granted (JupyterHub, token file or policy groups)",
     )
 
     add_simulator_arguments(
@@ -149,7 +170,7 @@ def _credentials() -> tuple[tuple[str, str], ...]:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.BrokerStub(channel)
         try:
             if args.command == "revoke":
@@ -219,32 +240,33 @@ def _usage(args: argparse.Namespace) -> int:
     now = time.time()
     since = now - args.since if args.since else 0.0
     rows: dict[str, list[float]] = {}
+    counted: set[str] = set()
+    total = [0.0, 0.0, 0.0, 0.0]
     for lease in store.leases(include_ended=True):
         if not lease.granted_at or lease.granted_at < since:
             continue
-        key = {
-            "user": lease.user,
-            "kernel": lease.kernel_id or "-",
-            "device": ",".join(lease.device_ids),
-            "lease": lease.lease_id,
+        keys = {
+            "user": [lease.user],
+            "group": lease.groups or ["(no group)"],
+            "kernel": [lease.kernel_id or "-"],
+            "device": [",".join(lease.device_ids)],
+            "lease": [lease.lease_id],
         }[args.by]
         held = lease.held_seconds(now)
-        row = rows.setdefault(key, [0, 0.0, 0.0, 0.0])
-        row[0] += 1
-        row[1] += held
-        row[2] += min(lease.busy_seconds, held)
-        row[3] += min(lease.gpu_busy_seconds, held)
+        figures = (1, held, min(lease.busy_seconds, held), min(lease.gpu_busy_seconds, held))
+        for key in keys:
+            row = rows.setdefault(key, [0, 0.0, 0.0, 0.0])
+            for i, value in enumerate(figures):
+                row[i] += value
+        if lease.lease_id not in counted:  # a lease in two groups counts once in the total
+            counted.add(lease.lease_id)
+            total = [a + b for a, b in zip(total, figures, strict=True)]
     store.close()
     header = (
         f"{args.by:<20}{'leases':>8}{'held s':>12}{'busy s':>12}{'busy %':>8}{'GPU busy s':>12}"
     )
     print(header)
-    total = [0.0, 0.0, 0.0, 0.0]
     for key, row in [*sorted(rows.items()), ("total", total)]:
-        if key != "total":
-            total = [a + b for a, b in zip(total, row, strict=True)]
-        else:
-            row = total
         count, held, busy, gpu = row
         share = f"{100 * busy / held:.1f}" if held else "-"
         print(f"{key[:19]:<20}{int(count):>8}{held:>12.1f}{busy:>12.1f}{share:>8}{gpu:>12.1f}")
@@ -252,7 +274,7 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = pb_grpc.BrokerStub(channel)
         try:
             if args.command == "leases":

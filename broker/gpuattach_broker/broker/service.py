@@ -57,6 +57,7 @@ class AgentConnection:
     cached_users: frozenset[str] = frozenset()
     commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
     pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
+    worker_tls_root: bytes = b""  # its workers serve TLS chained to this PEM
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Waiter:
     placement: Placement | None = None
 
 
-def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
+def lease_to_pb(lease: LeaseRecord, token: str = "", worker_tls_root: bytes = b"") -> pb.Lease:
     return pb.Lease(
         lease_id=lease.lease_id,
         user=lease.user,
@@ -93,6 +94,7 @@ def lease_to_pb(lease: LeaseRecord, token: str = "") -> pb.Lease:
         priority=lease.priority,
         preempt_deadline=lease.preempt_deadline,
         gpu_busy_seconds=lease.gpu_busy_seconds,
+        worker_tls_root=worker_tls_root,
     )
 
 
@@ -311,8 +313,11 @@ class BrokerService(pb_grpc.BrokerServicer):
                 raise
             placement = self.waiters.pop(slice_request.request_id).placement
         assert placement is not None
-        lease, token = await self._start(slice_request, placement, context)
-        yield pb.AttachEvent(granted=lease_to_pb(lease, token))
+        groups = sorted(set(identity.groups) | set(effective.groups))
+        lease, token = await self._start(slice_request, placement, context, groups)
+        agent = self.agents.get(lease.host)
+        tls_root = agent.worker_tls_root if agent is not None else b""
+        yield pb.AttachEvent(granted=lease_to_pb(lease, token, tls_root))
 
     async def _wait_in_queue(
         self,
@@ -433,7 +438,11 @@ class BrokerService(pb_grpc.BrokerServicer):
             self.metrics.preemptions.inc()
 
     async def _start(
-        self, req: SliceRequest, placement: Placement, context: grpc.aio.ServicerContext
+        self,
+        req: SliceRequest,
+        placement: Placement,
+        context: grpc.aio.ServicerContext,
+        groups: list[str],
     ) -> tuple[LeaseRecord, str]:
         token = secrets.token_urlsafe(32)
         device_names = {self.scheduler.devices[d].name for d in placement.device_ids}
@@ -454,6 +463,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             exclusive=placement.exclusive,
             ttl_seconds=self.ttl,
             priority=req.priority,
+            groups=groups,
         )
         self.store.put_lease(lease)
         start_clock = time.monotonic()
@@ -787,7 +797,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an agent must say hello first")
         assert first is not None
         hello = first.hello
-        agent = AgentConnection(hello.host, hello.agent_id, hello.warm_workers)
+        agent = AgentConnection(
+            hello.host, hello.agent_id, hello.warm_workers, worker_tls_root=hello.worker_tls_root
+        )
         previous = self.agents.get(hello.host)
         if previous is not None:
             for future in previous.pending_starts.values():

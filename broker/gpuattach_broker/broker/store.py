@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS leases (
     idle_override REAL NOT NULL DEFAULT -1,
     priority INTEGER NOT NULL DEFAULT 0,
     preempt_deadline REAL NOT NULL DEFAULT 0,
-    gpu_busy_seconds REAL NOT NULL DEFAULT 0
+    gpu_busy_seconds REAL NOT NULL DEFAULT 0,
+    groups TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_user ON leases(user);
@@ -102,6 +103,9 @@ class LeaseRecord:
     priority: int = 0
     preempt_deadline: float = 0.0
     gpu_busy_seconds: float = 0.0
+    # The user's groups when it was granted (identity and policy), so usage
+    # can be told per group after memberships change.
+    groups: list[str] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -141,12 +145,14 @@ _LEASE_COLUMNS = [
     "priority",
     "preempt_deadline",
     "gpu_busy_seconds",
+    "groups",
 ]
 
 
 def _row_to_lease(row: sqlite3.Row) -> LeaseRecord:
     values: dict[str, Any] = dict(zip(_LEASE_COLUMNS, row, strict=True))
     values["device_ids"] = json.loads(values["device_ids"])
+    values["groups"] = json.loads(values["groups"])
     values["exclusive"] = bool(values["exclusive"])
     return LeaseRecord(**values)
 
@@ -189,6 +195,8 @@ class Store:
                 self.db.execute(
                     f"ALTER TABLE leases ADD COLUMN {name} REAL NOT NULL DEFAULT {default}"
                 )
+        if "groups" not in columns:
+            self.db.execute("ALTER TABLE leases ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         self.db.close()
@@ -198,6 +206,7 @@ class Store:
     def put_lease(self, lease: LeaseRecord) -> None:
         values = [getattr(lease, c) for c in _LEASE_COLUMNS]
         values[_LEASE_COLUMNS.index("device_ids")] = json.dumps(lease.device_ids)
+        values[_LEASE_COLUMNS.index("groups")] = json.dumps(lease.groups)
         values[_LEASE_COLUMNS.index("exclusive")] = int(lease.exclusive)
         placeholders = ",".join("?" * len(_LEASE_COLUMNS))
         self.db.execute(

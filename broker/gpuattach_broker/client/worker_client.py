@@ -20,6 +20,7 @@ from gpuattach_broker import codec, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata
+from gpuattach_broker.tls import worker_channel
 
 
 class WorkerGone(RuntimeError):
@@ -75,9 +76,11 @@ def kernel_hello(cwd: str, sys_path: list[str], env: Mapping[str, str]) -> pb.He
 
 
 class WorkerClient:
-    def __init__(self, endpoint: str, token: str) -> None:
+    def __init__(self, endpoint: str, token: str, tls_root: bytes = b"") -> None:
+        """`tls_root`: the lease's `worker_tls_root`; the worker's certificate
+        must chain to it (empty: a plaintext worker on loopback)."""
         self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(endpoint, options=transfer.GRPC_OPTIONS)
+        self.channel = worker_channel(endpoint, tls_root, transfer.GRPC_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
 

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warm-cuda", action="store_true", help="make the CUDA context before reporting ready"
     )
+    parser.add_argument("--tls-cert", default="", help="serve TLS with this certificate")
+    parser.add_argument("--tls-key", default="", help="the key of that certificate")
     args = parser.parse_args(argv)
 
     agent_key = os.environ.pop("GPUATTACH_AGENT_KEY", "")
@@ -105,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         concurrent.futures.ThreadPoolExecutor(max_workers=8), options=transfer.GRPC_OPTIONS
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{args.bind}:0")
+    if args.tls_cert:
+        with open(args.tls_key, "rb") as key_file, open(args.tls_cert, "rb") as cert_file:
+            credentials = grpc.ssl_server_credentials([(key_file.read(), cert_file.read())])
+        port = server.add_secure_port(f"{args.bind}:0", credentials)
+    else:
+        port = server.add_insecure_port(f"{args.bind}:0")
     server.start()
 
     def shutdown(*_: Any) -> None:
