@@ -140,6 +140,34 @@ def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict
     }
 
 
+def measure_cold_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict[str, Any]:
+    """Cold attach: no warm worker ready, so the agent starts one for the lease.
+
+    A first lease takes the pool's warm worker; a second one, asked for at
+    once (the pool refills only a second later), waits for a fresh worker
+    process (Python start-up, ``import torch``, the shell). Both are half
+    slices so they fit on the one device.
+    """
+    half = attach_request()
+    half.slice.fraction = 0.5
+    total_s = []
+    for i in range(n):
+        stack.wait_pool_warm(timeout=45)
+        holder = broker.attach(half)
+        started = time.perf_counter()
+        lease = broker.attach(half)
+        worker = WorkerClient(lease.worker_endpoint, lease.token)
+        hello = hello_request()
+        check_compatible(hello, worker.hello(hello))
+        total_s.append(time.perf_counter() - started)
+        worker.close()
+        broker.release(lease, reason="benchmark")
+        broker.release(holder, reason="benchmark")
+        log(f"  cold attach {i + 1}/{n}: {total_s[-1] * 1e3:.0f} ms")
+    stack.wait_pool_warm(timeout=45)
+    return {"cold_attach": latency(total_s)}
+
+
 def measure_cells(lease: Lease, n_empty: int, n_stream: int) -> dict[str, Any]:
     for _ in range(20):
         lease.run("pass")
@@ -307,6 +335,73 @@ def measure_same_host_migration(
     return {"in": throughput(nbytes, push_s), "out": throughput(nbytes, pull_s)}
 
 
+def measure_reattach(
+    stack: Stack, broker: BrokerClient, nbytes: int, reps: int, log: Any
+) -> dict[str, Any]:
+    """Auto mode's cycle, through the kernel's own GPUSession on one host.
+
+    First attach of a namespace of `nbytes` (every byte travels), then
+    `reps` rounds of: idle release (auto mode, 1 s idle; timed from the
+    idle deadline until the broker shows the capacity back in the pool) and
+    re-attach of the unchanged namespace (timed until the first cell could
+    run; tensors go by digest, the worker maps them from the host's cache).
+    Bytes on the wire of each attach come from the session's own transfer log.
+    """
+    from types import SimpleNamespace
+
+    from jupyter_gpuattach.session import AttachOptions, GPUSession
+
+    shell = SimpleNamespace(user_ns={}, user_ns_hidden={}, execution_count=1)
+    session = GPUSession(shell)
+    session.broker = broker
+    session.notify = lambda line: None
+    tensors = make_tensors(nbytes)
+    refresh(tensors, 1000 + int(time.time()) % 100_000)  # content no earlier run cached
+    shell.user_ns.update(tensors)
+    idle_s, reattach_s, reattach_bytes = [], [], []
+    idle = 1.0
+    try:
+        stack.wait_pool_warm(timeout=45)
+        gc.collect()
+        started = time.perf_counter()
+        session.attach(AttachOptions())
+        first_s = time.perf_counter() - started
+        first_bytes = session.transfers[-1].wire_bytes
+        for rep in range(reps):
+            session.enable_auto(AttachOptions(), idle)
+            deadline = time.perf_counter() + idle
+            while broker.pool_status().devices[0].allocated_bytes:
+                time.sleep(0.005)
+            idle_s.append(time.perf_counter() - deadline)
+            session.disable_auto()
+            if session.attached:
+                raise RuntimeError("the broker freed the slice but the session still holds it")
+            stack.wait_pool_warm(timeout=45)
+            gc.collect()
+            started = time.perf_counter()
+            session.attach(AttachOptions())
+            reattach_s.append(time.perf_counter() - started)
+            reattach_bytes.append(session.transfers[-1].wire_bytes)
+            log(
+                f"  {nbytes / 1e6:.0f} MB rep {rep + 1}/{reps}: idle release "
+                f"{idle_s[-1] * 1e3:.0f} ms after the deadline, re-attach "
+                f"{reattach_s[-1] * 1e3:.0f} ms, {reattach_bytes[-1]:,} bytes"
+            )
+    finally:
+        session.disable_auto()
+        session.release(force=True)
+        for name in tensors:
+            shell.user_ns.pop(name, None)
+        del tensors
+        gc.collect()
+    return {
+        "bytes": nbytes,
+        "first_attach": {**latency([first_s]), "wire_bytes": first_bytes},
+        "reattach": {**latency(reattach_s), "wire_bytes": max(reattach_bytes)},
+        "idle_release": latency(idle_s),
+    }
+
+
 def _p50_ms(samples: list[float]) -> float:
     return sorted(samples)[len(samples) // 2] * 1e3
 
@@ -316,6 +411,8 @@ def measure(stack: Stack, cfg: Any, log: Callable[[str], None]) -> dict[str, Any
     try:
         log(f"ours: warm attach x{cfg.attach_n}")
         figures = measure_attach(stack, broker, cfg.attach_n, log)
+        log(f"ours: cold attach x{cfg.cold_n}")
+        figures.update(measure_cold_attach(stack, broker, cfg.cold_n, log))
         lease = Lease(broker)
         try:
             log(f"ours: empty cell x{cfg.cell_n}, streaming {STREAM_LINES} lines x{cfg.stream_n}")
@@ -333,6 +430,10 @@ def measure(stack: Stack, cfg: Any, log: Callable[[str], None]) -> dict[str, Any
             same = measure_same_host_migration(broker, nbytes, reps, log)
             if same:
                 figures["migration_same_host"][label] = same
+        figures["reattach"] = {}
+        for label, nbytes, reps in cfg.reattach_sizes:
+            log(f"ours: idle release and re-attach of an unchanged {label} x{reps}")
+            figures["reattach"][label] = measure_reattach(stack, broker, nbytes, reps, log)
     finally:
         broker.close()
     return figures

@@ -13,12 +13,15 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Issue targets: (row key, comparison, factor, limit key, text).
-ATTACH_TARGET = 10.0  # warm attach <= 10 x empty gRPC RTT
-CELL_TARGET = 3.0  # empty remote cell <= 3 x empty gRPC RTT
-MIGRATION_TARGET = 0.30  # 1 GiB migration >= 30 % of loopback TCP throughput
+# The benchmark issue's targets (it raised the foundation's first ones:
+# attach 10x, cell 3x, migration 30 %), and the broker issue's.
+ATTACH_TARGET = 3.0  # warm attach <= 3 x empty gRPC RTT
+CELL_TARGET = 1.5  # empty remote cell <= 1.5 x empty gRPC RTT, and faster than the peer
+MIGRATION_TARGET = 0.60  # cross-host migration >= 60 % of loopback TCP throughput
 DECISION_TARGET_MS = 2.0  # scheduling decision p99 at 1,000 devices / 10,000 queued
 SAME_HOST_TARGET = 1.5  # same-host migration >= 1.5 x loopback TCP (shared memory)
+THROUGHPUT_TARGET = 1000.0  # attach+release pairs per second, 200 concurrent clients
+REATTACH_TARGET_MS = 300.0  # re-attach of an unchanged 2 GB namespace, same host
 
 
 def machine_info() -> dict[str, Any]:
@@ -120,6 +123,7 @@ def build_rows(
         peer_note: str = "",
         limit: dict[str, Any] | None = None,
         limit_name: str = "gRPC RTT",
+        beat_peer: bool = False,
     ) -> None:
         limit = limit or rtt
         ratio_limit = _ratio(_p50(fig), _p50(limit))
@@ -143,14 +147,16 @@ def build_rows(
         }
         if target is not None:
             met = ratio_limit is not None and ratio_limit <= target
-            row["target"] = {
-                "text": f"p50 ≤ {target:g}x gRPC RTT",
-                "met": met,
-                "ratio": ratio_limit,
-            }
+            text = f"p50 ≤ {target:g}x gRPC RTT"
+            if beat_peer:
+                met = met and ratio_peer is not None and ratio_peer < 1.0
+                text += " and < peer"
+            row["target"] = {"text": text, "met": met, "ratio": ratio_limit}
         rows.append(row)
 
     latency_row("warm attach (attach → granted → Hello)", ours["warm_attach"], target=ATTACH_TARGET)
+    if ours.get("cold_attach"):
+        latency_row("cold attach (no warm worker: process start-up)", ours["cold_attach"])
     latency_row("· attach RPC until granted", ours["attach_rpc"])
     latency_row(
         "· worker Hello (new channel)",
@@ -160,7 +166,12 @@ def build_rows(
     )
     latency_row("· empty namespace push (after Hello)", ours["empty_push"])
     latency_row(
-        "empty remote cell", ours["empty_cell"], peer.get("empty_cell"), CELL_TARGET, "execute"
+        "empty remote cell",
+        ours["empty_cell"],
+        peer.get("empty_cell"),
+        CELL_TARGET,
+        "execute",
+        beat_peer=True,
     )
     latency_row(
         "remote cell printing 1,000 lines",
@@ -211,7 +222,7 @@ def build_rows(
             }
             if label == largest:
                 met = ratio_limit is not None and ratio_limit >= MIGRATION_TARGET
-                text = f"≥ {MIGRATION_TARGET:.0%} of TCP (1 GiB)"
+                text = f"≥ {MIGRATION_TARGET:.0%} of TCP (cross-host path, 1 GiB)"
                 if quick:
                     text += f", quick: at {label}"
                 row["target"] = {"text": text, "met": met, "ratio": ratio_limit}
@@ -244,6 +255,72 @@ def build_rows(
                     },
                 }
             )
+    reattach = ours.get("reattach", {})
+    largest_reattach = list(reattach)[-1] if reattach else None
+    for label, fig in reattach.items():
+        first, again = fig["first_attach"], fig["reattach"]
+        share = again["wire_bytes"] / first["wire_bytes"] if first["wire_bytes"] else None
+        name = f"re-attach of an unchanged {label} (same host, after an idle release)"
+        row = {
+            "figure": name,
+            "kind": "latency",
+            "ours": again,
+            "first_attach": first,
+            "cells": [
+                name,
+                f"{_lat(again)} · {again['wire_bytes']:,} bytes on the wire "
+                f"({_pct(share)} of the first attach: {first['wire_bytes']:,} bytes, "
+                f"{_lat(first)})",
+                "—",
+                "—",
+                "—",
+                "—",
+            ],
+        }
+        if label == largest_reattach:
+            row["target"] = {
+                "text": f"p50 ≤ {REATTACH_TARGET_MS:g} ms ({label})",
+                "met": again["p50"] <= REATTACH_TARGET_MS,
+                "ratio": None,
+            }
+        rows.append(row)
+        name = f"idle release, {label}: idle deadline → capacity back in the pool"
+        rows.append(
+            {
+                "figure": name,
+                "kind": "latency",
+                "ours": fig["idle_release"],
+                "cells": [name, _lat(fig["idle_release"]), "—", "—", "—", "—"],
+            }
+        )
+    for clients, fig in ours.get("control_plane", {}).items():
+        name = f"broker attach+release pairs/s, {clients} concurrent clients (SQLite)"
+        attach = fig.get("attach")
+        cpu = fig.get("broker_cpu_ms_per_pair")
+        row = {
+            "figure": name,
+            "kind": "rate",
+            "ours": fig,
+            "cells": [
+                name,
+                f"{fig['pairs_per_second']:.0f}/s (attach {_lat(attach)}; broker "
+                f"{fig['broker_cpu_share'] * 100:.0f} % of a core, "
+                f"{cpu:.2f} ms CPU per pair)"
+                if cpu is not None
+                else f"{fig['pairs_per_second']:.0f}/s",
+                "—",
+                "—",
+                "—",
+                "—",
+            ],
+        }
+        if clients == "200":
+            row["target"] = {
+                "text": f"≥ {THROUGHPUT_TARGET:,.0f} pairs/s",
+                "met": fig["pairs_per_second"] >= THROUGHPUT_TARGET,
+                "ratio": None,
+            }
+        rows.append(row)
     same_host = ours.get("migration_same_host", {})
     largest_same = list(same_host)[-1] if same_host else None
     for label, fig in same_host.items():
@@ -335,6 +412,17 @@ NOTES = [
     "caches blobs) + WorkerClient.push, which returns once the worker has received and decoded "
     "the namespace. Out: WorkerClient.pull (the worker encodes) + codec.decode_namespace here. "
     "Four float32 tensors with new content every repetition, so every byte travels (cold).",
+    "Cold attach: a first half slice takes the warm worker, a second one asked for at once "
+    "waits for a new worker process (Python, import torch, the IPython shell), then Hello.",
+    "Re-attach: auto mode through the kernel's own GPUSession, 1 s idle timeout; the idle "
+    "release is timed from the idle deadline until PoolStatus shows the memory free (the "
+    "session checks idleness every 0.2 s), the re-attach until the first cell could run, "
+    "with the namespace unchanged (tensors by digest; bytes from the session's transfer log).",
+    "Control plane: a real broker (SQLite WAL, default policy) and N clients with a channel "
+    "each looping Attach → Granted → Release; the agent is a protocol-level stand-in that "
+    "answers StartLease at once (no worker process), so the figure is the broker's own work. "
+    "Clients share this machine's cores with the broker; broker CPU per pair gives its "
+    "one-core ceiling (1000 / ms per pair).",
     "Peer migration: view.push(dict, block=True) and view.pull(names, block=True) of the same "
     "torch tensors (ipyparallel pickles them in band) and of numpy views of the same bytes "
     "(its zero-copy path); the controller runs with --nodb.",

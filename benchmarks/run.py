@@ -39,11 +39,14 @@ class Config:
     tcp_reps: int
     memcpy_bytes: int
     memcpy_reps: int
+    control_seconds: float
     attach_n: int
+    cold_n: int
     cell_n: int
     stream_n: int
     sizes: list[tuple[str, int, int]] = field(default_factory=list)  # label, bytes, reps
     peer_sizes: list[tuple[str, int, int]] = field(default_factory=list)
+    reattach_sizes: list[tuple[str, int, int]] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> Config:
@@ -55,11 +58,14 @@ class Config:
             tcp_reps=3,
             memcpy_bytes=256 * 2**20,
             memcpy_reps=3,
+            control_seconds=3.0,
             attach_n=3,
+            cold_n=2,
             cell_n=50,
             stream_n=5,
             sizes=[("4 MB", 4 * MB, 3), ("16 MB", 16 * MB, 3)],
             peer_sizes=[("4 MB", 4 * MB, 2), ("16 MB", 16 * MB, 2)],
+            reattach_sizes=[("16 MB", 16 * MB, 2)],
         )
 
     @classmethod
@@ -72,11 +78,14 @@ class Config:
             tcp_reps=3,
             memcpy_bytes=GiB,
             memcpy_reps=5,
+            control_seconds=8.0,
             attach_n=15,
+            cold_n=5,
             cell_n=300,
             stream_n=20,
             sizes=[("100 MB", 100 * MB, 5), ("1 GiB", GiB, 3)],
             peer_sizes=[("100 MB", 100 * MB, 3), ("1 GiB", GiB, 2)],
+            reattach_sizes=[("200 MB", 200 * MB, 3), ("2 GB", 2000 * MB, 3)],
         )
 
 
@@ -116,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IPYTHONDIR"] = str(workdir / "ipython")
 
     # After the signal handler: importing torch takes seconds.
+    import control_plane
     import limits
     import ours
     import peer
@@ -139,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             stack.stop()
+        log("broker control plane: attach+release pairs with 50 and 200 concurrent clients")
+        control = Stack(workdir / "control", ttl="60s")
+        try:
+            control.start_broker()
+            our_figures["control_plane"] = control_plane.measure(
+                control, seconds=cfg.control_seconds
+            )
+        finally:
+            control.stop()
         peer_figures = None if args.no_peer else peer.measure(cfg, log)
         log("scheduling decisions at 1,000 devices and 10,000 queued requests")
         our_figures["scheduling"] = scheduling.measure()

@@ -81,7 +81,8 @@ class Stack:
         self.blob_cache = Path(tempfile.mkdtemp(prefix="gpuattach-bench-blobs-", dir=parent))
         return ["--blob-cache", str(self.blob_cache), "--blob-cache-bytes", "4GiB"]
 
-    def start(self, timeout: float = 90.0) -> Stack:
+    def start_broker(self, timeout: float = 90.0) -> Stack:
+        """Only the broker (the control-plane benchmark brings its own agent)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.broker = self._popen(
             [
@@ -99,6 +100,10 @@ class Stack:
             "broker.log",
         )
         wait_for(self._answers, timeout=timeout, what="the broker to answer")
+        return self
+
+    def start(self, timeout: float = 90.0) -> Stack:
+        self.start_broker(timeout)
         self.agent = self._popen(
             [
                 str(BIN / "gpuattach-agent"),

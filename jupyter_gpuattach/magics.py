@@ -65,7 +65,8 @@ class RemoteCellRouter:
             return lines
         source = "".join(lines)
         if session.attached:
-            gpu = session.auto is None or needs_gpu(source, session.shell.user_ns)[0]
+            auto = session.auto
+            gpu = auto is None or auto.by_policy or needs_gpu(source, session.shell.user_ns)[0]
             return routed(source, gpu)
         if session.auto is not None and needs_gpu(source, session.shell.user_ns)[0]:
             return routed(source, True)
@@ -182,7 +183,7 @@ class GPUMagics(Magics):
             raise UsageError(f"%gpu auto: {exc}") from None
         if idle < 0:
             raise UsageError("%gpu auto: --idle must be a duration such as 60s")
-        return self.session.enable_auto(_attach_options(args), idle)
+        return self.session.enable_auto(_attach_options(args), idle, default_idle=not args.idle)
 
     def _run_cell(self, args: Any, cell: str) -> None:
         if args.action is not None:

@@ -75,6 +75,11 @@ class AutoMode:
     options: AttachOptions
     idle: IdleTimer
     postponed: str = ""  # why the last idle release could not happen
+    # The user gave no --idle: the policy's default_idle applies once a lease says it.
+    default_idle: bool = False
+    # Not asked for: manual mode under a policy max_idle. Every cell still runs
+    # remotely while attached; idle, the slice goes back and GPU cells re-attach.
+    by_policy: bool = False
 
 
 @dataclass
@@ -147,6 +152,9 @@ class GPUSession:
         self.transfers: list[Transfer] = []
         self.lost = ""  # why the lease ended behind our back
         self.auto: AutoMode | None = None
+        self.max_idle = 0.0  # the policy's max_idle, from the latest lease (0: none)
+        self.policy_default_idle = 0.0  # and its default_idle
+        self.lease_options = AttachOptions()
         self.last_synced_cell: int | None = None
         self.running_cell: int | None = None
         # One worker operation at a time: cells, background syncs, release.
@@ -253,11 +261,14 @@ class GPUSession:
             )
             self.keeper.start()
             self.preempted = ""
+            policy_note = self._apply_idle_policy(lease, options)
             self._start_watcher()
             line = (
                 f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
                 f"in {format_duration(time.perf_counter() - started)}"
             )
+            if policy_note:
+                line += f"\n{policy_note}"
             if self.kernel_only:
                 line += (
                     "\nstays in the kernel, not visible to remote cells: "
@@ -491,9 +502,13 @@ class GPUSession:
     # ---------------------------------------------------------- release ---
 
     def release(self, force: bool = False, reason: str = "released by the kernel") -> str:
+        """The user's release: back to manual mode if only the policy had made it auto."""
         self.wait_for_sync()
         with self.lock:
-            return self._release_locked(force, reason)
+            line = self._release_locked(force, reason)
+            if self.auto is not None and self.auto.by_policy and not self.attached:
+                self.auto = None
+            return line
 
     def _release_locked(self, force: bool, reason: str) -> str:
         if self.worker is None or self.lease is None:
@@ -537,21 +552,62 @@ class GPUSession:
 
     # ------------------------------------------------------------- auto ---
 
-    def enable_auto(self, options: AttachOptions, idle_seconds: float) -> str:
-        self.auto = AutoMode(options, IdleTimer(idle_seconds))
+    def enable_auto(
+        self, options: AttachOptions, idle_seconds: float, *, default_idle: bool = False
+    ) -> str:
+        """`default_idle`: the user gave no timeout, so the policy's default may replace it."""
+        note = ""
+        if default_idle and self.policy_default_idle > 0:
+            idle_seconds = self.policy_default_idle
+        if self.max_idle and idle_seconds > self.max_idle:
+            note = f" (capped: the policy allows at most {format_duration(self.max_idle)} idle)"
+            idle_seconds = self.max_idle
+        self.auto = AutoMode(options, IdleTimer(idle_seconds), default_idle=default_idle)
         if self.attached:
             # Already holding a slice: start timing its idleness now.
             self.auto.idle.cell_finished(time.monotonic())
         self._start_watcher()
         return (
             f"GPU auto: cells that need the GPU attach on demand; the slice goes back after "
-            f"{format_duration(idle_seconds)} without one (%gpu auto off to stop)"
+            f"{format_duration(idle_seconds)} without one{note} (%gpu auto off to stop)"
         )
 
     def disable_auto(self) -> str:
         self.auto = None
         state = "still attached (%gpu release to give it back)" if self.attached else "detached"
+        if self.max_idle and self.attached:
+            self._policy_auto(self.lease_options)
+            state += f"; the policy still releases it after {format_duration(self.max_idle)} idle"
         return f"GPU auto: off; {state}"
+
+    def _policy_auto(self, options: AttachOptions) -> None:
+        self.auto = AutoMode(options, IdleTimer(self.max_idle), by_policy=True)
+        self.auto.idle.cell_finished(time.monotonic())
+
+    def _apply_idle_policy(self, lease: pb.Lease, options: AttachOptions) -> str:
+        """The policy's idle timeouts, as the lease states them: auto mode takes the
+        default when the user gave none, no timeout exceeds the maximum, and
+        manual mode gets one at the maximum (the slice goes back when idle;
+        the next GPU cell re-attaches). Returns a line for the user, or ""."""
+        self.max_idle = lease.max_idle_seconds
+        self.policy_default_idle = lease.default_idle_seconds
+        self.lease_options = options
+        auto = self.auto
+        if auto is not None and auto.default_idle and lease.default_idle_seconds > 0:
+            auto.idle.idle_seconds = lease.default_idle_seconds
+        if not self.max_idle:
+            return ""
+        limit = format_duration(self.max_idle)
+        if auto is None:
+            self._policy_auto(options)
+            return (
+                f"GPU policy: the slice goes back after {limit} without a cell "
+                "(the next GPU cell attaches again)"
+            )
+        if auto.idle.idle_seconds > self.max_idle:
+            auto.idle.idle_seconds = self.max_idle
+            return f"GPU policy: idle timeout capped at {limit}"
+        return ""
 
     def _start_watcher(self) -> None:
         if self._watcher is not None and self._watcher.is_alive():
@@ -619,9 +675,10 @@ class GPUSession:
             auto.idle.cell_finished(time.monotonic())  # try again after another idle period
             return
         auto.postponed = ""
-        self.notify(
-            line.replace("GPU released:", f"GPU released after {format_duration(idle)} idle:", 1)
-        )
+        why = f"after {format_duration(idle)} idle"
+        if auto.by_policy:
+            why += " (the policy's max_idle; the next GPU cell attaches again)"
+        self.notify(line.replace("GPU released:", f"GPU released {why}:", 1))
 
     # ----------------------------------------------------------- status ---
 

@@ -275,3 +275,60 @@ def test_usage_by_group_counts_identity_and_policy_groups(stack_factory, tmp_pat
     assert leases.pop("(none)") == 1, usage  # "(no group)": bob
     # alice counts in both her groups; the total counts each lease once
     assert leases == {"ml101": 1, "staff": 2, "total": 3}, usage
+
+
+IDLE_POLICY = '[defaults]\nmax_idle = "2s"\ndefault_idle = "1s"\n'
+
+
+def test_policy_idle_timeouts_reach_the_kernel(stack_factory, kernel_factory, tmp_path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(IDLE_POLICY)
+    stack = stack_factory(serve_args=["--policy", str(policy)])
+    kernel = kernel_factory(stack)
+    attach = kernel.ok("%gpu attach")
+    assert "the slice goes back after 2.0 s without a cell" in attach.stdout, attach.stdout
+    kernel.ok("x = 41")  # remote: manual mode runs every cell on the worker
+    # manual mode under max_idle: the slice goes back by itself, the state comes home
+    wait_for(lambda: not stack.leases(), timeout=8, interval=0.1, what="policy idle release")
+    assert kernel.value("x") == 41
+    again = kernel.ok("%%gpu\nx += 1")
+    assert "GPU attached" in again.stdout
+    assert kernel.value("x") == 42
+    capped = kernel.ok("%gpu auto --idle 1h").stdout
+    assert "capped: the policy allows at most 2.0 s idle" in capped, capped
+    defaulted = kernel.ok("%gpu auto").stdout
+    assert "goes back after 1.0 s without one" in defaulted, defaulted
+    kernel.ok("%gpu auto off")
+    # an explicit release is the user's: no GPU cell re-attaches behind their back
+    kernel.ok("%gpu release")
+    kernel.ok("import os\npid_here = os.getpid()")
+    assert not stack.leases()
+
+
+def test_broker_ends_a_lease_idle_past_max_idle(stack_factory, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[defaults]\nmax_idle = "1s"\n')
+    stack = stack_factory(serve_args=["--policy", str(policy)], ttl="3s")
+    client = stack.client()
+    lease = client.attach(pb.AttachRequest(user="ada", wait_seconds=-1))
+    assert lease.max_idle_seconds == 1.0 and lease.default_idle_seconds == 60.0
+    stop = threading.Event()
+
+    def heartbeat() -> None:  # a kernel that renews but never runs a cell
+        while not stop.wait(0.5):
+            try:
+                client.renew(lease, busy_seconds=0.0)
+            except BrokerError:
+                return
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    started = time.monotonic()
+    try:
+        wait_for(lambda: not stack.leases(), timeout=12, interval=0.2, what="idle backstop")
+    finally:
+        stop.set()
+        beat.join(5)
+    assert time.monotonic() - started <= 1 + 3 + 3
+    ended = stack.leases(include_ended=True)[-1]
+    assert "over the policy's max_idle of 1.0 s" in ended.end_reason, ended.end_reason

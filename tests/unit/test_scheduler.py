@@ -494,3 +494,50 @@ def test_property_never_overcommits(devices: list[DeviceState], ops: list) -> No
             else:
                 sched.withdraw(target)
         _check_accounting(sched)
+
+
+def test_memory_request_stays_within_the_policys_share_of_a_device() -> None:
+    from gpuattach_broker.broker.policy import parse_policy
+    from gpuattach_broker.broker.quotas import admit
+
+    policy = parse_policy("[defaults]\nmax_slice = 0.5\n")
+    sched = pool(dev("small", gib=16), dev("big", gib=80))
+    ten = req(mem_gib=10)
+    admit(policy, ten, 0)
+    assert ten.max_fraction == 0.5
+    # 10 GiB is over half of the 16 GiB device, though it would fit there (tighter)
+    assert take(sched, ten).device_ids == ("big",)
+    too_big = req(mem_gib=48)
+    admit(policy, too_big, 0)
+    with pytest.raises(RequestError, match=r"policy allows at most 0\.5 of a device \(40"):
+        sched.submit(too_big)
+    four = req(mem_gib=4)
+    admit(policy, four, 0)
+    assert take(sched, four).device_ids == ("small",)  # within half: the tightest fit again
+
+
+def test_several_device_request_preempts_the_fewest_lower_priority_leases() -> None:
+    from gpuattach_broker.broker.scheduler import preemption_victims
+
+    sched = pool(*(dev(f"h1/g{i}", "h1") for i in range(4)), dev("h2/g0", "h2"))
+    placements = [
+        take(sched, req("low-a", fraction=0.5)),
+        take(sched, req("low-b", fraction=0.5)),  # shares low-a's device (tightest fit)
+        take(sched, req("low-c", fraction=0.5)),
+        take(sched, req("high")),  # a whole device at high priority: never a victim
+        take(sched, req("low-d")),
+    ]
+    on = {p.request_id: p.device_ids[0] for p in placements}
+    assert on["low-a"] == on["low-b"] and len({*on.values()}) == 4
+    assert all(device.startswith("h1/") for device in on.values())  # h2 stays empty
+    ranks = {lid: (10 if lid == "high" else 0, float(i)) for i, lid in enumerate(on)}
+
+    # three devices of one host: h2 has one, so h1's three low-priority devices empty
+    three = preemption_victims(sched, SliceRequest("big", "bob", gpus=3, priority=5), ranks)
+    assert three is not None and set(three) == {"low-a", "low-b", "low-c", "low-d"}
+    # two: the two devices with one lease each, not the one with two
+    two = preemption_victims(sched, SliceRequest("two", "bob", gpus=2, priority=5), ranks)
+    assert two is not None and set(two) == {"low-c", "low-d"}
+    # a request that outranks nobody, or wants more devices than a host has: no victims
+    assert preemption_victims(sched, SliceRequest("x", "c", gpus=3, priority=0), ranks) is None
+    assert preemption_victims(sched, SliceRequest("y", "c", gpus=5, priority=5), ranks) is None

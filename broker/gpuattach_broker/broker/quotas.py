@@ -70,6 +70,8 @@ def check_slice(effective: Effective, request: SliceRequest) -> None:
             raise QuotaRefusal(
                 f"--fraction {request.fraction:g} is more than the {largest:g} {source} allows"
             )
+        if request.memory_bytes:
+            request.max_fraction = largest  # placement keeps --mem within that share
     if limits.max_slice_bytes is not None:
         if request.whole:
             raise QuotaRefusal(

@@ -15,6 +15,8 @@ import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from gpuattach_broker.units import format_size
+
 
 @dataclass
 class DeviceState:
@@ -49,6 +51,9 @@ class SliceRequest:
     submitted_at: float = 0.0
     priority: int = 0  # higher is granted first (policy classes and time windows)
     max_slices: int | None = None  # the user's concurrent limit; None: none
+    # The policy's largest slice as a share of a device: a --mem request only
+    # goes where it is at most this share (set by quotas.admit); None: any.
+    max_fraction: float | None = None
 
     @property
     def whole(self) -> bool:
@@ -152,6 +157,14 @@ class Scheduler:
                 raise RequestError(
                     f"{request.memory_bytes} bytes asked for, but the largest device has {largest}"
                 )
+            if request.max_fraction is not None and request.memory_bytes:
+                allowed = int(largest * request.max_fraction)
+                if request.memory_bytes > allowed:
+                    raise RequestError(
+                        f"{format_size(request.memory_bytes)} asked for, but the policy allows "
+                        f"at most {request.max_fraction:g} of a device "
+                        f"({format_size(allowed)} of the largest here)"
+                    )
 
     def try_place(
         self,
@@ -175,6 +188,11 @@ class Scheduler:
             need = request.need_on(device)
             if need > device.free_bytes or (request.whole and device.leases):
                 continue
+            if (
+                request.max_fraction is not None
+                and need > device.memory_bytes * request.max_fraction
+            ):
+                continue  # over the policy's share of this (smaller) device
             # Tightest fit first keeps big holes for big requests; then warm hosts.
             key = (
                 0 if device.host in prefer else 1,
@@ -393,12 +411,13 @@ def preemption_victims(
     """The fewest lower-priority leases on one device whose end lets `request` fit.
 
     `leases` maps each lease to (priority, granted_at). Lowest priority goes
-    first, then the most recently granted (it has the least to lose).
-    Several-device requests never preempt. None when no set of
-    lower-priority leases would make room.
+    first, then the most recently granted (it has the least to lose). A
+    several-device request empties `gpus` devices of one host (see
+    `_victims_for_many`). None when no set of lower-priority leases would
+    make room.
     """
     if request.gpus > 1:
-        return None
+        return _victims_for_many(scheduler, request, leases)
     best: list[str] | None = None
     for device in sorted(scheduler.devices.values(), key=lambda d: d.device_id):
         if not device.schedulable:
@@ -416,5 +435,41 @@ def preemption_victims(
             freed += scheduler.held_bytes(lease_id, device.device_id)
         enough = freed >= need and (not request.whole or len(chosen) == len(device.leases))
         if enough and chosen and (best is None or len(chosen) < len(best)):
+            best = chosen
+    return best
+
+
+def _victims_for_many(
+    scheduler: Scheduler, request: SliceRequest, leases: Mapping[str, tuple[int, float]]
+) -> list[str] | None:
+    """The fewest lower-priority leases whose end empties `request.gpus` devices
+    of one host. A device counts only when every lease on it is of lower
+    priority; free devices cost nothing, so they are taken first."""
+    by_host: dict[str, list[DeviceState]] = {}
+    for device in scheduler.devices.values():
+        if device.schedulable:
+            by_host.setdefault(device.host, []).append(device)
+    best: list[str] | None = None
+    for host in sorted(by_host):
+        candidates = [
+            d
+            for d in by_host[host]
+            if all(leases.get(lid, (0, 0.0))[0] < request.priority for lid in d.leases)
+        ]
+        if len(candidates) < request.gpus:
+            continue
+        # Cheapest devices first: fewest leases to end, then the least recently
+        # granted work spared (their newest lease is the one ended first).
+        candidates.sort(
+            key=lambda d: (
+                len(d.leases),
+                -max((leases.get(lid, (0, 0.0))[1] for lid in d.leases), default=0.0),
+                d.device_id,
+            )
+        )
+        chosen: list[str] = []
+        for device in candidates[: request.gpus]:
+            chosen.extend(lid for lid in sorted(device.leases) if lid not in chosen)
+        if chosen and (best is None or len(chosen) < len(best)):
             best = chosen
     return best

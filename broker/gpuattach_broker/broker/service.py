@@ -118,6 +118,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
         self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
+        # lease id -> (busy seconds the kernel reported, when that figure last grew)
+        self.busy_seen: dict[str, tuple[float, float]] = {}
         # Latest NVML sample per lease, from the agents' heartbeats.
         self.gpu_usage: dict[str, pb.LeaseUsage] = {}
         # With an mTLS agent port, agents must come with a verified certificate.
@@ -317,7 +319,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         lease, token = await self._start(slice_request, placement, context, groups)
         agent = self.agents.get(lease.host)
         tls_root = agent.worker_tls_root if agent is not None else b""
-        yield pb.AttachEvent(granted=lease_to_pb(lease, token, tls_root))
+        granted = lease_to_pb(lease, token, tls_root)
+        # The kernel applies the policy's idle timeouts itself (see GPUSession).
+        granted.default_idle_seconds = limits.default_idle
+        granted.max_idle_seconds = limits.max_idle or 0.0
+        yield pb.AttachEvent(granted=granted)
 
     async def _wait_in_queue(
         self,
@@ -528,6 +534,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         if request.migrating:
             self.migrating[lease.lease_id] = time.monotonic()
         lease.expires_at = now + self.ttl
+        seen = self.busy_seen.get(lease.lease_id)
+        if seen is None or request.busy_seconds > seen[0] + 1e-6:
+            self.busy_seen[lease.lease_id] = (request.busy_seconds, now)
         idle_at = now + request.idle_release_in if request.idle_release_in >= 0 else 0.0
         self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
         return pb.RenewReply(
@@ -632,6 +641,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         """End a lease: record why, stop its worker, give its room to the queue."""
         self._end_record(lease, state, reason)
         self.migrating.pop(lease.lease_id, None)
+        self.busy_seen.pop(lease.lease_id, None)
         self.gpu_usage.pop(lease.lease_id, None)
         placement = self.scheduler.free(lease.lease_id, held_seconds=lease.held_seconds())
         devices = len(placement.device_ids) if placement else 1
@@ -674,14 +684,33 @@ class BrokerService(pb_grpc.BrokerServicer):
                     continue  # never cut a kernel off in the middle of moving its namespace
                 self._end(lease, "preempted", lease.end_reason + " (grace period over)")
             elif lease.state == "active" and lease.granted_at:
-                max_lease = self.policy.effective(lease.user).limits.max_lease
-                if max_lease is not None and now - lease.granted_at > max_lease:
+                limits = self.policy.effective(lease.user, lease.groups).limits
+                if limits.max_lease is not None and now - lease.granted_at > limits.max_lease:
                     self._end(
                         lease,
                         "expired",
-                        f"reached the maximum lease length of {format_duration(max_lease)}",
+                        f"reached the maximum lease length of {format_duration(limits.max_lease)}",
                     )
+                elif limits.max_idle is not None:
+                    self._check_idle(lease, limits.max_idle, now)
         self.metrics.refresh(self._metrics_snapshot)
+
+    def _check_idle(self, lease: LeaseRecord, max_idle: float, now: float) -> None:
+        """The broker's backstop for the policy's max_idle: kernels release on
+        their own at max_idle (moving the namespace back first); a lease whose
+        kernel reports no GPU work for max_idle plus a TTL ends here. Its
+        kernel synced every name back after its last cell, so nothing is lost."""
+        seen = self.busy_seen.get(lease.lease_id)
+        if seen is None:  # first look (or a restarted broker): start timing now
+            self.busy_seen[lease.lease_id] = (lease.busy_seconds, now)
+            return
+        if now - seen[1] > max_idle + self.ttl:
+            self._end(
+                lease,
+                "expired",
+                f"idle for {format_duration(now - seen[1])}, over the policy's "
+                f"max_idle of {format_duration(max_idle)}",
+            )
 
     def refresh_priorities(self) -> None:
         """Time windows open and close: re-rank the waiting requests."""
