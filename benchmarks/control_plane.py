@@ -10,9 +10,9 @@ handling, policy admission, placement, the ledger writes, the agent round
 trip), not worker start-up, which the warm-attach row measures.
 
 Clients and the stand-in agent share this process; the broker's CPU time
-is read from /proc, so the table also says whether the broker itself was
-the bottleneck (CPU-bound near 100 % of one core: its event loop is one
-thread).
+is read from /proc, so the table also says how much the broker itself
+worked per pair (its Python event loop is one thread; gRPC's core adds
+polling threads of its own, so the share can pass 100 % of a core).
 """
 
 from __future__ import annotations

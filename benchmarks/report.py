@@ -421,8 +421,9 @@ NOTES = [
     "Control plane: a real broker (SQLite WAL, default policy) and N clients with a channel "
     "each looping Attach → Granted → Release; the agent is a protocol-level stand-in that "
     "answers StartLease at once (no worker process), so the figure is the broker's own work. "
-    "Clients share this machine's cores with the broker; broker CPU per pair gives its "
-    "one-core ceiling (1000 / ms per pair).",
+    "Clients share this machine's cores with the broker; broker CPU is its process's user "
+    "and system time over the run (above 100 % of a core: gRPC's core polls in threads of "
+    "its own).",
     "Peer migration: view.push(dict, block=True) and view.pull(names, block=True) of the same "
     "torch tensors (ipyparallel pickles them in band) and of numpy views of the same bytes "
     "(its zero-copy path); the controller runs with --nodb.",

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.tls import WorkerTLS, agent_worker_channel
@@ -51,6 +53,7 @@ class WorkerProcess:
     cuda: str = ""  # what its CUDA warm-up reported (device name, or why it failed)
     tls_root: bytes = field(default=b"", repr=False)  # it serves TLS: trust this
     tls_name: str = ""  # the host name its certificate is checked against
+    channel: grpc.aio.Channel | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -60,20 +63,36 @@ class WorkerProcess:
     def address(self) -> str:
         return f"{self.bind}:{self.port}"
 
+    def connect(self) -> None:
+        """Start connecting the agent's channel to this worker ahead of any lease:
+        binding it then costs one RPC on a warm HTTP/2 connection, not a new
+        connection (TCP, and TLS where workers use it) during the user's attach."""
+        if self.channel is None:
+            self.channel = agent_worker_channel(self.address, self.tls_root, self.tls_name)
+        self.channel.get_state(try_to_connect=True)
+
     async def assign(self, lease_id: str, token: str, env: dict[str, str], summary: str) -> None:
-        channel = agent_worker_channel(self.address, self.tls_root, self.tls_name)
-        async with channel:
-            stub = pb_grpc.WorkerStub(channel)
-            await stub.Assign(
+        if self.channel is None:
+            self.channel = agent_worker_channel(self.address, self.tls_root, self.tls_name)
+        try:
+            await pb_grpc.WorkerStub(self.channel).Assign(
                 pb.AssignRequest(lease_id=lease_id, token=token, env=env, device_summary=summary),
                 metadata=(("authorization", f"Bearer {self.key}"),),
                 timeout=30,
             )
+        finally:
+            await self.close_channel()  # the agent talks to a bound worker no more
         self.lease_id = lease_id
+
+    async def close_channel(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close(grace=None)
 
     async def stop(self, grace: float = 3.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds. Returns the exit code."""
         self.stopping = True
+        await self.close_channel()
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
@@ -169,6 +188,7 @@ class WorkerPool:
         if WARM_CUDA_FLAG in self.args and not ready.get("cuda_ok"):
             log.warning("worker for %s could not warm CUDA: %s", self.device, worker.cuda)
         worker.drain = asyncio.create_task(_drain(proc.stdout))
+        worker.connect()
         return worker
 
     def refill(self) -> None:
