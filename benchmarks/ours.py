@@ -415,6 +415,9 @@ def measure(stack: Stack, cfg: Any, log: Callable[[str], None]) -> dict[str, Any
         figures.update(measure_cold_attach(stack, broker, cfg.cold_n, log))
         lease = Lease(broker)
         try:
+            # The agent starts a replacement warm worker a second after the
+            # attach (about 2 s of CPU for import torch): measure after it.
+            stack.wait_pool_warm(leased=1, timeout=45)
             log(f"ours: empty cell x{cfg.cell_n}, streaming {STREAM_LINES} lines x{cfg.stream_n}")
             figures.update(measure_cells(lease, cfg.cell_n, cfg.stream_n))
             figures["migration"] = {}
