@@ -147,6 +147,15 @@ class Stack:
         finally:
             client.close()
 
+    def usage(self, by: str) -> str:
+        """`gpuattach-broker usage --by BY` on this stack's ledger (its stdout)."""
+        return subprocess.run(
+            [str(BIN / "gpuattach-broker"), "usage", "--db", str(self.db), "--by", by],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
     def leases(self, include_ended: bool = False) -> list[pb.Lease]:
         client = self.client()
         try:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -158,19 +155,7 @@ def test_usage_ledger_matches_the_session_timeline(stack: Stack, kernel: Kernel)
     release = kernel.ok("%gpu release")
     held = release.ended_at - attached_at
     busy = 3.0
-    usage = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "gpuattach-broker"),
-            "usage",
-            "--db",
-            str(stack.db),
-            "--by",
-            "lease",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    usage = stack.usage("lease")
     row = usage.strip().splitlines()[1].split()
     ledger_held, ledger_busy = float(row[2]), float(row[3])
     assert abs(ledger_held - held) <= 0.1 * held, (ledger_held, held, usage)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -257,19 +255,7 @@ def test_usage_by_group_counts_identity_and_policy_groups(stack_factory, tmp_pat
     for user, token in (("alice", alice), ("bob", bob), ("carol", carol)):
         client = stack.client(token)
         client.release(client.attach(pb.AttachRequest(user=user, wait_seconds=-1)))
-    usage = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "gpuattach-broker"),
-            "usage",
-            "--db",
-            str(stack.db),
-            "--by",
-            "group",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    usage = stack.usage("group")
     rows = [line.replace("(no group)", "(none)").split() for line in usage.splitlines()[1:]]
     leases = {row[0]: int(row[1]) for row in rows}
     assert leases.pop("(none)") == 1, usage  # "(no group)": bob

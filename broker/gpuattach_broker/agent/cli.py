@@ -18,11 +18,8 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from traitlets import Bool, Enum, Int, Unicode, default
-from traitlets.config import Application
 
 from gpuattach_broker.agent import mps as mps_control
 from gpuattach_broker.agent.agent import Agent
@@ -31,6 +28,7 @@ from gpuattach_broker.agent.caps import CapPolicy
 from gpuattach_broker.agent.check import run_check
 from gpuattach_broker.agent.gpu_host import GpuOptions
 from gpuattach_broker.rpc import read_key_file
+from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles, WorkerTLS
 from gpuattach_broker.units import parse_duration, parse_size
 
@@ -38,8 +36,9 @@ CONFIG_NAME = "gpuattach_agent_config"
 COMMANDS = ("run", "check")
 
 
-class AgentApp(Application):
+class AgentApp(ServiceApp):
     name = "gpuattach-agent"
+    config_name = CONFIG_NAME
     description = "Run the workers of GPU leases on this host (gpuattach-agent [run|check])."
 
     broker = Unicode(help="Broker address host:port (the agent port when it uses mTLS).").tag(
@@ -103,15 +102,6 @@ class AgentApp(Application):
         help="GPU memory a fractional lease may hold over its cap (at least 10% of the cap) "
         "before the agent ends it.",
     ).tag(config=True)
-    config_file = Unicode("", help="Load this config file instead of searching.").tag(config=True)
-    generate_config = Bool(False, help="Write a commented default config file and exit.").tag(
-        config=True
-    )
-    log_level = Enum(
-        (0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"),
-        default_value=logging.INFO,
-        help="Log level, by value or name.",
-    ).tag(config=True)
 
     @default("broker")
     def _broker_default(self) -> str:
@@ -137,32 +127,13 @@ class AgentApp(Application):
         "sample-interval": "AgentApp.sample_interval",
         "refresh-interval": "AgentApp.refresh_interval",
         "cap-margin": "AgentApp.cap_margin",
-        "config": "AgentApp.config_file",
-        "log-level": "Application.log_level",
     }
     flags = {
         "allow-plaintext": (
             {"AgentApp": {"allow_plaintext": True}},
             "Workers listen without TLS on a non-loopback address (a trusted network only).",
         ),
-        "generate-config": (
-            {"AgentApp": {"generate_config": True}},
-            "Write a commented default gpuattach_agent_config.py and exit.",
-        ),
     }
-
-    def config_search_path(self) -> list[str]:
-        return [os.getcwd(), "/etc/gpuattach", str(Path.home() / ".config" / "gpuattach")]
-
-    def initialize(self, argv: Any = None) -> None:
-        self.parse_command_line(argv)
-        cli_config = self.config
-        if self.config_file:
-            folder, name = os.path.split(os.path.abspath(self.config_file))
-            self.load_config_file(name, path=folder)
-        else:
-            self.load_config_file(CONFIG_NAME + ".py", path=self.config_search_path())
-        self.update_config(cli_config)  # the command line wins over the file
 
     @property
     def command(self) -> str:
@@ -205,12 +176,7 @@ class AgentApp(Application):
 
     def start(self) -> None:
         if self.generate_config:
-            target = Path(self.config_file or f"{CONFIG_NAME}.py")
-            if target.exists():
-                print(f"gpuattach-agent: {target} exists; not overwriting it", file=sys.stderr)
-                self.exit(1)
-            target.write_text(self.generate_config_file())
-            print(f"wrote {target}")
+            self.write_default_config()
             return
         try:
             command = self.command
@@ -222,8 +188,7 @@ class AgentApp(Application):
             code, text = run_check(self.devices, state)
             print(text, end="")
             self.exit(code)
-        level = self.log_level if isinstance(self.log_level, int | str) else logging.INFO
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", force=True)
+        self.setup_logging()
         try:
             options = self.options()
         except (ValueError, OSError) as exc:

@@ -9,27 +9,25 @@ to write a commented default, and every option on the command line too
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from traitlets import Bool, Enum, Int, Unicode, default
-from traitlets.config import Application
+from traitlets import Bool, Int, Unicode, default
 
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.server import ServeOptions, serve
 from gpuattach_broker.paths import default_db
 from gpuattach_broker.rpc import read_key_file
+from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles
 from gpuattach_broker.units import parse_duration
 
 CONFIG_NAME = "gpuattach_broker_config"
 
 
-class BrokerApp(Application):
+class BrokerApp(ServiceApp):
     name = "gpuattach-broker serve"
+    config_name = CONFIG_NAME
     description = "The GPU slice broker of jupyter-gpuattach."
 
     address = Unicode("127.0.0.1:50051", help="host:port to listen on").tag(config=True)
@@ -69,16 +67,6 @@ class BrokerApp(Application):
     allow_plaintext = Bool(False, help="Allow plaintext on a non-loopback address.").tag(
         config=True
     )
-    config_file = Unicode("", help="Load this config file instead of searching.").tag(config=True)
-    generate_config = Bool(False, help="Write a commented default config file and exit.").tag(
-        config=True
-    )
-
-    log_level = Enum(
-        (0, 10, 20, 30, 40, 50, "DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"),
-        default_value=logging.INFO,
-        help="Log level, by value or name.",
-    ).tag(config=True)
 
     @default("hub_api_url")
     def _hub_api_url_default(self) -> str:
@@ -101,32 +89,13 @@ class BrokerApp(Application):
         "tls-key": "BrokerApp.tls_key",
         "tls-ca": "BrokerApp.tls_ca",
         "agent-address": "BrokerApp.agent_address",
-        "config": "BrokerApp.config_file",
-        "log-level": "Application.log_level",
     }
     flags = {
         "allow-plaintext": (
             {"BrokerApp": {"allow_plaintext": True}},
             "Listen without TLS on a non-loopback address (a trusted network only).",
         ),
-        "generate-config": (
-            {"BrokerApp": {"generate_config": True}},
-            "Write a commented default gpuattach_broker_config.py and exit.",
-        ),
     }
-
-    def config_search_path(self) -> list[str]:
-        return [os.getcwd(), "/etc/gpuattach", str(Path.home() / ".config" / "gpuattach")]
-
-    def initialize(self, argv: Any = None) -> None:
-        self.parse_command_line(argv)
-        cli_config = self.config
-        if self.config_file:
-            folder, name = os.path.split(os.path.abspath(self.config_file))
-            self.load_config_file(name, path=folder)
-        else:
-            self.load_config_file(CONFIG_NAME + ".py", path=self.config_search_path())
-        self.update_config(cli_config)  # the command line wins over the file
 
     def options(self) -> ServeOptions:
         key = os.environ.get("GPUATTACH_BROKER_KEY", "")
@@ -152,12 +121,7 @@ class BrokerApp(Application):
 
     def start(self) -> None:
         if self.generate_config:
-            target = Path(self.config_file or f"{CONFIG_NAME}.py")
-            if target.exists():
-                print(f"gpuattach-broker: {target} exists; not overwriting it", file=sys.stderr)
-                self.exit(1)
-            target.write_text(self.generate_config_file())
-            print(f"wrote {target}")
+            self.write_default_config()
             return
         try:
             options = self.options()
@@ -167,8 +131,7 @@ class BrokerApp(Application):
             message = str(exc) if not isinstance(exc, PolicyErrors) else f"\n{exc}"
             print(f"gpuattach-broker: {message}", file=sys.stderr)
             self.exit(2)
-        level = self.log_level if isinstance(self.log_level, int | str) else logging.INFO
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", force=True)
+        self.setup_logging()
         try:
             asyncio.run(serve(options))
         except ValueError as exc:  # e.g. plaintext refused, mTLS without a CA
