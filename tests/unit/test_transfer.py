@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from gpuattach_broker import transfer
 from gpuattach_broker.codec import Encoded, decode_namespace, encode_namespace
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.transfer import (
@@ -58,7 +60,7 @@ def test_round_trip_across_chunk_boundaries(sizes: list[int]) -> None:
     assert list(header.names) == ["a", "b"]
     assert received == sum(sizes)
     assert [bytes(p) for p in parts] == [bytes(p) for p in encoded.parts]
-    assert all(isinstance(p, bytearray) for p in parts)
+    assert all(isinstance(p, memoryview) and not p.readonly for p in parts)  # torch can own them
     # each message stays well inside gRPC's configured limit
     assert all(c.ByteSize() < MAX_MESSAGE_BYTES for c in chunks)
 
@@ -182,3 +184,19 @@ def test_max_bytes_is_checked_before_any_allocation() -> None:
 
     with pytest.raises(ProtocolError, match="exceeds"):
         receive_namespace(stream(), max_bytes=1 << 30)
+
+
+def test_large_parts_land_in_torch_memory_small_ones_in_bytearrays() -> None:
+    large = transfer.receive_buffer(transfer.LARGE_PART_BYTES)
+    small = transfer.receive_buffer(100)
+    assert isinstance(large.obj, np.ndarray) and isinstance(large.obj.base, torch.Tensor)
+    assert isinstance(small.obj, bytearray)
+    large[:3] = b"abc"  # writable, and a tensor can be built over it without a copy
+    assert torch.frombuffer(large, dtype=torch.uint8)[:3].tolist() == [97, 98, 99]
+
+
+def test_message_buffers_setting_applies_once() -> None:
+    from gpuattach_broker import memory
+
+    assert memory.keep_message_buffers() is True  # glibc (Linux CI)
+    assert memory.keep_message_buffers() is True

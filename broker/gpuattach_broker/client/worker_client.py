@@ -17,6 +17,7 @@ import cloudpickle
 import grpc
 
 from gpuattach_broker import codec, transfer
+from gpuattach_broker.memory import keep_message_buffers
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata
@@ -80,6 +81,7 @@ class WorkerClient:
         """`tls_root`: the lease's `worker_tls_root`; the worker's certificate
         must chain to it (empty: a plaintext worker on loopback)."""
         self.endpoint = endpoint
+        keep_message_buffers()  # namespaces stream through this process
         self.channel = worker_channel(endpoint, tls_root, transfer.GRPC_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
@@ -203,7 +205,7 @@ class WorkerClient:
 
     def pull(
         self, skip: list[str], force: bool, have: Iterable[str] = (), via_cache: bool = False
-    ) -> tuple[pb.NamespaceHeader, list[bytearray], int]:
+    ) -> tuple[pb.NamespaceHeader, list[memoryview], int]:
         """The worker's namespace; blobs in `have` (and, `via_cache`, those the
         worker puts in the shared host cache) come by reference."""
         try:

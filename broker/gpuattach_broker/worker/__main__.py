@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    from gpuattach_broker.memory import keep_message_buffers
+
+    keep_message_buffers()
     _preload()
     cuda_ok, cuda = _warm_cuda() if args.warm_cuda else (False, "")
     from gpuattach_broker import transfer
