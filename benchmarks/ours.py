@@ -61,15 +61,35 @@ def _noop(*_: Any) -> None:
     return None
 
 
+def open_worker(lease: pb.Lease) -> WorkerClient:
+    """A client of the lease's worker, after the Hello a kernel makes first."""
+    worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
+    hello = hello_request()
+    check_compatible(hello, worker.hello(hello))
+    return worker
+
+
+def kernel_session(broker: BrokerClient, notify: Callable[[str], None]) -> tuple[Any, Any]:
+    """The kernel's own GPUSession over a bare namespace (no Jupyter kernel):
+    (session, shell), with `shell.user_ns` as the user's variables."""
+    from types import SimpleNamespace
+
+    from jupyter_gpuattach.session import GPUSession
+
+    shell = SimpleNamespace(user_ns={}, user_ns_hidden={}, execution_count=1)
+    session = GPUSession(shell)
+    session.broker = broker
+    session.notify = notify
+    return session, shell
+
+
 class Lease:
     """An attached lease: broker lease plus a connected worker client."""
 
     def __init__(self, broker: BrokerClient) -> None:
         self.broker = broker
         self.lease = broker.attach(attach_request())
-        self.worker = WorkerClient(self.lease.worker_endpoint, self.lease.token)
-        hello = hello_request()
-        check_compatible(hello, self.worker.hello(hello))
+        self.worker = open_worker(self.lease)
         self.count = 0
 
     def run(self, code: str, on_output: Callable[[pb.ExecuteOutput], None] = _noop) -> None:
@@ -104,9 +124,7 @@ def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict
         started = time.perf_counter()
         lease = broker.attach(attach_request())
         granted = time.perf_counter()
-        worker = WorkerClient(lease.worker_endpoint, lease.token)
-        hello = hello_request()
-        check_compatible(hello, worker.hello(hello))
+        worker = open_worker(lease)
         ready = time.perf_counter()
         worker.push(empty, {})  # what %gpu attach also does with an empty namespace
         pushed = time.perf_counter()
@@ -156,9 +174,7 @@ def measure_cold_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) ->
         holder = broker.attach(half)
         started = time.perf_counter()
         lease = broker.attach(half)
-        worker = WorkerClient(lease.worker_endpoint, lease.token)
-        hello = hello_request()
-        check_compatible(hello, worker.hello(hello))
+        worker = open_worker(lease)
         total_s.append(time.perf_counter() - started)
         worker.close()
         broker.release(lease, reason="benchmark")
@@ -292,14 +308,9 @@ def measure_same_host_migration(
     on the worker, then synced back into the kernel (the background sync /
     release path).
     """
-    from types import SimpleNamespace
+    from jupyter_gpuattach.session import AttachOptions
 
-    from jupyter_gpuattach.session import AttachOptions, GPUSession
-
-    shell = SimpleNamespace(user_ns={}, user_ns_hidden={}, execution_count=1)
-    session = GPUSession(shell)
-    session.broker = broker
-    session.notify = log
+    session, shell = kernel_session(broker, log)
     session.attach(AttachOptions())
     if session.host_cache is None:
         session.release()
@@ -347,14 +358,9 @@ def measure_reattach(
     run; tensors go by digest, the worker maps them from the host's cache).
     Bytes on the wire of each attach come from the session's own transfer log.
     """
-    from types import SimpleNamespace
+    from jupyter_gpuattach.session import AttachOptions
 
-    from jupyter_gpuattach.session import AttachOptions, GPUSession
-
-    shell = SimpleNamespace(user_ns={}, user_ns_hidden={}, execution_count=1)
-    session = GPUSession(shell)
-    session.broker = broker
-    session.notify = lambda line: None
+    session, shell = kernel_session(broker, lambda line: None)
     tensors = make_tensors(nbytes)
     refresh(tensors, 1000 + int(time.time()) % 100_000)  # content no earlier run cached
     shell.user_ns.update(tensors)

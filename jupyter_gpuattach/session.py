@@ -154,7 +154,6 @@ class GPUSession:
         self.auto: AutoMode | None = None
         self.max_idle = 0.0  # the policy's max_idle, from the latest lease (0: none)
         self.policy_default_idle = 0.0  # and its default_idle
-        self.lease_options = AttachOptions()
         self.last_synced_cell: int | None = None
         self.running_cell: int | None = None
         # One worker operation at a time: cells, background syncs, release.
@@ -556,12 +555,10 @@ class GPUSession:
         self, options: AttachOptions, idle_seconds: float, *, default_idle: bool = False
     ) -> str:
         """`default_idle`: the user gave no timeout, so the policy's default may replace it."""
+        idle_seconds, capped = self._idle_under_policy(idle_seconds, default_idle)
         note = ""
-        if default_idle and self.policy_default_idle > 0:
-            idle_seconds = self.policy_default_idle
-        if self.max_idle and idle_seconds > self.max_idle:
+        if capped:
             note = f" (capped: the policy allows at most {format_duration(self.max_idle)} idle)"
-            idle_seconds = self.max_idle
         self.auto = AutoMode(options, IdleTimer(idle_seconds), default_idle=default_idle)
         if self.attached:
             # Already holding a slice: start timing its idleness now.
@@ -573,16 +570,25 @@ class GPUSession:
         )
 
     def disable_auto(self) -> str:
-        self.auto = None
+        previous, self.auto = self.auto, None
         state = "still attached (%gpu release to give it back)" if self.attached else "detached"
         if self.max_idle and self.attached:
-            self._policy_auto(self.lease_options)
+            self._policy_auto(previous.options if previous is not None else AttachOptions())
             state += f"; the policy still releases it after {format_duration(self.max_idle)} idle"
         return f"GPU auto: off; {state}"
 
     def _policy_auto(self, options: AttachOptions) -> None:
         self.auto = AutoMode(options, IdleTimer(self.max_idle), by_policy=True)
         self.auto.idle.cell_finished(time.monotonic())
+
+    def _idle_under_policy(self, seconds: float, default_idle: bool) -> tuple[float, bool]:
+        """The idle timeout the policy lets stand: its default when the user gave
+        none, never over its maximum. Returns (timeout, whether it was capped)."""
+        if default_idle and self.policy_default_idle > 0:
+            seconds = self.policy_default_idle
+        if self.max_idle and seconds > self.max_idle:
+            return self.max_idle, True
+        return seconds, False
 
     def _apply_idle_policy(self, lease: pb.Lease, options: AttachOptions) -> str:
         """The policy's idle timeouts, as the lease states them: auto mode takes the
@@ -591,23 +597,20 @@ class GPUSession:
         the next GPU cell re-attaches). Returns a line for the user, or ""."""
         self.max_idle = lease.max_idle_seconds
         self.policy_default_idle = lease.default_idle_seconds
-        self.lease_options = options
         auto = self.auto
-        if auto is not None and auto.default_idle and lease.default_idle_seconds > 0:
-            auto.idle.idle_seconds = lease.default_idle_seconds
-        if not self.max_idle:
-            return ""
         limit = format_duration(self.max_idle)
         if auto is None:
+            if not self.max_idle:
+                return ""
             self._policy_auto(options)
             return (
                 f"GPU policy: the slice goes back after {limit} without a cell "
                 "(the next GPU cell attaches again)"
             )
-        if auto.idle.idle_seconds > self.max_idle:
-            auto.idle.idle_seconds = self.max_idle
-            return f"GPU policy: idle timeout capped at {limit}"
-        return ""
+        auto.idle.idle_seconds, capped = self._idle_under_policy(
+            auto.idle.idle_seconds, auto.default_idle
+        )
+        return f"GPU policy: idle timeout capped at {limit}" if capped else ""
 
     def _start_watcher(self) -> None:
         if self._watcher is not None and self._watcher.is_alive():

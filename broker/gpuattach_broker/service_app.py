@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from traitlets import Bool, Enum, Unicode
 from traitlets.config import Application
@@ -49,6 +49,16 @@ class ServiceApp(Application):
                 f"Write a commented default {cls.config_name}.py and exit.",
             ),
         }
+
+    @classmethod
+    def configured(cls, argv: list[str] | None = None) -> Self:
+        """A fresh instance, configured from its file and `argv` (argv wins).
+
+        Not the traitlets singleton (`instance()`): the broker and agent apps
+        share a base class, and a singleton of one would block the other."""
+        app = cls()
+        app.initialize(argv)
+        return app
 
     def config_search_path(self) -> list[str]:
         return [os.getcwd(), *SEARCH_PATH]

@@ -82,6 +82,14 @@ def server_credentials(
     )
 
 
+def broker_channel(address: str, tls_ca: str = "") -> grpc.Channel:
+    """A kernel's or admin's channel to the broker: TLS verified against
+    `tls_ca` when given, else plaintext (loopback, or a trusted network)."""
+    if tls_ca:
+        return grpc.secure_channel(address, channel_credentials(TLSFiles(ca=tls_ca)))
+    return grpc.insecure_channel(address)
+
+
 def worker_channel(
     target: str, tls_root: bytes, options: list[tuple[str, Any]] | None = None
 ) -> grpc.Channel:

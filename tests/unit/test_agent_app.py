@@ -9,13 +9,6 @@ import pytest
 from gpuattach_broker.agent.cli import AgentApp, main
 
 
-def _app(argv: list[str]) -> AgentApp:
-    AgentApp.clear_instance()
-    app = AgentApp()
-    app.initialize(argv)
-    return app
-
-
 def test_config_file_is_found_and_the_command_line_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -24,10 +17,10 @@ def test_config_file_is_found_and_the_command_line_wins(
         'c.AgentApp.broker = "broker.example:50052"\n'
     )
     monkeypatch.chdir(tmp_path)
-    app = _app(["--pool-size", "0"])
+    app = AgentApp.configured(["--pool-size", "0"])
     assert (app.devices, app.pool_size, app.broker) == ("cpu:2x4GiB", 0, "broker.example:50052")
-    assert _app([]).pool_size == 3
-    assert _app(["--AgentApp.devices=cpu:1x1GiB"]).devices == "cpu:1x1GiB"
+    assert AgentApp.configured([]).pool_size == 3
+    assert AgentApp.configured(["--AgentApp.devices=cpu:1x1GiB"]).devices == "cpu:1x1GiB"
 
 
 def test_explicit_config_file_and_environment_default(
@@ -35,16 +28,18 @@ def test_explicit_config_file_and_environment_default(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPUATTACH_BROKER", "10.0.0.5:50051")
-    assert _app([]).broker == "10.0.0.5:50051"
+    assert AgentApp.configured([]).broker == "10.0.0.5:50051"
     config = tmp_path / "elsewhere.py"
     config.write_text('c.AgentApp.blob_cache_bytes = "2GiB"\n')
-    assert _app(["--config", str(config)]).options().cache_bytes == 2 << 30
+    assert AgentApp.configured(["--config", str(config)]).options().cache_bytes == 2 << 30
     with pytest.raises(ValueError, match="--blob-cache-bytes"):
-        _app(["--blob-cache-bytes", "plenty"]).options()
+        AgentApp.configured(["--blob-cache-bytes", "plenty"]).options()
     with pytest.raises(ValueError, match="needs both --worker-tls-cert and --worker-tls-key"):
-        _app(["--worker-tls-cert", str(config)]).options()
+        AgentApp.configured(["--worker-tls-cert", str(config)]).options()
     with pytest.raises(ValueError, match="no such file"):
-        _app(["--worker-tls-cert", "/nope.pem", "--worker-tls-key", "/nope.key"]).options()
+        AgentApp.configured(
+            ["--worker-tls-cert", "/nope.pem", "--worker-tls-key", "/nope.key"]
+        ).options()
 
 
 def test_generate_config_writes_a_commented_default(

@@ -77,20 +77,15 @@ def test_pci_probe(tmp_path: Path) -> None:
     assert nvidia_gpus(str(tmp_path / "missing")) == []
 
 
-def _app(argv: list[str]) -> AgentApp:
-    AgentApp.clear_instance()
-    app = AgentApp()
-    app.initialize(argv)
-    return app
-
-
 def test_gpu_options() -> None:
-    options = _app(["--cap-margin", "2GiB", "--sample-interval", "250ms"]).gpu_options()
+    options = AgentApp.configured(
+        ["--cap-margin", "2GiB", "--sample-interval", "250ms"]
+    ).gpu_options()
     assert options.caps.margin_bytes == 2 << 30 and options.sample_interval == 0.25
     with pytest.raises(ValueError, match="--cap-margin"):
-        _app(["--cap-margin", "lots"]).gpu_options()
+        AgentApp.configured(["--cap-margin", "lots"]).gpu_options()
     with pytest.raises(ValueError, match="more than zero"):
-        _app(["--refresh-interval", "0"]).gpu_options()
+        AgentApp.configured(["--refresh-interval", "0"]).gpu_options()
 
 
 def test_bad_gpu_option_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -255,11 +255,8 @@ class AgentOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    AgentApp.clear_instance()
-    app = AgentApp.instance()
     try:
-        app.initialize(argv)
-        app.start()
+        AgentApp.configured(argv).start()
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     return 0

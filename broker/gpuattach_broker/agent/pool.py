@@ -63,19 +63,19 @@ class WorkerProcess:
     def address(self) -> str:
         return f"{self.bind}:{self.port}"
 
-    def connect(self) -> None:
-        """Start connecting the agent's channel to this worker ahead of any lease:
-        binding it then costs one RPC on a warm HTTP/2 connection, not a new
-        connection (TCP, and TLS where workers use it) during the user's attach."""
+    def connect(self) -> grpc.aio.Channel:
+        """The agent's channel to this worker, connecting from the start (before
+        any lease): binding it then costs one RPC on a warm HTTP/2 connection,
+        not a new connection (TCP, and TLS where workers use it) during the
+        user's attach."""
         if self.channel is None:
             self.channel = agent_worker_channel(self.address, self.tls_root, self.tls_name)
         self.channel.get_state(try_to_connect=True)
+        return self.channel
 
     async def assign(self, lease_id: str, token: str, env: dict[str, str], summary: str) -> None:
-        if self.channel is None:
-            self.channel = agent_worker_channel(self.address, self.tls_root, self.tls_name)
         try:
-            await pb_grpc.WorkerStub(self.channel).Assign(
+            await pb_grpc.WorkerStub(self.connect()).Assign(
                 pb.AssignRequest(lease_id=lease_id, token=token, env=env, device_summary=summary),
                 metadata=(("authorization", f"Bearer {self.key}"),),
                 timeout=30,

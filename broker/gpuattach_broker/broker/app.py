@@ -140,7 +140,5 @@ class BrokerApp(ServiceApp):
 
 
 def main(argv: list[str] | None = None) -> int:
-    app = BrokerApp()
-    app.initialize(argv)
-    app.start()
+    BrokerApp.configured(argv).start()
     return 0

@@ -19,7 +19,7 @@ from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
 from gpuattach_broker.simulator.cli import add_arguments as add_simulator_arguments
 from gpuattach_broker.simulator.cli import run as run_simulator
-from gpuattach_broker.tls import TLSFiles, channel_credentials
+from gpuattach_broker.tls import broker_channel
 from gpuattach_broker.units import format_duration, format_size, parse_duration
 
 
@@ -41,12 +41,6 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("GPUATTACH_TLS_CA", ""),
         help="verify a TLS broker against this CA (GPUATTACH_TLS_CA)",
     )
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.tls_ca:
-        return grpc.secure_channel(args.address, channel_credentials(TLSFiles(ca=args.tls_ca)))
-    return grpc.insecure_channel(args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +164,7 @@ def _credentials() -> tuple[tuple[str, str], ...]:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    with _channel(args) as channel:
+    with broker_channel(args.address, args.tls_ca) as channel:
         stub = pb_grpc.BrokerStub(channel)
         try:
             if args.command == "revoke":
@@ -274,7 +268,7 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    with _channel(args) as channel:
+    with broker_channel(args.address, args.tls_ca) as channel:
         stub = pb_grpc.BrokerStub(channel)
         try:
             if args.command == "leases":

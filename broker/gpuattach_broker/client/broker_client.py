@@ -18,7 +18,7 @@ import grpc
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
-from gpuattach_broker.tls import TLSFiles, channel_credentials
+from gpuattach_broker.tls import broker_channel
 
 log = logging.getLogger("gpuattach.client")
 
@@ -50,11 +50,7 @@ class BrokerAddress:
 class BrokerClient:
     def __init__(self, target: BrokerAddress) -> None:
         self.target = target
-        if target.tls_ca:
-            credentials = channel_credentials(TLSFiles(ca=target.tls_ca))
-            self.channel = grpc.secure_channel(target.address, credentials)
-        else:
-            self.channel = grpc.insecure_channel(target.address)
+        self.channel = broker_channel(target.address, target.tls_ca)
         self.stub = pb_grpc.BrokerStub(self.channel)
         self.metadata = key_metadata(target.key) + (
             (("authorization", f"token {target.token}"),) if target.token else ()

@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
     if args.tls_cert:
-        with open(args.tls_key, "rb") as key_file, open(args.tls_cert, "rb") as cert_file:
-            credentials = grpc.ssl_server_credentials([(key_file.read(), cert_file.read())])
+        from gpuattach_broker.tls import TLSFiles, server_credentials
+
+        credentials = server_credentials(TLSFiles(cert=args.tls_cert, key=args.tls_key))
         port = server.add_secure_port(f"{args.bind}:0", credentials)
     else:
         port = server.add_insecure_port(f"{args.bind}:0")
