@@ -308,19 +308,15 @@ class Stack:
             client.close()
 
     def warm_workers(self) -> int:
-        """Workers with a warm CUDA context, listening, not bound to a lease."""
+        """Workers listening and not bound to a lease (a device pool's worker warms
+        its CUDA context before it listens)."""
         import psutil
+        from stack import worker_processes
 
-        try:
-            children = psutil.Process(self.agent.pid).children()
-        except psutil.NoSuchProcess:
-            return 0
         count = 0
-        for child in children:
+        for worker in worker_processes(self.agent.pid):
             try:
-                if "--warm-cuda" in child.cmdline() and any(
-                    c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")
-                ):
+                if any(c.status == psutil.CONN_LISTEN for c in worker.net_connections("tcp")):
                     count += 1
             except psutil.Error:
                 continue

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     import limits
     import ours
     import peer
+    import reattach
     import report
     import scheduling
     from stack import Stack
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             stack.stop()
+        our_figures["back_to_back_reattach"] = reattach.measure(
+            workdir / "reattach", 3 if cfg.mode == "quick" else 10, log
+        )
         log("broker control plane: attach+release pairs with 50 and 200 concurrent clients")
         control = Stack(workdir / "control", ttl="60s")
         try:
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "Quick mode: small sizes and few iterations; the 1 GiB target is "
             "checked at the largest quick size."
         )
-    text = report.markdown(result)
+    text = report.markdown(result) + "\n" + reattach.markdown(our_figures["back_to_back_reattach"])
     targets = [{"figure": r["figure"], **r["target"]} for r in result["rows"] if r.get("target")]
     result["targets"] = targets
     for row in result["rows"]:

@@ -26,6 +26,27 @@ from tests.harness import free_port, wait_for  # one copy of these for tests and
 
 BIN = Path(sys.executable).parent
 WORKER_MODULE = "gpuattach_broker.worker"
+ZYGOTE_MODULE = "gpuattach_broker.worker.zygote"
+
+
+def worker_processes(agent_pid: int) -> list[psutil.Process]:
+    """The agent's workers: its children started directly, and the children
+    of its zygote (forked: their command line is the zygote's)."""
+    try:
+        children = psutil.Process(agent_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    workers = []
+    for child in children:
+        try:
+            command = " ".join(child.cmdline())
+            if ZYGOTE_MODULE in command:
+                workers += child.children()
+            elif WORKER_MODULE in command:
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
 
 
 @dataclass
@@ -148,18 +169,7 @@ class Stack:
     def worker_processes(self) -> list[psutil.Process]:
         if self.agent is None or self.agent.poll() is not None:
             return []
-        try:
-            children = psutil.Process(self.agent.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-        workers = []
-        for child in children:
-            try:
-                if WORKER_MODULE in " ".join(child.cmdline()):
-                    workers.append(child)
-            except psutil.NoSuchProcess:
-                continue
-        return workers
+        return worker_processes(self.agent.pid)
 
     @staticmethod
     def _listening(proc: psutil.Process) -> bool:

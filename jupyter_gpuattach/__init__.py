@@ -24,7 +24,7 @@ def load_ipython_extension(ipython: Any) -> None:
     setattr(ipython, _SESSION_ATTR, session)
     magics = GPUMagics(ipython, session)
     ipython.register_magics(magics)
-    ipython.events.register("post_run_cell", magics.push_local_changes)
+    ipython.events.register("post_run_cell", magics.after_cell)
     session.magics = magics  # type: ignore[attr-defined]
     router = RemoteCellRouter(session)
     ipython.input_transformers_cleanup.insert(0, router)
@@ -49,7 +49,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     session.disable_auto()
     magics = getattr(session, "magics", None)
     if magics is not None:
-        ipython.events.unregister("post_run_cell", magics.push_local_changes)
+        ipython.events.unregister("post_run_cell", magics.after_cell)
     router = getattr(session, "router", None)
     if router in ipython.input_transformers_cleanup:
         ipython.input_transformers_cleanup.remove(router)

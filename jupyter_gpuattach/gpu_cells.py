@@ -77,6 +77,19 @@ def needs_gpu(source: str, namespace: Mapping[str, Any]) -> tuple[bool, str]:
     return False, "no GPU work found"
 
 
+def names_loaded(source: str) -> set[str]:
+    """Every name the cell reads (empty when it is not Python)."""
+    try:
+        tree = ast.parse(_plain_python(source))
+    except SyntaxError:
+        return set()
+    return {
+        node.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+    }
+
+
 def _is_module(value: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.nn.Module)
@@ -91,4 +104,4 @@ def _is_gpu_tensor(value: Any) -> bool:
     )
 
 
-__all__ = ["needs_gpu"]
+__all__ = ["names_loaded", "needs_gpu"]

@@ -19,8 +19,8 @@ from IPython.display import display
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, parse_duration, parse_size
-from jupyter_gpuattach.gpu_cells import needs_gpu
-from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession
+from jupyter_gpuattach.gpu_cells import names_loaded, needs_gpu
+from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession, LeaseEnded
 
 USAGE = (
     "usage: %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION] "
@@ -42,11 +42,16 @@ def routed(source: str, gpu: bool) -> list[str]:
 class RemoteCellRouter:
     """Input transformer deciding where a cell runs.
 
-    Attached: every cell runs on the worker. Auto mode and not attached: a
-    cell that needs the GPU (see gpu_cells) attaches and runs there; others
-    run here. ``%%local`` always runs here; what it changes goes to the
-    worker afterwards.
+    Manual ``%gpu attach``: every cell runs on the worker. Auto mode: only a
+    cell that needs the GPU (see gpu_cells) runs there, attaching first if
+    no slice is held; the others run here on the kernel's synced copy, so
+    they neither hold the slice nor count as busy. ``%%local`` always runs
+    here; what it changes goes to the worker before the next GPU cell.
     """
+
+    # Routing waits for syncs and applies lease ends: keep it out of
+    # IPython's is-complete checks, which run transformers without a cell.
+    has_side_effects = True
 
     def __init__(self, session: GPUSession) -> None:
         self.session = session
@@ -55,22 +60,39 @@ class RemoteCellRouter:
         first = next((i for i, line in enumerate(lines) if line.strip()), None)
         if first is None:
             return lines
-        head = lines[first].lstrip()
         session = self.session
+        notes = [note for note in [*session.take_notes(), session.settle()] if note]
+        if notes:
+            # Shown as output of this cell, apart from what the cell itself prints.
+            display({"text/plain": "\n".join(notes)}, raw=True)
+        head = lines[first].lstrip()
         if head.startswith("%%local"):
-            session.wait_for_sync()
-            session.local_cell_pending = session.attached
+            session.begin_local_cell()
             return lines[first + 1 :]
         if head.startswith(LOCAL_PREFIXES):
             return lines
         source = "".join(lines)
-        if session.attached:
-            auto = session.auto
-            gpu = auto is None or auto.by_policy or needs_gpu(source, session.shell.user_ns)[0]
-            return routed(source, gpu)
-        if session.auto is not None and needs_gpu(source, session.shell.user_ns)[0]:
+        auto = session.auto
+        if session.attached and (auto is None or auto.by_policy):
             return routed(source, True)
+        if auto is not None and (
+            needs_gpu(source, session.shell.user_ns)[0] or _uses_worker_only(source, session)
+        ):
+            return routed(source, True)
+        session.begin_local_cell()
         return lines
+
+
+def _uses_worker_only(source: str, session: GPUSession) -> bool:
+    """The cell names something that lives only on the worker (it could not
+    come home, e.g. an iterator over a DataLoader with workers): run it there."""
+    if not session.attached:
+        return False
+    session.wait_for_sync()
+    remote_only = session.sync.remote_only
+    if not remote_only:
+        return False
+    return bool(names_loaded(source) & set(remote_only))
 
 
 class QueueDisplay:
@@ -191,8 +213,18 @@ class GPUMagics(Magics):
         session = self.session
         gpu = args.routed != "other"
         if session.attached:
-            session.run_cell(cell, gpu=gpu)
-            return
+            try:
+                session.run_cell(cell, gpu=gpu)
+                return
+            except LeaseEnded as ended:
+                # Released from the panel, revoked, preempted: not a failure.
+                print(ended)
+            if session.auto is None and args.routed:
+                # Manual mode, now detached: the cell runs in the kernel, as after
+                # %gpu release.
+                assert self.shell is not None
+                self.shell.run_cell(cell, store_history=False)
+                return
         if session.auto is not None:
             # Auto mode: attach on demand and keep the slice until it is idle.
             options = session.auto.options if args.routed else _attach_options(args)
@@ -220,12 +252,7 @@ class GPUMagics(Magics):
         """What shows queue positions during an attach: the widget, or a text line."""
         return self._show_widget() or QueueDisplay()
 
-    def push_local_changes(self, result: Any = None) -> None:
-        """After a %%local cell while attached: send what it changed to the worker."""
-        if not self.session.local_cell_pending:
-            return
-        self.session.local_cell_pending = False
-        try:
-            self.session.push_changes()
-        except GPUError as exc:
-            print(f"GPU: {exc}")
+    def after_cell(self, result: Any = None) -> None:
+        """post_run_cell: a kernel cell is over (its changes reach the worker
+        before the next GPU cell)."""
+        self.session.end_local_cell()

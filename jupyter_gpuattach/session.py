@@ -1,39 +1,31 @@
 """The attach lifecycle of one kernel: attach, run remote cells, sync, release.
 
-While attached, the worker holds the live namespace; after every remote cell
-the kernel pulls back what changed in the background (tensors go by content
-digest, so only changed ones cross the wire). A worker that dies therefore
-takes with it only the effects of the cell that was running. Release is one
-last such sync, then the lease ends.
+A thin facade over three parts with one job each, which the magics, the
+widget and the server-side code use through it:
 
-In auto mode (``%gpu auto``) cells that need the GPU attach on demand and
-the slice goes back after the idle timeout, with the namespace back in the
-kernel; the next GPU cell attaches again and sends only what changed since
-the host cached it.
+- `lease_link.LeaseLink`: the broker, the lease and its heartbeat; every
+  message about the lease arrives on one event queue.
+- `namespace_sync.NamespaceSync`: namespace moves; the kernel keeps a synced
+  copy after every remote cell, so a worker that dies takes only the running
+  cell's effects, and a release needs no pull when that copy is current.
+- `auto_release`: auto mode (``%gpu auto``) and the watcher thread that
+  releases idle slices, obeys preemption and notices ended leases.
+
+In auto mode only cells that need the GPU run on the worker, even while a
+slice is held; the others run here on the synced copy, and what they
+change goes to the worker before the next GPU cell.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
-from gpuattach_broker import codec
-from gpuattach_broker.client.broker_client import (
-    BrokerAddress,
-    BrokerClient,
-    BrokerError,
-    LeaseKeeper,
-)
+from gpuattach_broker.client.broker_client import BrokerError, Heartbeat, LeaseEvent
 from gpuattach_broker.client.worker_client import (
     VersionMismatch,
     WorkerClient,
@@ -44,51 +36,41 @@ from gpuattach_broker.client.worker_client import (
 from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, format_size
-from gpuattach_broker.worker.blobcache import BlobCache
-from jupyter_gpuattach.output import OutputRenderer, answer_input, remote_error
+from jupyter_gpuattach.auto_release import AutoMode, Watcher, idle_under_policy
+from jupyter_gpuattach.lease_link import (
+    AttachOptions,
+    GPUError,
+    LeaseEnd,
+    LeaseLink,
+    current_user,
+)
+from jupyter_gpuattach.namespace_sync import NamespaceSync, Transfer, describe_names
+from jupyter_gpuattach.output import OutputRenderer, RemoteCellError, answer_input, remote_error
 
 
-class GPUError(RuntimeError):
-    """Something the user must act on; the message says what to do."""
+class LeaseEnded(GPUError):
+    """The lease ended by someone's choice before or during this cell (not a failure)."""
+
+    def __init__(self, end: LeaseEnd, line: str) -> None:
+        super().__init__(line)
+        self.end = end
 
 
-@dataclass
-class AttachOptions:
-    memory_bytes: int = 0
-    fraction: float = 0.0
-    gpus: int = 1
-    wait_seconds: float = -1.0  # < 0: wait as long as it takes
-
-
-@dataclass
-class Transfer:
-    """One namespace move, as the wire saw it."""
-
-    kind: str  # attach | sync | release
-    wire_bytes: int
-    seconds: float
-    names: int
-
-
-@dataclass
-class AutoMode:
-    options: AttachOptions
-    idle: IdleTimer
-    postponed: str = ""  # why the last idle release could not happen
-    # The user gave no --idle: the policy's default_idle applies once a lease says it.
-    default_idle: bool = False
-    # Not asked for: manual mode under a policy max_idle. Every cell still runs
-    # remotely while attached; idle, the slice goes back and GPU cells re-attach.
-    by_policy: bool = False
-
-
-@dataclass
 class LeaseClock:
-    """Held and busy time of the current lease, for status and the ledger."""
+    """Held and busy time of the current lease: one truth for status, widget and ledger.
 
-    attached_at: float = 0.0
-    busy_seconds: float = 0.0
-    cell_started: float | None = None
+    Held counts from the broker's grant time (the broker's own figure does
+    too); busy is the time remote cells ran, reported with every heartbeat.
+    """
+
+    def __init__(self, granted_at: float = 0.0) -> None:
+        self.attached_at = time.monotonic()
+        self.granted_at = granted_at or time.time()
+        self.busy_seconds = 0.0
+        self.cell_started: float | None = None
+
+    def held(self) -> float:
+        return max(0.0, time.time() - self.granted_at)
 
     def busy(self, now: float | None = None) -> float:
         running = 0.0
@@ -97,216 +79,137 @@ class LeaseClock:
         return self.busy_seconds + running
 
 
-def current_user() -> str:
-    return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
-
-
 def _kernel_id() -> str:
     try:
         from ipykernel import get_connection_file
 
         name = os.path.basename(get_connection_file())
         return name.removeprefix("kernel-").removesuffix(".json")
-    except Exception:
+    except (ImportError, RuntimeError, AttributeError):
         return uuid.uuid4().hex[:12]
 
 
-def _shared_cache(hello: pb.HelloReply) -> BlobCache | None:
-    """The worker's host blob cache, when this kernel can write it too."""
-    folder = hello.blob_cache
-    if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        return None
-    return BlobCache(folder, hello.blob_cache_bytes or 8 << 30)
-
-
-def _describe_names(problems: dict[str, str]) -> str:
-    return ", ".join(f"{name} ({reason})" for name, reason in sorted(problems.items()))
-
-
-@dataclass
-class _Sync:
-    """What one pull brought back."""
-
-    values: int
-    wire_bytes: int
-    seconds: float
-    problems: dict[str, str] = field(default_factory=dict)
-    missing_modules: dict[str, str] = field(default_factory=dict)
+def held_busy_text(held: float, busy: float) -> str:
+    """``held 14.0 s, busy 3.2 s (23 %)``: the one way held and busy are written."""
+    share = f" ({100 * min(busy, held) / held:.0f} %)" if held > 0 else ""
+    return f"held {format_duration(held)}, busy {format_duration(busy)}{share}"
 
 
 class GPUSession:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self.kernel_id = _kernel_id()
-        self.broker: BrokerClient | None = None
+        self.link = LeaseLink(self.kernel_id)
+        self.sync = NamespaceSync(shell)
         self.lease: pb.Lease | None = None
         self.worker: WorkerClient | None = None
-        self.keeper: LeaseKeeper | None = None
         self.worker_info: pb.HelloReply | None = None
-        # Names that live on the worker (to notice remote deletions).
-        self.remote_names: set[str] = set()
-        self.kernel_only: dict[str, str] = {}
-        # Storages of the kernel's copy by digest: the worker sends those by reference.
-        self.store = codec.BlobStore()
         self.clock = LeaseClock()
-        self.transfers: list[Transfer] = []
-        self.lost = ""  # why the lease ended behind our back
         self.auto: AutoMode | None = None
         self.max_idle = 0.0  # the policy's max_idle, from the latest lease (0: none)
         self.policy_default_idle = 0.0  # and its default_idle
-        self.last_synced_cell: int | None = None
         self.running_cell: int | None = None
         # One worker operation at a time: cells, background syncs, release.
         self.lock = threading.RLock()
         self._sync_thread: threading.Thread | None = None
-        self._watcher: threading.Thread | None = None
-        self._stop_watcher = threading.Event()
-        self.notify: Callable[[str], None] = print
-        # The router saw a %%local cell while attached: push its changes after it.
-        self.local_cell_pending = False
+        self.watcher = Watcher(lambda: self.link.events, self._on_event, self._tick)
+        # Lines for the user from background work; printed at the next cell.
+        self.notes: list[str] = []
+        self.notify = self.notes.append
+        self.local_running = False  # a kernel cell runs while a slice is held
         self.preempted = ""  # why the broker wants the slice back
         self.migrating = False
-        # Same host: the user's blob cache on tmpfs, shared with the worker.
-        self.host_cache: BlobCache | None = None
+        self.pending_end: LeaseEnd | None = None  # seen by the watcher, not yet applied
+        self.last_end: LeaseEnd | None = None
+        self.lost = ""  # why the lease ended behind our back (a worker or host died)
+
+    # ------------------------------------------------------- properties ---
 
     @property
     def attached(self) -> bool:
         return self.lease is not None
 
-    # ----------------------------------------------------------- broker ---
+    @property
+    def broker(self) -> Any:
+        return self.link.broker
 
-    def _broker(self) -> BrokerClient:
-        if self.broker is None:
-            address = os.environ.get("GPUATTACH_BROKER", "")
-            if address:
-                token = os.environ.get("GPUATTACH_TOKEN") or os.environ.get(
-                    "JUPYTERHUB_API_TOKEN", ""
-                )
-                target = BrokerAddress(
-                    address,
-                    os.environ.get("GPUATTACH_BROKER_KEY", ""),
-                    token,
-                    os.environ.get("GPUATTACH_TLS_CA", ""),
-                )
-            else:
-                from jupyter_core.paths import jupyter_runtime_dir
+    @broker.setter
+    def broker(self, client: Any) -> None:
+        self.link.broker = client
 
-                from gpuattach_broker.client.embedded import find_or_start
+    @property
+    def transfers(self) -> list[Transfer]:
+        return self.sync.transfers
 
-                target, _ = find_or_start(jupyter_runtime_dir())
-            self.broker = BrokerClient(target)
-        return self.broker
+    @property
+    def kernel_only(self) -> dict[str, str]:
+        return self.sync.kernel_only
 
-    def _request(self, options: AttachOptions) -> pb.AttachRequest:
-        return pb.AttachRequest(
-            user=current_user(),
-            kernel_id=self.kernel_id,
-            slice=pb.SliceSpec(
-                memory_bytes=options.memory_bytes, fraction=options.fraction, gpus=options.gpus
-            ),
-            wait_seconds=options.wait_seconds,
-            client_host=socket.gethostname(),
-        )
+    @property
+    def host_cache(self) -> Any:
+        return self.sync.host_cache
 
-    def _grant(self, options: AttachOptions, show_queue: Any) -> tuple[BrokerClient, pb.Lease]:
-        request = self._request(options)
-        on_queued = show_queue or (lambda position: None)
-        try:
-            broker = self._broker()
-            try:
-                return broker, broker.attach(request, on_queued=on_queued)
-            except BrokerError as exc:
-                if exc.code != grpc.StatusCode.UNAVAILABLE or os.environ.get("GPUATTACH_BROKER"):
-                    raise
-                # The embedded broker exited while idle: start it again.
-                self.broker = None
-                broker = self._broker()
-                return broker, broker.attach(request, on_queued=on_queued)
-        except BrokerError as exc:
-            raise GPUError(str(exc)) from None
+    @property
+    def store(self) -> Any:
+        return self.sync.store
+
+    @property
+    def last_synced_cell(self) -> int | None:
+        return self.sync.last_synced_cell
 
     # ----------------------------------------------------------- attach ---
 
     def attach(self, options: AttachOptions, show_queue: Any = None) -> str:
         with self.lock:
+            self._apply_pending_end()
             if self.lease is not None:
                 return f"GPU already attached: {self._device()} (lease {self.lease.lease_id[:8]})"
             started = time.perf_counter()
-            broker, lease = self._grant(options, show_queue)
+            broker, lease = self.link.grant(options, show_queue)
             worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
             try:
                 hello = kernel_hello(os.getcwd(), list(sys.path), os.environ)
                 self.worker_info = worker.hello(hello)
                 check_compatible(hello, self.worker_info)
-                self.host_cache = _shared_cache(self.worker_info)
-                self.store.fallback = self.host_cache.load if self.host_cache else None
-                moved = self._push(worker, started)
+                self.sync.connect(self.worker_info)
+                moved = self.sync.push(worker, started)
             except (VersionMismatch, WorkerGone, RuntimeError) as exc:
                 worker.close()
                 broker.release(lease, reason=f"attach failed: {exc}")
                 raise GPUError(f"attach failed, lease given back: {exc}") from None
             self.lease, self.worker = lease, worker
             self.lost = ""
-            self.clock = LeaseClock(attached_at=time.monotonic())
-            self.keeper = LeaseKeeper(
-                broker,
-                lease,
-                self._on_lease_ended,
-                self.clock.busy,
-                idle_release_in=self._idle_release_in,
-                on_idle_override=self._on_idle_override,
-                on_preempt=self._on_preempt,
-                migrating=lambda: self.migrating,
-            )
-            self.keeper.start()
+            self.pending_end = None
+            self.clock = LeaseClock(lease.granted_at)
+            self.link.keep(lease, self._heartbeat)
             self.preempted = ""
             policy_note = self._apply_idle_policy(lease, options)
-            self._start_watcher()
+            self.watcher.start()
             line = (
                 f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
                 f"in {format_duration(time.perf_counter() - started)}"
             )
             if policy_note:
                 line += f"\n{policy_note}"
-            if self.kernel_only:
+            if self.sync.kernel_only:
                 line += (
                     "\nstays in the kernel, not visible to remote cells: "
-                    f"{_describe_names(self.kernel_only)}"
+                    f"{describe_names(self.sync.kernel_only)}"
                 )
             return line
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            busy_seconds=self.clock.busy(),
+            idle_release_in=self._idle_release_in(),
+            migrating=self.migrating,
+            cell_running=self.clock.cell_started is not None,
+        )
 
     def _device(self) -> str:
         if self.worker_info is not None and self.worker_info.device_summary:
             return self.worker_info.device_summary
         return self.lease.device_name if self.lease else "-"
-
-    def _push(self, worker: WorkerClient, started: float) -> str:
-        """Send the namespace; tensors the GPU host already caches go by digest."""
-        values, imports = codec.split_namespace(self.shell.user_ns, self.shell.user_ns_hidden)
-        blobs = codec.storage_blobs(values)
-        digests = set(blobs)
-        missing = worker.missing_blobs(digests) if digests else set()
-        staged = 0
-        if missing and self.host_cache is not None:
-            # Same host: write them into the shared cache; the worker maps them.
-            cache = self.host_cache
-            cache.put_many((d, codec.storage_bytes(blobs[d])) for d in missing)
-            still_missing = {d for d in missing if not cache.has(d)}
-            staged = sum(blobs[d].nbytes() for d in missing - still_missing)
-            missing = still_missing
-        encoded = codec.encode_namespace(values, receiver_has=digests - missing)
-        reply, sent = worker.push(encoded, imports)
-        sent += staged
-        self.store.replace(encoded.blobs)
-        self.kernel_only = dict(encoded.problems)
-        self.kernel_only.update({p.name: p.reason for p in reply.problems})
-        self.remote_names = set(encoded.names) | (set(imports) - set(self.kernel_only))
-        self.transfers.append(
-            Transfer("attach", sent, time.perf_counter() - started, len(self.remote_names))
-        )
-        cached = len(digests) - len(missing)
-        note = f", {cached} tensors by reference" if cached else ""
-        return f"moved {len(self.remote_names)} names ({format_size(sent)}{note})"
 
     def push_changes(self) -> None:
         """Send what kernel cells changed to the worker (unchanged tensors by digest)."""
@@ -314,14 +217,9 @@ class GPUSession:
             if self.worker is None:
                 return
             try:
-                self._push(self.worker, time.perf_counter())
+                self.sync.push(self.worker, time.perf_counter(), kind="push")
             except WorkerGone:
-                self._forget(self._why_gone())
-
-    def _on_preempt(self, reason: str) -> None:
-        """A higher-priority request needs the slice: move out as soon as no cell runs."""
-        self.preempted = reason
-        self._start_watcher()
+                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
 
     def _idle_release_in(self) -> float:
         """Seconds until auto mode releases the slice if nothing runs; -1: not scheduled."""
@@ -329,20 +227,17 @@ class GPUSession:
         deadline = auto.idle.deadline() if auto is not None else None
         return -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _on_idle_override(self, seconds: float) -> None:
-        """The idle timeout was changed from the Jupyter UI."""
-        auto = self.auto
-        if auto is None:
-            options = AttachOptions()
-            if self.lease is not None:
-                spec = self.lease.slice
-                options = AttachOptions(spec.memory_bytes, spec.fraction, spec.gpus or 1)
-            self.enable_auto(options, seconds)
-        elif auto.idle.idle_seconds != seconds:
-            auto.idle.idle_seconds = seconds
+    # ------------------------------------------------------ kernel cells ---
 
-    def _on_lease_ended(self, state: str, reason: str) -> None:
-        self.lost = f"the broker ended the lease ({state}: {reason})"
+    def begin_local_cell(self) -> None:
+        """A cell runs in the kernel: on the synced copy, which must be current first."""
+        self.wait_for_sync()
+        self.local_running = True
+        if self.attached:
+            self.sync.kernel_ahead = True
+
+    def end_local_cell(self) -> None:
+        self.local_running = False
 
     # -------------------------------------------------------------- run ---
 
@@ -350,13 +245,24 @@ class GPUSession:
         """Run one cell on the worker, its output shown here as it comes.
 
         `gpu` says whether the cell counts as GPU work for the idle timer.
+        Raises LeaseEnded when the lease turned out to be over by someone's
+        choice (the cell did not run); GPUError when the worker was lost.
         """
         self.wait_for_sync()
         with self.lock:
+            end = self.pending_end
+            line = self._apply_pending_end()
+            if line and end is not None:
+                raise LeaseEnded(end, line)
             if self.worker is None or self.lease is None:
                 raise GPUError("no GPU attached: run %gpu attach first")
             if self.lost:
-                self._forget(self.lost)
+                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+            if self.sync.kernel_ahead:
+                try:
+                    self.sync.push(self.worker, time.perf_counter(), kind="push")
+                except WorkerGone:
+                    self._lose(self.link.why_gone(self.lease, self.clock.busy()))
             cell = self._cell_number()
             renderer = OutputRenderer(self.shell)
             now = time.monotonic()
@@ -364,21 +270,37 @@ class GPUSession:
                 self.auto.idle.cell_started(now)
             self.running_cell = cell
             self.clock.cell_started = now
+            self.link.nudge()
             try:
                 self.worker.execute(code, cell, renderer, answer_input)
             except WorkerGone:
-                self._forget(self._why_gone())
-            finally:
-                end = time.monotonic()
-                if self.clock.cell_started is not None:
-                    self.clock.busy_seconds += end - self.clock.cell_started
-                self.clock.cell_started = None
-                self.running_cell = None
-                if gpu and self.auto is not None:
-                    self.auto.idle.cell_finished(end)
+                self._finish_cell(gpu)
+                self.running_cell = cell  # what was lost: this cell's effects
+                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+            self._finish_cell(gpu)
+            self.sync.last_remote_cell = cell
             self._start_sync(cell)
         if renderer.error is not None:
-            raise remote_error(renderer.error)
+            raise self._explained(remote_error(renderer.error))
+
+    def _finish_cell(self, gpu: bool) -> None:
+        if self.clock.cell_started is None:
+            return
+        end = time.monotonic()
+        self.clock.busy_seconds += end - self.clock.cell_started
+        self.clock.cell_started = None
+        self.running_cell = None
+        if gpu and self.auto is not None:
+            self.auto.idle.cell_finished(end)
+        self.link.nudge()
+
+    def _explained(self, error: RemoteCellError) -> RemoteCellError:
+        note = self.sync.explain_missing(error.ename, error.evalue)
+        if note:
+            error.evalue = f"{error.evalue}: {note}"
+            error.args = (error.evalue,)
+            error.remote_traceback = [*error.remote_traceback, f"\n{note}"]
+        return error
 
     def _cell_number(self) -> int:
         """The running cell's In[n], so remote tracebacks name the right cell.
@@ -399,15 +321,18 @@ class GPUSession:
             with self.lock:
                 if self.worker is None or self.lost:
                     return
+                self.migrating = True
                 try:
-                    self._sync(force=True, kind="sync")
+                    self.sync.pull(self.worker, force=True, kind="sync")
                 except WorkerGone:
                     self.lost = "the GPU worker stopped answering"
                     return
                 except Exception as exc:  # keep the kernel usable; say what happened
                     self.notify(f"GPU: background sync after In[{cell}] failed: {exc}")
                     return
-                self.last_synced_cell = cell
+                finally:
+                    self.migrating = False
+                self.sync.last_synced_cell = cell
 
         self._sync_thread = threading.Thread(target=run, daemon=True, name="gpuattach-sync")
         self._sync_thread.start()
@@ -417,63 +342,92 @@ class GPUSession:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def _sync(self, *, force: bool, kind: str) -> _Sync:
-        """Pull the worker's namespace into the kernel; unchanged tensors by digest."""
-        assert self.worker is not None
-        started = time.perf_counter()
-        self.migrating = True
-        try:
-            header, parts, received = self.worker.pull(
-                skip=[],
-                force=force,
-                have=self.store.digests(),
-                via_cache=self.host_cache is not None,
-            )
-        finally:
-            self.migrating = False
-        problems = {p.name: p.reason for p in header.problems}
-        if not parts:  # refused: some names cannot come back and force was not given
-            return _Sync(0, received, time.perf_counter() - started, problems)
-        values = codec.decode_namespace(parts, self.store)
-        received += sum(s.nbytes() for d, s in self.store.loaded_from_fallback)
-        modules, missing = codec.import_modules(header.imports)
-        ns = self.shell.user_ns
-        ns.update(modules)
-        ns.update(values)
-        remote = set(header.names)
-        for name in self.remote_names - remote:
-            ns.pop(name, None)  # deleted by a remote cell
-        self.remote_names = remote
-        seconds = time.perf_counter() - started
-        self.transfers.append(Transfer(kind, received, seconds, len(values) + len(modules)))
-        return _Sync(len(values) + len(modules), received, seconds, problems, missing)
+    # ----------------------------------------------------- lease ending ---
 
-    # ----------------------------------------------------------- losing ---
-
-    def _why_gone(self) -> str:
-        reason = "the GPU worker stopped answering"
-        if self.broker is not None and self.lease is not None:
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline:  # the agent reports a dead worker within ~1 s
+    def _on_event(self, event: LeaseEvent) -> None:
+        """One message about the lease, on the watcher thread."""
+        lease = self.lease
+        if lease is None or event.lease_id != lease.lease_id:
+            return  # about an earlier lease
+        if event.kind == "ended":
+            self.pending_end = LeaseEnd.from_broker(event.state, event.reason)
+            if self.lock.acquire(blocking=False):  # else the running cell applies it
                 try:
-                    reply = self.broker.renew(self.lease, self.clock.busy())
-                except BrokerError as exc:
-                    if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
-                        return f"{reason}: {exc}"
-                    break
-                if reply.state not in ("active", "starting"):
-                    return f"{reason}: {reply.end_reason or reply.state}"
-                time.sleep(0.2)
-        return reason
+                    line = self._apply_pending_end()
+                    if line:
+                        self.notify(line)
+                finally:
+                    self.lock.release()
+        elif event.kind == "preempt":
+            self.preempted = event.reason
+        elif event.kind == "idle":
+            self._on_idle_override(event.seconds)
+
+    def _apply_pending_end(self) -> str:
+        """The broker ended the lease: a chosen end detaches and returns the line
+        to tell the user; a lost worker is marked for the next cell ("")."""
+        end, self.pending_end = self.pending_end, None
+        if end is None or self.lease is None:
+            return ""
+        if not end.chosen:
+            self.lost = end.reason
+            return ""
+        line = self._end_line(end)
+        self._detach(end)
+        return line
+
+    def settle(self) -> str:
+        """Before a cell is routed: apply a lease end the watcher saw; the line to show."""
+        if self.pending_end is None:
+            return ""
+        self.wait_for_sync()
+        with self.lock:
+            return self._apply_pending_end()
+
+    def _end_line(self, end: LeaseEnd) -> str:
+        synced = self.sync.last_synced_cell
+        kept = (
+            f"names as of In[{synced}], the last GPU cell that finished"
+            if synced
+            else "names as they were"
+        )
+        then = "the next GPU cell attaches again" if self.auto else "cells run in the kernel"
+        return f"{end.headline()}; {kept}; {then}"
+
+    def _detach(self, end: LeaseEnd) -> None:
+        """Forget a lease the broker ended by someone's choice; the synced copy stays."""
+        self.link.stop_keeping()
+        if self.worker is not None:
+            self.worker.close()
+        self.lease = self.worker = self.worker_info = None
+        self.running_cell = None
+        self.clock.cell_started = None
+        self.sync.reset()
+        self.sync.store.clear()
+        self.last_end = end
+        if self.auto is not None:
+            self.auto.idle.reset()
+            if self.auto.by_policy:
+                self.auto = None
+
+    def _lose(self, end: LeaseEnd) -> None:
+        """The lease is gone mid-operation: a chosen end detaches quietly
+        (LeaseEnded), a lost worker fails with exactly what was lost."""
+        if end.chosen:
+            synced_line = self._end_line(end)
+            self._detach(end)
+            raise LeaseEnded(end, synced_line)
+        self._forget(end.reason)
 
     def _forget(self, why: str) -> None:
-        """The lease is gone: drop it and say exactly what was lost."""
-        lease, running, synced = self.lease, self.running_cell, self.last_synced_cell
+        """The worker or host died: drop the lease and say exactly what was lost."""
+        lease, running, synced = self.lease, self.running_cell, self.sync.last_synced_cell
         busy = self.clock.busy()
         self._teardown()
-        if lease is not None and self.broker is not None:
+        self.last_end = LeaseEnd("lost", why)
+        if lease is not None and self.link.broker is not None:
             try:
-                self.broker.release(lease, reason="worker lost", patience=2.0, busy_seconds=busy)
+                self.link.release(lease, "worker lost", busy, patience=2.0)
             except BrokerError:
                 pass
         lost = f"the effects of In[{running}] are lost" if running else "nothing ran since"
@@ -486,15 +440,14 @@ class GPUSession:
         raise GPUError(f"{why}. {lost}; {kept}; {then}.")
 
     def _teardown(self) -> None:
-        if self.keeper is not None:
-            self.keeper.stop()
+        self.link.stop_keeping()
         if self.worker is not None:
             self.worker.close()
-        self.lease = self.worker = self.keeper = self.worker_info = None
-        self.remote_names = set()
-        self.kernel_only = {}
+        self.lease = self.worker = self.worker_info = None
+        self.sync.reset()
         self.running_cell = None
-        self.last_synced_cell = None
+        self.clock.cell_started = None
+        self.lost = ""
         if self.auto is not None:
             self.auto.idle.reset()
 
@@ -504,6 +457,11 @@ class GPUSession:
         """The user's release: back to manual mode if only the policy had made it auto."""
         self.wait_for_sync()
         with self.lock:
+            self._apply_pending_end()
+            end = self.last_end
+            if self.lease is None and end is not None and end.reason != reason:
+                # Ended from elsewhere (the panel, an admin, a lost worker): say so.
+                return f"{end.headline()}; nothing more to release"
             line = self._release_locked(force, reason)
             if self.auto is not None and self.auto.by_policy and not self.attached:
                 self.auto = None
@@ -513,41 +471,53 @@ class GPUSession:
         if self.worker is None or self.lease is None:
             raise GPUError("nothing to release: no GPU is attached to this kernel")
         if self.lost:
-            self._forget(self.lost)
-        try:
-            sync = self._sync(force=force, kind="release")
-        except WorkerGone:
-            self._forget(self._why_gone())
-            raise
-        if sync.problems and not force:
-            names = ", ".join(sorted(sync.problems))
-            it = "it" if len(sync.problems) == 1 else "them"
-            raise GPUError(
-                f"not released: {_describe_names(sync.problems)} cannot come back to the "
-                f"kernel. Delete or close {it} in a cell (del {names}), or run "
-                f"%gpu release --force to drop {it}."
-            )
-        for name in sync.problems:
-            self.shell.user_ns.pop(name, None)
-        lease, busy = self.lease, self.clock.busy()
-        held = time.monotonic() - self.clock.attached_at
+            self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+        started = time.perf_counter()
+        if self.sync.in_sync:
+            # The kernel's copy is current: nothing needs to come back.
+            problems = dict(self.sync.remote_only)
+            if problems and not force:
+                self._refuse(problems)
+            values, wire, missing = 0, 0, {}
+            self.sync.transfers.append(Transfer("release", 0, time.perf_counter() - started, 0))
+        else:
+            self.migrating = True
+            try:
+                pulled = self.sync.pull(self.worker, force=force, kind="release")
+            except WorkerGone:
+                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+                raise
+            finally:
+                self.migrating = False
+            problems = pulled.problems
+            if problems and not force:
+                self._refuse(problems)
+            values, wire, missing = pulled.values, pulled.wire_bytes, pulled.missing_modules
+        lease, busy, held = self.lease, self.clock.busy(), self.clock.held()
         self._teardown()
-        self.store.clear()
-        assert self.broker is not None
+        self.sync.store.clear()
+        self.last_end = LeaseEnd("released", reason)
         try:
-            self.broker.release(lease, reason=reason, busy_seconds=busy)
+            self.link.release(lease, reason, busy)
         except BrokerError as exc:
             return f"GPU released locally, but the broker did not confirm: {exc}"
-        line = (
-            f"GPU released: {sync.values} names back ({format_size(sync.wire_bytes)}) "
-            f"in {format_duration(sync.seconds)}; held {format_duration(held)}, "
-            f"busy {format_duration(busy)}"
-        )
-        if sync.problems:
-            line += f"; dropped: {', '.join(sorted(sync.problems))}"
-        if sync.missing_modules:
-            line += f"; not importable here: {_describe_names(sync.missing_modules)}"
+        seconds = time.perf_counter() - started
+        back = f"{values} names back ({format_size(wire)})" if values else "names already here"
+        line = f"GPU released: {back} in {format_duration(seconds)}; {held_busy_text(held, busy)}"
+        if problems:
+            line += f"; dropped: {describe_names(problems)}"
+        if missing:
+            line += f"; not importable here: {describe_names(missing)}"
         return line
+
+    def _refuse(self, problems: dict[str, str]) -> None:
+        names = ", ".join(sorted(problems))
+        it = "it" if len(problems) == 1 else "them"
+        raise GPUError(
+            f"not released: {describe_names(problems)} cannot come back to the "
+            f"kernel. Delete or close {it} in a cell (del {names}), or run "
+            f"%gpu release --force to drop {it}."
+        )
 
     # ------------------------------------------------------------- auto ---
 
@@ -555,7 +525,9 @@ class GPUSession:
         self, options: AttachOptions, idle_seconds: float, *, default_idle: bool = False
     ) -> str:
         """`default_idle`: the user gave no timeout, so the policy's default may replace it."""
-        idle_seconds, capped = self._idle_under_policy(idle_seconds, default_idle)
+        idle_seconds, capped = idle_under_policy(
+            idle_seconds, default_idle, self.policy_default_idle, self.max_idle
+        )
         note = ""
         if capped:
             note = f" (capped: the policy allows at most {format_duration(self.max_idle)} idle)"
@@ -563,7 +535,7 @@ class GPUSession:
         if self.attached:
             # Already holding a slice: start timing its idleness now.
             self.auto.idle.cell_finished(time.monotonic())
-        self._start_watcher()
+        self.watcher.start()
         return (
             f"GPU auto: cells that need the GPU attach on demand; the slice goes back after "
             f"{format_duration(idle_seconds)} without one{note} (%gpu auto off to stop)"
@@ -581,14 +553,17 @@ class GPUSession:
         self.auto = AutoMode(options, IdleTimer(self.max_idle), by_policy=True)
         self.auto.idle.cell_finished(time.monotonic())
 
-    def _idle_under_policy(self, seconds: float, default_idle: bool) -> tuple[float, bool]:
-        """The idle timeout the policy lets stand: its default when the user gave
-        none, never over its maximum. Returns (timeout, whether it was capped)."""
-        if default_idle and self.policy_default_idle > 0:
-            seconds = self.policy_default_idle
-        if self.max_idle and seconds > self.max_idle:
-            return self.max_idle, True
-        return seconds, False
+    def _on_idle_override(self, seconds: float) -> None:
+        """The idle timeout was changed from the Jupyter UI."""
+        auto = self.auto
+        if auto is None:
+            options = AttachOptions()
+            if self.lease is not None:
+                spec = self.lease.slice
+                options = AttachOptions(spec.memory_bytes, spec.fraction, spec.gpus or 1)
+            self.enable_auto(options, seconds)
+        elif auto.idle.idle_seconds != seconds:
+            auto.idle.idle_seconds = seconds
 
     def _apply_idle_policy(self, lease: pb.Lease, options: AttachOptions) -> str:
         """The policy's idle timeouts, as the lease states them: auto mode takes the
@@ -607,83 +582,70 @@ class GPUSession:
                 f"GPU policy: the slice goes back after {limit} without a cell "
                 "(the next GPU cell attaches again)"
             )
-        auto.idle.idle_seconds, capped = self._idle_under_policy(
-            auto.idle.idle_seconds, auto.default_idle
+        auto.idle.idle_seconds, capped = idle_under_policy(
+            auto.idle.idle_seconds, auto.default_idle, self.policy_default_idle, self.max_idle
         )
         return f"GPU policy: idle timeout capped at {limit}" if capped else ""
 
-    def _start_watcher(self) -> None:
-        if self._watcher is not None and self._watcher.is_alive():
+    def _tick(self) -> None:
+        """The watcher's periodic check: preemption first, then the idle deadline."""
+        if not self.attached:
             return
-        self._stop_watcher = threading.Event()
-        self._watcher = threading.Thread(
-            target=self._watch_idle,
-            args=(self._stop_watcher,),
-            daemon=True,
-            name="gpuattach-idle",
-        )
-        self._watcher.start()
+        if self.preempted:
+            self._when_free(self._preempted_release)
+            return
+        auto = self.auto
+        if auto is None or not auto.idle.release_due(time.monotonic()):
+            return
+        self._when_free(lambda: self._idle_release(auto))
 
-    def _watch_idle(self, stop: threading.Event) -> None:
-        while not stop.wait(0.2):
-            if self.preempted and self.attached:
-                self._preempted_release()
-                continue
-            auto = self.auto
-            if auto is None or not self.attached:
-                continue
-            if not auto.idle.release_due(time.monotonic()):
-                continue
-            sync = self._sync_thread
-            if sync is not None and sync.is_alive():
-                continue
-            if not self.lock.acquire(blocking=False):
-                continue  # a cell or a sync is running: not idle
-            try:
-                if self.attached and auto.idle.release_due(time.monotonic()):
-                    self._idle_release(auto)
-            finally:
-                self.lock.release()
-
-    def _preempted_release(self) -> None:
-        """Give the slice back for a higher-priority request once no cell runs."""
+    def _when_free(self, action: Any) -> None:
+        """Run `action` under the session lock if no cell or sync holds it now."""
         sync = self._sync_thread
         if sync is not None and sync.is_alive():
             return
+        if self.local_running and not self.sync.in_sync:
+            return  # a kernel cell runs on a copy that a pull would overwrite
         if not self.lock.acquire(blocking=False):
-            return  # a cell is running: the broker waits until the grace period ends
+            return  # a cell or a sync is running: not idle
         try:
-            if not self.attached:
-                return
-            reason = self.preempted
-            try:
-                line = self._release_locked(True, reason="preempted")
-            except GPUError as exc:
-                line = str(exc)
-            then = "the next GPU cell queues again" if self.auto else "%gpu attach to queue again"
-            self.notify(f"GPU preempted: {reason}. {line}; {then}")
+            if self.attached:
+                action()
         finally:
-            self.preempted = ""
             self.lock.release()
 
+    def _preempted_release(self) -> None:
+        """Give the slice back for a higher-priority request once no cell runs."""
+        reason, self.preempted = self.preempted, ""
+        try:
+            line = self._release_locked(True, reason="preempted")
+        except GPUError as exc:
+            line = str(exc)
+        self.last_end = LeaseEnd("preempted", reason)
+        then = "the next GPU cell queues again" if self.auto else "%gpu attach to queue again"
+        self.notify(f"GPU preempted: {reason}. {line}; {then}")
+
     def _idle_release(self, auto: AutoMode) -> None:
+        if not auto.idle.release_due(time.monotonic()):
+            return
         idle = auto.idle.idle_seconds
         try:
-            line = self._release_locked(False, reason=f"idle for {format_duration(idle)}")
+            line = self._release_locked(True, reason=f"idle for {format_duration(idle)}")
         except GPUError as exc:
-            message = str(exc)
-            if message != auto.postponed:
-                self.notify(f"GPU: idle release postponed: {message}")
-            auto.postponed = message
-            auto.idle.cell_finished(time.monotonic())  # try again after another idle period
+            self.notify(f"GPU: idle release failed: {exc}")
+            auto.idle.cell_finished(time.monotonic())
             return
-        auto.postponed = ""
         why = f"after {format_duration(idle)} idle"
         if auto.by_policy:
             why += " (the policy's max_idle; the next GPU cell attaches again)"
         self.notify(line.replace("GPU released:", f"GPU released {why}:", 1))
 
     # ----------------------------------------------------------- status ---
+
+    def take_notes(self) -> list[str]:
+        """Lines from background work since the last cell (printed at the next one)."""
+        notes, self.notes[:] = list(self.notes), []
+        return notes
 
     def status(self) -> str:
         mode = ""
@@ -694,13 +656,13 @@ class GPUSession:
                 left = max(0.0, deadline - time.monotonic())
                 mode += f", releasing in {format_duration(left)}"
         if self.lease is None:
-            return f"GPU: not attached{mode}" + ("" if self.auto else " (run %gpu attach)")
-        held = time.monotonic() - self.clock.attached_at
-        busy = self.clock.busy()
-        share = f" ({100 * busy / held:.0f} %)" if held > 0 else ""
+            line = f"GPU: not attached{mode}" + ("" if self.auto else " (run %gpu attach)")
+            if self.last_end is not None:
+                line += f" · last lease: {self.last_end.headline()}"
+            return line
         return (
             f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]} · "
-            f"held {format_duration(held)}, busy {format_duration(busy)}{share}{mode}"
+            f"{held_busy_text(self.clock.held(), self.clock.busy())}{mode}"
             + (f" · {self.lost}" if self.lost else "")
         )
 
@@ -715,7 +677,8 @@ class GPUSession:
         now = time.monotonic()
         deadline = auto.idle.deadline() if auto is not None else None
         attached = lease is not None
-        held = now - clock.attached_at if attached else 0.0
+        end = self.last_end if not attached else None
+        idle_in = max(0.0, deadline - now) if attached and deadline is not None else None
         return {
             "attached": attached,
             "kernel_id": self.kernel_id,
@@ -729,29 +692,39 @@ class GPUSession:
                 "gpus": (lease.slice.gpus or 1) if lease is not None else 0,
             },
             "memory_bytes": lease.memory_bytes if lease is not None else 0,
-            "held_seconds": held,
+            "granted_at": clock.granted_at if attached else None,
+            "held_seconds": clock.held() if attached else 0.0,
             "busy_seconds": clock.busy(now) if attached else 0.0,
             "running_cell": self.running_cell,
             "auto": auto is not None,
             "idle_seconds": auto.idle.idle_seconds if auto is not None else None,
-            "idle_release_in": (
-                max(0.0, deadline - now) if attached and deadline is not None else None
-            ),
+            "idle_release_in": idle_in,
+            "idle_release_at": time.time() + idle_in if idle_in is not None else None,
             "worker_pid": info.pid if attached and info is not None else None,
             "worker_host": info.host if attached and info is not None else "",
             "worker_endpoint": lease.worker_endpoint if lease is not None else "",
-            "lost": self.lost,
+            "lost": self.lost or (end.reason if end is not None and not end.chosen else ""),
+            "ended": end.as_dict() if end is not None else None,
         }
 
     def shutdown(self) -> None:
         """Kernel exit: give the slice back without moving anything."""
-        self._stop_watcher.set()
-        if self.lease is not None and self.broker is not None:
+        self.watcher.stop()
+        if self.lease is not None and self.link.broker is not None:
             lease, busy = self.lease, self.clock.busy()
             self._teardown()
             try:
-                self.broker.release(
-                    lease, reason="kernel shut down", patience=2.0, busy_seconds=busy
-                )
+                self.link.release(lease, "kernel shut down", busy, patience=2.0)
             except BrokerError:
                 pass
+
+
+__all__ = [
+    "AttachOptions",
+    "GPUError",
+    "GPUSession",
+    "LeaseEnded",
+    "Transfer",
+    "current_user",
+    "held_busy_text",
+]

@@ -15,12 +15,35 @@ device (``_gpuattach_device``) so the next attach puts them back.
 Functions and classes defined in the notebook travel by value (cloudpickle);
 cloudpickle's class tracker makes instances come home as instances of the
 kernel's own classes.
+
+Objects pickle refuses (open files, locks, DataLoaders with a live iterator,
+generators, threads, progress bars) go through the reducers of
+`gpuattach_broker.reducers`, chosen by direction with ``reducers=``:
+
+- ``TO_WORKER`` (default, kernel -> worker): open files travel (reopened at
+  their position); everything else that cannot be pickled stays in the
+  kernel and is listed in `Encoded.problems` with a short reason.
+- ``HOME`` (worker -> kernel, `WorkerService.PullNamespace`): files, fresh
+  locks/events/semaphores, DataLoaders without their live iterator; the rest
+  is dropped and named, so a release never waits on a value that cannot come
+  home.
+
+A value whose rebuild fails on the receiving side (a file whose path is not
+on that host) never fails the decode: `decode_namespace_with_problems` names
+it in `Decoded.problems` (dropped when it was the whole value; when nested,
+the value arrives with a `LostValue` placeholder in its place).
+
+Hot path: `NamespacePickler.reducer_override` runs for every non-builtin
+object; it finds a handler with one dict lookup on the exact type (filled
+with each new type's answer, so the subclass check of droppers runs once per
+type and encode, not per object).
 """
 
 from __future__ import annotations
 
 import contextvars
 import io
+import logging
 import pickle
 import random
 import re
@@ -34,6 +57,19 @@ from typing import Any
 
 import cloudpickle
 import xxhash
+
+from gpuattach_broker.reducers import (
+    HOME,
+    TO_WORKER,
+    LostValue,
+    Reducers,
+    Unpicklable,
+    collect_lost,
+    describe_unpicklable,
+)
+from gpuattach_broker.reducers import close_user_files as close_user_files
+
+log = logging.getLogger(__name__)
 
 REMEMBERED_DEVICE_ATTR = "_gpuattach_device"
 RNG_KEY = "__gpuattach_rng__"
@@ -94,6 +130,9 @@ class BlobStore:
         self.received: list[tuple[str, Any]] = []
         # (digest, storage) of the blobs the last decode took from `fallback`.
         self.loaded_from_fallback: list[tuple[str, Any]] = []
+        # name -> reason for each value the last decode could not rebuild
+        # (as `Decoded.problems`, for callers of `decode_namespace`).
+        self.problems: dict[str, str] = {}
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._blobs
@@ -259,20 +298,40 @@ def _plain_tensor(obj: Any, torch: Any) -> bool:
     )
 
 
+_UNSEEN = object()  # a type this pickler has not met yet
+_AS_USUAL = object()  # pickle's own way: __reduce_ex__, copyreg, dispatch table
+
+
 class NamespacePickler(cloudpickle.Pickler):
-    """cloudpickle with zero-copy, storage-sharing, content-addressed tensors.
+    """cloudpickle with zero-copy, storage-sharing, content-addressed tensors,
+    and the reducers of one direction for objects pickle refuses.
 
     A storage whose digest is in `receiver_has` is written as a reference
     (pickle's persistent id) instead of its bytes.
     """
 
     def __init__(
-        self, file: io.BytesIO, buffer_callback: Any, receiver_has: AbstractSet[str] = frozenset()
+        self,
+        file: Any,
+        buffer_callback: Any,
+        receiver_has: AbstractSet[str] = frozenset(),
+        reducers: Reducers = TO_WORKER,
     ) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self.receiver_has = receiver_has
         self._storages: dict[tuple[int, int, str], _StorageRef] = {}
         self.seen: dict[str, Any] = {}  # digest -> storage, every blob in the graph
+        exact, self._inherited = reducers.resolve()
+        # Exact type -> handler (or _AS_USUAL). A type met for the first time
+        # is resolved once (subclass rules, cloudpickle's class and function
+        # cases) and added, so each later object costs one dict lookup.
+        self._handlers: dict[type, Any] = dict(exact)
+        self._handlers[_StorageRef] = _AS_USUAL
+        self._torch = sys.modules.get("torch")
+        if self._torch is not None:
+            self._handlers[self._torch.Tensor] = self._tensor
+            self._handlers[self._torch.nn.Parameter] = self._tensor
+        self._handler = self._handlers.get
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) is _StorageRef:
@@ -283,10 +342,32 @@ class NamespacePickler(cloudpickle.Pickler):
         return None
 
     def reducer_override(self, obj: Any) -> Any:
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor) and _plain_tensor(obj, torch):
-            return self._reduce_tensor(obj, torch)
-        return super().reducer_override(obj)
+        handler = self._handler(type(obj), _UNSEEN)
+        if handler is _UNSEEN:
+            handler = self._handlers[type(obj)] = self._resolve(type(obj))
+        if handler is _AS_USUAL:
+            return NotImplemented
+        return handler(obj)
+
+    def _resolve(self, kind: type) -> Any:
+        """The handler of a type not met yet: a rule for it or a base class,
+        cloudpickle for classes and functions (by value when dynamic), else
+        pickle's own way (what cloudpickle would answer for it too)."""
+        for base in kind.__mro__ if self._inherited else ():
+            handler = self._inherited.get(base)
+            if handler is not None:
+                return handler
+        if issubclass(kind, type) or kind is types.FunctionType:
+            return self._cloudpickle
+        return _AS_USUAL
+
+    def _cloudpickle(self, obj: Any) -> Any:
+        return cloudpickle.Pickler.reducer_override(self, obj)
+
+    def _tensor(self, obj: Any) -> Any:
+        if _plain_tensor(obj, self._torch):
+            return self._reduce_tensor(obj, self._torch)
+        return NotImplemented
 
     def _reduce_tensor(self, tensor: Any, torch: Any) -> tuple[Any, ...]:
         storage = tensor.untyped_storage()
@@ -311,6 +392,56 @@ class NamespacePickler(cloudpickle.Pickler):
             grad,
         )
         return (_rebuild_tensor, args)
+
+
+class _Discard:
+    """A pickle sink that keeps nothing: probes want the walk, not the bytes."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _discard(buffer: Any) -> None:
+    return None
+
+
+class _ProbePickler(NamespacePickler):
+    """Walks a value as encoding would, touching no tensor data.
+
+    It remembers the last object it was handed: when pickling fails, that
+    is the culprit (the failing object's own reduce runs right after), so a
+    name holding a list with a generator in it can say 'generator'.
+    """
+
+    last: Any = None
+
+    def __init__(self, reducers: Reducers) -> None:
+        super().__init__(_Discard(), buffer_callback=_discard, reducers=reducers)
+
+    def persistent_id(self, obj: Any) -> Any:
+        return "storage" if type(obj) is _StorageRef else None
+
+    def reducer_override(self, obj: Any) -> Any:
+        self.last = obj
+        return super().reducer_override(obj)
+
+
+class _Found(Exception):
+    def __init__(self, value: LostValue) -> None:
+        super().__init__(value.reason)
+        self.value = value
+
+
+def _found(value: LostValue) -> Any:
+    raise _Found(value)
+
+
+class _LostFinder(_ProbePickler):
+    """Stops at the first LostValue placeholder inside a decoded value."""
+
+    def __init__(self) -> None:
+        super().__init__(HOME)
+        self._handlers[LostValue] = _found
 
 
 class NamespaceUnpickler(pickle.Unpickler):
@@ -386,41 +517,62 @@ class Encoded:
 
 
 def _pickle(
-    obj: Any, receiver_has: AbstractSet[str] = frozenset()
+    obj: Any, receiver_has: AbstractSet[str] = frozenset(), reducers: Reducers = TO_WORKER
 ) -> tuple[bytes, list[pickle.PickleBuffer], NamespacePickler]:
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
-    pickler = NamespacePickler(stream, buffer_callback=buffers.append, receiver_has=receiver_has)
+    pickler = NamespacePickler(
+        stream, buffer_callback=buffers.append, receiver_has=receiver_has, reducers=reducers
+    )
     pickler.dump(obj)
     return stream.getvalue(), buffers, pickler
 
 
-def _describe_failure(value: Any, exc: BaseException) -> str:
-    kind = type(value)
-    return f"{kind.__module__}.{kind.__qualname__} cannot be pickled ({exc})"
+def _a(kind: type) -> str:
+    name = kind.__qualname__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
-def find_unpicklable(values: Mapping[str, Any]) -> dict[str, str]:
-    """Names whose values cannot be pickled, each with the reason.
+def _reason(value: Any, exc: BaseException, last: Any) -> str:
+    """Why `value` cannot travel, naming the object inside it that failed."""
+    if isinstance(exc, Unpicklable):
+        culprit, text = exc.obj, exc.reason
+    else:
+        culprit = value if last is None else last
+        text = describe_unpicklable(culprit, exc)
+    return text if culprit is value else f"{text} (inside {_a(type(value))})"
 
-    Tensors are out of band, so trying each name alone copies no tensor data.
+
+def find_unpicklable(
+    values: Mapping[str, Any], *, reducers: Reducers = TO_WORKER
+) -> dict[str, str]:
+    """Names whose values cannot travel in this direction, each with a short
+    reason naming what it is ('generator', 'lock (inside a list)').
+
+    Each name is walked alone; no tensor data is hashed or copied.
     """
     problems: dict[str, str] = {}
     for name, value in values.items():
+        probe = _ProbePickler(reducers)
         try:
-            _pickle(value)
+            probe.dump(value)
         except Exception as exc:
-            problems[name] = _describe_failure(value, exc)
+            problems[name] = _reason(value, exc, probe.last)
     return problems
 
 
-def storage_blobs(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Digest -> storage of every tensor storage reachable from `values` (no copies)."""
+def storage_blobs(values: Mapping[str, Any], *, reducers: Reducers = TO_WORKER) -> dict[str, Any]:
+    """Digest -> storage of every tensor storage reachable from `values` (no copies).
+
+    Pass the `reducers` of the encode that follows, so that the same values
+    are walked (an open file does not make the whole walk fail).
+    """
     try:
-        return dict(_pickle(dict(values))[2].seen)
+        return dict(_pickle(dict(values), reducers=reducers)[2].seen)
     except Exception:
-        problems = find_unpicklable(values)
-        return dict(_pickle({k: v for k, v in values.items() if k not in problems})[2].seen)
+        problems = find_unpicklable(values, reducers=reducers)
+        kept = {k: v for k, v in values.items() if k not in problems}
+        return dict(_pickle(kept, reducers=reducers)[2].seen)
 
 
 def storage_digests(values: Mapping[str, Any]) -> set[str]:
@@ -442,10 +594,13 @@ def encode_namespace(
     *,
     with_rng: bool = True,
     receiver_has: AbstractSet[str] = frozenset(),
+    reducers: Reducers = TO_WORKER,
 ) -> Encoded:
-    """Pickle every picklable value in one graph; list the rest with reasons.
+    """Pickle every value that can travel in one graph; list the rest with reasons.
 
     Storages whose digest is in `receiver_has` go by reference, not by value.
+    `reducers` is the direction: TO_WORKER (kernel -> worker, the default) or
+    HOME (worker -> kernel); see the module docstring.
     """
     graph = dict(values)
     problems: dict[str, str] = {}
@@ -455,13 +610,13 @@ def encode_namespace(
     token = _ENCODING.set(sent)
     try:
         try:
-            main, buffers, pickler = _pickle(graph, receiver_has)
+            main, buffers, pickler = _pickle(graph, receiver_has, reducers)
         except Exception:
-            problems = find_unpicklable(values)
+            problems = find_unpicklable(values, reducers=reducers)
             for name in problems:
                 graph.pop(name, None)
             sent.clear()
-            main, buffers, pickler = _pickle(graph, receiver_has)
+            main, buffers, pickler = _pickle(graph, receiver_has, reducers)
     finally:
         _ENCODING.reset(token)
     parts = [memoryview(main)] + [b.raw() for b in buffers]
@@ -469,20 +624,35 @@ def encode_namespace(
     return Encoded(parts=parts, names=names, problems=problems, sent_blobs=sent, blobs=pickler.seen)
 
 
-def decode_namespace(parts: Iterable[Any], store: BlobStore | None = None) -> dict[str, Any]:
-    """Values from encoded parts; restores the RNG states carried with them.
+@dataclass
+class Decoded:
+    """Decoded values, and the names whose value could not be rebuilt here."""
 
-    Storages sent by reference come from `store`; afterwards `store` holds
-    exactly the storages of the decoded namespace.
+    values: dict[str, Any]
+    # name -> reason. A name whose whole value was lost is not in `values`;
+    # one that held a lost value inside is, with a LostValue in its place.
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def decode_namespace_with_problems(parts: Iterable[Any], store: BlobStore | None = None) -> Decoded:
+    """Values from encoded parts, and what could not be rebuilt here.
+
+    Restores the RNG states carried with them. Storages sent by reference
+    come from `store`; afterwards `store` holds exactly the storages of the
+    decoded namespace. A rebuild that fails (an open file whose path is not
+    on this host) never fails the decode; its name is in `problems` (and in
+    `store.problems`).
     """
     items = list(parts)
     if store is not None:
         store.loaded_from_fallback = []
+        store.problems = {}
     decoded: dict[str, Any] = {}
     received: list[tuple[str, Any]] = []
     token, received_token = _DECODED.set(decoded), _RECEIVED.set(received)
     try:
-        values = NamespaceUnpickler(io.BytesIO(items[0]), items[1:], store).load()
+        with collect_lost() as lost:
+            values = NamespaceUnpickler(io.BytesIO(items[0]), items[1:], store).load()
     finally:
         _DECODED.reset(token)
         _RECEIVED.reset(received_token)
@@ -492,7 +662,47 @@ def decode_namespace(parts: Iterable[Any], store: BlobStore | None = None) -> di
     rng = values.pop(RNG_KEY, None)
     if rng is not None:
         restore_rng_state(rng)
-    return values
+    problems = _names_holding_lost(values) if lost else {}
+    for name in problems:
+        if type(values[name]) is LostValue:
+            del values[name]
+    if store is not None:
+        store.problems = problems
+    return Decoded(values=values, problems=problems)
+
+
+def decode_namespace(parts: Iterable[Any], store: BlobStore | None = None) -> dict[str, Any]:
+    """Values from encoded parts (see `decode_namespace_with_problems`).
+
+    Names that could not be rebuilt are logged here and left in
+    `store.problems`; callers that show them to the user read that, or call
+    `decode_namespace_with_problems`.
+    """
+    result = decode_namespace_with_problems(parts, store)
+    for name, reason in result.problems.items():
+        log.warning("%s could not be rebuilt here: %s", name, reason)
+    return result.values
+
+
+def _names_holding_lost(values: Mapping[str, Any]) -> dict[str, str]:
+    """Names whose value is, or holds, a LostValue (runs only after a loss)."""
+    problems: dict[str, str] = {}
+    for name, value in values.items():
+        if type(value) is LostValue:
+            problems[name] = value.reason
+            continue
+        if isinstance(value, (str, bytes, int, float, complex, bool, type(None))):
+            continue
+        try:
+            _LostFinder().dump(value)
+        except _Found as found:
+            problems[name] = (
+                f"{found.value.reason} (inside {_a(type(value))}, which came back "
+                "with a placeholder in its place)"
+            )
+        except Exception:
+            pass  # cannot be walked again; a placeholder inside it still explains itself
+    return problems
 
 
 def import_modules(

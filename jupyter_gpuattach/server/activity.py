@@ -7,7 +7,14 @@ kernel's ``last_activity``. A lease whose busy time grew since the last look
 has a cell running on the GPU: both are moved to now. A lease that is only
 held (the user walked away without releasing) does not keep anything alive,
 so culling can still end the kernel, and the kernel's shutdown gives the GPU
-back. Polling the broker does not start an embedded broker that has exited.
+back: a held lease's heartbeats repeat the same busy figure, and a figure
+seen for the first time (a new lease, or this server's first look) is only
+remembered. Polling the broker does not start an embedded broker that has
+exited.
+
+The kernel side keeps its part of this bargain too: its status widget
+sends nothing over iopub while a held slice is idle (see widget.py), since
+jupyter_server counts every iopub message as activity.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from jupyter_gpuattach.server.views import LIVE_STATES
 log = logging.getLogger("gpuattach.server")
 
 SETTING = "gpuattach_last_activity"
+# Busy time must grow by more than this to count (float noise in a stored
+# figure is not a cell running).
+BUSY_EPSILON = 1e-3
 
 
 def _utcnow() -> Any:
@@ -62,7 +72,7 @@ class ActivityReporter:
                 continue
             seen[lease.lease_id] = lease.busy_seconds
             before = self.busy.get(lease.lease_id)
-            if before is not None and lease.busy_seconds > before:
+            if before is not None and lease.busy_seconds > before + BUSY_EPSILON:
                 training.append(lease.kernel_id)
         self.busy = seen
         if training:

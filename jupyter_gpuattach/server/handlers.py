@@ -50,6 +50,16 @@ class GPUAttachHandler(APIHandler):
         return self.state.lease_user  # type: ignore[no-any-return]
 
     @property
+    def person(self) -> str:
+        """Who acts, as a name people know: the Hub user under JupyterHub, else
+        the server's lease user (outside a Hub the identity provider's user
+        name is a random id, which means nothing in an audit line)."""
+        hub_user = getattr(self.current_user, "hub_user", None)
+        if isinstance(hub_user, dict) and hub_user.get("name"):
+            return str(hub_user["name"])
+        return self.lease_user
+
+    @property
     def is_admin(self) -> bool:
         user = self.current_user
         username = getattr(user, "username", "") or ""
@@ -144,8 +154,8 @@ class ReleaseHandler(GPUAttachHandler):
     @tornado.web.authenticated
     async def post(self, lease_id: str) -> None:
         body = self.json_body()
-        who = getattr(self.current_user, "username", "") or self.lease_user
-        reason = str(body.get("reason") or "released from Jupyter")[:200] + f" (by {who})"
+        what = " ".join(str(body.get("reason") or "released from Jupyter").split())[:200]
+        reason = f"{what} by {self.person}"
         try:
             reply = await self.gateway.release(lease_id, self.lease_user, reason)
         except BrokerUnavailable as exc:

@@ -1,16 +1,57 @@
 /** Pure formatting: what the status bar and the panel say about a state. */
 import { ILease, IPool } from './api';
 
+/**
+ * A duration as the kernel side writes it (Python's
+ * `gpuattach_broker.units.format_duration`), so the widget, `%gpu status`,
+ * the panel and the status bar agree: "0 ms", "9.1 s", "2.5 min", "3.0 h".
+ * tests/fixtures/durations.json holds the cases both must give alike
+ * (tests/unit/test_units.py checks this function against them).
+ */
 export function formatDuration(seconds: number): string {
-  const s = Math.max(0, Math.round(seconds));
-  if (s < 60) {
-    return `${s}s`;
+  if (seconds < 1) {
+    return `${pyFixed(seconds * 1000, 0)} ms`;
   }
-  const m = Math.floor(s / 60);
-  if (m < 60) {
-    return `${m}m ${String(s % 60).padStart(2, '0')}s`;
+  if (seconds < 120) {
+    return `${pyFixed(seconds, 1)} s`;
   }
-  return `${Math.floor(m / 60)}h ${String(m % 60).padStart(2, '0')}m`;
+  if (seconds < 7200) {
+    return `${pyFixed(seconds / 60, 1)} min`;
+  }
+  return `${pyFixed(seconds / 3600, 1)} h`;
+}
+
+/**
+ * Python's `format(x, ".<digits>f")`: the exact value of the double rounded
+ * half to even. `toFixed` rounds exact ties up instead ((2.5).toFixed(0) is
+ * "3" where Python writes "2"), so a tie takes the even neighbour.
+ */
+export function pyFixed(x: number, digits: number): string {
+  if (Number.isNaN(x)) {
+    return 'nan';
+  }
+  const sign = x < 0 || Object.is(x, -0) ? '-' : '';
+  const abs = Math.abs(x);
+  if (abs === Infinity) {
+    return `${sign}inf`;
+  }
+  if (abs >= 1e21) {
+    // toFixed switches to exponent notation here; such a double is an integer.
+    return `${sign}${BigInt(abs).toString()}${digits > 0 ? '.' + '0'.repeat(digits) : ''}`;
+  }
+  const rounded = abs.toFixed(digits);
+  // Exact decimal digits (toFixed is exact; 100 digits tell a tie from a
+  // near-tie for any value that can round to a tie here).
+  const exact = abs.toFixed(100);
+  const point = exact.indexOf('.');
+  const rest = exact.slice(point + 1 + digits);
+  if (/^50*$/.test(rest)) {
+    const down = exact.slice(0, digits > 0 ? point + 1 + digits : point);
+    if (Number(down[down.length - 1]) % 2 === 0) {
+      return sign + down;
+    }
+  }
+  return sign + rounded;
 }
 
 export function formatSize(bytes: number): string {
@@ -55,7 +96,7 @@ export function statusText(
     let text = `GPU ● attached ${lease.slice_label}`;
     let kind: StatusKind = 'attached';
     if (lease.idle_release_in !== null) {
-      text += ` · idle ${formatDuration(lease.idle_release_in - elapsed)}`;
+      text += ` · idle ${formatDuration(Math.max(0, lease.idle_release_in - elapsed))}`;
       kind = 'idle';
     }
     return {

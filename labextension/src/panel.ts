@@ -9,7 +9,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { IDevice, ILease } from './api';
-import { formatDuration, formatSize, isLive } from './format';
+import { formatDuration, formatSize, isLive, pyFixed } from './format';
 import { GPUModel } from './model';
 
 function el<K extends keyof HTMLElementTagNameMap>(
@@ -256,10 +256,10 @@ export class GPUPanel extends Widget {
     const held = lease.held_seconds + elapsed;
     let text = `held ${formatDuration(held)} · busy ${formatDuration(lease.busy_seconds)}`;
     if (held > 0) {
-      text += ` (${Math.round((100 * Math.min(lease.busy_seconds, held)) / held)} %)`;
+      text += ` (${pyFixed((100 * Math.min(lease.busy_seconds, held)) / held, 0)} %)`;
     }
     if (lease.idle_release_in !== null) {
-      text += ` · idle: releasing in ${formatDuration(lease.idle_release_in - elapsed)}`;
+      text += ` · idle: releasing in ${formatDuration(Math.max(0, lease.idle_release_in - elapsed))}`;
     }
     setText(times, text);
   }

@@ -111,7 +111,8 @@ def test_killed_worker_loses_only_the_running_cell_and_auto_reattaches(
     kernel.ok(SETUP)
     kernel.ok("%gpu auto --idle 30s")
     kernel.ok(TRAIN)
-    worker_pid = kernel.value("os.getpid()")
+    # In auto mode only GPU cells run remotely: mark this one.
+    worker_pid = int(kernel.ok("%%gpu\nprint(os.getpid())").stdout.split()[-1])
     after_first = kernel.value("digest(model)")
     msg_id = kernel.submit("optimizer.step()\nmarker = 1\nimport time\ntime.sleep(60)")
     time.sleep(1.5)

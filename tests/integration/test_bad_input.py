@@ -61,20 +61,25 @@ def test_attach_with_wait_zero_to_a_full_pool_is_refused(stack: Stack, kernel: K
 def test_release_refuses_to_drop_unpicklable_names_until_told(stack: Stack, kernel: Kernel) -> None:
     kernel.ok("import threading")
     kernel.ok("%gpu attach")
-    kernel.ok("weights = [0.5] * 4\nlog = open('train.log', 'w')\nguard = threading.Lock()")
+    kernel.ok(
+        "weights = [0.5] * 4\nsquares = (i * i for i in range(9))\n"
+        "ticker = threading.Thread(target=print)\nguard = threading.Lock()"
+    )
     message = one_line_error(kernel, "%gpu release")
     assert "not released" in message
-    assert "log" in message and "guard" in message and "--force" in message
+    assert "squares (generator)" in message and "ticker (thread)" in message
+    assert "--force" in message and "guard" not in message, "a lock comes home as a fresh one"
     assert len(stack.leases()) == 1, "the lease must stay so nothing is lost"
     # Everything is still there, on the worker.
     assert kernel.value("weights") == [0.5] * 4
-    kernel.ok("log.close()\ndel log")
+    kernel.ok("del squares")
     message = one_line_error(kernel, "%gpu release")
-    assert "guard" in message and "log (" not in message
+    assert "ticker" in message and "squares" not in message
     released = kernel.ok("%gpu release --force")
-    assert "dropped: guard" in released.stdout
+    assert "dropped: ticker (thread)" in released.stdout
     assert kernel.value("weights") == [0.5] * 4
-    assert kernel.value("'guard' in globals()") is False
+    assert kernel.value("'ticker' in globals()") is False
+    assert kernel.value("guard.locked()") is False
     wait_for(lambda: not stack.leases(), what="lease to end")
 
 

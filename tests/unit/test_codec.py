@@ -189,6 +189,8 @@ def test_remembered_device_travels() -> None:
 
 
 def test_unpicklable_names_reported_rest_encoded(tmp_path: Path) -> None:
+    """Kernel -> worker (the default direction): a lock stays in the kernel,
+    named with a short reason; an open file travels (see test_codec_reducers)."""
     with open(tmp_path / "f.txt", "w") as handle:
         values = {
             "handle": handle,
@@ -198,15 +200,27 @@ def test_unpicklable_names_reported_rest_encoded(tmp_path: Path) -> None:
             "y": "kept",
         }
         encoded = encode_namespace(values)
-    assert set(encoded.problems) == {"handle", "lock", "holder"}
-    assert "TextIOWrapper" in encoded.problems["handle"]
-    assert "lock" in encoded.problems["lock"].lower()
-    assert all("cannot be pickled" in r for r in encoded.problems.values())
-    assert encoded.names == ["x", "y"]
-    out = decode_namespace(wire(encoded))
-    assert set(out) == {"x", "y"}
-    assert torch.equal(out["x"], torch.arange(4))
-    assert out["y"] == "kept"
+        assert encoded.problems == {"lock": "lock", "holder": "lock (inside a list)"}
+        assert encoded.names == ["handle", "x", "y"]
+        out = decode_namespace(wire(encoded))
+        assert set(out) == {"handle", "x", "y"}
+        assert torch.equal(out["x"], torch.arange(4))
+        assert out["y"] == "kept"
+        out["handle"].close()
+
+
+def test_unknown_unpicklable_keeps_the_pickle_error() -> None:
+    class Holder:
+        def __reduce__(self):
+            raise TypeError("no way")
+
+    encoded = encode_namespace({"h": Holder(), "n": [Holder()], "ok": 1})
+    name = f"{Holder.__module__}.{Holder.__qualname__}"
+    assert encoded.problems == {
+        "h": f"{name} cannot be pickled (no way)",
+        "n": f"{name} cannot be pickled (no way) (inside a list)",
+    }
+    assert encoded.names == ["ok"]
 
 
 def test_functions_and_lambdas_travel_by_value() -> None:

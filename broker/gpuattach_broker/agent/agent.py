@@ -82,10 +82,13 @@ class Agent:
         tls: TLSFiles | None = None,
         worker_tls: WorkerTLS | None = None,
         allow_plaintext: bool = False,
+        zygote: bool = True,
     ) -> None:
         """`pool_size`: warm workers kept ready; on a GPU host, per device (each
         with its CUDA context made) plus a shared pool for leases no device
-        pool can serve when the host has several devices or MPS.
+        pool can serve when the host has several devices or MPS. With `zygote`
+        workers are forked from a process that imported torch once (a
+        replacement is ready in about 0.1 s), else each starts a fresh Python.
 
         Workers listen on `bind`; off loopback they serve TLS (`worker_tls`)
         unless `allow_plaintext` (kernels send tokens and tensors there)."""
@@ -110,6 +113,7 @@ class Agent:
         self.devices: dict[str, Device] = {
             f"{self.host}/{d.local_id}": d for d in backend.devices()
         }
+        self.zygote = zygote
         self.pool = self._make_pools(pool_size)
         self.live: dict[str, WorkerProcess] = {}
         self.lease_devices: dict[str, dict[str, int]] = {}  # lease -> device id -> bytes held
@@ -134,6 +138,7 @@ class Agent:
             bind=self.bind,
             tls=self.worker_tls,
             tls_name=self.advertise,
+            zygote=self.zygote,
         )
         for device_id, env in by_device.items():
             pools.add_device(device_id, env)

@@ -4,6 +4,13 @@ A warm worker has already paid Python start-up and ``import torch`` (about
 2 s); binding it to a lease is one local RPC. After each hand-out the pool
 starts a replacement in the background.
 
+The agent's pools fork their workers from one zygote (`Zygote`, see
+``gpuattach_broker.worker.zygote``): a process that paid those imports
+once, so a replacement is ready about 0.1 s after a hand-out and the next
+attach finds a warm worker again. Where the zygote cannot serve (it failed to
+start, or died and is restarting) a worker is started directly, as without
+one (``gpuattach-agent --no-zygote``).
+
 On a GPU host a warm worker can also have made its CUDA context (another
 few hundred ms to seconds on first use). A context belongs to one device,
 chosen by CUDA_VISIBLE_DEVICES before it exists, so such workers are kept
@@ -26,23 +33,48 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.tls import WorkerTLS, agent_worker_channel
+from gpuattach_broker.worker.zygote import Zygote, ZygoteError
 
 log = logging.getLogger("gpuattach.agent")
 
 READY_TIMEOUT_S = 120.0
+# A worker started directly pays ``import torch`` (about 2 s of CPU), which
+# would compete with the attach it replaces a worker for: it waits this long.
+# A forked one costs about 0.1 s and starts at once.
 REFILL_DELAY_S = 1.0
 WARM_CUDA_FLAG = "--warm-cuda"
 
 
+class WorkerProc(Protocol):
+    """What the agent uses of a worker's process: `asyncio.subprocess.Process`
+    for a worker started directly, `ForkedProcess` for one from the zygote."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def stdout(self) -> asyncio.StreamReader | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int, /) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 @dataclass
 class WorkerProcess:
-    proc: asyncio.subprocess.Process
+    proc: WorkerProc
     port: int
     key: str
     bind: str
@@ -124,8 +156,11 @@ class WorkerPool:
         device: str = "",
         tls: WorkerTLS | None = None,
         tls_name: str = "",
+        zygote: Zygote | None = None,
     ) -> None:
+        """`zygote`: fork workers from it (else start each with `python`)."""
         self.size = size
+        self.zygote = zygote
         self.tls = tls or WorkerTLS()
         self.tls_name = tls_name or bind
         self.bind = bind
@@ -143,26 +178,41 @@ class WorkerPool:
     def warm(self) -> int:
         return sum(1 for w in self._ready if w.proc.returncode is None)
 
+    def worker_args(self, parent_pid: int) -> list[str]:
+        """The worker's command-line flags; it exits when `parent_pid` does."""
+        return [
+            "--bind",
+            self.bind,
+            "--parent-pid",
+            str(parent_pid),
+            *self.args,
+            *self.tls.worker_args(),
+        ]
+
+    async def _start_process(self, env: dict[str, str]) -> WorkerProc:
+        if self.zygote is not None:
+            try:
+                parent = await self.zygote.ready()
+                return await self.zygote.spawn(self.worker_args(parent), env)
+            except (ZygoteError, TimeoutError) as exc:
+                log.warning("starting a worker directly: %s", exc)
+        return await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "gpuattach_broker.worker",
+            *self.worker_args(os.getpid()),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+
     async def spawn(self) -> WorkerProcess:
         key = secrets.token_urlsafe(24)
         env = dict(os.environ)
         env.update(self.env)
         env["GPUATTACH_AGENT_KEY"] = key
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = await asyncio.create_subprocess_exec(
-            self.python,
-            "-m",
-            "gpuattach_broker.worker",
-            "--bind",
-            self.bind,
-            "--parent-pid",
-            str(os.getpid()),
-            *self.args,
-            *self.tls.worker_args(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        proc = await self._start_process(env)
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
@@ -222,25 +272,34 @@ class WorkerPool:
 
     def take_ready(self, refill: bool = True) -> WorkerProcess | None:
         """A warm worker if one is ready, else None. With `refill` a replacement
-        starts shortly; without, the caller refills once it knows the device has room.
-
-        The replacement waits REFILL_DELAY_S: its ``import torch`` costs about two
-        seconds of CPU, which would otherwise compete with the attach it serves
-        and the first cells of the lease.
+        starts at once (forked from the zygote) or after REFILL_DELAY_S (started
+        directly: its ``import torch`` would compete with the attach it serves);
+        without, the caller refills once it knows the device has room.
         """
         while self._ready:
             worker = self._ready.pop(0)
             if worker.proc.returncode is None:
                 if refill:
-                    asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
+                    loop = asyncio.get_running_loop()
+                    if self.zygote is not None and self.zygote.alive:
+                        loop.call_soon(self.refill)
+                    else:
+                        loop.call_later(REFILL_DELAY_S, self.refill)
                 return worker
         return None
 
     async def take(self) -> WorkerProcess:
-        """A warm worker if one is ready, else a freshly started one."""
+        """A warm worker if one is ready, else the one the pool is forking (a
+        replacement of the last hand-out, ready sooner than a new one), else a
+        freshly started one."""
         worker = self.take_ready()
         if worker is not None:
             return worker
+        if self._starting and self.zygote is not None and self.zygote.alive:
+            await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
+            worker = self.take_ready()
+            if worker is not None:
+                return worker
         worker = await self.spawn()
         self.refill()
         return worker
@@ -281,14 +340,23 @@ class WarmPools:
         python: str = "",
         tls: WorkerTLS | None = None,
         tls_name: str = "",
+        zygote: bool = False,
     ) -> None:
+        """`zygote`: fork every pool's workers from one zygote process (started
+        with the first worker, stopped by `close`)."""
         self.bind = bind
         self.python = python
         self.device_size = device_size
         self.tls = tls or WorkerTLS()
         self.tls_name = tls_name
+        self.zygote = Zygote(python) if zygote else None
         self.shared = WorkerPool(
-            size=shared_size, bind=bind, python=python, tls=self.tls, tls_name=tls_name
+            size=shared_size,
+            bind=bind,
+            python=python,
+            tls=self.tls,
+            tls_name=tls_name,
+            zygote=self.zygote,
         )
         self.devices: dict[str, WorkerPool] = {}
 
@@ -308,6 +376,7 @@ class WarmPools:
             device=device_id,
             tls=self.tls,
             tls_name=self.tls_name,
+            zygote=self.zygote,
         )
         self.devices[device_id] = pool
         return pool
@@ -349,12 +418,16 @@ class WarmPools:
             await pool.pause()
 
     async def close(self) -> None:
+        """Stop the warm workers, then the zygote (and any worker it forked
+        that still runs: the agent stops those bound to leases first)."""
         await asyncio.gather(
             self.shared.close(), *(p.close() for p in self.devices.values()), return_exceptions=True
         )
+        if self.zygote is not None:
+            await self.zygote.close()
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
+async def _kill(proc: WorkerProc) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     await proc.wait()

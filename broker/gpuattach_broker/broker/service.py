@@ -37,10 +37,10 @@ from gpuattach_broker.broker.scheduler import (
     SliceRequest,
     preemption_victims,
 )
-from gpuattach_broker.broker.store import LeaseRecord, Store, hash_token
+from gpuattach_broker.broker.store import ACTIVE_STATES, LeaseRecord, Store, hash_token
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import KEY_HEADER
+from gpuattach_broker.rpc import KEY_HEADER, end_metadata
 from gpuattach_broker.units import format_duration, format_size
 
 log = logging.getLogger("gpuattach.broker")
@@ -125,6 +125,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         # With an mTLS agent port, agents must come with a verified certificate.
         self.agents_need_certificate = False
         self.last_activity = time.monotonic()
+        # lease id -> queues of the kernels watching it (WatchLease)
+        self.watchers: dict[str, set[asyncio.Queue[pb.LeaseNotice]]] = {}
         self._restore()
 
     # --------------------------------------------------------- recovery ---
@@ -442,6 +444,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             self.store.put_lease(lease)
             self.store.event("preempting", lease_id=lease_id, user=lease.user, detail=why)
             self.metrics.preemptions.inc()
+            self._notify(lease)
 
     async def _start(
         self,
@@ -529,6 +532,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"lease {lease.lease_id} has ended ({lease.state}: {lease.end_reason})",
+                trailing_metadata=end_metadata(lease.state, lease.end_reason),
             )
         now = time.time()
         if request.migrating:
@@ -545,6 +549,37 @@ class BrokerService(pb_grpc.BrokerServicer):
             end_reason=lease.end_reason if lease.state == "preempting" else "",
             idle_seconds=lease.idle_override,
         )
+
+    async def WatchLease(
+        self, request: pb.LeaseRef, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LeaseNotice]:
+        identity = await self._identify(context)
+        lease = await self._lease_for(request, context, identity)
+        notices: asyncio.Queue[pb.LeaseNotice] = asyncio.Queue()
+        self.watchers.setdefault(lease.lease_id, set()).add(notices)
+        try:
+            notice = self._notice(lease)
+            while True:
+                yield notice
+                if notice.state not in ACTIVE_STATES:
+                    return
+                notice = await notices.get()
+        finally:
+            watching = self.watchers.get(lease.lease_id)
+            if watching is not None:
+                watching.discard(notices)
+                if not watching:
+                    self.watchers.pop(lease.lease_id, None)
+
+    @staticmethod
+    def _notice(lease: LeaseRecord) -> pb.LeaseNotice:
+        reason = lease.end_reason if lease.state not in ("active", "starting") else ""
+        return pb.LeaseNotice(state=lease.state, reason=reason)
+
+    def _notify(self, lease: LeaseRecord) -> None:
+        """Tell the kernels watching `lease` its new state."""
+        for notices in self.watchers.get(lease.lease_id, ()):
+            notices.put_nowait(self._notice(lease))
 
     async def SetKernelIdle(
         self, request: pb.KernelIdleRequest, context: grpc.aio.ServicerContext
@@ -640,6 +675,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     def _end(self, lease: LeaseRecord, state: str, reason: str) -> None:
         """End a lease: record why, stop its worker, give its room to the queue."""
         self._end_record(lease, state, reason)
+        self._notify(lease)
         self.migrating.pop(lease.lease_id, None)
         self.busy_seen.pop(lease.lease_id, None)
         self.gpu_usage.pop(lease.lease_id, None)

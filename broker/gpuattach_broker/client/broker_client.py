@@ -12,23 +12,37 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import key_metadata
+from gpuattach_broker.rpc import key_metadata, read_end_metadata
 from gpuattach_broker.tls import broker_channel
 
 log = logging.getLogger("gpuattach.client")
 
 
 class BrokerError(RuntimeError):
-    """The broker refused or could not be reached; the message says why."""
+    """The broker refused or could not be reached; the message says why.
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    For a lease that has ended, `end_state` and `end_reason` say how and why
+    (``released``, ``revoked``, ``preempted``, ``expired``, ``failed``), so
+    the kernel can tell a release someone chose from a worker that died.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        end_state: str = "",
+        end_reason: str = "",
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.end_state = end_state
+        self.end_reason = end_reason
 
 
 def _error(exc: grpc.RpcError, what: str, address: str) -> BrokerError:
@@ -36,7 +50,9 @@ def _error(exc: grpc.RpcError, what: str, address: str) -> BrokerError:
     details = exc.details()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.UNAVAILABLE:
         return BrokerError(f"cannot reach the GPU broker at {address} ({what})", code)
-    return BrokerError(details or f"{what} failed ({code.name})", code)
+    trailing = getattr(exc, "trailing_metadata", None)
+    state, reason = read_end_metadata(trailing() if callable(trailing) else ())
+    return BrokerError(details or f"{what} failed ({code.name})", code, state, reason)
 
 
 @dataclass
@@ -119,6 +135,12 @@ class BrokerClient:
         except grpc.RpcError as exc:
             raise _error(exc, "renew", self.target.address) from None
 
+    def watch(self, lease: pb.Lease) -> Any:
+        """The lease's state now and at each change (a stream; cancel() ends it)."""
+        return self.stub.WatchLease(
+            pb.LeaseRef(lease_id=lease.lease_id, token=lease.token), metadata=self.metadata
+        )
+
     def release(
         self,
         lease: pb.Lease,
@@ -187,63 +209,167 @@ class BrokerClient:
             raise _error(exc, "pool status", self.target.address) from None
 
 
+@dataclass(frozen=True)
+class LeaseEvent:
+    """Something the broker said about a lease, for the kernel's one event queue.
+
+    kind ``ended``: the lease is over (`state`, `reason`); ``preempt``: a
+    higher-priority request wants it back (`reason`); ``idle``: the Jupyter
+    UI set the idle timeout to `seconds`.
+    """
+
+    kind: str
+    lease_id: str
+    state: str = ""
+    reason: str = ""
+    seconds: float = -1.0
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What the kernel reports with each renewal."""
+
+    busy_seconds: float = 0.0
+    idle_release_in: float = -1.0
+    migrating: bool = False
+    cell_running: bool = False
+
+
 class LeaseKeeper:
-    """Renews a lease in the background; notices when the broker ended it."""
+    """Renews a lease in the background and puts what the broker says on `events`.
+
+    Every TTL/3 normally; about once a second while a cell runs, so the busy
+    time the broker shows (panel, ledger) is never more than a second behind
+    the kernel's; and at once on `nudge()` (a cell started or ended).
+    """
+
+    BUSY_INTERVAL = 1.0
 
     def __init__(
         self,
         client: BrokerClient,
         lease: pb.Lease,
-        on_ended: Callable[[str, str], None],
-        busy_seconds: Callable[[], float] = lambda: 0.0,
-        idle_release_in: Callable[[], float] = lambda: -1.0,
-        on_idle_override: Callable[[float], None] = lambda seconds: None,
-        on_preempt: Callable[[str], None] = lambda reason: None,
-        migrating: Callable[[], bool] = lambda: False,
+        events: queue.Queue[LeaseEvent],
+        report: Callable[[], Heartbeat] = Heartbeat,
     ) -> None:
         self.client = client
         self.lease = lease
-        self.on_ended = on_ended
-        self.busy_seconds = busy_seconds
-        self.idle_release_in = idle_release_in
-        self.on_idle_override = on_idle_override
-        self.on_preempt = on_preempt
-        self.migrating = migrating
+        self.events = events
+        self.report = report
         self.interval = max(0.5, lease.ttl_seconds / 3) if lease.ttl_seconds else 10.0
         self.ended_reason = ""
+        self._preempting = False
+        self._idle_seen = -1.0
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._ended_sent = False
+        self._call: Any = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="gpuattach-heartbeat")
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="gpuattach-watch")
 
     def start(self) -> None:
         self._thread.start()
+        self._watcher.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _watch(self) -> None:
+        """Follow the broker's notices for the lease: an end or a preemption is
+        known within milliseconds, not at the next heartbeat. Heartbeats still
+        notice both if the stream is down (a broker restart): it reconnects."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._call = self.client.watch(self.lease)
+                for notice in self._call:
+                    backoff = 0.2
+                    if notice.state == "preempting":
+                        self._preempt(notice.reason)
+                    elif notice.state not in ("active", "starting"):
+                        self._ended(notice.state, notice.reason)
+                        return
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                error = _error(exc, "watch", self.client.target.address)
+                if error.code in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.UNIMPLEMENTED,  # an older broker: heartbeats only
+                ):
+                    return
+                log.debug("lease watch interrupted: %s", error)
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 5.0)
+
+    def _ended(self, state: str, reason: str) -> None:
+        with self._lock:
+            if self._ended_sent:
+                return
+            self._ended_sent = True
+        self.ended_reason = reason or state
+        self._put("ended", state=state, reason=self.ended_reason)
+        self._stop.set()
+        self._wake.set()
+
+    def _preempt(self, reason: str) -> None:
+        with self._lock:
+            if self._preempting:
+                return
+            self._preempting = True
+        self._put("preempt", reason=reason or "preempted by a higher-priority request")
+        self._wake.set()  # heartbeat sooner, with the migrating flag
+
+    def nudge(self) -> None:
+        """Renew now (a cell started or finished): the broker's figures follow at once."""
+        self._wake.set()
+
+    def _next_wait(self, beat: Heartbeat) -> float:
+        if beat.cell_running or self._preempting:
+            return min(self.interval, self.BUSY_INTERVAL)
+        return self.interval
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        while True:
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            beat = self.report()
+            wait = self._next_wait(beat)
             try:
                 reply = self.client.renew(
                     self.lease,
-                    self.busy_seconds(),
-                    idle_release_in=self.idle_release_in(),
-                    migrating=self.migrating(),
+                    beat.busy_seconds,
+                    idle_release_in=beat.idle_release_in,
+                    migrating=beat.migrating,
                 )
             except BrokerError as exc:
                 if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
-                    self.ended_reason = str(exc)
-                    self.on_ended("ended", self.ended_reason)
+                    self._ended(exc.end_state or "ended", exc.end_reason or str(exc))
                     return
                 # The broker may be restarting; it keeps the lease. Try again.
                 log.debug("heartbeat failed: %s", exc)
                 continue
             if reply.state not in ("active", "starting", "preempting"):
-                self.ended_reason = reply.end_reason or reply.state
-                self.on_ended(reply.state, self.ended_reason)
+                self._ended(reply.state, reply.end_reason)
                 return
-            if reply.idle_seconds >= 0:
-                self.on_idle_override(reply.idle_seconds)
+            if reply.idle_seconds >= 0 and reply.idle_seconds != self._idle_seen:
+                self._idle_seen = reply.idle_seconds
+                self._put("idle", seconds=reply.idle_seconds)
             if reply.state == "preempting":
-                self.on_preempt(reply.end_reason or "preempted by a higher-priority request")
                 # Keep heartbeating (with the migrating flag) until the release.
-                self.interval = min(self.interval, 1.0)
+                self._preempt(reply.end_reason)
+                wait = min(wait, self.BUSY_INTERVAL)
+
+    def _put(self, kind: str, *, state: str = "", reason: str = "", seconds: float = -1.0) -> None:
+        if not self._stop.is_set():
+            self.events.put(LeaseEvent(kind, self.lease.lease_id, state, reason, seconds))

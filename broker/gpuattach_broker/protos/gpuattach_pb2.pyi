@@ -208,6 +208,14 @@ class RenewReply(_message.Message):
     idle_seconds: float
     def __init__(self, expires_at: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
 
+class LeaseNotice(_message.Message):
+    __slots__ = ("state", "reason")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    reason: str
+    def __init__(self, state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class ReleaseReply(_message.Message):
     __slots__ = ("held_seconds",)
     HELD_SECONDS_FIELD_NUMBER: _ClassVar[int]

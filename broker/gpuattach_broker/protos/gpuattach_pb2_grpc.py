@@ -44,6 +44,11 @@ class BrokerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.RenewReply.FromString,
                 _registered_method=True)
+        self.WatchLease = channel.unary_stream(
+                '/gpuattach.v1.Broker/WatchLease',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseNotice.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/gpuattach.v1.Broker/Release',
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.SerializeToString,
@@ -98,6 +103,14 @@ class BrokerServicer:
 
     def Renew(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchLease(self, request, context):
+        """The lease's state now and at each change, until it ends: a kernel learns
+        at once that its lease was released elsewhere, revoked or preempted.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -163,6 +176,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Renew,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.RenewReply.SerializeToString,
+            ),
+            'WatchLease': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLease,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseNotice.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -259,6 +277,33 @@ class Broker:
             '/gpuattach.v1.Broker/Renew',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.RenewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpuattach.v1.Broker/WatchLease',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseRef.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.LeaseNotice.FromString,
             options,
             channel_credentials,
             insecure,

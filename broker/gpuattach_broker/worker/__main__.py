@@ -2,7 +2,9 @@
 
 Started by the agent before any lease exists (a warm worker: torch already
 imported, the shell built); it prints one JSON line with its port when ready,
-then waits for the agent to bind it to a lease.
+then waits for the agent to bind it to a lease. The agent usually forks it
+from its zygote (``gpuattach_broker.worker.zygote``), which runs `main` in
+the forked child with the imports (`_preload`) already done.
 
 With ``--warm-cuda`` (GPU hosts; the agent sets CUDA_VISIBLE_DEVICES to one
 device first) it also makes its CUDA context and loads the kernels a first
@@ -24,18 +26,49 @@ from typing import Any
 
 import grpc
 
+# What a worker imports before it serves: the user's usual libraries, and what
+# its shell loads (IPython, matplotlib's inline backend). No CUDA, no threads
+# of our own: the zygote runs this too, and forks after it.
+PRELOAD = (
+    "numpy",
+    "numpy.random",
+    "torch",
+    "IPython.core.interactiveshell",
+    "IPython.core.application",
+    "IPython.core.completer",
+    "IPython.core.completerlib",
+    "IPython.core.magics",
+    "IPython.core.oinspect",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "matplotlib_inline.backend_inline",
+)
+_preloaded = False
+
 
 def _preload() -> None:
-    """Pay the imports and first-use costs before any lease, not during attach."""
-    for name in ("numpy", "numpy.random", "torch"):
+    """Pay the imports and first-use costs before any lease, not during attach.
+
+    Once per process: a worker forked from the zygote finds it done."""
+    global _preloaded
+    if _preloaded:
+        return
+    for name in PRELOAD:
         try:
             __import__(name)
-        except ImportError:
+        except Exception:  # not installed, or broken: the cell that imports it says so
             pass
+    try:  # the shell's enable_matplotlib("inline") reads the backends' entry points
+        from matplotlib.backends.registry import backend_registry
+
+        backend_registry.resolve_gui_or_backend("inline")
+    except Exception:
+        pass
     from gpuattach_broker import codec
 
     encoded = codec.encode_namespace({"warm": [1, 2, 3]})
     codec.decode_namespace([bytes(p) for p in encoded.parts])
+    _preloaded = True
 
 
 def _warm_cuda() -> tuple[bool, str]:
@@ -136,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ready.flush()
     executor.run_forever()
+    # A lease's end: files the user's cells left open (a training log) are
+    # flushed and closed so no buffered line is lost with the process.
+    from gpuattach_broker.reducers import close_user_files
+
+    close_user_files(shell.user_ns)
     return 0
 
 

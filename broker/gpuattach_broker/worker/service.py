@@ -255,10 +255,12 @@ class WorkerService(pb_grpc.WorkerServicer):
 
         def load() -> tuple[list[str], dict[str, str]]:
             modules, problems = codec.import_modules(header.imports)
-            values = codec.decode_namespace(parts, self.store) if parts else {}
+            empty = codec.Decoded(values={})
+            decoded = codec.decode_namespace_with_problems(parts, self.store) if parts else empty
+            problems.update(decoded.problems)  # e.g. an open file whose path is not here
             self.shell.user_ns.update(modules)
-            self.shell.user_ns.update(values)
-            return sorted([*modules, *values]), problems
+            self.shell.user_ns.update(decoded.values)
+            return sorted([*modules, *decoded.values]), problems
 
         try:
             names, problems = self.executor.submit(load).result()
@@ -289,9 +291,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             every_name = sorted([*values, *imports])
             values = {k: v for k, v in values.items() if k not in skip}
             by_reference = set(have)
+            # Home direction: open files, locks and DataLoaders come home
+            # through reducers; what cannot is named in `problems`.
             if cache is not None:
-                by_reference |= _stage_in_cache(cache, codec.storage_blobs(values), have)
-            encoded = codec.encode_namespace(values, receiver_has=by_reference)
+                blobs = codec.storage_blobs(values, reducers=codec.HOME)
+                by_reference |= _stage_in_cache(cache, blobs, have)
+            encoded = codec.encode_namespace(values, receiver_has=by_reference, reducers=codec.HOME)
             self.store.replace(encoded.blobs)
             return encoded, imports, every_name
 

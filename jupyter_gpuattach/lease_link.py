@@ -1,0 +1,220 @@
+"""The kernel's link to the broker: finding it, getting a lease, keeping it, and
+telling how a lease ended.
+
+How a lease ended decides what the user is told. A release someone chose
+(the user from the JupyterLab panel, an admin's revoke, a preemption, the
+policy's maximum lease length) is not a failure: the kernel's names are as
+of the last synced cell, as after ``%gpu release``, and the next GPU cell
+in auto mode simply attaches again. Only a worker or host that died is
+"lost".
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from gpuattach_broker.client.broker_client import (
+    BrokerAddress,
+    BrokerClient,
+    BrokerError,
+    LeaseEvent,
+    LeaseKeeper,
+)
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+
+# Ends that someone or something decided; "failed" (and a worker that stopped
+# answering) are losses.
+CHOSEN_STATES = ("released", "revoked", "preempted", "expired")
+_BY = re.compile(r"\bby ([\w.@+-]+)")
+
+
+class GPUError(RuntimeError):
+    """Something the user must act on; the message says what to do."""
+
+
+@dataclass
+class AttachOptions:
+    memory_bytes: int = 0
+    fraction: float = 0.0
+    gpus: int = 1
+    wait_seconds: float = -1.0  # < 0: wait as long as it takes
+
+
+@dataclass(frozen=True)
+class LeaseEnd:
+    """How a lease ended, in words a user reads."""
+
+    state: str  # released | revoked | preempted | expired | lost
+    reason: str
+    at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_broker(cls, state: str, reason: str) -> LeaseEnd:
+        return cls(state if state in CHOSEN_STATES else "lost", reason or state)
+
+    @property
+    def chosen(self) -> bool:
+        """Someone decided it (not a worker or host that died)."""
+        return self.state != "lost"
+
+    @property
+    def by(self) -> str:
+        match = _BY.search(self.reason)
+        return match.group(1) if match else ""
+
+    def headline(self) -> str:
+        """``GPU released from the GPU panel by alice``, ``GPU revoked by admin: ...``."""
+        reason = self.reason
+        if self.state == "expired":
+            return f"GPU lease ended: {reason}"
+        if reason.startswith(self.state):
+            return f"GPU {reason}"
+        return f"GPU {self.state}: {reason}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"state": self.state, "reason": self.reason, "by": self.by}
+
+
+def current_user() -> str:
+    import getpass
+
+    return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+
+
+def broker_from_environment() -> BrokerClient:
+    """The configured broker (GPUATTACH_BROKER), else this user's embedded one."""
+    address = os.environ.get("GPUATTACH_BROKER", "")
+    if address:
+        token = os.environ.get("GPUATTACH_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        target = BrokerAddress(
+            address,
+            os.environ.get("GPUATTACH_BROKER_KEY", ""),
+            token,
+            os.environ.get("GPUATTACH_TLS_CA", ""),
+        )
+    else:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        from gpuattach_broker.client.embedded import find_or_start
+
+        target, _ = find_or_start(jupyter_runtime_dir())
+    return BrokerClient(target)
+
+
+class LeaseLink:
+    """One kernel's broker client and the keeper of its current lease.
+
+    Everything the broker says about a lease (ended, preempt, an idle
+    timeout set from the UI) arrives on one queue, `events`, which the
+    session's watcher reads; nothing here calls back into the session. The
+    queue outlives leases: each event names its lease, and the session
+    ignores those of a lease it no longer holds.
+    """
+
+    def __init__(self, kernel_id: str) -> None:
+        self.kernel_id = kernel_id
+        self.broker: BrokerClient | None = None
+        self.keeper: LeaseKeeper | None = None
+        self.events: queue.Queue[LeaseEvent] = queue.Queue()
+
+    def client(self) -> BrokerClient:
+        if self.broker is None:
+            self.broker = broker_from_environment()
+        return self.broker
+
+    def request(self, options: AttachOptions) -> pb.AttachRequest:
+        return pb.AttachRequest(
+            user=current_user(),
+            kernel_id=self.kernel_id,
+            slice=pb.SliceSpec(
+                memory_bytes=options.memory_bytes, fraction=options.fraction, gpus=options.gpus
+            ),
+            wait_seconds=options.wait_seconds,
+            client_host=socket.gethostname(),
+        )
+
+    def grant(self, options: AttachOptions, show_queue: Any) -> tuple[BrokerClient, pb.Lease]:
+        request = self.request(options)
+        on_queued = show_queue or (lambda position: None)
+        try:
+            broker = self.client()
+            try:
+                return broker, broker.attach(request, on_queued=on_queued)
+            except BrokerError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE or os.environ.get("GPUATTACH_BROKER"):
+                    raise
+                # The embedded broker exited while idle: start it again.
+                self.broker = None
+                broker = self.client()
+                return broker, broker.attach(request, on_queued=on_queued)
+        except BrokerError as exc:
+            raise GPUError(str(exc)) from None
+
+    def keep(self, lease: pb.Lease, report: Any) -> None:
+        """Heartbeat `lease` from now on; `report()` gives each Heartbeat's figures."""
+        self.stop_keeping()
+        assert self.broker is not None
+        self.keeper = LeaseKeeper(self.broker, lease, self.events, report)
+        self.keeper.start()
+
+    def nudge(self) -> None:
+        if self.keeper is not None:
+            self.keeper.nudge()
+
+    def stop_keeping(self) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+            self.keeper = None
+
+    def release(
+        self, lease: pb.Lease, reason: str, busy: float, patience: float = 30.0
+    ) -> pb.ReleaseReply:
+        assert self.broker is not None
+        return self.broker.release(lease, reason=reason, busy_seconds=busy, patience=patience)
+
+    def why_gone(self, lease: pb.Lease | None, busy: float) -> LeaseEnd:
+        """The worker stopped answering: ask the broker whether the lease ended, and how.
+
+        The agent reports a dead worker within about a second, and a release
+        someone chose ends the lease before its worker is stopped.
+        """
+        silent = LeaseEnd("lost", "the GPU worker stopped answering")
+        if self.broker is None or lease is None:
+            return silent
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            try:
+                reply = self.broker.renew(lease, busy)
+            except BrokerError as exc:
+                if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    if exc.end_state:
+                        return _gone(LeaseEnd.from_broker(exc.end_state, exc.end_reason))
+                    return LeaseEnd("lost", f"the GPU worker stopped answering: {exc}")
+                break
+            if reply.state not in ("active", "starting", "preempting"):
+                return _gone(LeaseEnd.from_broker(reply.state, reply.end_reason))
+            time.sleep(0.2)
+        return silent
+
+
+def _gone(end: LeaseEnd) -> LeaseEnd:
+    if end.chosen:
+        return end
+    return LeaseEnd("lost", f"the GPU worker stopped answering: {end.reason}")
+
+
+__all__ = [
+    "AttachOptions",
+    "GPUError",
+    "LeaseEnd",
+    "LeaseLink",
+    "current_user",
+]
