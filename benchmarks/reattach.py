@@ -14,12 +14,19 @@ the replacement was ready about 0.1 s after the hand-out.
 
 It also measures, apart from the rounds, how long after a hand-out the
 agent's pool is warm again (a replacement listening).
+
+And what worker isolation costs at attach: the zygote agent runs once with
+``--isolation none`` (every worker the agent's user) and once with
+``--isolation uid`` (each lease's worker drops to its user's own uid, in a
+private mount namespace, before it accepts the lease), in the same run. Only
+as root; elsewhere the isolated rows say why they are missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import signal
 import sys
@@ -36,14 +43,19 @@ from stats import latency
 
 
 class ReattachStack(Stack):
-    """`Stack` whose agent runs with or without its zygote, and which counts
-    forked workers (grandchildren of the agent) too."""
+    """`Stack` whose agent runs with or without its zygote, isolated or not,
+    and which counts forked workers (grandchildren of the agent) too."""
 
     zygote: bool = True
+    isolation: str = "none"
 
     def _popen(self, args: list[str], log_name: str) -> Any:
-        if log_name == "agent.log" and not self.zygote:
-            args = [*args, "--no-zygote"]
+        if log_name == "agent.log":
+            args = [*args, "--isolation", self.isolation]
+            if self.isolation == "uid":
+                args += ["--user-map", "range:290000-290099"]
+            if not self.zygote:
+                args = [*args, "--no-zygote"]
         return super()._popen(args, log_name)
 
     def worker_processes(self) -> list[psutil.Process]:
@@ -111,12 +123,17 @@ def measure(
     workdir: Path, rounds: int, log: Callable[[str], None], refills: int = 5
 ) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for zygote in (True, False):
-        name = "zygote" if zygote else "no_zygote"
+    variants = [("zygote", True, "none"), ("no_zygote", False, "none")]
+    if os.geteuid() == 0:
+        variants.insert(1, ("zygote_isolated", True, "uid"))
+    else:
+        figures["zygote_isolated"] = {"skipped": "the agent isolates workers only as root"}
+    for name, zygote, isolation in variants:
         how = "with" if zygote else "without"
-        log(f"reattach: {rounds} back-to-back rounds, agent {how} zygote")
+        log(f"reattach: {rounds} back-to-back rounds, agent {how} zygote, isolation {isolation}")
         stack = ReattachStack(workdir / name)
         stack.zygote = zygote
+        stack.isolation = isolation
         try:
             stack.start()
             figures[name] = measure_rounds(stack, rounds, log)
@@ -160,6 +177,34 @@ def markdown(figures: dict[str, Any]) -> str:
         )
     n = on.get("round", {}).get("n", 0)
     lines += ["", f"{n} rounds each; p99 of so few rounds is their maximum."]
+    return "\n".join(lines) + "\n" + isolation_markdown(figures)
+
+
+ISOLATION_ROWS = (
+    ("attach, no isolation", "zygote", "attach"),
+    ("attach, isolated (uid)", "zygote_isolated", "attach"),
+    ("first remote cell, no isolation", "zygote", "first_cell"),
+    ("first remote cell, isolated (uid)", "zygote_isolated", "first_cell"),
+    ("pool warm again, no isolation", "zygote", "pool_warm_again"),
+    ("pool warm again, isolated (uid)", "zygote_isolated", "pool_warm_again"),
+)
+
+
+def isolation_markdown(figures: dict[str, Any]) -> str:
+    """What isolating each worker under its user's uid costs (same run, zygote agent)."""
+    lines = [
+        "",
+        "### Attach cost of worker isolation (zygote agent, same run)",
+        "",
+        "| figure | p50 | p99 |",
+        "| --- | --- | --- |",
+    ]
+    for label, variant, key in ISOLATION_ROWS:
+        fig = figures.get(variant, {}).get(key)
+        lines.append(f"| {label} | {_ms(fig, 'p50')} | {_ms(fig, 'p99')} |")
+    skipped = figures.get("zygote_isolated", {}).get("skipped")
+    if skipped:
+        lines += ["", f"Isolated rows not measured: {skipped}."]
     return "\n".join(lines) + "\n"
 
 

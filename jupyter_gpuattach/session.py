@@ -191,6 +191,9 @@ class GPUSession:
             )
             if policy_note:
                 line += f"\n{policy_note}"
+            note = getattr(self.worker_info, "note", "")
+            if note:  # e.g. the worker could not enter the kernel's folder
+                line += f"\n{note}"
             if self.sync.kernel_only:
                 line += (
                     "\nstays in the kernel, not visible to remote cells: "

@@ -57,6 +57,10 @@ class Stack:
     key: str = "test-key"
     port: int = field(default_factory=free_port)
     serve_args: list[str] = field(default_factory=list)
+    # Workers' isolation (gpuattach-agent --isolation): "none" for the single-user
+    # tests, which write files in the kernel's folder; "uid" isolates them per user.
+    isolation: str = "none"
+    agent_args: list[str] = field(default_factory=list)
     broker: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
 
@@ -116,6 +120,9 @@ class Stack:
                     str(self.pool_size),
                     "--host",
                     "testhost",
+                    "--isolation",
+                    self.isolation,
+                    *self.agent_args,
                 ],
                 log,
             )

@@ -9,17 +9,21 @@ Endpoints (all under ``<base_url>gpuattach/api/``, all authenticated):
 ``PUT  kernels/<kernel_id>/idle``         ``{"seconds": N}``: the kernel's idle timeout
 ========================================  ==========================================
 
-Identity. The broker knows a lease's user as the kernel reported it:
-``JUPYTERHUB_USER`` or, without JupyterHub, the OS user the kernel runs as
-(``session.current_user``). Every kernel of a Jupyter server runs as that
-server's owner, so the server maps whoever it authenticated onto that one
-user (``GPUAttachApp.lease_user``, by default worked out the same way as the
-kernels do). That grants nothing new: anyone the server lets in can already
-run code as its owner. Behind JupyterHub a user the hub lets into someone
-else's server (an admin, a shared server) therefore acts on that server's
-leases, never on their own. The server talks to the broker with the broker
-key and asks it to act *on behalf of* that user, and the broker refuses a
-lease of any other user.
+Identity. The broker knows a lease's user as the kernel's credential says:
+under JupyterHub the Hub user of the server's token, else the static token's
+user (or, on the user's embedded broker, the OS user). Every kernel of a
+Jupyter server runs as that server's owner, so the server maps whoever it
+authenticated onto that one user (``GPUAttachApp.lease_user``). That grants
+nothing new: anyone the server lets in can already run code as its owner.
+
+With a shared broker the server talks to it as that user, with the user's
+own token (the server's ``JUPYTERHUB_API_TOKEN`` under JupyterHub, else
+``GPUAttachApp.token``/``$GPUATTACH_TOKEN``), and may do exactly what the
+user may: the broker lists and releases only the user's own leases, and
+answers the admin view only for a GPU admin. A shared broker's key is
+refused at start: every user can read their server's configuration, so a
+key there would make every user an admin. Only the embedded broker, where
+the user is the only user, is called with its per-user key.
 """
 
 from __future__ import annotations

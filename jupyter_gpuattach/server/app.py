@@ -4,8 +4,14 @@ Configure it like any Jupyter server extension, e.g. in
 ``jupyter_server_config.py``::
 
     c.GPUAttachApp.broker_address = "broker-host:50051"
-    c.GPUAttachApp.broker_key_file = "/etc/gpuattach/key"
-    c.GPUAttachApp.admin_users = {"alice"}
+    c.GPUAttachApp.broker_tls_ca = "/etc/gpuattach/broker-ca.pem"
+    # Under JupyterHub nothing else: the server talks to the broker with its own
+    # $JUPYTERHUB_API_TOKEN. Outside a Hub, the user's static token:
+    c.GPUAttachApp.token_file = "~/.gpuattach-token"
+
+The server acts as its user and nothing more. It never holds the broker key
+of a shared broker (that key is for agents and the broker's admin CLI): a
+configured one is refused at start.
 """
 
 from __future__ import annotations
@@ -24,6 +30,21 @@ from jupyter_gpuattach.server.gateway import BrokerGateway, GatewayConfig
 from jupyter_gpuattach.server.handlers import HANDLERS, SETTINGS_KEY
 from jupyter_gpuattach.session import current_user
 
+KEY_REFUSED = (
+    "jupyter_gpuattach: refusing the broker key for the shared broker at {address} "
+    "(given by {source}). The broker key is for agents and the broker's admin CLI only: "
+    "every user can read their own server's configuration and environment, so a key "
+    "here would make every user a GPU admin. Remove it, and give the server its "
+    "user's token instead: under JupyterHub nothing to do (the server uses its own "
+    "$JUPYTERHUB_API_TOKEN; add 'custom:gpuattach:attach' to c.Spawner.server_token_scopes, "
+    "see examples/jupyterhub_config.py), otherwise c.GPUAttachApp.token_file or "
+    "$GPUATTACH_TOKEN (gpuattach-broker token add USER)."
+)
+
+
+class BrokerKeyRefused(RuntimeError):
+    """A shared broker's key was given to the server extension."""
+
 
 @dataclass
 class ExtensionState:
@@ -32,6 +53,15 @@ class ExtensionState:
     gateway: BrokerGateway
     lease_user: str
     admin_users: set[str] = field(default_factory=set)
+
+
+def _default_activity_interval() -> float:
+    """Often enough that the Hub hears of training at each activity report."""
+    try:
+        hub = float(os.environ.get("JUPYTERHUB_ACTIVITY_INTERVAL", ""))
+    except ValueError:
+        hub = 0.0
+    return min(30.0, max(1.0, hub / 2)) if hub > 0 else 30.0
 
 
 class GPUAttachApp(ExtensionApp):
@@ -45,13 +75,26 @@ class GPUAttachApp(ExtensionApp):
         "Default: $GPUATTACH_BROKER."
     ).tag(config=True)
 
-    broker_key = Unicode(
-        help="The broker's shared key, needed to act on behalf of users. "
-        "Default: $GPUATTACH_BROKER_KEY, or the contents of broker_key_file. "
-        "The embedded broker's key is read from its runtime file."
+    token = Unicode(
+        help="This server's user's token for a shared broker. Default: $GPUATTACH_TOKEN, "
+        "else the contents of token_file, else $JUPYTERHUB_API_TOKEN (the single-user "
+        "server's own Hub token, which must carry the custom:gpuattach:attach scope). "
+        "The server may do with it exactly what its user may."
     ).tag(config=True)
 
-    broker_key_file = Unicode("", help="File holding the broker key.").tag(config=True)
+    token_file = Unicode("", help="File holding this server's user's broker token.").tag(
+        config=True
+    )
+
+    broker_key = Unicode(
+        help="Refused for a shared broker (the key is for agents and the broker's admin "
+        "CLI; use token). The embedded broker's key is read from its runtime file. "
+        "Default: $GPUATTACH_BROKER_KEY."
+    ).tag(config=True)
+
+    broker_key_file = Unicode("", help="Refused for a shared broker (see broker_key).").tag(
+        config=True
+    )
 
     broker_tls_ca = Unicode(
         help="CA certificate to verify a TLS broker with. Default: $GPUATTACH_TLS_CA."
@@ -71,19 +114,26 @@ class GPUAttachApp(ExtensionApp):
     ).tag(config=True)
 
     lease_user = Unicode(
-        help="The broker user this server acts for: the kernels' user, $JUPYTERHUB_USER or "
-        "else the OS user. Every authenticated user of this server acts as this user."
+        help="The broker user whose leases this server shows: the kernels' user, "
+        "$JUPYTERHUB_USER or else the OS user. Every authenticated user of this server "
+        "acts as this user; with a shared broker the broker checks it against the token."
     ).tag(config=True)
 
     admin_users = Set(
         Unicode(),
-        help="Jupyter user names that see every user's leases in the GPU panel "
-        "(JupyterHub admins do too).",
+        help="Embedded broker only: Jupyter user names that see every user's leases in the "
+        "GPU panel (JupyterHub admins do too). With a shared broker the broker decides who "
+        "is an admin (policy [users] admin = true, Hub admins, custom:gpuattach:admin).",
     ).tag(config=True)
 
     activity_interval = Float(
-        30.0, help="Seconds between checks for leases that are training (server activity)."
+        help="Seconds between checks for leases that are training (server activity). "
+        "Default: half of $JUPYTERHUB_ACTIVITY_INTERVAL, at most 30."
     ).tag(config=True)
+
+    @default("activity_interval")
+    def _default_activity(self) -> float:
+        return _default_activity_interval()
 
     @default("broker_address")
     def _default_address(self) -> str:
@@ -93,6 +143,10 @@ class GPUAttachApp(ExtensionApp):
     def _default_key(self) -> str:
         return os.environ.get("GPUATTACH_BROKER_KEY", "")
 
+    @default("token")
+    def _default_token(self) -> str:
+        return os.environ.get("GPUATTACH_TOKEN", "")
+
     @default("broker_tls_ca")
     def _default_tls_ca(self) -> str:
         return os.environ.get("GPUATTACH_TLS_CA", "")
@@ -101,29 +155,85 @@ class GPUAttachApp(ExtensionApp):
     def _default_lease_user(self) -> str:
         return current_user()
 
-    def _key(self) -> str:
-        if self.broker_key:
-            return str(self.broker_key)
+    def _key_source(self) -> str:
+        """Where a broker key was given, or "" when none was."""
         if self.broker_key_file:
-            return Path(self.broker_key_file).read_text().strip()
+            return f"c.GPUAttachApp.broker_key_file = {self.broker_key_file!r}"
+        if self.broker_key:
+            if os.environ.get("GPUATTACH_BROKER_KEY") == self.broker_key:
+                return "$GPUATTACH_BROKER_KEY in the server's environment"
+            return "c.GPUAttachApp.broker_key"
         return ""
 
-    def initialize_settings(self) -> None:
-        if self.broker_address:
-            # The kernels this server starts use the same broker (never its key:
-            # a kernel authenticates as its user).
-            os.environ.setdefault("GPUATTACH_BROKER", self.broker_address)
-        else:
-            os.environ.setdefault("GPUATTACH_EMBEDDED_IDLE_EXIT", self.embedded_idle_exit)
-        self.gateway = BrokerGateway(
-            GatewayConfig(
-                address=self.broker_address,
-                key=self._key(),
-                runtime_dir=os.environ.get("JUPYTER_RUNTIME_DIR") or jupyter_runtime_dir(),
+    def _user_token(self) -> tuple[str, str]:
+        """(token, where it came from) for a shared broker."""
+        if self.token:
+            return str(self.token), "c.GPUAttachApp.token / $GPUATTACH_TOKEN"
+        if self.token_file:
+            path = Path(self.token_file).expanduser()
+            try:
+                return path.read_text().strip(), str(path)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"jupyter_gpuattach: cannot read c.GPUAttachApp.token_file {str(path)!r}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        hub = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        return hub, "$JUPYTERHUB_API_TOKEN" if hub else ""
+
+    def gateway_config(self) -> GatewayConfig:
+        """What the gateway connects with; refuses a shared broker's key."""
+        runtime = os.environ.get("JUPYTER_RUNTIME_DIR") or jupyter_runtime_dir()
+        source = self._key_source()
+        if not self.broker_address:
+            if source:
+                self.log.warning(
+                    "jupyter_gpuattach: ignoring the broker key from %s: the embedded "
+                    "broker's key is read from its runtime file",
+                    source,
+                )
+            return GatewayConfig(
+                address="",
+                runtime_dir=runtime,
                 start_embedded=self.start_embedded,
                 tls_ca=self.broker_tls_ca,
             )
+        if source:
+            raise BrokerKeyRefused(KEY_REFUSED.format(address=self.broker_address, source=source))
+        token, where = self._user_token()
+        if token:
+            self.log.info("jupyter_gpuattach: talking to the broker with the token of %s", where)
+        else:
+            self.log.warning(
+                "jupyter_gpuattach: no user token for the broker at %s: the GPU panel will "
+                "be refused unless the broker is open. Under JupyterHub the server's "
+                "$JUPYTERHUB_API_TOKEN is used; otherwise set c.GPUAttachApp.token_file "
+                "or $GPUATTACH_TOKEN",
+                self.broker_address,
+            )
+        return GatewayConfig(
+            address=self.broker_address,
+            token=token,
+            runtime_dir=runtime,
+            start_embedded=self.start_embedded,
+            tls_ca=self.broker_tls_ca,
         )
+
+    def initialize_settings(self) -> None:
+        try:
+            config = self.gateway_config()
+        except BrokerKeyRefused as exc:
+            self.log.error("%s", exc)
+            raise
+        if config.address:
+            # The kernels this server starts use the same broker as the same user
+            # (never a key: a kernel authenticates as its user).
+            os.environ.setdefault("GPUATTACH_BROKER", config.address)
+            if config.token and (self.token or self.token_file):
+                os.environ.setdefault("GPUATTACH_TOKEN", config.token)
+        else:
+            os.environ.setdefault("GPUATTACH_EMBEDDED_IDLE_EXIT", self.embedded_idle_exit)
+        self.gateway = BrokerGateway(config)
         assert self.serverapp is not None
         settings: dict[str, Any] = self.serverapp.web_app.settings
         settings[SETTINGS_KEY] = ExtensionState(
@@ -145,7 +255,9 @@ class GPUAttachApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         await super()._start_jupyter_server_extension(serverapp)
-        self.reporter.start()
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.start()
 
     async def stop_extension(self) -> None:
         reporter = getattr(self, "reporter", None)

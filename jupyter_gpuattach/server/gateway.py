@@ -6,7 +6,12 @@ slow or restarting broker never blocks the Jupyter server's event loop.
 With no broker configured the server uses the user's embedded broker, the
 same one the kernels find through the runtime file: it starts it at server
 start, and again when a request finds it gone (the embedded broker exits
-after a while without leases).
+after a while without leases). There the server holds that broker's per-user
+key (the user is its only user).
+
+A shared broker is called with the server's user's token and nothing else:
+the broker decides what that user may do (their own leases; every lease
+only for a GPU admin), and the gateway passes its refusals on.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,10 +40,14 @@ T = TypeVar("T")
 @dataclass
 class GatewayConfig:
     address: str  # "" means the embedded broker
-    key: str
     runtime_dir: str
+    token: str = ""  # the server's user's token for a shared broker (never a broker key)
     start_embedded: bool = True
     tls_ca: str = ""  # verify a TLS broker against this CA
+
+
+# How long the broker's answer to "is this user a GPU admin" is kept.
+ADMIN_CACHE_SECONDS = 30.0
 
 
 class BrokerUnavailable(RuntimeError):
@@ -52,6 +62,7 @@ class BrokerGateway:
         self._lock = threading.Lock()
         self.started_embedded_pid: int | None = None
         self.last_error = ""
+        self._admin: tuple[float, bool, str] | None = None  # (when, admin, broker's refusal)
 
     @property
     def embedded(self) -> bool:
@@ -76,7 +87,7 @@ class BrokerGateway:
                 return self._client
             if not self.embedded:
                 target = BrokerAddress(
-                    self.config.address, self.config.key, tls_ca=self.config.tls_ca
+                    self.config.address, token=self.config.token, tls_ca=self.config.tls_ca
                 )
                 self._client = BrokerClient(target)
                 return self._client
@@ -148,10 +159,36 @@ class BrokerGateway:
         return await self.call(lambda c: c.list_leases(user), start)
 
     async def release(self, lease_id: str, user: str, reason: str) -> pb.ReleaseReply:
-        return await self.call(lambda c: c.release_for(lease_id, user, reason))
+        """Give back one of `user`'s leases. A shared broker hears a plain Release
+        from the user (their token); the embedded broker, whose key this server
+        holds, is asked to act for `user` and refuses another user's lease."""
+        if self.embedded:
+            return await self.call(lambda c: c.release_for(lease_id, user, reason))
+        return await self.call(lambda c: _release_own(c, lease_id, reason))
 
     async def set_idle(self, user: str, kernel_id: str, seconds: float) -> int:
         return await self.call(lambda c: c.set_kernel_idle(user, kernel_id, seconds))
+
+    async def admin(self) -> tuple[bool, str]:
+        """Whether the broker counts this server's user as a GPU admin, and if not
+        the broker's own words. Asked with an admin-only read (the audit log, from
+        now on: nothing), kept for ADMIN_CACHE_SECONDS. Not for the embedded broker."""
+        cached = self._admin
+        if cached is not None and time.monotonic() - cached[0] < ADMIN_CACHE_SECONDS:
+            return cached[1], cached[2]
+        try:
+            await self.call(_probe_admin)
+        except BrokerError as exc:
+            if exc.code not in (
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+            ):
+                raise
+            answer = (False, str(exc))
+        else:
+            answer = (True, "")
+        self._admin = (time.monotonic(), *answer)
+        return answer
 
     # --------------------------------------------------------- shutdown ---
 
@@ -172,6 +209,36 @@ class BrokerGateway:
             client.close()
         self._client = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _rpc_error(exc: grpc.RpcError, what: str, client: BrokerClient) -> BrokerError:
+    code = exc.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return BrokerError(f"cannot reach the GPU broker at {client.target.address} ({what})", code)
+    details = exc.details()  # type: ignore[attr-defined]
+    return BrokerError(details or f"{what} failed ({code.name})", code)
+
+
+def _release_own(client: BrokerClient, lease_id: str, reason: str) -> pb.ReleaseReply:
+    """A plain Release as the token's user: the broker releases only their lease."""
+    try:
+        return client.stub.Release(  # type: ignore[no-any-return]
+            pb.LeaseRef(lease_id=lease_id, reason=reason), metadata=client.metadata, timeout=10
+        )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, "release", client) from None
+
+
+def _probe_admin(client: BrokerClient) -> None:
+    """An admin-only RPC that reads nothing: events from a day ahead."""
+    try:
+        client.stub.GetEvents(
+            pb.EventsRequest(since=time.time() + 86400, lease_id="-"),
+            metadata=client.metadata,
+            timeout=10,
+        )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc, "admin check", client) from None
 
 
 def _pid_of(path: Any) -> int | None:

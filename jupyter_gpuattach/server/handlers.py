@@ -59,14 +59,38 @@ class GPUAttachHandler(APIHandler):
             return str(hub_user["name"])
         return self.lease_user
 
-    @property
-    def is_admin(self) -> bool:
+    async def admin(self) -> tuple[bool, str]:
+        """Whether this server's user may see every user's leases, and if not why.
+
+        A shared broker decides (it knows the policy's admins, Hub admins and the
+        custom:gpuattach:admin scope); the server only holds its user's token, so
+        it can claim nothing more. On the embedded broker (the user's own) the
+        server's settings decide: admin_users, or a JupyterHub admin."""
+        if not self.gateway.embedded:
+            try:
+                return await self.gateway.admin()
+            except BrokerUnavailable as exc:
+                return False, str(exc)
         user = self.current_user
         username = getattr(user, "username", "") or ""
         if username in self.state.admin_users:
-            return True
+            return True, ""
         hub_user = getattr(user, "hub_user", None)  # JupyterHub's identity provider
-        return bool(isinstance(hub_user, dict) and hub_user.get("admin"))
+        if isinstance(hub_user, dict) and hub_user.get("admin"):
+            return True, ""
+        return False, "not in c.GPUAttachApp.admin_users"
+
+    async def kernel_user(self, kernel_id: str) -> str:
+        """The broker user of a kernel's leases: the lease user, unless the broker
+        knows this server's token by another name (a static token whose user is not
+        the OS user); a shared broker lists a non-admin's own leases whatever the
+        name asked for."""
+        if self.gateway.embedded:
+            return self.lease_user
+        for lease in await self.gateway.leases(self.lease_user):
+            if lease.kernel_id == kernel_id and lease.state in LIVE_STATES:
+                return str(lease.user)
+        return self.lease_user
 
     def fail(self, status: int, message: str) -> None:
         self.set_status(status)
@@ -111,9 +135,8 @@ class PoolHandler(GPUAttachHandler):
         except BrokerError as exc:
             self.broker_error(exc)
             return
-        answer = pool_json(
-            status, user=self.lease_user, admin=self.is_admin, broker=gateway.describe()
-        )
+        admin = (await self.admin())[0] if status is not None else False
+        answer = pool_json(status, user=self.lease_user, admin=admin, broker=gateway.describe())
         self.finish(json.dumps(answer))
 
 
@@ -123,9 +146,13 @@ class LeasesHandler(GPUAttachHandler):
     @tornado.web.authenticated
     async def get(self) -> None:
         everyone = self.get_argument("all", "") in ("1", "true", "yes")
-        admin = self.is_admin
+        try:
+            admin, why = await self.admin()
+        except BrokerError as exc:
+            self.broker_error(exc)
+            return
         if everyone and not admin:
-            self.fail(403, "only GPU admins see every user's leases")
+            self.fail(403, f"only GPU admins see every user's leases ({why})")
             return
         kernel_id = self.get_argument("kernel_id", "")
         try:
@@ -180,7 +207,8 @@ class KernelIdleHandler(GPUAttachHandler):
             self.fail(400, 'give {"seconds": N} with N between 0 and 604800')
             return
         try:
-            leases = await self.gateway.set_idle(self.lease_user, kernel_id, float(seconds))
+            user = await self.kernel_user(kernel_id)
+            leases = await self.gateway.set_idle(user, kernel_id, float(seconds))
         except BrokerUnavailable as exc:
             self.fail(503, str(exc))
             return

@@ -56,6 +56,7 @@ def _write_cert(folder: Path, name: str, issuer_key: object, issuer: x509.Name |
             serialization.NoEncryption(),
         )
     )
+    (folder / f"{name}.key").chmod(0o600)  # as an admin keeps a private key
     return key, subject
 
 

@@ -1,5 +1,9 @@
 """Fixtures for the server extension: a real broker and agent, a real Jupyter server.
 
+The broker is a shared one as deployed: agents hold its key, users hold
+static tokens. The server extension gets its user's token, never the key
+(the tests themselves grant leases with the key, as kernels of any user would).
+
 pytest-jupyter's fixtures and hooks are imported here rather than named in
 the root conftest's ``pytest_plugins``: that would make its autouse event
 loop and cleanup fixtures (and its test-call hook) apply to every test of
@@ -8,7 +12,9 @@ the project. Imported into this conftest they apply to tests/server only.
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,7 @@ import pytest
 from jupyter_server.auth.identity import IdentityProvider, User
 from pytest_jupyter.jupyter_server import *  # noqa: F403
 
+from gpuattach_broker.broker.identity import StaticTokens
 from gpuattach_broker.client.broker_client import BrokerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import Stack
@@ -32,9 +39,39 @@ class FixedUserIdentity(IdentityProvider):
         return User(JUPYTER_USER, "Tester", "Tester", "T", None, None)
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """Static user tokens the shared broker knows."""
+
+    users: dict[str, str]  # user -> token
+    alice_admin: str  # a token of LEASE_USER that the broker counts as a GPU admin
+
+    def of(self, user: str) -> str:
+        return self.users[user]
+
+
 @pytest.fixture(scope="session")
-def broker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(workdir=tmp_path_factory.mktemp("server-stack"), devices="cpu:2x8GiB", ttl="60s")
+def user_tokens(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Tokens]:
+    path = tmp_path_factory.mktemp("server-tokens") / "tokens.toml"
+    users = {user: StaticTokens.add(path, user) for user in {LEASE_USER, "bob", getpass.getuser()}}
+    return path, Tokens(users, StaticTokens.add(path, LEASE_USER, admin=True))
+
+
+@pytest.fixture(scope="session")
+def tokens(user_tokens: tuple[Path, Tokens]) -> Tokens:
+    return user_tokens[1]
+
+
+@pytest.fixture(scope="session")
+def broker_stack(
+    tmp_path_factory: pytest.TempPathFactory, user_tokens: tuple[Path, Tokens]
+) -> Iterator[Stack]:
+    stack = Stack(
+        workdir=tmp_path_factory.mktemp("server-stack"),
+        devices="cpu:2x8GiB",
+        ttl="60s",
+        serve_args=["--tokens-file", str(user_tokens[0])],
+    )
     stack.start()
     yield stack
     stack.stop()
@@ -44,16 +81,22 @@ def broker_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def _isolated_gpuattach_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The extension exports its broker settings to kernels through os.environ:
     undo that after each test."""
-    for name in ("GPUATTACH_BROKER", "GPUATTACH_BROKER_KEY", "GPUATTACH_EMBEDDED_IDLE_EXIT"):
+    for name in (
+        "GPUATTACH_BROKER",
+        "GPUATTACH_BROKER_KEY",
+        "GPUATTACH_TOKEN",
+        "GPUATTACH_EMBEDDED_IDLE_EXIT",
+        "JUPYTERHUB_API_TOKEN",
+    ):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
 
 
 @pytest.fixture
-def extension_config(broker_stack: Stack) -> dict[str, Any]:
+def extension_config(broker_stack: Stack, tokens: Tokens) -> dict[str, Any]:
     return {
         "broker_address": broker_stack.address,
-        "broker_key": broker_stack.key,
+        "token": tokens.of(LEASE_USER),  # the server's user's token, never the broker key
         "lease_user": LEASE_USER,
         "activity_interval": 3600.0,  # tests call the reporter themselves
     }

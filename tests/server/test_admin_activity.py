@@ -1,4 +1,5 @@
-"""Admins see every user's leases; training on a lease is server and kernel activity."""
+"""Admins see every user's leases (the broker says who is one); training on a lease is
+server and kernel activity."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 import pytest
 
 from jupyter_gpuattach.server.activity import SETTING
-from tests.server.conftest import JUPYTER_USER, LEASE_USER, Leases
+from tests.server.conftest import LEASE_USER, Leases, Tokens
 
 
 @pytest.fixture
-def extension_config(extension_config: dict[str, Any]) -> dict[str, Any]:
-    return {**extension_config, "admin_users": [JUPYTER_USER]}
+def extension_config(extension_config: dict[str, Any], tokens: Tokens) -> dict[str, Any]:
+    # The server's user holds a token the broker counts as an admin's.
+    return {**extension_config, "token": tokens.alice_admin}
 
 
 def reporter_of(serverapp: Any) -> Any:

@@ -1,6 +1,10 @@
 """Packaging and Binder, from a clean copy of the repository in a fresh venv.
 
-One slow test on purpose (one venv, one build of the JupyterLab extension):
+A quick check first: ``binder/postBuild`` asks for torch in a way no index can
+answer with a CUDA build (read from the script itself, so it does not pass
+merely because this machine's pip finds a local CPU wheel first).
+
+Then one slow test on purpose (one venv, one build of the JupyterLab extension):
 1. a plain ``pip install .`` next to JupyterLab leaves the server extension
    and the JupyterLab extension enabled and OK;
 2. ``binder/postBuild`` then ``binder/start`` leave a working setup: both
@@ -13,22 +17,100 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.harness import free_port, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
-
 ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def pip_installs(script: Path) -> list[list[str]]:
+    """The arguments after `pip install` of each command of a shell script."""
+    text = re.sub(r"\\\n", " ", script.read_text())  # join continued lines
+    commands = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = shlex.split(line, comments=True)
+        for at in range(len(words) - 1):
+            if words[at] in ("pip", "pip3") and words[at + 1] == "install":
+                commands.append(words[at + 2 :])
+                break
+    return commands
+
+
+def option(args: list[str], *names: str) -> list[str]:
+    """Values of an option, given as `--name value` or `--name=value`."""
+    found = []
+    for at, word in enumerate(args):
+        for name in names:
+            if word == name and at + 1 < len(args):
+                found.append(args[at + 1])
+            elif word.startswith(name + "="):
+                found.append(word.split("=", 1)[1])
+    return found
+
+
+def requirements(args: list[str]) -> list[Requirement]:
+    """The requirement arguments (not options, their values, or local paths)."""
+    takes_value = {"--index-url", "-i", "--extra-index-url", "-f", "--find-links", "-c", "-r"}
+    found, skip = [], False
+    for word in args:
+        if skip:
+            skip = False
+        elif word in takes_value:
+            skip = True
+        elif not word.startswith("-") and not word.startswith("."):
+            found.append(Requirement(word))
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_postbuild_cannot_resolve_a_cuda_torch() -> None:
+    installs = pip_installs(ROOT / "binder" / "postBuild")
+    with_torch = [
+        (at, args)
+        for at, args in enumerate(installs)
+        if any(r.name == "torch" for r in requirements(args))
+    ]
+    assert len(with_torch) == 1, f"one pip install of torch in postBuild: {installs}"
+    at, args = with_torch[0]
+    project = [n for n, a in enumerate(installs) if any(w.startswith(".") for w in a)]
+    assert project and at < project[0], "torch must be installed before the project"
+    # Only PyTorch's CPU index: no other index or folder to find a wheel in.
+    assert option(args, "--index-url", "-i") == [CPU_INDEX], args
+    assert not option(args, "--extra-index-url", "-f", "--find-links"), args
+    (torch,) = [r for r in requirements(args) if r.name == "torch"]
+    spec = torch.specifier
+    cpu = [Version(v) for v in ("2.13.0+cpu",)]
+    assert all(spec.contains(v) for v in cpu), spec
+    # What a CUDA build is called on any index: no local version (PyPI), +cuXYZ
+    # (PyTorch's CUDA indexes), or a newer release.
+    for cuda in ("2.13.0", "2.13.0+cu128", "2.13.0+cu126", "2.14.1", "2.14.1+cu130"):
+        assert not spec.contains(Version(cuda)), f"{torch} would admit {cuda}"
+    # And the project's own range keeps what postBuild installed.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (project_torch,) = [
+        Requirement(r)
+        for r in extras["optional-dependencies"]["torch"]
+        if Requirement(r).name == "torch"
+    ]
+    assert all(project_torch.specifier.contains(v) for v in cpu), project_torch
 
 
 def clean_copy(target: Path) -> Path:
@@ -58,6 +140,8 @@ def run(command: list[str], env: dict[str, str], cwd: Path, timeout: float = 900
     return output
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_pip_install_and_binder_scripts_in_a_fresh_venv(tmp_path: Path) -> None:
     if not shutil.which("node"):
         pytest.skip("building the JupyterLab extension needs node")
@@ -92,7 +176,14 @@ def test_pip_install_and_binder_scripts_in_a_fresh_venv(tmp_path: Path) -> None:
     labextensions = run([str(venv / "bin" / "jupyter"), "labextension", "list"], env, clone)
     assert re.search(r"jupyter-gpuattach v0\.1\.0 enabled OK", labextensions), labextensions
 
-    # 2. Binder's scripts, as Binder runs them.
+    # 2. Binder's scripts, as Binder runs them. PyTorch's CPU index is out of
+    # reach from here (only the package registries are), so this machine's own
+    # CPU wheel is installed first: postBuild's pinned torch==2.13.0+cpu is then
+    # already satisfied and pip does not ask the index. Which torch postBuild
+    # would resolve is test_postbuild_cannot_resolve_a_cuda_torch's subject.
+    run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], env, clone)
+    local_torch = run([python, "-c", "import torch; print(torch.__version__)"], env, clone)
+    assert local_torch.strip() == "2.13.0+cpu", local_torch
     started = time.monotonic()
     out = run([str(clone / "binder" / "postBuild")], env, clone)
     assert "Binder setup done" in out

@@ -26,6 +26,7 @@ import pytest
 
 from jupyter_gpuattach.server.activity import SETTING
 from tests.harness import Stack
+from tests.server.conftest import Tokens
 from tests.server.test_admin_activity import reporter_of
 
 USER = getpass.getuser()  # the kernels' user outside a Hub (the server's default lease user)
@@ -33,8 +34,8 @@ PANEL_REASON = "released from the JupyterLab GPU panel"  # what the lab extensio
 
 
 @pytest.fixture
-def extension_config(extension_config: dict[str, Any]) -> dict[str, Any]:
-    return {**extension_config, "lease_user": USER}
+def extension_config(extension_config: dict[str, Any], tokens: Tokens) -> dict[str, Any]:
+    return {**extension_config, "lease_user": USER, "token": tokens.of(USER)}
 
 
 class KernelIO:

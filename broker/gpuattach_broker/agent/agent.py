@@ -36,7 +36,7 @@ from gpuattach_broker.agent.gpu_monitor import LeaseSample
 from gpuattach_broker.agent.pool import WarmPools, WorkerProcess
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import key_metadata
+from gpuattach_broker.rpc import bearer_metadata, key_metadata
 from gpuattach_broker.tls import TLSFiles, WorkerTLS, channel_credentials, is_loopback
 from gpuattach_broker.units import format_size
 from gpuattach_broker.worker.blobcache import cached_users, default_root
@@ -46,6 +46,11 @@ log = logging.getLogger("gpuattach.agent")
 HEARTBEAT_S = 2.0
 # After the outbox empties, time for the stream to deliver it before a new hello.
 ANNOUNCE_GRACE_S = 0.5
+# A lease's end: how long a revoked worker may take to stop its running cell
+# (interrupted), then to exit after SIGTERM before it is killed. The broker
+# waits for the exit (gpuattach_broker.broker.service.STOP_CONFIRM_TIMEOUT_S).
+REVOKE_WAIT_S = 1.0
+STOP_GRACE_S = 2.0
 
 
 def _safe_name(user: str) -> str:
@@ -122,6 +127,10 @@ class Agent:
         self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = 0
+        self._starting_leases: set[str] = set()
+        self._stop_wanted: dict[str, str] = {}  # lease -> reason, stopped while starting
+        # Leases whose worker is being revoked and stopped: the worker, and the task.
+        self._retiring: dict[str, tuple[WorkerProcess, asyncio.Task[None]]] = {}
         self._reannounce = asyncio.Event()
         self.connected = asyncio.Event()
 
@@ -170,7 +179,10 @@ class Agent:
                 ],
                 live_leases=[
                     pb.LiveLease(lease_id=lease_id, worker_endpoint=self._endpoint(w), pid=w.pid)
-                    for lease_id, w in self.live.items()
+                    for lease_id, w in [
+                        *self.live.items(),
+                        *((k, w) for k, (w, _) in self._retiring.items()),
+                    ]
                 ],
                 warm_workers=self.pool.warm,
                 version=__version__,
@@ -253,7 +265,7 @@ class Agent:
                     if kind == "start":
                         self._spawn(self._start_lease(command.start))
                     elif kind == "stop":
-                        self._spawn(self._stop_lease(command.stop.lease_id))
+                        self._spawn(self._stop_lease(command.stop.lease_id, command.stop.reason))
             finally:
                 heartbeat.cancel()
 
@@ -287,6 +299,7 @@ class Agent:
 
     async def _start_lease(self, start: pb.StartLease) -> None:
         self._starting += 1
+        self._starting_leases.add(start.lease_id)
         worker: WorkerProcess | None = None
         try:
             unknown = [d for d in start.device_ids if d not in self.devices]
@@ -299,6 +312,7 @@ class Agent:
             env = self.backend.slice_env(devices, start.memory_bytes)
             env["GPUATTACH_BLOB_CACHE"] = str(self.blob_cache / _safe_name(start.user))
             env["GPUATTACH_BLOB_CACHE_BYTES"] = str(self.blob_cache_bytes)
+            env["GPUATTACH_USER"] = start.user  # an isolated worker runs as this user's uid
             worker = await self.pool.take(
                 [d.local_id for d in devices], fresh_context=needs_fresh_context(env)
             )
@@ -309,16 +323,31 @@ class Agent:
             await worker.assign(start.lease_id, start.token, env, summary)
         except Exception as exc:
             log.error("could not start lease %s: %s", start.lease_id, exc)
-            if worker is not None:
+            stop_wanted = start.lease_id in self._stop_wanted
+            if worker is not None and not stop_wanted:
                 self._spawn(self._discard(worker))
             await self._unhold(start.lease_id)
             self.pool.refill()
             self._send(
                 pb.AgentMessage(failed=pb.LeaseFailed(lease_id=start.lease_id, error=str(exc)))
             )
+            if stop_wanted:  # the broker waits to hear that no worker of it runs
+                if worker is not None:
+                    await self._discard(worker)
+                self._stop_wanted.pop(start.lease_id, None)
+                self._send_stopped(start.lease_id, "its worker never started")
             return
         finally:
             self._starting -= 1
+            self._starting_leases.discard(start.lease_id)
+        if start.lease_id in self._stop_wanted:
+            # The lease ended while its worker started (the kernel went away):
+            # the kernel never got the token; stop the worker and say so.
+            reason = self._stop_wanted.pop(start.lease_id)
+            await self._retire(start.lease_id, worker, reason)
+            await self._unhold(start.lease_id)
+            self._send_stopped(start.lease_id, describe_exit(worker.proc.returncode))
+            return
         self.live[start.lease_id] = worker
         if self.gpu is not None:
             single = len(devices) == 1 and start.memory_bytes < devices[0].memory_bytes
@@ -371,20 +400,74 @@ class Agent:
                 pb.AgentMessage(ended=pb.LeaseEnded(lease_id=lease_id, reason=describe_exit(code)))
             )
 
-    async def _stop_lease(self, lease_id: str) -> None:
+    async def _stop_lease(self, lease_id: str, reason: str = "") -> None:
+        """The broker ended the lease: its token dies and its running cell is
+        interrupted first (Revoke), then the process stops; once it has
+        exited, the broker hears so (LeaseStopped) and gives the room back."""
+        if lease_id in self._starting_leases:
+            self._stop_wanted[lease_id] = reason  # _start_lease stops it and answers
+            return
         worker = self.live.pop(lease_id, None)
-        if worker is not None:
-            await worker.stop()
+        retiring = self._retiring.get(lease_id)
+        if retiring is not None:
+            worker = retiring[0]
+            await asyncio.shield(retiring[1])
+        elif worker is not None:
+            await self._retire(lease_id, worker, reason)
+        self._send_stopped(
+            lease_id,
+            describe_exit(worker.proc.returncode) if worker is not None else "no worker of it runs",
+        )
+
+    def _send_stopped(self, lease_id: str, detail: str) -> None:
+        self._send(pb.AgentMessage(stopped=pb.LeaseStopped(lease_id=lease_id, detail=detail)))
+
+    def _retire(self, lease_id: str, worker: WorkerProcess, reason: str) -> asyncio.Task[None]:
+        """Revoke, then stop, a lease's worker (once; later callers await the same)."""
+        retiring = self._retiring.get(lease_id)
+        if retiring is not None:
+            return retiring[1]
+        worker.stopping = True
+        task = asyncio.ensure_future(self._revoke_and_stop(lease_id, worker, reason))
+        self._retiring[lease_id] = (worker, task)
+
+        def forget(_: asyncio.Task[None]) -> None:
+            if self._retiring.get(lease_id, (None, None))[1] is task:
+                del self._retiring[lease_id]
+
+        task.add_done_callback(forget)
+        return task
+
+    async def _revoke_and_stop(self, lease_id: str, worker: WorkerProcess, reason: str) -> None:
+        if worker.proc.returncode is None:
+            try:
+                await pb_grpc.WorkerStub(worker.connect()).Revoke(
+                    pb.WorkerRevokeRequest(
+                        lease_id=lease_id, reason=reason, wait_seconds=REVOKE_WAIT_S
+                    ),
+                    metadata=bearer_metadata(worker.key),
+                    timeout=REVOKE_WAIT_S + 2.0,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if worker.proc.returncode is None:
+                    log.warning(
+                        "could not revoke lease %s in its worker (pid %d): %s; stopping it",
+                        lease_id,
+                        worker.pid,
+                        exc.details() or exc.code().name,
+                    )
+        await worker.stop(grace=STOP_GRACE_S)
 
     async def end_lease(self, lease_id: str, reason: str) -> None:
         """End a lease on the agent's own initiative: the broker hears why first
-        (the kernel reads it as the end reason), then the worker stops."""
+        (the kernel reads it as the end reason), then the worker is revoked and
+        stops (the broker's StopLease that follows waits for that)."""
         worker = self.live.pop(lease_id, None)
         if worker is None:
             return
         worker.stopping = True
         self._send(pb.AgentMessage(ended=pb.LeaseEnded(lease_id=lease_id, reason=reason)))
-        await worker.stop()
+        await self._retire(lease_id, worker, reason)
 
     def usage(self) -> dict[str, LeaseSample]:
         """Latest GPU sample per lease (empty on the CPU backend), for the heartbeat."""

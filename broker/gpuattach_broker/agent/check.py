@@ -304,3 +304,55 @@ def _no_gpu(report: Report, spec: str, why: str) -> tuple[int, str]:
         "NVML enforcement without a GPU"
     )
     return 0, report.out.getvalue()
+
+
+def isolation_report(mode: str, user_map: Any, secrets: list[tuple[str, str]]) -> tuple[int, str]:
+    """What isolation of users' workers this host provides with `--isolation
+    mode`: user switching, mount namespaces, the user map, and whether the
+    agent's secret files are its own. Exit code 1 when the agent would refuse
+    to start (or would start with a secret others can read)."""
+    from gpuattach_broker.agent.isolation import (
+        can_switch_users,
+        mount_namespaces,
+        secret_file_problem,
+    )
+
+    report = Report()
+    report.line("worker isolation:")
+    switch = can_switch_users()
+    report.line(
+        "  switch users       "
+        + ("yes: the agent runs as root or with CAP_SETUID" if switch else "no: not root")
+    )
+    mounts = mount_namespaces()
+    report.line(
+        "  mount namespaces   "
+        + (
+            "yes: private /tmp, /proc of the user, only the slice's GPU nodes"
+            if not mounts
+            else f"no ({mounts}): workers get UID isolation only"
+        )
+    )
+    report.line(f"  user map           {user_map.describe()}")
+    effective = "uid" if mode == "uid" or (mode == "auto" and switch) else mode
+    if mode == "none":
+        report.line("  mode               none: every worker runs as the agent's user (one user)")
+    elif switch:
+        report.line(f"  mode               uid ({mode}): each user's workers run as that user")
+    else:
+        report.problems.append(
+            f"--isolation {mode}: the agent cannot switch users; run it as root, or pass "
+            "--isolation none on a host that serves one user"
+        )
+    for path, what in secrets:
+        problem = secret_file_problem(path, what)
+        report.line(f"  {what:<18} {problem or 'readable by the agent alone'}")
+        if problem and effective == "uid":
+            report.problems.append(problem)
+        elif problem:
+            report.warnings.append(problem)
+    for warning in report.warnings:
+        report.line(f"warning: {warning}")
+    for problem in report.problems:
+        report.line(f"PROBLEM: {problem}")
+    return (1 if report.problems else 0), report.out.getvalue()

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from traitlets import Bool, Enum, Int, Unicode, default
 
@@ -25,8 +25,17 @@ from gpuattach_broker.agent import mps as mps_control
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import BackendError, CpuBackend, NvmlBackend, open_backend
 from gpuattach_broker.agent.caps import CapPolicy
-from gpuattach_broker.agent.check import run_check
+from gpuattach_broker.agent.check import isolation_report, run_check
 from gpuattach_broker.agent.gpu_host import GpuOptions
+from gpuattach_broker.agent.isolation import (
+    DEFAULT_USER_MAP,
+    MODES,
+    Isolation,
+    IsolationError,
+    UserMap,
+    resolve_mode,
+    secret_file_problem,
+)
 from gpuattach_broker.rpc import read_key_file
 from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles, WorkerTLS
@@ -108,6 +117,24 @@ class AgentApp(ServiceApp):
         "before the agent ends it.",
     ).tag(config=True)
 
+    isolation = Enum(
+        MODES,
+        default_value="auto",
+        help="How workers of different users are kept apart. uid: each lease's worker runs "
+        "under its user's own identity (own uid, private home and /tmp, own blob cache, only "
+        "its slice's GPU device nodes); the agent must run as root (or with CAP_SETUID and "
+        "CAP_SETGID). none: every worker runs as the agent's user (a one-user host only). "
+        "auto (default): uid, and the agent refuses to start when it cannot switch users.",
+    ).tag(config=True)
+    user_map = Unicode(
+        DEFAULT_USER_MAP,
+        help="Which identity a broker user's workers get with --isolation uid. system: the OS "
+        "account of the same name (system accounts, uid < 1000, are refused); "
+        "range:START-END: a stable uid per user from the range, kept in the agent's state "
+        "folder; system-or-range[:START-END] (default, range 200000-299999): the OS account "
+        "if one exists, else a uid from the range.",
+    ).tag(config=True)
+
     @default("broker")
     def _broker_default(self) -> str:
         return os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051")
@@ -132,6 +159,8 @@ class AgentApp(ServiceApp):
         "sample-interval": "AgentApp.sample_interval",
         "refresh-interval": "AgentApp.refresh_interval",
         "cap-margin": "AgentApp.cap_margin",
+        "isolation": "AgentApp.isolation",
+        "user-map": "AgentApp.user_map",
     }
     flags = {
         "allow-plaintext": (
@@ -181,7 +210,30 @@ class AgentApp(ServiceApp):
             key = read_key_file(self.key_file)
         worker_tls = WorkerTLS(self.worker_tls_cert, self.worker_tls_key, self.worker_tls_ca)
         worker_tls.check()
-        return AgentOptions(gpu, cache_bytes, key, worker_tls)
+        return AgentOptions(gpu, cache_bytes, key, worker_tls, self.isolation_options())
+
+    def isolation_options(self) -> Isolation:
+        """The workers' isolation; ValueError says why the agent must not start.
+
+        Isolated, the agent's secrets must be its own: a key file another user
+        can read would hand them the broker key (and its path is in the agent's
+        command line for all to see)."""
+        try:
+            mode = resolve_mode(self.isolation)
+        except IsolationError as exc:
+            raise ValueError(str(exc)) from exc
+        secrets = [
+            (self.key_file, "--key-file"),
+            (self.tls_key, "--tls-key"),
+            (self.worker_tls_key, "--worker-tls-key"),
+        ]
+        for path, what in secrets:
+            problem = secret_file_problem(path, what) if path else ""
+            if problem and mode != "none":
+                raise ValueError(f"{problem}: the users whose workers run here must not read it")
+        if mode == "none":
+            return Isolation("none")
+        return Isolation("uid", UserMap(self.user_map))
 
     def start(self) -> None:
         if self.generate_config:
@@ -195,7 +247,9 @@ class AgentApp(ServiceApp):
         if command == "check":
             state = mps_control.disabled() if self.mps == "off" else mps_control.detect()
             code, text = run_check(self.devices, state)
-            print(text, end="")
+            iso_code, iso_text = check_isolation(self)
+            print(text + iso_text, end="")
+            code = max(code, iso_code)
             self.exit(code)
         self.setup_logging()
         try:
@@ -217,6 +271,8 @@ class AgentApp(ServiceApp):
                 backend.mps = mps_control.start(mps_state.pipe_dir)
             backend.caps = options.gpu.caps
             logging.getLogger("gpuattach.agent").info("compute shares: %s", backend.mps.reason)
+        log = logging.getLogger("gpuattach.agent")
+        log.info("worker isolation: %s", options.isolation.describe())
         try:
             agent = Agent(
                 self.broker,
@@ -234,6 +290,7 @@ class AgentApp(ServiceApp):
                 allow_plaintext=self.allow_plaintext,
                 zygote=self.zygote,
             )
+            agent.pool.set_isolation(options.isolation)
         except ValueError as exc:  # e.g. plaintext workers off loopback
             print(f"gpuattach-agent: {exc}", file=sys.stderr)
             if isinstance(backend, NvmlBackend):
@@ -262,6 +319,25 @@ class AgentOptions:
     cache_bytes: int
     key: str
     worker_tls: WorkerTLS
+    isolation: Isolation = field(default_factory=Isolation)
+
+
+def check_isolation(app: AgentApp) -> tuple[int, str]:
+    """The isolation part of ``gpuattach-agent check``."""
+    secrets = [
+        (path, what)
+        for path, what in (
+            (app.key_file, "--key-file"),
+            (app.tls_key, "--tls-key"),
+            (app.worker_tls_key, "--worker-tls-key"),
+        )
+        if path
+    ]
+    try:
+        user_map: UserMap | None = UserMap(app.user_map)
+    except ValueError as exc:
+        return 1, f"isolation: PROBLEM: {exc}\n"
+    return isolation_report(app.isolation, user_map, secrets)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from typing import Protocol
 
 import grpc
 
+from gpuattach_broker.agent.isolation import Isolation
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.tls import WorkerTLS, agent_worker_channel
@@ -50,6 +51,7 @@ READY_TIMEOUT_S = 120.0
 # A forked one costs about 0.1 s and starts at once.
 REFILL_DELAY_S = 1.0
 WARM_CUDA_FLAG = "--warm-cuda"
+PRIVATE_MOUNTS_FLAG = "--private-mounts"
 
 
 class WorkerProc(Protocol):
@@ -86,6 +88,8 @@ class WorkerProcess:
     tls_root: bytes = field(default=b"", repr=False)  # it serves TLS: trust this
     tls_name: str = ""  # the host name its certificate is checked against
     channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    isolation: Isolation = field(default_factory=Isolation)
+    mounts: str = ""  # what its private mount namespace holds, or why it has none
 
     @property
     def pid(self) -> int:
@@ -106,11 +110,20 @@ class WorkerProcess:
         return self.channel
 
     async def assign(self, lease_id: str, token: str, env: dict[str, str], summary: str) -> None:
+        """Bind the worker to a lease. Isolated, it first becomes the lease's user
+        (``GPUATTACH_USER`` in `env`), keeping only the device nodes of the GPUs
+        in ``CUDA_VISIBLE_DEVICES``; IsolationError, before any RPC, when that
+        user cannot be mapped."""
+        request = pb.AssignRequest(lease_id=lease_id, token=token, env=env, device_summary=summary)
+        identity = self.isolation.identity(env.get("GPUATTACH_USER", ""))
+        if identity is not None:
+            request.isolate = True
+            request.uid, request.gid, request.user_name = identity.uid, identity.gid, identity.name
+            visible = env.get("CUDA_VISIBLE_DEVICES", "")
+            request.gpu_uuids.extend(u.strip() for u in visible.split(",") if u.strip())
         try:
             await pb_grpc.WorkerStub(self.connect()).Assign(
-                pb.AssignRequest(lease_id=lease_id, token=token, env=env, device_summary=summary),
-                metadata=(("authorization", f"Bearer {self.key}"),),
-                timeout=30,
+                request, metadata=(("authorization", f"Bearer {self.key}"),), timeout=30
             )
         finally:
             await self.close_channel()  # the agent talks to a bound worker no more
@@ -157,9 +170,11 @@ class WorkerPool:
         tls: WorkerTLS | None = None,
         tls_name: str = "",
         zygote: Zygote | None = None,
+        isolation: Isolation | None = None,
     ) -> None:
         """`zygote`: fork workers from it (else start each with `python`)."""
         self.size = size
+        self.isolation = isolation or Isolation()
         self.zygote = zygote
         self.tls = tls or WorkerTLS()
         self.tls_name = tls_name or bind
@@ -186,6 +201,7 @@ class WorkerPool:
             "--parent-pid",
             str(parent_pid),
             *self.args,
+            *([PRIVATE_MOUNTS_FLAG] if self.isolation.enabled else []),
             *self.tls.worker_args(),
         ]
 
@@ -208,9 +224,9 @@ class WorkerPool:
 
     async def spawn(self) -> WorkerProcess:
         key = secrets.token_urlsafe(24)
-        env = dict(os.environ)
-        env.update(self.env)
-        env["GPUATTACH_AGENT_KEY"] = key
+        # An allow-list of the agent's environment: none of its secrets.
+        env = self.isolation.env(extra=self.env)
+        env["GPUATTACH_AGENT_KEY"] = key  # per worker, random; the worker pops it at start
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = await self._start_process(env)
         assert proc.stdout is not None
@@ -234,7 +250,11 @@ class WorkerPool:
             cuda=str(ready.get("cuda", "")),
             tls_root=self.tls.trust_root(),
             tls_name=self.tls_name,
+            isolation=self.isolation,
+            mounts=str(ready.get("mounts", "")),
         )
+        if self.isolation.enabled and not ready.get("mounts_private"):
+            _warn_once(f"workers run without a private mount namespace: {worker.mounts}")
         if WARM_CUDA_FLAG in self.args and not ready.get("cuda_ok"):
             log.warning("worker for %s could not warm CUDA: %s", self.device, worker.cuda)
         worker.drain = asyncio.create_task(_drain(proc.stdout))
@@ -341,15 +361,20 @@ class WarmPools:
         tls: WorkerTLS | None = None,
         tls_name: str = "",
         zygote: bool = False,
+        isolation: Isolation | None = None,
     ) -> None:
         """`zygote`: fork every pool's workers from one zygote process (started
-        with the first worker, stopped by `close`)."""
+        with the first worker, stopped by `close`). `isolation`: how workers are
+        kept apart (default: one-user mode; see `set_isolation`)."""
         self.bind = bind
         self.python = python
         self.device_size = device_size
         self.tls = tls or WorkerTLS()
         self.tls_name = tls_name
-        self.zygote = Zygote(python) if zygote else None
+        self.isolation = isolation or Isolation()
+        # Its environment is the workers' allow-list too: a forked worker's
+        # /proc/<pid>/environ is the zygote's, whatever the child sets later.
+        self.zygote = Zygote(python, env=self.isolation.env()) if zygote else None
         self.shared = WorkerPool(
             size=shared_size,
             bind=bind,
@@ -357,6 +382,7 @@ class WarmPools:
             tls=self.tls,
             tls_name=tls_name,
             zygote=self.zygote,
+            isolation=self.isolation,
         )
         self.devices: dict[str, WorkerPool] = {}
 
@@ -377,9 +403,22 @@ class WarmPools:
             tls=self.tls,
             tls_name=self.tls_name,
             zygote=self.zygote,
+            isolation=self.isolation,
         )
         self.devices[device_id] = pool
         return pool
+
+    def set_isolation(self, isolation: Isolation) -> None:
+        """Isolate workers as `isolation` says; before the first worker starts."""
+        if (self.zygote is not None and self.zygote.proc is not None) or any(
+            p._ready or p._starting for p in (self.shared, *self.devices.values())
+        ):
+            raise RuntimeError("set the isolation before any worker starts")
+        self.isolation = isolation
+        if self.zygote is not None:
+            self.zygote.env = isolation.env()
+        for pool in (self.shared, *self.devices.values()):
+            pool.isolation = isolation
 
     async def remove_device(self, device_id: str) -> None:
         pool = self.devices.pop(device_id, None)
@@ -425,6 +464,15 @@ class WarmPools:
         )
         if self.zygote is not None:
             await self.zygote.close()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 async def _kill(proc: WorkerProc) -> None:

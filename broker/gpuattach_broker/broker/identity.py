@@ -2,12 +2,19 @@
 
 Three kinds of caller:
 
-- a **service** holding the broker key (agents, the Jupyter server extension,
-  the user's own kernels when the broker is the user's embedded one): trusted;
+- a **service** holding the broker key (agents, the broker's admin CLI, and
+  the user's own kernels and server when the broker is the user's embedded
+  one): trusted. Nothing that runs as a notebook user holds a shared
+  broker's key;
 - a **user** presenting a token: a static token from the tokens file (kept
-  only as SHA-256 hashes), or, under JupyterHub, the kernel's
-  ``JUPYTERHUB_API_TOKEN``, resolved through the Hub API (user, groups,
-  scopes; the token must carry the ``custom:gpuattach:attach`` scope);
+  only as SHA-256 hashes), or, under JupyterHub, the ``JUPYTERHUB_API_TOKEN``
+  of the user's single-user server (which its kernels inherit), resolved
+  through the Hub API (``GET /hub/api/user`` with that token answers the
+  user's name, groups, admin flag and the token's own ``scopes``; the token
+  must carry the ``custom:gpuattach:attach`` scope, which a spawned server's
+  token does only when ``c.Spawner.server_token_scopes`` asks for it).
+  Admins: ``custom:gpuattach:admin``, a Hub admin, or the policy's
+  ``[users] admin = true``;
 - nobody: allowed only when the broker has neither a key nor an
   authenticator (a developer's loopback broker), and then trusted as the
   user it claims to be.
@@ -31,6 +38,28 @@ from typing import Any, Protocol
 TOKEN_HEADER = "authorization"
 ATTACH_SCOPE = "custom:gpuattach:attach"
 ADMIN_SCOPE = "custom:gpuattach:admin"
+HUB_DOCS = 'README "Under JupyterHub" and examples/jupyterhub_config.py'
+
+
+def missing_scope_hint(user: str, scope: str, scopes: set[str]) -> str:
+    """What the Hub admin must set so that `user`'s server token carries `scope`.
+
+    A role alone is not enough: JupyterHub gives a spawned server's token only
+    the scopes of ``c.Spawner.server_token_scopes`` that the user holds (by
+    default the ``server`` role's: activity and access to the server)."""
+    shown = sorted(scopes)[:8]
+    held = ", ".join(shown) + (", ..." if len(scopes) > len(shown) else "") or "none"
+    return (
+        f"JupyterHub user {user!r} may not attach GPUs: the token lacks the {scope!r} "
+        f"scope (it has: {held}). The JupyterHub admin must set, in jupyterhub_config.py: "
+        f'c.JupyterHub.custom_scopes = {{"{scope}": {{"description": "..."}}}}; a role in '
+        f'c.JupyterHub.load_roles granting it to the user or a group, e.g. {{"name": '
+        f'"gpu-users", "scopes": ["{scope}"], "groups": ["..."]}}; and '
+        f'c.Spawner.server_token_scopes including "{scope}" (next to '
+        '"users:activity!user" and "access:servers!server"), so the token of a server '
+        "carries it; then the user restarts their server. See the jupyter-gpuattach "
+        f"{HUB_DOCS}."
+    )
 
 
 @dataclass(frozen=True)
@@ -134,10 +163,7 @@ class HubAuthenticator:
         model = await asyncio.to_thread(self._fetch, token)
         scopes = set(model.get("scopes", []))
         if self.scope not in scopes and "admin:users" not in scopes:
-            raise AuthError(
-                f"JupyterHub user {model.get('name')!r} lacks the {self.scope!r} scope: "
-                "ask the Hub admin to grant it (a role with that custom scope)"
-            )
+            raise AuthError(missing_scope_hint(str(model.get("name")), self.scope, scopes))
         identity = Identity(
             user=str(model["name"]),
             groups=tuple(model.get("groups", ()) or ()),

@@ -47,6 +47,9 @@ log = logging.getLogger("gpuattach.broker")
 
 
 START_TIMEOUT_S = 120.0
+# A lease's room goes back to the pool when its agent reports that the worker
+# exited (LeaseStopped), or after this long without that answer (logged).
+STOP_CONFIRM_TIMEOUT_S = 4.0
 
 
 @dataclass
@@ -58,6 +61,18 @@ class AgentConnection:
     commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
     pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
     worker_tls_root: bytes = b""  # its workers serve TLS chained to this PEM
+
+
+@dataclass
+class PendingStop:
+    """An ended lease whose worker may still run: its room stays allocated."""
+
+    lease_id: str
+    host: str
+    held_seconds: float
+    started: float = field(default_factory=time.monotonic)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -127,6 +142,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.last_activity = time.monotonic()
         # lease id -> queues of the kernels watching it (WatchLease)
         self.watchers: dict[str, set[asyncio.Queue[pb.LeaseNotice]]] = {}
+        # Ended leases waiting for their worker's exit before their room is freed.
+        self.stopping: dict[str, PendingStop] = {}
         self._restore()
 
     # --------------------------------------------------------- recovery ---
@@ -219,8 +236,17 @@ class BrokerService(pb_grpc.BrokerServicer):
         return identity
 
     async def _lease_for(
-        self, ref: pb.LeaseRef, context: grpc.aio.ServicerContext, identity: Identity
+        self,
+        ref: pb.LeaseRef,
+        context: grpc.aio.ServicerContext,
+        identity: Identity,
+        owner_without_token: bool = False,
     ) -> LeaseRecord:
+        """The lease `ref` names, if `identity` may act on it: with the lease's
+        own token, or as a key holder acting for its user; with
+        `owner_without_token`, also as its owner by the owner's own credential
+        (the Jupyter server extension releasing its user's lease with the
+        user's token: the user may end what is theirs)."""
         lease = self.store.get_lease(ref.lease_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {ref.lease_id!r}")
@@ -230,6 +256,13 @@ class BrokerService(pb_grpc.BrokerServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"lease {ref.lease_id} belongs to another user",
             )
+        if owner_without_token and not ref.token and not ref.on_behalf_of:
+            if identity.service or identity.user != lease.user:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"lease {ref.lease_id} belongs to another user",
+                )
+            return lease
         if ref.on_behalf_of and not ref.token:
             # A trusted service (the Jupyter server extension) acting for a user
             # it authenticated itself: it must hold the broker key, and the
@@ -422,6 +455,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         head = self.scheduler.blocked_head()
         if head is None or head.request_id not in self.waiters:
             return
+        if self.stopping:
+            return  # room is already being made: ended leases' workers are stopping
         active = {lease.lease_id: lease for lease in self.store.leases()}
         if any(lease.state == "preempting" for lease in active.values()):
             return  # room is already being made
@@ -501,9 +536,15 @@ class BrokerService(pb_grpc.BrokerServicer):
             self._end(lease, "failed", f"worker did not start: {exc or type(exc).__name__}")
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            # A refusal with a reason (a system account, say) is the user's to
+            # read; only a start that timed out is worth retrying.
+            code = (
+                grpc.StatusCode.UNAVAILABLE
+                if isinstance(exc, TimeoutError)
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the agent on {placement.host} could not start a worker: {exc}",
+                code, f"the agent on {placement.host} could not start a worker: {exc}"
             )
             raise
         lease.state = "active"
@@ -609,7 +650,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.LeaseRef, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReply:
         identity = await self._identify(context)
-        lease = await self._lease_for(request, context, identity)
+        lease = await self._lease_for(request, context, identity, owner_without_token=True)
         self.last_activity = time.monotonic()
         if lease.active:
             lease.busy_seconds = max(lease.busy_seconds, request.busy_seconds)
@@ -617,6 +658,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 self._end(lease, "preempted", lease.end_reason)
             else:
                 self._end(lease, "released", request.reason or "released by the kernel")
+        await self._stopped(lease.lease_id)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
     async def Revoke(
@@ -632,6 +674,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f": {request.reason}" if request.reason else ""
             )
             self._end(lease, "revoked", reason)
+        await self._stopped(lease.lease_id)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
     async def Drain(
@@ -673,26 +716,93 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.store.event(state, lease_id=lease.lease_id, user=lease.user, detail=reason)
 
     def _end(self, lease: LeaseRecord, state: str, reason: str) -> None:
-        """End a lease: record why, stop its worker, give its room to the queue."""
+        """End a lease: record why, stop its worker, give its room to the queue.
+
+        The lease ends (and its watchers hear it) at once; its room goes back
+        to the pool only when the agent reports that the worker, revoked
+        first (its token refused, its running cell interrupted), has exited:
+        see `_confirm_stop`, or after STOP_CONFIRM_TIMEOUT_S without that.
+        """
         self._end_record(lease, state, reason)
         self._notify(lease)
         self.migrating.pop(lease.lease_id, None)
         self.busy_seen.pop(lease.lease_id, None)
         self.gpu_usage.pop(lease.lease_id, None)
-        placement = self.scheduler.free(lease.lease_id, held_seconds=lease.held_seconds())
+        placement = self.scheduler.allocations.get(lease.lease_id)
         devices = len(placement.device_ids) if placement else 1
-        self.metrics.held_device_seconds.inc(lease.held_seconds() * devices)
-        self.metrics.busy_device_seconds.inc(
-            min(lease.busy_seconds, lease.held_seconds()) * devices
-        )
+        held = lease.held_seconds()
+        self.metrics.held_device_seconds.inc(held * devices)
+        self.metrics.busy_device_seconds.inc(min(lease.busy_seconds, held) * devices)
         self.metrics.gpu_busy_device_seconds.inc(lease.gpu_busy_seconds * devices)
         self.metrics.leases_ended.labels(state).inc()
+        if lease.lease_id in self.stopping:
+            return  # already waiting for its worker
         agent = self.agents.get(lease.host)
-        if agent is not None:
-            agent.commands.put_nowait(
-                pb.BrokerCommand(stop=pb.StopLease(lease_id=lease.lease_id, reason=reason))
-            )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if agent is None or loop is None or placement is None:
+            if placement is not None and lease.state != "failed":
+                log.warning(
+                    "lease %s ended while the agent of %s is not connected; its room goes "
+                    "back to the pool without word that its worker stopped",
+                    lease.lease_id,
+                    lease.host,
+                )
+            self._free(lease.lease_id, held)
+            return
+        pending = PendingStop(lease.lease_id, lease.host, held)
+        pending.timer = loop.call_later(
+            STOP_CONFIRM_TIMEOUT_S, self._stop_timed_out, lease.lease_id
+        )
+        self.stopping[lease.lease_id] = pending
+        agent.commands.put_nowait(
+            pb.BrokerCommand(stop=pb.StopLease(lease_id=lease.lease_id, reason=reason))
+        )
+
+    def _free(self, lease_id: str, held_seconds: float | None = None) -> None:
+        """Give an ended lease's room to the queue."""
+        self.scheduler.free(lease_id, held_seconds=held_seconds)
         self._pump_queue()
+
+    def _confirm_stop(self, lease_id: str, host: str, detail: str) -> None:
+        """The agent says the lease's worker has exited: free its room now."""
+        pending = self.stopping.get(lease_id)
+        if pending is None or pending.host != host:
+            return
+        del self.stopping[lease_id]
+        if pending.timer is not None:
+            pending.timer.cancel()
+        log.debug(
+            "lease %s: worker stopped (%s) %.0f ms after the end",
+            lease_id,
+            detail,
+            (time.monotonic() - pending.started) * 1000,
+        )
+        self._free(lease_id, pending.held_seconds)
+        pending.done.set()
+
+    def _stop_timed_out(self, lease_id: str) -> None:
+        pending = self.stopping.pop(lease_id, None)
+        if pending is None:
+            return
+        detail = (
+            f"the agent of {pending.host} did not report within "
+            f"{format_duration(STOP_CONFIRM_TIMEOUT_S)} that the worker of lease {lease_id} "
+            "exited; its room goes back to the pool anyway"
+        )
+        log.warning("%s", detail)
+        self.store.event("stop-unconfirmed", lease_id=lease_id, detail=detail)
+        self._free(lease_id, pending.held_seconds)
+        pending.done.set()
+
+    async def _stopped(self, lease_id: str) -> None:
+        """Wait (bounded) until an ended lease's worker has exited, or its wait timed out."""
+        pending = self.stopping.get(lease_id)
+        if pending is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.done.wait(), STOP_CONFIRM_TIMEOUT_S + 0.5)
 
     async def expire_loop(self, interval: float = 0.5) -> None:
         """Timers: heartbeats missed, preemption grace over, maximum lease length."""
@@ -914,6 +1024,11 @@ class BrokerService(pb_grpc.BrokerServicer):
     def _reconcile(self, agent: AgentConnection, hello: pb.AgentHello) -> None:
         """Match the agent's live workers with the leases the store holds."""
         live = {w.lease_id for w in hello.live_leases}
+        for pending in self.stopping.values():
+            if pending.host == hello.host:  # ask again: the answer may have been lost
+                agent.commands.put_nowait(
+                    pb.BrokerCommand(stop=pb.StopLease(lease_id=pending.lease_id))
+                )
         for lease in self.store.leases():
             if lease.host != hello.host or lease.state not in ("active", "preempting"):
                 continue
@@ -921,6 +1036,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                 self._end(lease, "failed", "its worker is gone (the agent restarted)")
         for lease_id in live:
             record = self.store.get_lease(lease_id)
+            if lease_id in self.stopping:
+                continue  # asked above
             if record is None or not record.active:
                 agent.commands.put_nowait(
                     pb.BrokerCommand(stop=pb.StopLease(lease_id=lease_id, reason="unknown lease"))
@@ -949,6 +1066,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                 lease = self.store.get_lease(message.ended.lease_id)
                 if lease is not None and lease.active:
                     self._end(lease, "failed", message.ended.reason)
+            elif kind == "stopped":
+                self._confirm_stop(message.stopped.lease_id, agent.host, message.stopped.detail)
 
 
 def _describe_request(req: SliceRequest) -> str:

@@ -20,12 +20,17 @@ from gpuattach_broker import codec, transfer
 from gpuattach_broker.memory import keep_message_buffers
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import bearer_metadata
+from gpuattach_broker.rpc import bearer_metadata, read_end_metadata
 from gpuattach_broker.tls import worker_channel
 
 
 class WorkerGone(RuntimeError):
     """The worker stopped answering: its process ended or its lease was revoked."""
+
+
+class LeaseOver(WorkerGone):
+    """The worker refused the lease's token: the lease ended (released
+    elsewhere, revoked, expired or preempted) and its token died with it."""
 
 
 class VersionMismatch(RuntimeError):
@@ -37,6 +42,11 @@ def _rpc_error(exc: grpc.RpcError, what: str) -> Exception:
     details = exc.details()  # type: ignore[attr-defined]
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return WorkerGone(f"the GPU worker stopped answering during {what}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        trailing = getattr(exc, "trailing_metadata", None)
+        state, _ = read_end_metadata(trailing() if callable(trailing) else ())
+        if state:
+            return LeaseOver(f"{what} stopped: {details}")
     return RuntimeError(f"{what} failed: {details}")
 
 

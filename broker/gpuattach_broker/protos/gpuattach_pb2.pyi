@@ -386,19 +386,29 @@ class LeaseEnded(_message.Message):
     reason: str
     def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class LeaseStopped(_message.Message):
+    __slots__ = ("lease_id", "detail")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    detail: str
+    def __init__(self, lease_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "started", "failed", "ended")
+    __slots__ = ("hello", "heartbeat", "started", "failed", "ended", "stopped")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     heartbeat: AgentHeartbeat
     started: LeaseStarted
     failed: LeaseFailed
     ended: LeaseEnded
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[AgentHeartbeat, _Mapping]] = ..., started: _Optional[_Union[LeaseStarted, _Mapping]] = ..., failed: _Optional[_Union[LeaseFailed, _Mapping]] = ..., ended: _Optional[_Union[LeaseEnded, _Mapping]] = ...) -> None: ...
+    stopped: LeaseStopped
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[AgentHeartbeat, _Mapping]] = ..., started: _Optional[_Union[LeaseStarted, _Mapping]] = ..., failed: _Optional[_Union[LeaseFailed, _Mapping]] = ..., ended: _Optional[_Union[LeaseEnded, _Mapping]] = ..., stopped: _Optional[_Union[LeaseStopped, _Mapping]] = ...) -> None: ...
 
 class StartLease(_message.Message):
     __slots__ = ("lease_id", "token", "device_ids", "user", "memory_bytes", "fraction")
@@ -458,7 +468,7 @@ class HelloRequest(_message.Message):
     def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note")
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -470,6 +480,7 @@ class HelloReply(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOB_CACHE_FIELD_NUMBER: _ClassVar[int]
     BLOB_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -481,7 +492,8 @@ class HelloReply(_message.Message):
     lease_id: str
     blob_cache: str
     blob_cache_bytes: int
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ...) -> None: ...
+    note: str
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("code", "execution_count", "silent")
@@ -651,7 +663,7 @@ class BlobList(_message.Message):
     def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("lease_id", "token", "env", "device_summary")
+    __slots__ = ("lease_id", "token", "env", "device_summary", "isolate", "uid", "gid", "user_name", "gpu_uuids")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -663,14 +675,42 @@ class AssignRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     DEVICE_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    ISOLATE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    USER_NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: str
     env: _containers.ScalarMap[str, str]
     device_summary: str
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., device_summary: _Optional[str] = ...) -> None: ...
+    isolate: bool
+    uid: int
+    gid: int
+    user_name: str
+    gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., device_summary: _Optional[str] = ..., isolate: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., user_name: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AssignReply(_message.Message):
     __slots__ = ("pid",)
     PID_FIELD_NUMBER: _ClassVar[int]
     pid: int
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class WorkerRevokeRequest(_message.Message):
+    __slots__ = ("lease_id", "reason", "wait_seconds")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    reason: str
+    wait_seconds: float
+    def __init__(self, lease_id: _Optional[str] = ..., reason: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class WorkerRevokeReply(_message.Message):
+    __slots__ = ("interrupted", "cell_stopped")
+    INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    CELL_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    interrupted: bool
+    cell_stopped: bool
+    def __init__(self, interrupted: _Optional[bool] = ..., cell_stopped: _Optional[bool] = ...) -> None: ...

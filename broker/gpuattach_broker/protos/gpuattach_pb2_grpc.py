@@ -575,6 +575,11 @@ class WorkerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignRequest.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignReply.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/gpuattach.v1.Worker/Revoke',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.WorkerRevokeRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.WorkerRevokeReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -626,6 +631,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Agent only: the lease ended. The token is refused from then on and a
+        running cell is interrupted, before the process is stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -663,6 +676,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Assign,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignRequest.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignReply.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.WorkerRevokeRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.WorkerRevokeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -854,6 +872,33 @@ class Worker:
             '/gpuattach.v1.Worker/Assign',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignRequest.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Worker/Revoke',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.WorkerRevokeRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.WorkerRevokeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,6 +100,14 @@ def _watch_parent(parent_pid: int, on_gone: Any) -> None:
             return
 
 
+def _read_tls(cert: str, key: str) -> tuple[bytes, bytes] | None:
+    """(key, certificate) PEM of the workers' certificate, read into memory."""
+    if not cert:
+        return None
+    with open(key, "rb") as key_file, open(cert, "rb") as cert_file:
+        return key_file.read(), cert_file.read()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpuattach-worker")
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
@@ -110,7 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tls-cert", default="", help="serve TLS with this certificate")
     parser.add_argument("--tls-key", default="", help="the key of that certificate")
+    parser.add_argument(
+        "--private-mounts",
+        action="store_true",
+        help="an isolated worker: its own mount namespace (tmpfs /tmp, /proc of its user)",
+    )
     args = parser.parse_args(argv)
+
+    # Read the TLS key now, as the agent's user and before /tmp is private: an
+    # isolated worker later drops to its lease's user, who cannot open it.
+    tls_pair = _read_tls(args.tls_cert, args.tls_key)
+    mounts = None
+    if args.private_mounts:  # first: unshare needs the process still single-threaded
+        from gpuattach_broker.worker.privileges import enter_private_mounts
+
+        mounts = enter_private_mounts()
 
     agent_key = os.environ.pop("GPUATTACH_AGENT_KEY", "")
     if not agent_key:
@@ -143,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrent.futures.ThreadPoolExecutor(max_workers=8), options=transfer.GRPC_OPTIONS
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    if args.tls_cert:
-        from gpuattach_broker.tls import TLSFiles, server_credentials
-
-        credentials = server_credentials(TLSFiles(cert=args.tls_cert, key=args.tls_key))
+    if tls_pair is not None:
+        credentials = grpc.ssl_server_credentials([tls_pair])
         port = server.add_secure_port(f"{args.bind}:0", credentials)
     else:
         port = server.add_insecure_port(f"{args.bind}:0")
@@ -164,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
     ready = sys.__stdout__
     assert ready is not None, "the agent reads the ready line from stdout"
-    ready.write(
-        json.dumps({"port": port, "pid": os.getpid(), "cuda_ok": cuda_ok, "cuda": cuda}) + "\n"
-    )
+    line: dict[str, Any] = {"port": port, "pid": os.getpid(), "cuda_ok": cuda_ok, "cuda": cuda}
+    if mounts is not None:
+        line.update(mounts=mounts.describe(), mounts_private=mounts.private)
+    ready.write(json.dumps(line) + "\n")
     ready.flush()
     executor.run_forever()
     # A lease's end: files the user's cells left open (a training log) are
@@ -174,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     from gpuattach_broker.reducers import close_user_files
 
     close_user_files(shell.user_ns)
+    home: str = getattr(service, "private_home", "")
+    if home:
+        from gpuattach_broker.worker.privileges import remove_home
+
+        remove_home(home)  # an isolated worker's own files
     return 0
 
 

@@ -4,9 +4,11 @@ A re-attach on the same host sends only the tensors that changed since they
 were cached: the worker of the new lease finds the rest here by digest. The
 agent owns the cache (it picks the folder, one per user, and its byte
 budget) and hands both to each worker it binds to a lease; workers write
-through it. Files live on tmpfs (/dev/shm) when the host has it, so a cached
-blob is memory, and loading one is an mmap, not a read: pages are copied
-only when touched.
+through it. Each user's folder is that user's alone (mode 0700; with
+``--isolation uid`` owned by the uid the user's workers run as, under a
+common folder others may pass through but not list). Files live on tmpfs
+(/dev/shm) when the host has it, so a cached blob is memory, and loading
+one is an mmap, not a read: pages are copied only when touched.
 
 Eviction is least recently used, by file modification time (a hit touches
 the file), and runs after each write.
@@ -39,6 +41,10 @@ class BlobCache:
         self.folder = Path(folder)
         self.budget_bytes = budget_bytes
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.folder.stat().st_uid == os.getuid():
+            # One user's folder: no other user reads its tensors. (An isolated
+            # worker finds it made and given to its user by `privileges.drop_to`.)
+            self.folder.chmod(0o700)
         self._lock = threading.Lock()
 
     def _path(self, digest: str) -> Path:

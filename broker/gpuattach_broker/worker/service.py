@@ -26,6 +26,7 @@ import grpc
 from gpuattach_broker import codec, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.rpc import end_metadata
 from gpuattach_broker.worker.blobcache import BlobCache
 from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
 
@@ -61,7 +62,11 @@ class MainThreadExecutor:
     def run_forever(self) -> None:
         while True:
             try:
-                item = self._jobs.get()
+                # Wake now and then: a signal (the agent's SIGTERM) that another
+                # thread received runs its handler only when this thread runs.
+                item = self._jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
             except KeyboardInterrupt:
                 continue
             if item is None:
@@ -96,6 +101,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.cache: BlobCache | None = None
         self._cell_lock = threading.Lock()
         self.assigned = threading.Event()
+        # Why the lease ended ("" while it lasts): set by the agent's Revoke,
+        # after which the lease's token is refused and no cell starts.
+        self._revoked = ""
+        self._revoke_lock = threading.Lock()
+        self._cell_streams: set[threading.Event] = set()  # set when an Execute RPC is over
 
     # ------------------------------------------------------------ auth ---
 
@@ -113,6 +123,17 @@ class WorkerService(pb_grpc.WorkerServicer):
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"this worker serves lease {self.lease_id}; present that lease's token",
             )
+        self._refuse_if_revoked(context)
+
+    def _refuse_if_revoked(self, context: grpc.ServicerContext) -> None:
+        """An ended lease's token dies with it: refuse, saying why."""
+        reason = self._revoked
+        if reason:
+            context.set_trailing_metadata(end_metadata("ended", reason))
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"lease {self.lease_id} ended ({reason}); this worker no longer accepts its token",
+            )
 
     # ------------------------------------------------------------ agent ---
 
@@ -124,6 +145,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         conflict = _context_conflict(request.env)
         if conflict:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, conflict)
+        if request.isolate:  # become the lease's user before its token is accepted
+            try:
+                self.executor.submit(lambda: _drop_privileges(self, request)).result()
+            except OSError as exc:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the worker could not run as {request.user_name!r} (uid {request.uid}): {exc}",
+                )
         os.environ.update(request.env)
         folder = request.env.get("GPUATTACH_BLOB_CACHE", "")
         if folder:
@@ -139,6 +168,37 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.assigned.set()
         return pb.AssignReply(pid=os.getpid())
 
+    def Revoke(
+        self, request: pb.WorkerRevokeRequest, context: grpc.ServicerContext
+    ) -> pb.WorkerRevokeReply:
+        """The lease ended (agent only): refuse its token from now on, and
+        interrupt a running cell, waiting up to `wait_seconds` for it to stop."""
+        if not hmac.compare_digest(self._bearer(context), self.agent_key):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the agent may revoke this worker")
+        with self._revoke_lock:
+            if not self._revoked:
+                self._revoked = request.reason or "the lease ended"
+        deadline = time.monotonic() + max(0.0, request.wait_seconds)
+        interrupted = stopped = False
+        while True:
+            with self._revoke_lock:
+                if self.executor.running_cell and not interrupted:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    interrupted = True
+            # The Execute stream holds the cell lock until it has ended.
+            wait = max(0.0, min(0.2, deadline - time.monotonic()))
+            if self._cell_lock.acquire(timeout=wait):
+                self._cell_lock.release()
+                stopped = True
+                break
+            if time.monotonic() >= deadline:
+                break
+        with self._revoke_lock:
+            streams = list(self._cell_streams)
+        for over in streams:  # the kernel has heard how its cell ended
+            over.wait(max(0.0, deadline - time.monotonic()))
+        return pb.WorkerRevokeReply(interrupted=interrupted, cell_stopped=stopped)
+
     # ----------------------------------------------------------- kernel ---
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
@@ -149,6 +209,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         cuda = bool(torch is not None and torch.cuda.is_available())
         same_host = request.client_host == socket.gethostname()
         shared = self.cache if same_host and self.cache is not None else None
+        self._refuse_if_revoked(context)
         return pb.HelloReply(
             blob_cache=str(shared.folder) if shared else "",
             blob_cache_bytes=shared.budget_bytes if shared else 0,
@@ -161,17 +222,32 @@ class WorkerService(pb_grpc.WorkerServicer):
             cuda_available=cuda,
             device_summary=self.device_summary,
             lease_id=self.lease_id,
+            note=getattr(self, "context_note", ""),
         )
 
     def _adopt_kernel_context(self, request: pb.HelloRequest) -> None:
-        """Same host: run where the kernel runs, with its path and environment."""
+        """Same host: run where the kernel runs, with its path and environment.
+
+        An isolated worker (another identity than the kernel's, maybe) keeps its
+        private home, temporary folder and working directory where the kernel's
+        are out of its reach, and says so in `context_note`."""
+        private = getattr(self, "private_home", "")
         for key, value in request.env.items():
             if key not in SLICE_ENV and key not in PROCESS_ENV and not key.startswith("GPUATTACH_"):
+                if private and key in PRIVATE_ENV and not _reachable(value):
+                    continue
                 os.environ[key] = value
         for entry in reversed(request.sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        if request.cwd and os.path.isdir(request.cwd):
+        if private and request.cwd and not _reachable(request.cwd):
+            self.context_note = (
+                f"this worker runs as {os.environ.get('USER', '')!r} (uid {os.getuid()}) and "
+                f"cannot reach the notebook's folder {request.cwd}: files go to its private "
+                f"folder {os.getcwd()} instead"
+            )
+            print(f"gpuattach-worker: {self.context_note}", file=sys.stderr, flush=True)
+        elif request.cwd and os.path.isdir(request.cwd):
             os.chdir(request.cwd)
 
     def Execute(
@@ -184,13 +260,27 @@ class WorkerService(pb_grpc.WorkerServicer):
             return
         if not self._cell_lock.acquire(blocking=False):
             context.abort(grpc.StatusCode.ABORTED, "another cell is already running on this worker")
+        over = threading.Event()
+
+        def rpc_over() -> None:
+            over.set()
+            with self._revoke_lock:
+                self._cell_streams.discard(over)
+
+        with self._revoke_lock:
+            self._cell_streams.add(over)
+        if not context.add_callback(rpc_over):
+            rpc_over()
         try:
-            yield from self._execute(first.request, request_iterator)
+            yield from self._execute(first.request, request_iterator, context)
         finally:
             self._cell_lock.release()
 
     def _execute(
-        self, request: pb.ExecuteRequest, request_iterator: Iterator[pb.ExecuteInput]
+        self,
+        request: pb.ExecuteRequest,
+        request_iterator: Iterator[pb.ExecuteInput],
+        context: grpc.ServicerContext,
     ) -> Iterator[pb.ExecuteOutput]:
         sink = CellSink()
 
@@ -209,7 +299,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         def run() -> bool:
             if request.execution_count:
                 self.shell.execution_count = request.execution_count
-            self.executor.running_cell = True
+            with self._revoke_lock:
+                if self._revoked:
+                    return False  # the lease ended while the cell waited: it never runs
+                self.executor.running_cell = True
             try:
                 result = self.shell.run_cell(
                     request.code, store_history=not request.silent, silent=request.silent
@@ -225,12 +318,15 @@ class WorkerService(pb_grpc.WorkerServicer):
                 sink.close()
 
         future = self.executor.submit(job)
-        yield from _coalesced(sink)
+        for output in _coalesced(sink):
+            if not self._revoked:  # what a cell says after its lease ended goes nowhere
+                yield output
         ok = False
         try:
             ok = future.result()
         except BaseException as exc:
             yield pb.ExecuteOutput(error=pb.ErrorInfo(ename=type(exc).__name__, evalue=str(exc)))
+        self._refuse_if_revoked(context)  # the cell was interrupted because its lease ended
         yield pb.ExecuteOutput(done=pb.ExecuteDone(ok=ok, seconds=time.perf_counter() - started))
 
     def Interrupt(
@@ -271,6 +367,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"could not load the namespace: {type(exc).__name__}: {exc}",
             )
+        self._refuse_if_revoked(context)
         return pb.PushReply(
             names=names,
             problems=[pb.NameProblem(name=n, reason=r) for n, r in sorted(problems.items())],
@@ -303,12 +400,23 @@ class WorkerService(pb_grpc.WorkerServicer):
         encoded, imports, every_name = self.executor.submit(dump).result()
         if encoded.problems and not request.force:
             # Nothing moves until the user decides: the lease stays, no value is lost.
-            yield from transfer.chunk_namespace(None, problems=encoded.problems, names=every_name)
+            chunks = transfer.chunk_namespace(None, problems=encoded.problems, names=every_name)
+            yield from self._unless_revoked(chunks, context)
             return
-        yield from transfer.chunk_namespace(encoded, imports=imports, names=every_name)
+        chunks = transfer.chunk_namespace(encoded, imports=imports, names=every_name)
+        yield from self._unless_revoked(chunks, context)
         if self.cache is not None and encoded.sent_blobs:
             # The kernel now holds these: a later lease on this host need not get them again.
             self.cache.put_in_background(encoded.sent_blobs)
+
+    def _unless_revoked(
+        self, chunks: Iterator[pb.NamespaceChunk], context: grpc.ServicerContext
+    ) -> Iterator[pb.NamespaceChunk]:
+        """A namespace moving out stops, refused, when its lease ends midway."""
+        for chunk in chunks:
+            self._refuse_if_revoked(context)
+            yield chunk
+        self._refuse_if_revoked(context)
 
     def MissingBlobs(self, request: pb.BlobList, context: grpc.ServicerContext) -> pb.BlobList:
         self._check_lease_token(context)
@@ -318,6 +426,31 @@ class WorkerService(pb_grpc.WorkerServicer):
             if d not in self.store and (self.cache is None or not self.cache.has(d))
         ]
         return pb.BlobList(digests=missing)
+
+
+# An isolated worker's own; taken from the kernel only where it can use them.
+PRIVATE_ENV = ("HOME", "TMPDIR", "USER", "LOGNAME")
+
+
+def _reachable(path: str) -> bool:
+    """Whether this process may work in the folder `path` (the USER and
+    LOGNAME values, which are not paths, never are)."""
+    return os.path.isdir(path) and os.access(path, os.R_OK | os.W_OK | os.X_OK)
+
+
+def _drop_privileges(service: WorkerService, request: pb.AssignRequest) -> None:
+    """Assign of an isolated worker, on the main thread (where cells run):
+    become the lease's user for good (`privileges.drop_to`)."""
+    from gpuattach_broker.worker import privileges
+
+    dropped = privileges.drop_to(
+        request.uid,
+        request.gid,
+        request.user_name,
+        blob_cache=request.env.get("GPUATTACH_BLOB_CACHE", ""),
+        keep_gpus=list(request.gpu_uuids),
+    )
+    service.private_home = dropped.home  # type: ignore[attr-defined]
 
 
 def _stage_in_cache(cache: BlobCache, blobs: dict[str, Any], have: frozenset[str]) -> set[str]:
