@@ -646,8 +646,12 @@ class GPUSession:
     # ----------------------------------------------------------- status ---
 
     def take_notes(self) -> list[str]:
-        """Lines from background work since the last cell (printed at the next one)."""
-        notes, self.notes[:] = list(self.notes), []
+        """Lines from background work since the last cell (printed at the next one).
+
+        Waits for background work under way (an idle release pulling names home,
+        its Release waiting for the worker's exit): its line belongs to this cell."""
+        with self.lock:
+            notes, self.notes[:] = list(self.notes), []
         return notes
 
     def status(self) -> str:
