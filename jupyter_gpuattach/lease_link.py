@@ -180,19 +180,48 @@ class LeaseLink:
         assert self.broker is not None
         return self.broker.release(lease, reason=reason, busy_seconds=busy, patience=patience)
 
-    def why_gone(self, lease: pb.Lease | None, busy: float) -> LeaseEnd:
+    def broker_silence(self) -> float:
+        """Seconds since the broker last confirmed the current lease (0: none kept)."""
+        keeper = self.keeper
+        return 0.0 if keeper is None else time.monotonic() - keeper.renewed_at
+
+    def broker_lost_lease(self, lease: pb.Lease | None, margin: float = 1.0) -> str:
+        """Why the lease must be over though the broker could not say so: it has
+        not answered for longer than the lease's TTL (plus `margin`, its timer's
+        pace), after which it ends a lease and stops its worker. "" while that
+        is not so."""
+        if lease is None or not lease.ttl_seconds or self.broker is None:
+            return ""
+        silent = self.broker_silence()
+        if silent <= lease.ttl_seconds + margin:
+            return ""
+        return (
+            f"the GPU broker at {self.broker.target.address} has not answered for "
+            f"{silent:.0f} s, longer than the lease's {lease.ttl_seconds:.0f} s TTL, so it "
+            "has ended the lease and stops its worker"
+        )
+
+    def why_gone(
+        self,
+        lease: pb.Lease | None,
+        busy: float,
+        patience: float = 3.0,
+        fallback: str = "the GPU worker stopped answering",
+    ) -> LeaseEnd:
         """The worker stopped answering: ask the broker whether the lease ended, and how.
 
         The agent reports a dead worker within about a second, and a release
-        someone chose ends the lease before its worker is stopped.
+        someone chose ends the lease before its worker is stopped. Where the
+        broker does not say within `patience` seconds, `fallback` is the reason.
         """
-        silent = LeaseEnd("lost", "the GPU worker stopped answering")
+        silent = LeaseEnd("lost", fallback)
         if self.broker is None or lease is None:
             return silent
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + patience
+        while True:
+            left = deadline - time.monotonic()
             try:
-                reply = self.broker.renew(lease, busy)
+                reply = self.broker.renew(lease, busy, timeout=max(0.5, min(2.0, left)))
             except BrokerError as exc:
                 if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
                     if exc.end_state:
@@ -201,6 +230,8 @@ class LeaseLink:
                 break
             if reply.state not in ("active", "starting", "preempting"):
                 return _gone(LeaseEnd.from_broker(reply.state, reply.end_reason))
+            if time.monotonic() + 0.2 >= deadline:
+                return silent
             time.sleep(0.2)
         return silent
 

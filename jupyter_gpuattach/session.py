@@ -30,6 +30,7 @@ from gpuattach_broker.client.worker_client import (
     VersionMismatch,
     WorkerClient,
     WorkerGone,
+    WorkerUnreachable,
     check_compatible,
     kernel_hello,
 )
@@ -222,7 +223,7 @@ class GPUSession:
             try:
                 self.sync.push(self.worker, time.perf_counter(), kind="push")
             except WorkerGone:
-                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+                self._lose(self._why_gone())
 
     def _idle_release_in(self) -> float:
         """Seconds until auto mode releases the slice if nothing runs; -1: not scheduled."""
@@ -260,12 +261,12 @@ class GPUSession:
             if self.worker is None or self.lease is None:
                 raise GPUError("no GPU attached: run %gpu attach first")
             if self.lost:
-                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+                self._lose(self._why_gone())
             if self.sync.kernel_ahead:
                 try:
                     self.sync.push(self.worker, time.perf_counter(), kind="push")
                 except WorkerGone:
-                    self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+                    self._lose(self._why_gone())
             cell = self._cell_number()
             renderer = OutputRenderer(self.shell)
             now = time.monotonic()
@@ -276,10 +277,14 @@ class GPUSession:
             self.link.nudge()
             try:
                 self.worker.execute(code, cell, renderer, answer_input)
+            except WorkerUnreachable as exc:
+                self._finish_cell(gpu)
+                self.running_cell = cell
+                self._unreachable(exc)
             except WorkerGone:
                 self._finish_cell(gpu)
                 self.running_cell = cell  # what was lost: this cell's effects
-                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+                self._lose(self._why_gone())
             self._finish_cell(gpu)
             self.sync.last_remote_cell = cell
             self._start_sync(cell)
@@ -422,25 +427,61 @@ class GPUSession:
             raise LeaseEnded(end, synced_line)
         self._forget(end.reason)
 
+    def _why_gone(self) -> LeaseEnd:
+        """How the lease ended, as the broker tells it, else what the kernel knows."""
+        end = self.link.why_gone(self.lease, self.clock.busy(), fallback="")
+        if end.reason:
+            return end
+        pending = self.pending_end
+        known = self.lost or (pending.reason if pending is not None and not pending.chosen else "")
+        known = known or self.link.broker_lost_lease(self.lease, margin=0.0)
+        return LeaseEnd("lost", known or "the GPU worker stopped answering")
+
     def _forget(self, why: str) -> None:
         """The worker or host died: drop the lease and say exactly what was lost."""
-        lease, running, synced = self.lease, self.running_cell, self.sync.last_synced_cell
-        busy = self.clock.busy()
+        running = self.running_cell
+        lost = f"the effects of In[{running}] are lost" if running else "nothing ran since"
+        raise GPUError(f"{why}. {lost}; {self._drop_lease(why)}.")
+
+    def _unreachable(self, exc: WorkerUnreachable) -> None:
+        """The worker shows no sign of life (frozen, or the link is cut), or did not
+        answer an interrupt. The rule: the running cell's effects are discarded;
+        the lease is given back, which makes its agent stop that worker (the
+        cell may run on until then, but nothing of it comes back). The session
+        stays usable at once: it no longer holds that worker."""
+        end = self.link.why_gone(self.lease, self.clock.busy(), patience=0.0, fallback="")
+        if end.reason:  # the broker knows better: the worker died, or the lease ended
+            self._lose(end)
+        running = self.running_cell
+        cell = f"In[{running}]" if running else "the cell"
+        raise GPUError(
+            f"{exc}: {cell} may still be running there; its effects are discarded and the "
+            f"lease is given back, which stops that worker; {self._drop_lease(str(exc))}."
+        )
+
+    def _drop_lease(self, why: str) -> str:
+        """Forget the lease (given back in the background: a broker that does not
+        answer lets it expire); what the user keeps and what to do next."""
+        lease, synced, busy = self.lease, self.sync.last_synced_cell, self.clock.busy()
         self._teardown()
         self.last_end = LeaseEnd("lost", why)
-        if lease is not None and self.link.broker is not None:
-            try:
-                self.link.release(lease, "worker lost", busy, patience=2.0)
-            except BrokerError:
-                pass
-        lost = f"the effects of In[{running}] are lost" if running else "nothing ran since"
+        broker = self.link.broker
+        if lease is not None and broker is not None:
+
+            def give_back() -> None:
+                try:
+                    broker.release(lease, reason="worker lost", busy_seconds=busy, patience=2.0)
+                except BrokerError:
+                    pass  # the broker ends it when its TTL passes without a heartbeat
+
+            threading.Thread(target=give_back, daemon=True, name="gpuattach-giveback").start()
         kept = (
             f"every name is as of In[{synced}], the last remote cell that finished"
             if synced
             else "the kernel's names are as they were at attach"
         )
         then = "the next GPU cell attaches again" if self.auto else "run %gpu attach to go on"
-        raise GPUError(f"{why}. {lost}; {kept}; {then}.")
+        return f"{kept}; {then}"
 
     def _teardown(self) -> None:
         self.link.stop_keeping()
@@ -474,7 +515,7 @@ class GPUSession:
         if self.worker is None or self.lease is None:
             raise GPUError("nothing to release: no GPU is attached to this kernel")
         if self.lost:
-            self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+            self._lose(self._why_gone())
         started = time.perf_counter()
         if self.sync.in_sync:
             # The kernel's copy is current: nothing needs to come back.
@@ -488,7 +529,7 @@ class GPUSession:
             try:
                 pulled = self.sync.pull(self.worker, force=force, kind="release")
             except WorkerGone:
-                self._lose(self.link.why_gone(self.lease, self.clock.busy()))
+                self._lose(self._why_gone())
                 raise
             finally:
                 self.migrating = False
@@ -591,9 +632,20 @@ class GPUSession:
         return f"GPU policy: idle timeout capped at {limit}" if capped else ""
 
     def _tick(self) -> None:
-        """The watcher's periodic check: preemption first, then the idle deadline."""
+        """The watcher's periodic check: the broker's silence, preemption, then
+        the idle deadline."""
         if not self.attached:
             return
+        if not self.lost and self.pending_end is None:
+            why = self.link.broker_lost_lease(self.lease)
+            if why:
+                self.pending_end = LeaseEnd("lost", why)
+                if self.lock.acquire(blocking=False):  # else the running cell applies it
+                    try:
+                        self._apply_pending_end()
+                    finally:
+                        self.lock.release()
+                return
         if self.preempted:
             self._when_free(self._preempted_release)
             return

@@ -213,10 +213,22 @@ class Kernel:
     def submit(self, code: str) -> str:
         return str(self.kc.execute(code))
 
-    def collect(self, msg_id: str, timeout: float = 120.0) -> CellResult:
-        result = CellResult(status="")
+    def collect(
+        self,
+        msg_id: str,
+        timeout: float = 120.0,
+        *,
+        into: CellResult | None = None,
+        until: Any = None,
+    ) -> CellResult:
+        """The cell's outputs and reply. With `until` (a test on the result so
+        far), return as soon as it holds, while the cell still runs; pass that
+        result back as `into` to go on collecting."""
+        result = into if into is not None else CellResult(status="")
         deadline = time.monotonic() + timeout
         while True:
+            if until is not None and until(result):
+                return result
             msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue

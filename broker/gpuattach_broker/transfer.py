@@ -25,6 +25,13 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Servers (worker, broker) accept the keepalive pings kernels send to
+    # notice a dead link (worker_client.keepalive_options): as often as once
+    # a second, during a silent cell and between cells, never answered with
+    # a "too many pings" GOAWAY.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 

@@ -31,7 +31,6 @@ def digest(m):
 # worker processes, an open append-mode log, a lock.
 TRAIN = """
 loader = DataLoader(ds, batch_size=64, num_workers=2)
-batches = iter(loader)
 log = open("train_log.txt", "a")
 lock = threading.Lock()
 for step, (xb, yb) in enumerate(loader):
@@ -40,6 +39,7 @@ for step, (xb, yb) in enumerate(loader):
     loss.backward()
     optimizer.step()
     log.write(f"step {step} loss {loss.item():.6f}\\n")
+batches = iter(loader)  # an iterator whose worker processes stay alive
 first_batch = next(batches)
 print(os.getpid(), digest(model), optimizer.state_dict()["state"] == {})
 """

@@ -55,6 +55,9 @@ class FakePools:
     def refill(self) -> None:
         pass
 
+    async def kill_leftovers(self) -> list[int]:
+        return []  # no earlier agent left workers on this fake host
+
     async def close(self) -> None:
         for worker in self.workers:
             await worker.stop(grace=0.5)

@@ -195,6 +195,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, reconnecting to the broker as needed."""
+        # Before the first hello: the workers an earlier agent of this host left
+        # running (it was killed) are killed and gone, so the broker, which ends
+        # the leases this agent does not know, frees their room after their exit.
+        await self.pool.kill_leftovers()
         self.pool.refill()
         if self.gpu is not None:
             self._spawn(self.gpu.run(self._on_breach, self._on_fault, self._on_inventory))

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from gpuattach_broker.agent.isolation import (
     resolve_mode,
     secret_file_problem,
 )
+from gpuattach_broker.agent.pool import LedgerBusy, ProcessLedger
+from gpuattach_broker.paths import state_dir
 from gpuattach_broker.rpc import read_key_file
 from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles, WorkerTLS
@@ -291,7 +294,10 @@ class AgentApp(ServiceApp):
                 zygote=self.zygote,
             )
             agent.pool.set_isolation(options.isolation)
-        except ValueError as exc:  # e.g. plaintext workers off loopback
+            ledger = process_ledger(agent.host)
+            ledger.acquire()
+            agent.pool.set_ledger(ledger)
+        except (ValueError, LedgerBusy, OSError) as exc:  # e.g. plaintext workers off loopback
             print(f"gpuattach-agent: {exc}", file=sys.stderr)
             if isinstance(backend, NvmlBackend):
                 mps_control.stop(backend.mps)
@@ -308,6 +314,9 @@ class AgentApp(ServiceApp):
         try:
             asyncio.run(run())
         finally:
+            # Whatever the shutdown left running of this agent's processes goes now.
+            ledger.kill_leftovers(timeout=10.0)
+            ledger.release()
             if isinstance(backend, NvmlBackend):
                 mps_control.stop(backend.mps)
         return 0
@@ -320,6 +329,13 @@ class AgentOptions:
     key: str
     worker_tls: WorkerTLS
     isolation: Isolation = field(default_factory=Isolation)
+
+
+def process_ledger(host: str) -> ProcessLedger:
+    """The file where the agent of `host` notes the processes it starts; the
+    next agent of the host kills what is left of them before its hello."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", host).lstrip(".") or "_"
+    return ProcessLedger(state_dir() / "agent" / f"processes-{name}")
 
 
 def check_isolation(app: AgentApp) -> tuple[int, str]:

@@ -19,20 +19,33 @@ only handed to a lease on that device. Leases no device pool can serve
 (several GPUs, or an MPS share that must be set before the context exists)
 take a worker from the shared pool, whose workers have imported torch but
 not touched CUDA. The CPU backend has only the shared pool.
+
+No worker outlives its agent. Each dies with its parent by construction
+(``PR_SET_PDEATHSIG``: the zygote on the agent's death, a worker on its
+zygote's or, started directly, on the agent's), each runs in a process group
+of the agent's making (the zygote's, shared by its workers; a worker started
+directly leads its own), and the agent writes every process it starts to a
+`ProcessLedger` in its state folder: the next agent of the host kills what is
+still running of those, and waits for it to exit, before it says hello to the
+broker (which frees the room of the leases it does not know only then).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import secrets
+import select
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -52,6 +65,163 @@ READY_TIMEOUT_S = 120.0
 REFILL_DELAY_S = 1.0
 WARM_CUDA_FLAG = "--warm-cuda"
 PRIVATE_MOUNTS_FLAG = "--private-mounts"
+
+
+# How long a new agent waits for an earlier agent's processes to exit after
+# SIGKILL (a process holding a CUDA context can take seconds to be torn down).
+LEFTOVER_WAIT_S = 30.0
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in clock ticks) of `pid`; None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        return fields[0], int(fields[2]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _running(pid: int, start: int) -> bool:
+    """`pid` is the process that started at `start` and has not exited (a
+    zombie has: it runs nothing)."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[2] == start and stat[0] not in ("Z", "X")
+
+
+def _group_members(groups: set[int]) -> list[int]:
+    """Running processes (not zombies) whose process group is in `groups`."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _proc_stat(int(name))
+            if stat is not None and stat[1] in groups and stat[0] not in ("Z", "X"):
+                members.append(int(name))
+    return members
+
+
+class LedgerBusy(RuntimeError):
+    """Another agent, still running, holds this host's ledger."""
+
+
+class ProcessLedger:
+    """The processes this agent started (the zygote and every worker), by pid
+    and start time, in a file of its state folder.
+
+    A killed agent's workers die with it by construction (the parent-death
+    signal), but one that cannot run (stopped, stuck in the kernel, or one
+    that cleared that signal) would keep its device. So the next agent of the
+    host, before its hello (`kill_leftovers`), kills every process of the
+    file that still runs (the start time tells a recycled pid apart) and the
+    process groups they lead, and waits until they have exited. A lock on
+    the file (`acquire`) keeps a second live agent from killing the first's.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: dict[int, int] = {}  # pid -> start time
+        self._lock_fd = -1
+
+    def acquire(self) -> None:
+        """Hold the ledger while this agent runs; LedgerBusy names the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LedgerBusy(
+                f"another gpuattach-agent (pid {holder}) runs for this host with {self.path}; "
+                "stop it first, or give this one another --host or GPUATTACH_STATE_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def add(self, pid: int) -> None:
+        """Note a process this agent started (again: no change)."""
+        stat = _proc_stat(pid)
+        if stat is None or self.entries.get(pid) == stat[2]:
+            return
+        self.entries[pid] = stat[2]
+        self._save()
+
+    def _save(self) -> None:
+        self.entries = {pid: start for pid, start in self.entries.items() if _running(pid, start)}
+        temporary = self.path.with_name(self.path.name + ".new")
+        temporary.write_text("".join(f"{pid} {start}\n" for pid, start in self.entries.items()))
+        os.replace(temporary, self.path)
+
+    def _read(self) -> dict[int, int]:
+        entries: dict[int, int] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    pid, start = (int(x) for x in line.split())
+                    entries[pid] = start
+        return entries
+
+    def leftovers(self) -> dict[int, int]:
+        """Processes of the file that still run (not this process)."""
+        return {
+            pid: start
+            for pid, start in self._read().items()
+            if pid != os.getpid() and _running(pid, start)
+        }
+
+    def kill_leftovers(self, timeout: float = LEFTOVER_WAIT_S) -> list[int]:
+        """SIGKILL every process of the file that still runs, and the process
+        groups they lead; return when they have all exited (or after
+        `timeout`, logged). Returns the pids killed."""
+        left = self.leftovers()
+        groups: set[int] = set()
+        pidfds: list[int] = []
+        for pid, start in left.items():
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            if not _running(pid, start):  # exited (or recycled) since: not ours
+                os.close(pidfd)
+                continue
+            pidfds.append(pidfd)
+            stat = _proc_stat(pid)
+            with contextlib.suppress(OSError):
+                if stat is not None and stat[1] == pid:  # it leads a group of ours
+                    groups.add(pid)
+                    os.killpg(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        try:
+            for pidfd in pidfds:  # readable once the process has exited
+                select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            while groups and _group_members(groups) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+        still = [pid for pid, start in left.items() if _running(pid, start)]
+        still += _group_members(groups) if groups else []
+        if still:
+            log.error(
+                "agent processes (zygote, workers) still run %.0f s after SIGKILL: %s",
+                timeout,
+                sorted(set(still)),
+            )
+        # What could not be killed stays in the file, for the next try.
+        self.entries.update({pid: start for pid, start in left.items() if pid in still})
+        self._save()
+        return sorted(left)
 
 
 class WorkerProc(Protocol):
@@ -184,6 +354,7 @@ class WorkerPool:
         self.args = list(args)
         self.device = device
         self.paused = False
+        self.ledger: ProcessLedger | None = None  # notes every process it starts
         self._ready: list[WorkerProcess] = []
         self._starting: set[asyncio.Task[WorkerProcess]] = set()
         self._stopping: set[asyncio.Task[int | None]] = set()
@@ -209,6 +380,7 @@ class WorkerPool:
         if self.zygote is not None:
             try:
                 parent = await self.zygote.ready()
+                self._note(parent)
                 return await self.zygote.spawn(self.worker_args(parent), env)
             except (ZygoteError, TimeoutError) as exc:
                 log.warning("starting a worker directly: %s", exc)
@@ -220,7 +392,15 @@ class WorkerPool:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=env,
+            process_group=0,  # its own: a terminal's Ctrl-C for the agent is not for it
         )
+
+    def _note(self, pid: int) -> None:
+        if self.ledger is not None:
+            try:
+                self.ledger.add(pid)
+            except OSError as exc:
+                _warn_once(f"could not note worker processes in {self.ledger.path}: {exc}")
 
     async def spawn(self) -> WorkerProcess:
         key = secrets.token_urlsafe(24)
@@ -229,6 +409,7 @@ class WorkerPool:
         env["GPUATTACH_AGENT_KEY"] = key  # per worker, random; the worker pops it at start
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = await self._start_process(env)
+        self._note(proc.pid)
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
@@ -372,6 +553,7 @@ class WarmPools:
         self.tls = tls or WorkerTLS()
         self.tls_name = tls_name
         self.isolation = isolation or Isolation()
+        self.ledger: ProcessLedger | None = None
         # Its environment is the workers' allow-list too: a forked worker's
         # /proc/<pid>/environ is the zygote's, whatever the child sets later.
         self.zygote = Zygote(python, env=self.isolation.env()) if zygote else None
@@ -405,8 +587,32 @@ class WarmPools:
             zygote=self.zygote,
             isolation=self.isolation,
         )
+        pool.ledger = self.ledger
         self.devices[device_id] = pool
         return pool
+
+    def set_ledger(self, ledger: ProcessLedger | None) -> None:
+        """Note every process the pools start in `ledger` (see `kill_leftovers`)."""
+        self.ledger = ledger
+        for pool in (self.shared, *self.devices.values()):
+            pool.ledger = ledger
+
+    async def kill_leftovers(self) -> list[int]:
+        """Before the agent's first hello: kill what an earlier agent of this
+        host left running (its ledger), and wait until it has exited."""
+        ledger = self.ledger
+        if ledger is None:
+            return []
+        started = time.monotonic()
+        killed = await asyncio.to_thread(ledger.kill_leftovers)
+        if killed:
+            log.warning(
+                "killed %d process(es) an earlier agent left running (pids %s) in %.0f ms",
+                len(killed),
+                ", ".join(map(str, killed)),
+                1000 * (time.monotonic() - started),
+            )
+        return killed
 
     def set_isolation(self, isolation: Isolation) -> None:
         """Isolate workers as `isolation` says; before the first worker starts."""

@@ -258,6 +258,9 @@ class LeaseKeeper:
         self.report = report
         self.interval = max(0.5, lease.ttl_seconds / 3) if lease.ttl_seconds else 10.0
         self.ended_reason = ""
+        # When the broker last confirmed the lease (monotonic): a kernel cut
+        # off from the broker for longer than the TTL knows its lease is over.
+        self.renewed_at = time.monotonic()
         self._preempting = False
         self._idle_seen = -1.0
         self._stop = threading.Event()
@@ -362,6 +365,7 @@ class LeaseKeeper:
             if reply.state not in ("active", "starting", "preempting"):
                 self._ended(reply.state, reply.end_reason)
                 return
+            self.renewed_at = time.monotonic()
             if reply.idle_seconds >= 0 and reply.idle_seconds != self._idle_seen:
                 self._idle_seen = reply.idle_seconds
                 self._put("idle", seconds=reply.idle_seconds)

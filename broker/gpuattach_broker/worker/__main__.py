@@ -10,18 +10,32 @@ With ``--warm-cuda`` (GPU hosts; the agent sets CUDA_VISIBLE_DEVICES to one
 device first) it also makes its CUDA context and loads the kernels a first
 cell needs before reporting ready, so attach does not pay for them. Such a
 worker can then only serve a lease on that device.
+
+A worker never outlives its lease or its agent. It stops (`Stopper`) on
+SIGTERM (the agent ends the lease) or when its parent dies: the kernel sends
+it SIGTERM then (``PR_SET_PDEATHSIG``, armed first thing; its parent is the
+zygote, which gets the same on the agent's death), and a thread watching the
+parent's pidfd notices too. Stopping interrupts the running cell at once (as
+Ctrl-C would, again every `INTERRUPT_EVERY_S`), refuses new calls, and exits;
+a cell that does not stop (it catches the interrupt, or sits in native code)
+has the user's open files flushed and closed and the process ends anyway
+`STOP_DEADLINE_S` after the request.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures
+import contextlib
 import json
 import os
+import selectors
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -92,12 +106,120 @@ def _warm_cuda() -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def _watch_parent(parent_pid: int, on_gone: Any) -> None:
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            on_gone()
-            return
+# From a stop's request (SIGTERM, the parent gone) to the process's end, at most.
+STOP_DEADLINE_S = 1.5
+# The last part of it, for flushing and closing the user's open files when the
+# running cell did not stop by itself.
+FILES_DEADLINE_S = 0.3
+INTERRUPT_EVERY_S = 0.25  # a cell that caught the interrupt is interrupted again
+FORCED_EXIT = 3  # exit code of a worker whose cell did not stop in time
+
+
+class Stopper:
+    """Stops the worker when asked (`request`: SIGTERM's handler) or when its
+    parent process ends, within `STOP_DEADLINE_S` whatever the running cell does.
+
+    Its thread waits on the parent's pidfd and on the signal wakeup pipe (so a
+    SIGTERM is seen even while the main thread sits in native code that does
+    not return to Python), then interrupts the running cell, stops the gRPC
+    server and the main-thread executor, and ends the process if the main
+    thread has not by the deadline."""
+
+    def __init__(
+        self, server: grpc.Server, executor: Any, user_ns: Callable[[], dict[str, Any]]
+    ) -> None:
+        self.server = server
+        self.executor = executor
+        self.user_ns = user_ns
+        self.why = ""
+        self.requested_at = 0.0
+        self.requested = threading.Event()
+        self.returned = threading.Event()  # the main thread left its loop: cleaning up
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+
+    def request(self, why: str) -> None:
+        """Stop now (safe in a signal handler; the first reason is kept)."""
+        if not self.requested.is_set():
+            self.why = why
+            self.requested_at = time.monotonic()
+            self.requested.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    def start(self, parent_pid: int = 0) -> None:
+        """Handle SIGTERM, and watch `parent_pid` (0: no parent to watch).
+        On the main thread (the signal handler and wakeup pipe are set there)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.request("SIGTERM"))
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        parent_fd = -1
+        if parent_pid:
+            with contextlib.suppress(OSError, AttributeError):
+                parent_fd = os.pidfd_open(parent_pid)
+        threading.Thread(
+            target=self._run, args=(parent_pid, parent_fd), name="gpuattach-stopper", daemon=True
+        ).start()
+
+    def _run(self, parent_pid: int, parent_fd: int) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            if parent_fd >= 0:
+                selector.register(parent_fd, selectors.EVENT_READ)
+            # Without a pidfd (an old kernel) the parent is polled.
+            timeout = None if parent_fd >= 0 or not parent_pid else 0.2
+            while not self.requested.is_set():
+                for key, _ in selector.select(timeout):
+                    if key.fd == parent_fd:
+                        self.request(f"its parent process {parent_pid} exited")
+                    else:
+                        with contextlib.suppress(OSError):
+                            if signal.SIGTERM in os.read(self._wake_r, 512):
+                                self.request("SIGTERM")
+                if parent_fd < 0 and parent_pid and os.getppid() != parent_pid:
+                    self.request(f"its parent process {parent_pid} exited")
+        self._stop()
+
+    def _stop(self) -> None:
+        self.executor.interrupt()
+        self.executor.stop(now=True)  # no queued job starts
+        self.server.stop(grace=0.5)
+        files_at = self.requested_at + STOP_DEADLINE_S - FILES_DEADLINE_S
+        while not self.returned.wait(max(0.0, min(INTERRUPT_EVERY_S, files_at - time.monotonic()))):
+            if time.monotonic() >= files_at:
+                break
+            self.executor.interrupt()
+        if not self.returned.is_set():
+            print(
+                f"gpuattach-worker: stopping ({self.why}): the running cell did not stop within "
+                f"{STOP_DEADLINE_S - FILES_DEADLINE_S:.1f} s of its interrupt; ending the process",
+                file=sys.stderr,
+                flush=True,
+            )
+            closer = threading.Thread(target=self._close_files, daemon=True)
+            closer.start()
+            closer.join(max(0.0, self.requested_at + STOP_DEADLINE_S - time.monotonic()))
+        else:  # the main thread cleans up and exits: give it until the deadline
+            time.sleep(max(0.0, self.requested_at + STOP_DEADLINE_S - time.monotonic()))
+        os._exit(FORCED_EXIT)
+
+    def _close_files(self) -> None:
+        from gpuattach_broker.reducers import close_user_files
+
+        with contextlib.suppress(Exception):
+            close_user_files(self.user_ns())
+
+
+def exit_now(code: int) -> None:
+    """End the process as the interpreter would (atexit functions, flushed
+    streams), without waiting for other threads or tearing down modules."""
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(BaseException):
+            if stream is not None:
+                stream.flush()
+    os._exit(code if 0 <= code <= 255 else 1)
 
 
 def _read_tls(cert: str, key: str) -> tuple[bytes, bytes] | None:
@@ -124,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         help="an isolated worker: its own mount namespace (tmpfs /tmp, /proc of its user)",
     )
     args = parser.parse_args(argv)
+    if args.parent_pid:  # first: a worker never outlives its parent (agent or zygote)
+        from gpuattach_broker.worker.privileges import die_with_parent
+
+        if not die_with_parent(signal.SIGTERM, args.parent_pid):
+            return 0
 
     # Read the TLS key now, as the agent's user and before /tmp is private: an
     # isolated worker later drops to its lease's user, who cannot open it.
@@ -172,16 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         port = server.add_insecure_port(f"{args.bind}:0")
     server.start()
 
-    def shutdown(*_: Any) -> None:
-        server.stop(grace=0.5)
-        executor.stop()
-
-    signal.signal(signal.SIGTERM, shutdown)
+    stopper = Stopper(server, executor, lambda: shell.user_ns)
+    stopper.start(args.parent_pid)
     install_interrupt_handler(executor)
-    if args.parent_pid:
-        threading.Thread(
-            target=_watch_parent, args=(args.parent_pid, shutdown), daemon=True
-        ).start()
     ready = sys.__stdout__
     assert ready is not None, "the agent reads the ready line from stdout"
     line: dict[str, Any] = {"port": port, "pid": os.getpid(), "cuda_ok": cuda_ok, "cuda": cuda}
@@ -190,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ready.write(json.dumps(line) + "\n")
     ready.flush()
     executor.run_forever()
+    stopper.returned.set()
     # A lease's end: files the user's cells left open (a training log) are
     # flushed and closed so no buffered line is lost with the process.
     from gpuattach_broker.reducers import close_user_files
@@ -204,4 +325,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

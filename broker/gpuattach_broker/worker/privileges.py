@@ -45,6 +45,8 @@ MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -77,6 +79,26 @@ def _check(result: int, what: str) -> None:
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def parent_death_signal() -> int:
+    """The signal this process gets when its parent dies (0: none)."""
+    sig = ctypes.c_int(0)
+    _check(_libc().prctl(PR_GET_PDEATHSIG, ctypes.byref(sig), 0, 0, 0), "prctl(PR_GET_PDEATHSIG)")
+    return int(sig.value)
+
+
+def die_with_parent(sig: int, parent_pid: int) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies
+    (``PR_SET_PDEATHSIG``), then close the race with a parent that died
+    before: if `parent_pid` is no longer the parent, send `sig` now. Returns
+    whether the parent is still there. A forked child does not inherit the
+    setting, and a change of credentials clears it (`drop_to` sets it again)."""
+    _check(_libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+        return False
+    return True
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
@@ -283,6 +305,9 @@ def drop_to(
     if uid == 0 or gid == 0:
         raise PermissionError("an isolated worker never runs as root (uid or gid 0)")
     hidden = hide_other_gpus(keep_gpus or []) if keep_gpus is not None else []
+    # The credential change below clears the parent-death signal: set it again
+    # after, and if the parent died in between, the signal comes now.
+    death_signal, parent = parent_death_signal(), os.getppid()
     home = tempfile.mkdtemp(prefix="gpuattach-home-", dir="/tmp")  # 0700, unguessable
     give(Path(home), uid, gid)
     if blob_cache:
@@ -297,6 +322,8 @@ def drop_to(
     libc = _libc()
     _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if death_signal:
+        die_with_parent(death_signal, parent)
     os.chdir(home)
     os.environ.update(HOME=home, TMPDIR=home, USER=name, LOGNAME=name)
     tempfile.tempdir = None  # the next tempfile call reads TMPDIR again

@@ -50,14 +50,28 @@ class MainThreadExecutor:
         self._jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
         self._jobs = queue.Queue()
         self.running_cell = False
+        self.stopping = False  # `stop(now=True)`: no job that has not started runs
 
     def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((fn, future))
         return future
 
-    def stop(self) -> None:
+    def stop(self, now: bool = False) -> None:
+        """End `run_forever`: after the jobs already queued, or (`now`) after
+        the running one only; the others are cancelled, never run."""
+        if now:
+            self.stopping = True
         self._jobs.put(None)
+
+    def interrupt(self) -> bool:
+        """Interrupt the running cell as Ctrl-C would (a SIGINT to this process,
+        handled on the main thread by `install_interrupt_handler`'s handler).
+        False when no cell runs."""
+        if not self.running_cell:
+            return False
+        os.kill(os.getpid(), signal.SIGINT)
+        return True
 
     def run_forever(self) -> None:
         while True:
@@ -72,6 +86,9 @@ class MainThreadExecutor:
             if item is None:
                 return
             fn, future = item
+            if self.stopping:
+                future.cancel()
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:

@@ -51,11 +51,16 @@ zygote -> agent:
   ``{"op": "exit", "pid": p, "code": c}`` when a child is reaped, `c` as
   asyncio's ``returncode`` (``-9``: killed by SIGKILL).
 
-The zygote exits when the agent closes its end or dies (end of file, or its
-parent changes), or on SIGTERM: it stops its workers (SIGTERM, SIGKILL after
-a grace), reaps them, reports their exits, and exits. A worker forked from it
-gets the zygote's pid as ``--parent-pid`` and stops when the zygote is gone,
-as a worker started directly stops when the agent is gone.
+The zygote exits when the agent closes its end or dies, or on SIGTERM: it
+stops its workers (SIGTERM, SIGKILL after `STOP_GRACE_S`), reaps them,
+reports their exits, and exits. It notices the agent's death by construction:
+the kernel sends it SIGTERM then (``PR_SET_PDEATHSIG``, armed first thing),
+besides the end of file on its socket and a changed parent. A worker forked
+from it gets the zygote's pid as ``--parent-pid`` and arms the same on the
+zygote's death, as a worker started directly does on the agent's. The agent
+starts the zygote in a process group of its own, which its workers share, so
+that a later agent can kill whatever an earlier one left behind
+(``gpuattach_broker.agent.pool.ProcessLedger``).
 """
 
 from __future__ import annotations
@@ -78,7 +83,10 @@ from typing import Any
 log = logging.getLogger("gpuattach.agent")
 
 MAX_MESSAGE = 1 << 20  # a request carries a whole environment
-STOP_GRACE_S = 3.0  # workers stopping with the zygote: SIGTERM, then SIGKILL
+# Workers stopping with the zygote: SIGTERM, then SIGKILL after this. A worker
+# ends itself sooner (gpuattach_broker.worker.__main__.STOP_DEADLINE_S); this
+# bounds one whose Python cannot run (stopped, or stuck holding the GIL).
+STOP_GRACE_S = 1.8
 READY_TIMEOUT_S = 120.0  # the zygote's preload (import torch on a slow host)
 REQUEST_TIMEOUT_S = 30.0  # one fork, answered in milliseconds when healthy
 UNKNOWN_EXIT = 255  # the zygote died before it reported a child's exit (as asyncio)
@@ -332,9 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True, help="the agent's socket")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process ends")
     args = parser.parse_args(argv)
+    parent = args.parent_pid or os.getppid()
+    from gpuattach_broker.worker.privileges import die_with_parent
+
+    if not die_with_parent(signal.SIGTERM, parent):  # first: never outlive the agent
+        return 0
     control = socket.socket(fileno=args.control_fd)
     control.setblocking(True)
-    parent = args.parent_pid or os.getppid()
     _preload()
     # What the preload made stays as it is in every child: keep the children's
     # garbage collector off it, or its first pass writes to (copies) every page.
@@ -503,6 +515,10 @@ class Zygote:
                 stdout=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
                 env=env,
+                # A group of its own that its workers share: a terminal's Ctrl-C
+                # for the agent never reaches a user's cell, and a later agent
+                # kills the whole group if this one dies (see ProcessLedger).
+                process_group=0,
             )
         except BaseException:
             ours.close()
