@@ -32,12 +32,15 @@ from gpuattach_broker.client.worker_client import (
     WorkerGone,
     WorkerUnreachable,
     check_compatible,
+    folder_marker,
+    forwarded_env,
     kernel_hello,
 )
 from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, format_size
 from jupyter_gpuattach.auto_release import AutoMode, Watcher, idle_under_policy
+from jupyter_gpuattach.file_mirror import FileMirror, FileTransfer
 from jupyter_gpuattach.lease_link import (
     AttachOptions,
     GPUError,
@@ -96,12 +99,25 @@ def held_busy_text(held: float, busy: float) -> str:
     return f"held {format_duration(held)}, busy {format_duration(busy)}{share}"
 
 
+def _explain_credential(ename: str, evalue: str) -> str:
+    """A remote KeyError on a credential the kernel kept home: say why and how."""
+    name = evalue.strip("'\"")
+    if ename != "KeyError" or name not in os.environ or name in forwarded_env(os.environ)[0]:
+        return ""
+    return (
+        f"{name} is set in the kernel, but credentials stay there; list it in "
+        f"GPUATTACH_FORWARD_ENV (comma-separated) to send it to the GPU worker"
+    )
+
+
 class GPUSession:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self.kernel_id = _kernel_id()
         self.link = LeaseLink(self.kernel_id)
         self.sync = NamespaceSync(shell)
+        # The notebook's folder on a GPU host that does not share it.
+        self.files = FileMirror()
         self.lease: pb.Lease | None = None
         self.worker: WorkerClient | None = None
         self.worker_info: pb.HelloReply | None = None
@@ -143,6 +159,10 @@ class GPUSession:
         return self.sync.transfers
 
     @property
+    def file_transfers(self) -> list[FileTransfer]:
+        return self.files.transfers
+
+    @property
     def kernel_only(self) -> dict[str, str]:
         return self.sync.kernel_only
 
@@ -168,13 +188,20 @@ class GPUSession:
             started = time.perf_counter()
             broker, lease = self.link.grant(options, show_queue)
             worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
+            cwd = os.getcwd()
+            files_line = ""
             try:
-                hello = kernel_hello(os.getcwd(), list(sys.path), os.environ)
-                self.worker_info = worker.hello(hello)
+                with folder_marker(cwd) as marker:  # does the worker see this folder?
+                    hello = kernel_hello(cwd, list(sys.path), os.environ, marker)
+                    self.worker_info = worker.hello(hello)
                 check_compatible(hello, self.worker_info)
+                self.files.reset()
+                if not self.worker_info.shared_folder:
+                    files_line = self.files.seed(worker, cwd)
                 self.sync.connect(self.worker_info)
                 moved = self.sync.push(worker, started)
-            except (VersionMismatch, WorkerGone, RuntimeError) as exc:
+            except (VersionMismatch, WorkerGone, RuntimeError, OSError) as exc:
+                self.files.reset()
                 worker.close()
                 broker.release(lease, reason=f"attach failed: {exc}")
                 raise GPUError(f"attach failed, lease given back: {exc}") from None
@@ -195,6 +222,8 @@ class GPUSession:
             note = getattr(self.worker_info, "note", "")
             if note:  # e.g. the worker could not enter the kernel's folder
                 line += f"\n{note}"
+            if files_line:
+                line += f"\n{files_line}"
             if self.sync.kernel_only:
                 line += (
                     "\nstays in the kernel, not visible to remote cells: "
@@ -303,7 +332,11 @@ class GPUSession:
         self.link.nudge()
 
     def _explained(self, error: RemoteCellError) -> RemoteCellError:
-        note = self.sync.explain_missing(error.ename, error.evalue)
+        note = (
+            self.sync.explain_missing(error.ename, error.evalue)
+            or self.files.explain_missing(error.ename, error.evalue)
+            or _explain_credential(error.ename, error.evalue)
+        )
         if note:
             error.evalue = f"{error.evalue}: {note}"
             error.args = (error.evalue,)
@@ -341,9 +374,21 @@ class GPUSession:
                 finally:
                     self.migrating = False
                 self.sync.last_synced_cell = cell
+                for line in self._files_home("sync"):
+                    self.notify(line)
 
         self._sync_thread = threading.Thread(target=run, daemon=True, name="gpuattach-sync")
         self._sync_thread.start()
+
+    def _files_home(self, kind: str) -> list[str]:
+        """What remote cells changed in the scratch folder, into the notebook's
+        folder (nothing when the worker runs in the notebook's own folder)."""
+        if self.worker is None or not self.files.active:
+            return []
+        try:
+            return self.files.bring_home(self.worker, kind)
+        except (WorkerGone, RuntimeError) as exc:
+            return [f"GPU: files from the GPU host could not come back: {exc}"]
 
     def wait_for_sync(self) -> None:
         thread = self._sync_thread
@@ -411,6 +456,7 @@ class GPUSession:
         self.running_cell = None
         self.clock.cell_started = None
         self.sync.reset()
+        self.files.reset()
         self.sync.store.clear()
         self.last_end = end
         if self.auto is not None:
@@ -489,6 +535,7 @@ class GPUSession:
             self.worker.close()
         self.lease = self.worker = self.worker_info = None
         self.sync.reset()
+        self.files.reset()
         self.running_cell = None
         self.clock.cell_started = None
         self.lost = ""
@@ -537,6 +584,7 @@ class GPUSession:
             if problems and not force:
                 self._refuse(problems)
             values, wire, missing = pulled.values, pulled.wire_bytes, pulled.missing_modules
+        file_lines = self._files_home("release")
         lease, busy, held = self.lease, self.clock.busy(), self.clock.held()
         self._teardown()
         self.sync.store.clear()
@@ -552,6 +600,8 @@ class GPUSession:
             line += f"; dropped: {describe_names(problems)}"
         if missing:
             line += f"; not importable here: {describe_names(missing)}"
+        for note in file_lines:
+            line += f"\n{note}"
         return line
 
     def _refuse(self, problems: dict[str, str]) -> None:

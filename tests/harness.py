@@ -8,6 +8,7 @@ ipykernels driven through jupyter_client.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -61,6 +62,9 @@ class Stack:
     # tests, which write files in the kernel's folder; "uid" isolates them per user.
     isolation: str = "none"
     agent_args: list[str] = field(default_factory=list)
+    # Words before the agent's command line: e.g. `unshare --uts ...` runs the
+    # agent (and so its workers) as another host (`other_host_prefix`).
+    agent_prefix: list[str] = field(default_factory=list)
     broker: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
 
@@ -111,6 +115,7 @@ class Stack:
         with open(self.workdir / "agent.log", "ab") as log:
             self.agent = self._spawn(
                 [
+                    *self.agent_prefix,
                     str(BIN / "gpuattach-agent"),
                     "--broker",
                     self.address,
@@ -183,6 +188,18 @@ class Stack:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def other_host_prefix(hostname: str, hide: Path | None = None) -> list[str]:
+    """Run the agent as another host (root only): its own UTS namespace with
+    `hostname`; with `hide`, also its own mount namespace with an empty tmpfs
+    over that folder, so the kernel's files under it are not there."""
+    script = f"hostname {hostname}"
+    unshare = ["unshare", "--uts"]
+    if hide is not None:
+        unshare.append("--mount")
+        script += f" && mount -t tmpfs -o size=64m gpuattach-other-host {shlex.quote(str(hide))}"
+    return [*unshare, "sh", "-c", f'{script} && exec "$@"', "gpuattach-agent"]
 
 
 @dataclass

@@ -22,9 +22,11 @@ second interrupt ends it at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -151,7 +153,36 @@ def check_compatible(kernel: pb.HelloRequest, worker: pb.HelloReply) -> None:
         )
 
 
-def kernel_hello(cwd: str, sys_path: list[str], env: Mapping[str, str]) -> pb.HelloRequest:
+# Credentials stay in the kernel: never sent to a worker (which may run on
+# another host) unless GPUATTACH_FORWARD_ENV names them (comma-separated).
+CREDENTIAL_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
+
+
+def is_credential(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in CREDENTIAL_WORDS)
+
+
+def forwarded_env(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The variables a worker gets, and the credentials kept home (by name)."""
+    allowed = {n.strip() for n in env.get("GPUATTACH_FORWARD_ENV", "").split(",") if n.strip()}
+    sent, kept = {}, []
+    for key, value in env.items():
+        if is_credential(key) and key not in allowed:
+            kept.append(key)
+        else:
+            sent[key] = value
+    return sent, sorted(kept)
+
+
+def kernel_hello(
+    cwd: str,
+    sys_path: list[str],
+    env: Mapping[str, str],
+    marker: tuple[str, str] = ("", ""),
+) -> pb.HelloRequest:
+    """The kernel's side of Hello. `marker`: (path, content) of the file the
+    kernel wrote in `cwd` for the worker to look for (`folder_marker`)."""
     import sys
 
     torch = sys.modules.get("torch")
@@ -162,8 +193,32 @@ def kernel_hello(cwd: str, sys_path: list[str], env: Mapping[str, str]) -> pb.He
         client_host=socket.gethostname(),
         cwd=cwd,
         sys_path=sys_path,
-        env=dict(env),
+        env=forwarded_env(env)[0],
+        marker_path=marker[0],
+        marker_content=marker[1],
     )
+
+
+@contextlib.contextmanager
+def folder_marker(cwd: str) -> Iterator[tuple[str, str]]:
+    """A file with a random name and content in `cwd` while Hello runs: the
+    worker that finds it at the same path shares this folder. Removed after
+    the check; ("", "") when the folder cannot take it (read-only)."""
+    name = f".gpuattach-marker-{secrets.token_hex(8)}"
+    path = os.path.join(cwd, name)
+    content = secrets.token_hex(16)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+    except OSError:
+        yield "", ""
+        return
+    try:
+        yield path, content
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 class WorkerClient:
@@ -317,6 +372,39 @@ class WorkerClient:
             )
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "moving the namespace back") from None
+
+    def mirror_files(self, entries: Iterable[pb.FileEntry]) -> pb.MirrorReply:
+        """Seed the worker's scratch folder; the reply names the contents it lacks."""
+        try:
+            return self.stub.MirrorFiles(
+                pb.MirrorRequest(files=list(entries)), metadata=self.metadata, timeout=120
+            )
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, "mirroring the notebook's folder") from None
+
+    def send_files(self, chunks: Iterable[pb.FileChunk]) -> tuple[pb.FilesReply, int]:
+        """Stream file contents to the scratch folder; the reply and bytes sent."""
+        sent = 0
+
+        def counted() -> Iterator[pb.FileChunk]:
+            nonlocal sent
+            for chunk in chunks:
+                sent += chunk.ByteSize()
+                yield chunk
+
+        try:
+            reply = self.stub.SendFiles(counted(), metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, "sending the notebook's files") from None
+        return reply, sent
+
+    def file_changes(self, budget: int, file_limit: int) -> Iterator[pb.FileChunk]:
+        """What remote cells changed in the scratch folder (entries, then contents)."""
+        request = pb.FileChangesRequest(budget_bytes=budget, file_limit_bytes=file_limit)
+        try:
+            yield from self.stub.FileChanges(request, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, "bringing files back") from None
 
 
 class _Liveness:

@@ -443,7 +443,7 @@ class BrokerCommand(_message.Message):
     def __init__(self, start: _Optional[_Union[StartLease, _Mapping]] = ..., stop: _Optional[_Union[StopLease, _Mapping]] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "client_host", "cwd", "sys_path", "env")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "client_host", "cwd", "sys_path", "env", "marker_path", "marker_content")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -458,6 +458,8 @@ class HelloRequest(_message.Message):
     CWD_FIELD_NUMBER: _ClassVar[int]
     SYS_PATH_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
+    MARKER_PATH_FIELD_NUMBER: _ClassVar[int]
+    MARKER_CONTENT_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -465,10 +467,12 @@ class HelloRequest(_message.Message):
     cwd: str
     sys_path: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    marker_path: str
+    marker_content: str
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., marker_path: _Optional[str] = ..., marker_content: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder")
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -481,6 +485,7 @@ class HelloReply(_message.Message):
     BLOB_CACHE_FIELD_NUMBER: _ClassVar[int]
     BLOB_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FOLDER_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -493,7 +498,62 @@ class HelloReply(_message.Message):
     blob_cache: str
     blob_cache_bytes: int
     note: str
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+    shared_folder: bool
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("path", "size", "digest", "mode", "deleted", "over_limit")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    digest: str
+    mode: int
+    deleted: bool
+    over_limit: bool
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ..., mode: _Optional[int] = ..., deleted: _Optional[bool] = ..., over_limit: _Optional[bool] = ...) -> None: ...
+
+class MirrorRequest(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    def __init__(self, files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ...) -> None: ...
+
+class MirrorReply(_message.Message):
+    __slots__ = ("missing", "folder")
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    folder: str
+    def __init__(self, missing: _Optional[_Iterable[str]] = ..., folder: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("file", "data")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file: FileEntry
+    data: bytes
+    def __init__(self, file: _Optional[_Union[FileEntry, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FilesReply(_message.Message):
+    __slots__ = ("files", "bytes_received")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    files: int
+    bytes_received: int
+    def __init__(self, files: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class FileChangesRequest(_message.Message):
+    __slots__ = ("budget_bytes", "file_limit_bytes")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    file_limit_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., file_limit_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("code", "execution_count", "silent")

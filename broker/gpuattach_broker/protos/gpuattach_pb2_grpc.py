@@ -570,6 +570,21 @@ class WorkerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
                 _registered_method=True)
+        self.MirrorFiles = channel.unary_unary(
+                '/gpuattach.v1.Worker/MirrorFiles',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorReply.FromString,
+                _registered_method=True)
+        self.SendFiles = channel.stream_unary(
+                '/gpuattach.v1.Worker/SendFiles',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChunk.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FilesReply.FromString,
+                _registered_method=True)
+        self.FileChanges = channel.unary_stream(
+                '/gpuattach.v1.Worker/FileChanges',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChangesRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChunk.FromString,
+                _registered_method=True)
         self.Assign = channel.unary_unary(
                 '/gpuattach.v1.Worker/Assign',
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.AssignRequest.SerializeToString,
@@ -623,6 +638,26 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MirrorFiles(self, request, context):
+        """Scratch folder (no shared folder): seed it, send the missing contents,
+        and bring back what remote cells changed there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendFiles(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FileChanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Assign(self, request, context):
         """Agent only (authenticated with the agent's key): bind a warm worker to
         a lease.
@@ -671,6 +706,21 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.MissingBlobs,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
+            ),
+            'MirrorFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.MirrorFiles,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorReply.SerializeToString,
+            ),
+            'SendFiles': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendFiles,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChunk.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FilesReply.SerializeToString,
+            ),
+            'FileChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.FileChanges,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChangesRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChunk.SerializeToString,
             ),
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
@@ -845,6 +895,87 @@ class Worker:
             '/gpuattach.v1.Worker/MissingBlobs',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MirrorFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Worker/MirrorFiles',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendFiles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gpuattach.v1.Worker/SendFiles',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChunk.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.FilesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FileChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpuattach.v1.Worker/FileChanges',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChangesRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,

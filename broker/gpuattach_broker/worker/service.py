@@ -7,8 +7,10 @@ queue them there) so that an interrupt is a real SIGINT: it stops a
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import hmac
+import importlib
 import os
 import platform
 import queue
@@ -18,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -28,6 +31,7 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import end_metadata
 from gpuattach_broker.worker.blobcache import BlobCache
+from gpuattach_broker.worker.scratch import Scratch
 from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
 
 T = TypeVar("T")
@@ -123,6 +127,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._revoked = ""
         self._revoke_lock = threading.Lock()
         self._cell_streams: set[threading.Event] = set()  # set when an Execute RPC is over
+        # The notebook folder's copy when the kernel's folder is not here (Hello).
+        self.scratch: Scratch | None = None
 
     # ------------------------------------------------------------ auth ---
 
@@ -220,11 +226,14 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         self._check_lease_token(context)
-        if request.client_host == socket.gethostname():
-            self.executor.submit(lambda: self._adopt_kernel_context(request)).result()
+        same_host = request.client_host == socket.gethostname()
+        shared_folder = _marker_matches(request.marker_path, request.marker_content, request.cwd)
+        self.executor.submit(
+            lambda: self._adopt_kernel_context(request, shared_folder, same_host)
+        ).result()
         torch = sys.modules.get("torch")
         cuda = bool(torch is not None and torch.cuda.is_available())
-        same_host = request.client_host == socket.gethostname()
+        # The blob cache is on this host's tmpfs: never a shared file system.
         shared = self.cache if same_host and self.cache is not None else None
         self._refuse_if_revoked(context)
         return pb.HelloReply(
@@ -240,32 +249,111 @@ class WorkerService(pb_grpc.WorkerServicer):
             device_summary=self.device_summary,
             lease_id=self.lease_id,
             note=getattr(self, "context_note", ""),
+            shared_folder=shared_folder,
         )
 
-    def _adopt_kernel_context(self, request: pb.HelloRequest) -> None:
-        """Same host: run where the kernel runs, with its path and environment.
+    def _adopt_kernel_context(
+        self, request: pb.HelloRequest, shared_folder: bool, same_host: bool
+    ) -> None:
+        """Run where the kernel runs when its folder is here too (the marker
+        matched), with its `sys.path` entries that exist here; otherwise in a
+        private scratch folder that the kernel mirrors its folder into.
 
-        An isolated worker (another identity than the kernel's, maybe) keeps its
-        private home, temporary folder and working directory where the kernel's
-        are out of its reach, and says so in `context_note`."""
+        The kernel's environment comes along less what belongs to the slice or
+        the kernel process; on another host also less what describes the
+        kernel's host (PATH, HOME, library paths). Credentials never left the
+        kernel unless its GPUATTACH_FORWARD_ENV lists them (`kernel_hello`).
+        An isolated worker keeps its private home and temporary folder where
+        the kernel's are out of its reach."""
         private = getattr(self, "private_home", "")
         for key, value in request.env.items():
-            if key not in SLICE_ENV and key not in PROCESS_ENV and not key.startswith("GPUATTACH_"):
-                if private and key in PRIVATE_ENV and not _reachable(value):
-                    continue
-                os.environ[key] = value
-        for entry in reversed(request.sys_path):
+            if key in SLICE_ENV or key in PROCESS_ENV or key.startswith("GPUATTACH_"):
+                continue
+            if not same_host and _host_specific(key):
+                continue
+            if private and key in PRIVATE_ENV and not _reachable(value):
+                continue
+            os.environ[key] = value
+        if shared_folder:
+            for entry in reversed(request.sys_path):
+                if entry not in sys.path and (not entry or os.path.isdir(entry)):
+                    sys.path.insert(0, entry)
+            os.chdir(request.cwd)
+            return
+        from gpuattach_broker.worker.scratch import Scratch
+
+        if self.scratch is None and private:
+            # An isolated worker's private home is its scratch (removed with it).
+            self.scratch = Scratch(Path(private), self.cache)
+        elif self.scratch is None:
+            self.scratch = Scratch.create(os.path.basename(request.cwd.rstrip("/")), self.cache)
+            atexit.register(self.scratch.remove)
+        folder = str(self.scratch.folder)
+        # Entries in the notebook's folder point into its mirror; on this host
+        # the kernel's others too, where they exist.
+        mirrored = []
+        for entry in request.sys_path:
+            inside = request.cwd and (entry == request.cwd or entry.startswith(request.cwd + "/"))
+            if inside:
+                mirrored.append(folder + entry[len(request.cwd) :])
+            elif same_host and entry and os.path.isdir(entry):
+                mirrored.append(entry)
+        for entry in reversed([folder, *mirrored]):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        if private and request.cwd and not _reachable(request.cwd):
+        os.chdir(folder)
+        if same_host and request.cwd and not _reachable(request.cwd) and private:
             self.context_note = (
                 f"this worker runs as {os.environ.get('USER', '')!r} (uid {os.getuid()}) and "
-                f"cannot reach the notebook's folder {request.cwd}: files go to its private "
-                f"folder {os.getcwd()} instead"
+                f"cannot reach the notebook's folder {request.cwd}: it runs in a scratch "
+                f"copy of it ({folder})"
             )
             print(f"gpuattach-worker: {self.context_note}", file=sys.stderr, flush=True)
-        elif request.cwd and os.path.isdir(request.cwd):
-            os.chdir(request.cwd)
+
+    # ------------------------------------------------------ scratch files ---
+
+    def _scratch(self, context: grpc.ServicerContext) -> Scratch:
+        self._check_lease_token(context)
+        if self.scratch is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this worker runs in the notebook's own folder: there is no scratch copy",
+            )
+        return self.scratch
+
+    def MirrorFiles(
+        self, request: pb.MirrorRequest, context: grpc.ServicerContext
+    ) -> pb.MirrorReply:
+        scratch = self._scratch(context)
+        from gpuattach_broker.worker.scratch import FileStreamError
+
+        try:
+            missing = scratch.seed(request.files)
+        except FileStreamError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        importlib.invalidate_caches()  # modules next to the notebook import from here
+        return pb.MirrorReply(missing=missing, folder=str(scratch.folder))
+
+    def SendFiles(
+        self, request_iterator: Iterator[pb.FileChunk], context: grpc.ServicerContext
+    ) -> pb.FilesReply:
+        scratch = self._scratch(context)
+        from gpuattach_broker.worker.scratch import FileStreamError
+
+        try:
+            files, received = scratch.receive(request_iterator)
+        except (FileStreamError, OSError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"could not take the files: {exc}")
+        importlib.invalidate_caches()
+        return pb.FilesReply(files=files, bytes_received=received)
+
+    def FileChanges(
+        self, request: pb.FileChangesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FileChunk]:
+        scratch = self._scratch(context)
+        with self._cell_lock:  # not while a cell writes them
+            chunks = list(scratch.changes(request.budget_bytes, request.file_limit_bytes))
+        yield from self._unless_revoked(iter(chunks), context)
 
     def Execute(
         self, request_iterator: Iterator[pb.ExecuteInput], context: grpc.ServicerContext
@@ -426,9 +514,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             # The kernel now holds these: a later lease on this host need not get them again.
             self.cache.put_in_background(encoded.sent_blobs)
 
-    def _unless_revoked(
-        self, chunks: Iterator[pb.NamespaceChunk], context: grpc.ServicerContext
-    ) -> Iterator[pb.NamespaceChunk]:
+    def _unless_revoked(self, chunks: Iterator[T], context: grpc.ServicerContext) -> Iterator[T]:
         """A namespace moving out stops, refused, when its lease ends midway."""
         for chunk in chunks:
             self._refuse_if_revoked(context)
@@ -447,6 +533,51 @@ class WorkerService(pb_grpc.WorkerServicer):
 
 # An isolated worker's own; taken from the kernel only where it can use them.
 PRIVATE_ENV = ("HOME", "TMPDIR", "USER", "LOGNAME")
+# What describes the kernel's host, not the user's settings: kept from this
+# host's own environment when the kernel runs on another one.
+HOST_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "HOSTNAME",
+        "PWD",
+        "OLDPWD",
+        "TMPDIR",
+        "TMP",
+        "TEMP",
+        "LD_LIBRARY_PATH",
+        "LD_PRELOAD",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "VIRTUAL_ENV",
+        "DISPLAY",
+        "TERM",
+        "MAIL",
+        "SHLVL",
+        "LANGUAGE",
+    }
+)
+HOST_ENV_PREFIXES = ("XDG_", "SSH_", "CONDA_", "JUPYTER", "JPY_", "DBUS_", "KUBERNETES_")
+
+
+def _host_specific(key: str) -> bool:
+    return key in HOST_ENV or key.startswith(HOST_ENV_PREFIXES)
+
+
+def _marker_matches(path: str, content: str, cwd: str) -> bool:
+    """Whether the kernel's marker file is here, with its content: the
+    kernel's folder is this host's folder at the same path."""
+    if not path or not content or not cwd or os.path.dirname(path) != cwd.rstrip("/"):
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return hmac.compare_digest(handle.read(256), content)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _reachable(path: str) -> bool:
