@@ -11,9 +11,10 @@ or deleted there into the notebook's folder, within the same budget, and
 never over a file the user changed here meanwhile: that one is named
 instead.
 
-Budgets come from the kernel's environment for now (a policy setting
-later): ``GPUATTACH_MIRROR_BYTES`` per lease (2 GiB by default) and
-``GPUATTACH_MIRROR_FILE_BYTES`` per file (1 GiB), sizes such as ``500MiB``.
+Budgets come from the admin's policy, on the granted lease (``mirror_bytes``
+per lease, 2 GiB by default, and ``mirror_file_bytes`` per file, 1 GiB); the
+worker enforces them too. The kernel's ``GPUATTACH_MIRROR_BYTES`` and
+``GPUATTACH_MIRROR_FILE_BYTES`` (sizes such as ``500MiB``) may only lower them.
 """
 
 from __future__ import annotations
@@ -57,9 +58,17 @@ class Budget:
 
     @classmethod
     def from_env(cls) -> Budget:
+        return cls.for_lease()
+
+    @classmethod
+    def for_lease(cls, total: int = 0, per_file: int = 0) -> Budget:
+        """The lease's budget (0: the defaults), lowered by the kernel's
+        GPUATTACH_MIRROR_BYTES / GPUATTACH_MIRROR_FILE_BYTES, never raised."""
+        total = total or DEFAULT_BUDGET
+        per_file = per_file or DEFAULT_FILE_LIMIT
         return cls(
-            _size_setting("GPUATTACH_MIRROR_BYTES", DEFAULT_BUDGET),
-            _size_setting("GPUATTACH_MIRROR_FILE_BYTES", DEFAULT_FILE_LIMIT),
+            min(total, _size_setting("GPUATTACH_MIRROR_BYTES", total)),
+            min(per_file, _size_setting("GPUATTACH_MIRROR_FILE_BYTES", per_file)),
         )
 
     def why_over(self, size: int, used: int) -> str:
@@ -67,7 +76,9 @@ class Budget:
             return f"over the {format_size(self.per_file)} per-file limit"
         return f"past the {format_size(self.total)} budget"
 
-    HOW = "GPUATTACH_MIRROR_BYTES / GPUATTACH_MIRROR_FILE_BYTES raise the limits"
+    HOW = (
+        "the policy's mirror_bytes / mirror_file_bytes set the limits: ask the admin to raise them"
+    )
 
 
 @dataclass
@@ -114,11 +125,12 @@ class FileMirror:
             self.hashes[key] = digest
         return digest
 
-    def seed(self, worker: WorkerClient, root: str) -> str:
-        """Fill the worker's scratch folder; the line for the attach message."""
+    def seed(self, worker: WorkerClient, root: str, budget: Budget | None = None) -> str:
+        """Fill the worker's scratch folder; the line for the attach message.
+        `budget`: the lease's (`Budget.for_lease`; None: the defaults)."""
         started = time.perf_counter()
         self.reset()
-        self.budget = Budget.from_env()
+        self.budget = budget or Budget.for_lease()
         self.root = Path(root)
         files = sorted(walk(root), key=lambda f: (f[0].count("/"), f[1].st_size, f[0]))
         entries: list[pb.FileEntry] = []

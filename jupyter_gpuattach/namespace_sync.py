@@ -15,6 +15,8 @@ its own last synced copy of it, if it has one.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,6 +54,35 @@ def describe_names(problems: dict[str, str]) -> str:
     return ", ".join(f"{name} ({reason})" for name, reason in sorted(problems.items()))
 
 
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Top-level module -> the distributions (pip names) that provide it."""
+    try:
+        return dict(importlib.metadata.packages_distributions())
+    except Exception:  # broken metadata somewhere: names without packages
+        return {}
+
+
+def package_of(module_name: str) -> str:
+    """The distribution that installs `module_name` here ("" if unknown)."""
+    top = module_name.split(".", 1)[0]
+    return ", ".join(dict.fromkeys(_distributions().get(top, [])))
+
+
+def missing_modules(imports: dict[str, str], problems: dict[str, str]) -> dict[str, str]:
+    """Imported modules the worker could not import: module -> its package here."""
+    missing: dict[str, str] = {}
+    for alias, module_name in sorted(imports.items()):
+        if alias in problems and problems[alias].startswith("module "):
+            missing[module_name] = package_of(module_name)
+    return missing
+
+
+def describe_modules(missing: dict[str, str]) -> str:
+    """``sklearn (scikit-learn), foo``: modules with their package where known."""
+    return ", ".join(f"{m} ({p})" if p else m for m, p in sorted(missing.items()))
+
+
 def shared_cache(hello: pb.HelloReply) -> BlobCache | None:
     """The worker's host blob cache, when this kernel can write it too."""
     folder = hello.blob_cache
@@ -72,6 +103,10 @@ class NamespaceSync:
         self.remote_names: set[str] = set()
         # Kernel names the worker does not have (they could not go), with why.
         self.kernel_only: dict[str, str] = {}
+        # Modules the kernel imported that the GPU host lacks: module -> package.
+        self.missing_modules: dict[str, str] = {}
+        # Their names in the namespace (aliases), within kernel_only.
+        self.missing_module_names: set[str] = set()
         # Worker names the last pull could not bring home, with why.
         self.remote_only: dict[str, str] = {}
         self.host_cache: BlobCache | None = None
@@ -93,6 +128,8 @@ class NamespaceSync:
         """The lease is over: nothing lives on a worker any more."""
         self.remote_names = set()
         self.kernel_only = {}
+        self.missing_modules = {}
+        self.missing_module_names = set()
         self.remote_only = {}
         self.last_remote_cell = None
         self.last_synced_cell = None
@@ -118,6 +155,10 @@ class NamespaceSync:
         self.store.replace(encoded.blobs)
         self.kernel_only = dict(encoded.problems)
         self.kernel_only.update({p.name: p.reason for p in reply.problems})
+        self.missing_modules = missing_modules(imports, self.kernel_only)
+        self.missing_module_names = {
+            alias for alias, module in imports.items() if module in self.missing_modules
+        } & set(self.kernel_only)
         # A name the worker could not rebuild (a file whose path is not there)
         # stays in the kernel only, as one that could not be sent.
         self.remote_names = (set(encoded.names) | set(imports)) - set(self.kernel_only)

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from gpuattach_broker.client.broker_client import BrokerError, Heartbeat, LeaseEvent
@@ -33,14 +34,16 @@ from gpuattach_broker.client.worker_client import (
     WorkerUnreachable,
     check_compatible,
     folder_marker,
+    forward_requested,
     forwarded_env,
+    is_credential,
     kernel_hello,
 )
 from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, format_size
 from jupyter_gpuattach.auto_release import AutoMode, Watcher, idle_under_policy
-from jupyter_gpuattach.file_mirror import FileMirror, FileTransfer
+from jupyter_gpuattach.file_mirror import Budget, FileMirror, FileTransfer
 from jupyter_gpuattach.lease_link import (
     AttachOptions,
     GPUError,
@@ -48,7 +51,12 @@ from jupyter_gpuattach.lease_link import (
     LeaseLink,
     current_user,
 )
-from jupyter_gpuattach.namespace_sync import NamespaceSync, Transfer, describe_names
+from jupyter_gpuattach.namespace_sync import (
+    NamespaceSync,
+    Transfer,
+    describe_modules,
+    describe_names,
+)
 from jupyter_gpuattach.output import OutputRenderer, RemoteCellError, answer_input, remote_error
 
 
@@ -99,15 +107,38 @@ def held_busy_text(held: float, busy: float) -> str:
     return f"held {format_duration(held)}, busy {format_duration(busy)}{share}"
 
 
-def _explain_credential(ename: str, evalue: str) -> str:
-    """A remote KeyError on a credential the kernel kept home: say why and how."""
+def _explain_credential(ename: str, evalue: str, policy: Iterable[str] | None = None) -> str:
+    """A remote KeyError on a credential the kernel kept home: say why and how.
+    `policy`: the lease's forward_env list (None: the policy has none)."""
     name = evalue.strip("'\"")
-    if ename != "KeyError" or name not in os.environ or name in forwarded_env(os.environ)[0]:
+    if (
+        ename != "KeyError"
+        or name not in os.environ
+        or name in forwarded_env(os.environ, policy)[0]
+    ):
         return ""
+    if policy is not None and name not in policy:
+        return (
+            f"{name} is set in the kernel, but credentials stay there and the admin's "
+            "policy does not allow this one to go to a GPU worker (its forward_env list)"
+        )
     return (
         f"{name} is set in the kernel, but credentials stay there; list it in "
         f"GPUATTACH_FORWARD_ENV (comma-separated) to send it to the GPU worker"
     )
+
+
+def _refused_credentials(policy: Iterable[str] | None) -> list[str]:
+    """Credentials the kernel asks to forward that the policy keeps home."""
+    if policy is None:
+        return []
+    asked = forward_requested(os.environ) - set(policy)
+    return sorted(n for n in asked if n in os.environ and is_credential(n))
+
+
+def _lease_forward_policy(lease: pb.Lease) -> tuple[str, ...] | None:
+    """The lease's credential list (None: the policy has none)."""
+    return tuple(lease.forward_env) if lease.forward_env_set else None
 
 
 class GPUSession:
@@ -124,6 +155,8 @@ class GPUSession:
         self.clock = LeaseClock()
         self.auto: AutoMode | None = None
         self.max_idle = 0.0  # the policy's max_idle, from the latest lease (0: none)
+        # The policy's forward_env list, from the latest lease (None: no list).
+        self.forward_policy: tuple[str, ...] | None = None
         self.policy_default_idle = 0.0  # and its default_idle
         self.running_cell: int | None = None
         # One worker operation at a time: cells, background syncs, release.
@@ -190,14 +223,23 @@ class GPUSession:
             worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
             cwd = os.getcwd()
             files_line = ""
+            self.forward_policy = _lease_forward_policy(lease)
+            budget = Budget.for_lease(lease.mirror_bytes, lease.mirror_file_bytes)
             try:
                 with folder_marker(cwd) as marker:  # does the worker see this folder?
-                    hello = kernel_hello(cwd, list(sys.path), os.environ, marker)
+                    hello = kernel_hello(
+                        cwd,
+                        list(sys.path),
+                        os.environ,
+                        marker,
+                        self.forward_policy,
+                        (budget.total, budget.per_file),
+                    )
                     self.worker_info = worker.hello(hello)
                 check_compatible(hello, self.worker_info)
                 self.files.reset()
                 if not self.worker_info.shared_folder:
-                    files_line = self.files.seed(worker, cwd)
+                    files_line = self.files.seed(worker, cwd, budget)
                 self.sync.connect(self.worker_info)
                 moved = self.sync.push(worker, started)
             except (VersionMismatch, WorkerGone, RuntimeError, OSError) as exc:
@@ -224,10 +266,28 @@ class GPUSession:
                 line += f"\n{note}"
             if files_line:
                 line += f"\n{files_line}"
-            if self.sync.kernel_only:
+            refused = _refused_credentials(self.forward_policy)
+            if refused:
                 line += (
-                    "\nstays in the kernel, not visible to remote cells: "
-                    f"{describe_names(self.sync.kernel_only)}"
+                    "\ncredentials kept in the kernel (GPUATTACH_FORWARD_ENV names them, the "
+                    f"policy's forward_env does not allow them): {', '.join(refused)}"
+                )
+            if self.sync.missing_modules:
+                packages = sorted({p for p in self.sync.missing_modules.values() if p})
+                line += (
+                    "\nnot installed on the GPU host: "
+                    f"{describe_modules(self.sync.missing_modules)}; remote cells cannot use "
+                    "them"
+                    + (f" (install there: pip install {' '.join(packages)})" if packages else "")
+                )
+            others = {
+                name: why
+                for name, why in self.sync.kernel_only.items()
+                if name not in self.sync.missing_module_names
+            }
+            if others:
+                line += (
+                    f"\nstays in the kernel, not visible to remote cells: {describe_names(others)}"
                 )
             return line
 
@@ -335,7 +395,7 @@ class GPUSession:
         note = (
             self.sync.explain_missing(error.ename, error.evalue)
             or self.files.explain_missing(error.ename, error.evalue)
-            or _explain_credential(error.ename, error.evalue)
+            or _explain_credential(error.ename, error.evalue, self.forward_policy)
         )
         if note:
             error.evalue = f"{error.evalue}: {note}"

@@ -194,7 +194,7 @@ def test_unshared_folder_is_mirrored_and_comes_home(
     missing = kernel.run("open('big.bin', 'rb').read()")
     assert missing.status == "error"
     assert "not mirrored" in missing.error["evalue"], missing.error
-    assert "GPUATTACH_MIRROR_FILE_BYTES" in missing.error["evalue"], missing.error
+    assert "mirror_file_bytes" in missing.error["evalue"], missing.error
 
     released = kernel.ok("%gpu release").stdout
     assert "GPU released" in released, released

@@ -30,7 +30,9 @@ def digest(m):
 # What a training notebook leaves behind: a live iterator over a loader with
 # worker processes, an open append-mode log, a lock.
 TRAIN = """
-loader = DataLoader(ds, batch_size=64, num_workers=2)
+# Workers by spawn: forked DataLoader workers of a forked GPU worker have
+# crashed (SIGSEGV) in full-suite runs; see README, "Known issue".
+loader = DataLoader(ds, batch_size=64, num_workers=2, multiprocessing_context="spawn")
 log = open("train_log.txt", "a")
 lock = threading.Lock()
 for step, (xb, yb) in enumerate(loader):

@@ -21,7 +21,8 @@ from gpuattach_broker.worker.scratch import (
     walk,
 )
 from gpuattach_broker.worker.service import _marker_matches
-from jupyter_gpuattach.file_mirror import FileMirror
+from jupyter_gpuattach.file_mirror import Budget, FileMirror
+from jupyter_gpuattach.namespace_sync import describe_modules, missing_modules, package_of
 
 
 def entry(root: Path, path: str) -> pb.FileEntry:
@@ -149,3 +150,71 @@ def test_marker_is_checked_by_content_and_removed(tmp_path: Path) -> None:
         assert not _marker_matches(path, content, str(tmp_path / "elsewhere"))
     assert not os.path.exists(path)
     assert not _marker_matches(path, content, str(tmp_path))
+
+
+def test_policy_list_limits_what_forward_env_may_name() -> None:
+    env = {
+        "HF_TOKEN": "h",
+        "PGPASSWORD": "p",
+        "MY_SETTING": "1",
+        "GPUATTACH_FORWARD_ENV": "HF_TOKEN,PGPASSWORD",
+    }
+    sent, kept = forwarded_env(env, ["HF_TOKEN"])
+    assert kept == ["PGPASSWORD"]  # named by the kernel, not allowed by the policy
+    assert set(sent) == {"HF_TOKEN", "MY_SETTING", "GPUATTACH_FORWARD_ENV"}
+    assert forwarded_env(env, [])[1] == ["HF_TOKEN", "PGPASSWORD"]  # [] forwards none
+    hello = kernel_hello("/x", [], env, forward_policy=["HF_TOKEN"], mirror=(100, 10))
+    assert "PGPASSWORD" not in hello.env and hello.env["HF_TOKEN"] == "h"
+    assert (hello.mirror_bytes, hello.mirror_file_bytes) == (100, 10)
+
+
+def test_the_kernel_may_lower_the_lease_budget_never_raise_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Budget.for_lease() == Budget(2 << 30, 1 << 30)
+    monkeypatch.setenv("GPUATTACH_MIRROR_BYTES", "10GiB")
+    monkeypatch.setenv("GPUATTACH_MIRROR_FILE_BYTES", "1KiB")
+    assert Budget.for_lease(4 << 20, 1 << 20) == Budget(4 << 20, 1024)
+
+
+def test_the_worker_refuses_mirror_bytes_beyond_the_lease_budget(tmp_path: Path) -> None:
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    (notebook / "a.bin").write_bytes(b"a" * 60)
+    (notebook / "b.bin").write_bytes(b"b" * 60)
+    entries = [entry(notebook, "a.bin"), entry(notebook, "b.bin")]
+    scratch = Scratch.create("nb", None)
+    scratch.limit(100, 50)
+    scratch.limit(0, 1000)  # 0 keeps it; a limit only goes down
+    with pytest.raises(FileStreamError, match=r"a.bin \(60 B\) is over .*mirror_file_bytes"):
+        scratch.seed(entries)
+    scratch.limit(100, 80)
+    assert scratch.file_limit_bytes == 50  # never raised
+    scratch.file_limit_bytes = 80
+    with pytest.raises(FileStreamError, match=r"over this lease's 100 B mirror budget"):
+        scratch.seed(entries)
+    scratch.seed(entries[:1])
+    scratch.receive(file_chunks(notebook, entries[:1]))
+    # What comes home is capped by the lease's budget whatever the kernel asks.
+    (scratch.folder / "new.bin").write_bytes(b"n" * 70)
+    (scratch.folder / "more.bin").write_bytes(b"m" * 40)
+    sent = [c.file for c in scratch.changes(1 << 30, 1 << 30) if c.WhichOneof("msg") == "file"]
+    assert {e.path: e.over_limit for e in sent} == {"more.bin": False, "new.bin": True}
+    scratch.remove()
+
+
+def test_missing_modules_are_named_with_their_package() -> None:
+    imports = {"np": "numpy", "sk": "sklearn.svm", "u": "utils", "os": "os"}
+    problems = {
+        "sk": "module 'sklearn.svm' cannot be imported here (...)",
+        "u": "module 'utils' cannot be imported here (...)",
+        "x": "an open file",
+    }
+    missing = missing_modules(imports, problems)
+    assert set(missing) == {"sklearn.svm", "utils"}
+    assert missing["utils"] == ""
+    assert describe_modules({"sklearn": "scikit-learn", "utils": ""}) == (
+        "sklearn (scikit-learn), utils"
+    )
+    assert package_of("xxhash") == "xxhash"
+    assert package_of("yaml.nodes") in ("PyYAML", "")

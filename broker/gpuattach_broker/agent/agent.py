@@ -317,6 +317,10 @@ class Agent:
             env["GPUATTACH_BLOB_CACHE"] = str(self.blob_cache / _safe_name(start.user))
             env["GPUATTACH_BLOB_CACHE_BYTES"] = str(self.blob_cache_bytes)
             env["GPUATTACH_USER"] = start.user  # an isolated worker runs as this user's uid
+            if start.mirror_bytes:  # the policy's files budget, held by the worker itself
+                env["GPUATTACH_MIRROR_BYTES"] = str(start.mirror_bytes)
+            if start.mirror_file_bytes:
+                env["GPUATTACH_MIRROR_FILE_BYTES"] = str(start.mirror_file_bytes)
             worker = await self.pool.take(
                 [d.local_id for d in devices], fresh_context=needs_fresh_context(env)
             )

@@ -7,6 +7,9 @@ A TOML file (see ``examples/policy.toml``)::
     gpu_hours_per_day = 4
     priority = "normal"
     on_limit = "queue"         # or "refuse"
+    mirror_bytes = "2GiB"      # notebook files mirrored to a GPU host, per lease
+    mirror_file_bytes = "1GiB" # ... and per file
+    forward_env = ["WANDB_API_KEY"]  # credentials a kernel may forward (none: no list)
 
     [priorities]
     low = 0
@@ -33,7 +36,8 @@ A TOML file (see ``examples/policy.toml``)::
 
 Limits apply to each member of a group. A user in several groups gets, per
 setting, the most generous value among them, and the highest priority of any
-group (a group's time window raises its members' priority while it is open).
+group (a group's time window raises its members' priority while it is open);
+``forward_env`` lists from several groups add up.
 
 Every mistake is reported with its line and a hint (``gpuattach-broker policy
 check FILE``); the broker refuses a bad file at start and keeps the old
@@ -68,7 +72,14 @@ LIMIT_KEYS = {
     "max_lease": 'a duration, e.g. "4h"',
     "priority": "the name of a class from [priorities]",
     "on_limit": '"queue" or "refuse"',
+    "mirror_bytes": 'a size, e.g. "2GiB" (notebook files mirrored to a GPU host, per lease)',
+    "mirror_file_bytes": 'a size, e.g. "1GiB" (the largest single file mirrored)',
+    "forward_env": 'a list of variable names, e.g. ["WANDB_API_KEY"] (credentials a kernel '
+    "may send to its worker)",
 }
+DEFAULT_MIRROR_BYTES = 2 << 30
+DEFAULT_MIRROR_FILE_BYTES = 1 << 30
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 GROUP_KEYS = {*LIMIT_KEYS, "members", "windows"}
 USER_KEYS = {*LIMIT_KEYS, "groups", "admin"}
 WINDOW_KEYS = {"days", "start", "end", "timezone", "priority"}
@@ -110,6 +121,13 @@ class Limits:
     max_lease: float | None = None
     priority: str = "normal"
     on_limit: str = "queue"
+    # The scratch mirror of a notebook's folder on a GPU host that does not
+    # share it: bytes per lease, and per file.
+    mirror_bytes: int = DEFAULT_MIRROR_BYTES
+    mirror_file_bytes: int = DEFAULT_MIRROR_FILE_BYTES
+    # Credential variables a kernel may forward to its worker (by naming them
+    # in GPUATTACH_FORWARD_ENV); None: no list, the kernel's own choice.
+    forward_env: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +233,8 @@ def _more_generous(key: str, a: Any, b: Any) -> Any:
         return a  # Policy.effective picks the highest class itself
     if key == "on_limit":
         return "queue" if "queue" in (a, b) else "refuse"
+    if key == "forward_env":
+        return tuple(dict.fromkeys((*a, *b)))  # every group's names
     return max(a, b)
 
 
@@ -326,6 +346,19 @@ def _parse_limit(key: str, value: Any) -> dict[str, Any]:
         return {key: value}
     if key == "priority":
         return {key: _text(value)}
+    if key in ("mirror_bytes", "mirror_file_bytes"):
+        size = value if isinstance(value, int) and not isinstance(value, bool) else None
+        size = parse_size(_text(value)) if size is None else size
+        if size <= 0:
+            raise ValueError(f"must be a size above zero, got {value!r}")
+        return {key: size}
+    if key == "forward_env":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of variable names, got {value!r}")
+        bad = [v for v in value if not _ENV_NAME.match(v)]
+        if bad:
+            raise ValueError(f"not a variable name: {', '.join(map(repr, bad))}")
+        return {key: tuple(dict.fromkeys(value))}
     raise ValueError(f"unknown setting {key!r}")
 
 

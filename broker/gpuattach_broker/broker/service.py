@@ -351,13 +351,25 @@ class BrokerService(pb_grpc.BrokerServicer):
             placement = self.waiters.pop(slice_request.request_id).placement
         assert placement is not None
         groups = sorted(set(identity.groups) | set(effective.groups))
-        lease, token = await self._start(slice_request, placement, context, groups)
+        lease, token = await self._start(
+            slice_request,
+            placement,
+            context,
+            groups,
+            mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
+        )
         agent = self.agents.get(lease.host)
         tls_root = agent.worker_tls_root if agent is not None else b""
         granted = lease_to_pb(lease, token, tls_root)
         # The kernel applies the policy's idle timeouts itself (see GPUSession).
         granted.default_idle_seconds = limits.default_idle
         granted.max_idle_seconds = limits.max_idle or 0.0
+        # ... and its files budget and credential list (the worker enforces the budget).
+        granted.mirror_bytes = limits.mirror_bytes
+        granted.mirror_file_bytes = limits.mirror_file_bytes
+        if limits.forward_env is not None:
+            granted.forward_env_set = True
+            granted.forward_env.extend(limits.forward_env)
         yield pb.AttachEvent(granted=granted)
 
     async def _wait_in_queue(
@@ -487,6 +499,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         placement: Placement,
         context: grpc.aio.ServicerContext,
         groups: list[str],
+        mirror: tuple[int, int] = (0, 0),
     ) -> tuple[LeaseRecord, str]:
         token = secrets.token_urlsafe(32)
         device_names = {self.scheduler.devices[d].name for d in placement.device_ids}
@@ -526,6 +539,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                         user=lease.user,
                         memory_bytes=lease.memory_bytes,
                         fraction=req.fraction,
+                        mirror_bytes=mirror[0],
+                        mirror_file_bytes=mirror[1],
                     )
                 )
             )

@@ -154,7 +154,8 @@ def check_compatible(kernel: pb.HelloRequest, worker: pb.HelloReply) -> None:
 
 
 # Credentials stay in the kernel: never sent to a worker (which may run on
-# another host) unless GPUATTACH_FORWARD_ENV names them (comma-separated).
+# another host) unless GPUATTACH_FORWARD_ENV names them (comma-separated) and,
+# where the admin's policy has a `forward_env` list, that list allows them.
 CREDENTIAL_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
 
 
@@ -163,9 +164,20 @@ def is_credential(name: str) -> bool:
     return any(word in upper for word in CREDENTIAL_WORDS)
 
 
-def forwarded_env(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
-    """The variables a worker gets, and the credentials kept home (by name)."""
-    allowed = {n.strip() for n in env.get("GPUATTACH_FORWARD_ENV", "").split(",") if n.strip()}
+def forward_requested(env: Mapping[str, str]) -> set[str]:
+    """The credentials the kernel's GPUATTACH_FORWARD_ENV asks to forward."""
+    return {n.strip() for n in env.get("GPUATTACH_FORWARD_ENV", "").split(",") if n.strip()}
+
+
+def forwarded_env(
+    env: Mapping[str, str], policy: Iterable[str] | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """The variables a worker gets, and the credentials kept home (by name).
+    `policy`: the lease's `forward_env` list (None: the policy has none); a
+    credential GPUATTACH_FORWARD_ENV names goes only if that list has it."""
+    allowed = forward_requested(env)
+    if policy is not None:
+        allowed &= set(policy)
     sent, kept = {}, []
     for key, value in env.items():
         if is_credential(key) and key not in allowed:
@@ -180,9 +192,13 @@ def kernel_hello(
     sys_path: list[str],
     env: Mapping[str, str],
     marker: tuple[str, str] = ("", ""),
+    forward_policy: Iterable[str] | None = None,
+    mirror: tuple[int, int] = (0, 0),
 ) -> pb.HelloRequest:
     """The kernel's side of Hello. `marker`: (path, content) of the file the
-    kernel wrote in `cwd` for the worker to look for (`folder_marker`)."""
+    kernel wrote in `cwd` for the worker to look for (`folder_marker`);
+    `forward_policy`: the lease's credential list (`forwarded_env`);
+    `mirror`: the lease's mirror budget, per lease and per file (0: default)."""
     import sys
 
     torch = sys.modules.get("torch")
@@ -193,9 +209,11 @@ def kernel_hello(
         client_host=socket.gethostname(),
         cwd=cwd,
         sys_path=sys_path,
-        env=forwarded_env(env)[0],
+        env=forwarded_env(env, forward_policy)[0],
         marker_path=marker[0],
         marker_content=marker[1],
+        mirror_bytes=mirror[0],
+        mirror_file_bytes=mirror[1],
     )
 
 

@@ -43,7 +43,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds")
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds", "mirror_bytes", "mirror_file_bytes", "forward_env", "forward_env_set")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,10 @@ class Lease(_message.Message):
     WORKER_TLS_ROOT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ENV_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ENV_SET_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     kernel_id: str
@@ -98,7 +102,11 @@ class Lease(_message.Message):
     worker_tls_root: bytes
     default_idle_seconds: float
     max_idle_seconds: float
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., worker_tls_root: _Optional[bytes] = ..., default_idle_seconds: _Optional[float] = ..., max_idle_seconds: _Optional[float] = ...) -> None: ...
+    mirror_bytes: int
+    mirror_file_bytes: int
+    forward_env: _containers.RepeatedScalarFieldContainer[str]
+    forward_env_set: bool
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., worker_tls_root: _Optional[bytes] = ..., default_idle_seconds: _Optional[float] = ..., max_idle_seconds: _Optional[float] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ..., forward_env: _Optional[_Iterable[str]] = ..., forward_env_set: _Optional[bool] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -411,20 +419,24 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[AgentHeartbeat, _Mapping]] = ..., started: _Optional[_Union[LeaseStarted, _Mapping]] = ..., failed: _Optional[_Union[LeaseFailed, _Mapping]] = ..., ended: _Optional[_Union[LeaseEnded, _Mapping]] = ..., stopped: _Optional[_Union[LeaseStopped, _Mapping]] = ...) -> None: ...
 
 class StartLease(_message.Message):
-    __slots__ = ("lease_id", "token", "device_ids", "user", "memory_bytes", "fraction")
+    __slots__ = ("lease_id", "token", "device_ids", "user", "memory_bytes", "fraction", "mirror_bytes", "mirror_file_bytes")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: str
     device_ids: _containers.RepeatedScalarFieldContainer[str]
     user: str
     memory_bytes: int
     fraction: float
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., fraction: _Optional[float] = ...) -> None: ...
+    mirror_bytes: int
+    mirror_file_bytes: int
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., fraction: _Optional[float] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ...) -> None: ...
 
 class StopLease(_message.Message):
     __slots__ = ("lease_id", "reason")
@@ -443,7 +455,7 @@ class BrokerCommand(_message.Message):
     def __init__(self, start: _Optional[_Union[StartLease, _Mapping]] = ..., stop: _Optional[_Union[StopLease, _Mapping]] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "client_host", "cwd", "sys_path", "env", "marker_path", "marker_content")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "client_host", "cwd", "sys_path", "env", "marker_path", "marker_content", "mirror_bytes", "mirror_file_bytes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +472,8 @@ class HelloRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     MARKER_PATH_FIELD_NUMBER: _ClassVar[int]
     MARKER_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -469,7 +483,9 @@ class HelloRequest(_message.Message):
     env: _containers.ScalarMap[str, str]
     marker_path: str
     marker_content: str
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., marker_path: _Optional[str] = ..., marker_content: _Optional[str] = ...) -> None: ...
+    mirror_bytes: int
+    mirror_file_bytes: int
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., marker_path: _Optional[str] = ..., marker_content: _Optional[str] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder")

@@ -27,6 +27,7 @@ from pathlib import Path
 import xxhash
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.units import format_size
 from gpuattach_broker.worker.blobcache import BlobCache
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -35,6 +36,9 @@ SKIP_DIRS = frozenset(
     {"__pycache__", "node_modules", "site-packages", "venv", "env", "wandb", "mlruns"}
 )
 MAX_FILES = 20_000
+# The mirror budget when the lease states none (the policy's defaults).
+DEFAULT_MIRROR_BYTES = 2 << 30
+DEFAULT_MIRROR_FILE_BYTES = 1 << 30
 
 
 def safe_relpath(path: str) -> bool:
@@ -192,6 +196,17 @@ class Scratch:
         self.baseline: dict[str, tuple[int, int, str]] = {}
         # digest -> entries waiting for that content (SendFiles).
         self.wanted: dict[str, list[pb.FileEntry]] = {}
+        # The lease's budget, enforced here whatever the kernel sends or asks.
+        self.budget_bytes = DEFAULT_MIRROR_BYTES
+        self.file_limit_bytes = DEFAULT_MIRROR_FILE_BYTES
+        self.home_bytes = 0  # sent back to the kernel in this lease
+
+    def limit(self, total: int, per_file: int) -> None:
+        """The lease's budget (0: keep the current one); it only ever goes down."""
+        if total > 0:
+            self.budget_bytes = min(self.budget_bytes, total)
+        if per_file > 0:
+            self.file_limit_bytes = min(self.file_limit_bytes, per_file)
 
     @classmethod
     def create(cls, name: str, cache: BlobCache | None) -> Scratch:
@@ -215,6 +230,18 @@ class Scratch:
         for entry in entries:
             if not safe_relpath(entry.path) or not entry.digest.isalnum():
                 raise FileStreamError(f"not a file of the folder: {entry.path!r}")
+            if entry.size > self.file_limit_bytes:
+                raise FileStreamError(
+                    f"{entry.path} ({format_size(entry.size)}) is over this lease's "
+                    f"{format_size(self.file_limit_bytes)} per-file mirror limit "
+                    "(the policy's mirror_file_bytes)"
+                )
+        total = sum({e.path: e.size for e in entries}.values())
+        if total > self.budget_bytes:
+            raise FileStreamError(
+                f"{len(entries)} files ({format_size(total)}) are over this lease's "
+                f"{format_size(self.budget_bytes)} mirror budget (the policy's mirror_bytes)"
+            )
         for entry in entries:
             cached = self.cache.folder / entry.digest if self.cache is not None else None
             if cached is not None and cached.is_file():
@@ -271,7 +298,10 @@ class Scratch:
     def changes(self, budget: int, file_limit: int) -> Iterator[pb.FileChunk]:
         """What remote cells created, changed or deleted since the last call:
         each entry, then its content when within `budget` and `file_limit`
-        (else it comes marked `over_limit`, named, not sent)."""
+        (else it comes marked `over_limit`, named, not sent). The lease's own
+        budget caps what the kernel asks for."""
+        budget = max(0, min(budget, self.budget_bytes - self.home_bytes))
+        file_limit = min(file_limit, self.file_limit_bytes)
         current = dict(walk(self.folder))
         for path in sorted(current):
             st = current[path]
@@ -292,6 +322,7 @@ class Scratch:
                 yield pb.FileChunk(file=entry)
                 continue
             budget -= st.st_size
+            self.home_bytes += st.st_size
             self._cache(digest, full)
             yield from file_chunks(self.folder, [entry])
         for path in sorted(set(self.baseline) - set(current)):

@@ -129,6 +129,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._cell_streams: set[threading.Event] = set()  # set when an Execute RPC is over
         # The notebook folder's copy when the kernel's folder is not here (Hello).
         self.scratch: Scratch | None = None
+        self.assigned_mirror = (0, 0)  # the policy's files budget, from Assign
 
     # ------------------------------------------------------------ auth ---
 
@@ -177,6 +178,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                     f"the worker could not run as {request.user_name!r} (uid {request.uid}): {exc}",
                 )
         os.environ.update(request.env)
+        self.assigned_mirror = (
+            _env_size("GPUATTACH_MIRROR_BYTES"),
+            _env_size("GPUATTACH_MIRROR_FILE_BYTES"),
+        )
         folder = request.env.get("GPUATTACH_BLOB_CACHE", "")
         if folder:
             budget = int(request.env.get("GPUATTACH_BLOB_CACHE_BYTES", str(8 << 30)))
@@ -288,6 +293,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         elif self.scratch is None:
             self.scratch = Scratch.create(os.path.basename(request.cwd.rstrip("/")), self.cache)
             atexit.register(self.scratch.remove)
+        # The lease's mirror budget: the policy's, as the agent gave it at
+        # Assign (read then: a kernel's environment adopted since cannot raise
+        # it), lowered by what the kernel's Hello states.
+        self.scratch.limit(*self.assigned_mirror)
+        self.scratch.limit(request.mirror_bytes, request.mirror_file_bytes)
         folder = str(self.scratch.folder)
         # Entries in the notebook's folder point into its mirror; on this host
         # the kernel's others too, where they exist.
@@ -684,3 +694,14 @@ def install_interrupt_handler(executor: MainThreadExecutor) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
+
+
+def _env_size(name: str) -> int:
+    """A size from this worker's environment (0: unset or unreadable)."""
+    from gpuattach_broker.units import parse_size
+
+    text = os.environ.get(name, "").strip()
+    try:
+        return int(text) if text.isdigit() else parse_size(text) if text else 0
+    except ValueError:
+        return 0
