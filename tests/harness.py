@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from jupyter_client.manager import KernelManager
 
 from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient
@@ -45,6 +47,30 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
                 return last
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what or predicate}: last={last!r}")
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts: it runs nothing)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class ExitWatch:
+    """Records (monotonic) when a process exits, polling every half millisecond."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exited_at = 0.0
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not gone(self.pid):
+            time.sleep(0.0005)
+        self.exited_at = time.monotonic()
+        self.done.set()
 
 
 @dataclass

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import psutil
 import pytest
 
 from gpuattach_broker.client.broker_client import BrokerClient
@@ -26,35 +25,11 @@ from gpuattach_broker.client.worker_client import LeaseOver, WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata, key_metadata
-from tests.harness import Stack, wait_for
+from tests.harness import ExitWatch, Stack, gone, wait_for
 
 pytestmark = pytest.mark.integration
 
 LOOP = "print('running', flush=True)\nwhile True:\n    pass\n"
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie not yet reaped counts: it runs nothing)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-class ExitWatch:
-    """Records (monotonic) when a process exits, polling every half millisecond."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.exited_at = 0.0
-        self.done = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while not gone(self.pid):
-            time.sleep(0.0005)
-        self.exited_at = time.monotonic()
-        self.done.set()
 
 
 @dataclass
