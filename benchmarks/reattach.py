@@ -51,7 +51,6 @@ class ReattachStack(Stack):
 
     def _popen(self, args: list[str], log_name: str) -> Any:
         if log_name == "agent.log":
-            args = [*args, "--isolation", self.isolation]
             if self.isolation == "uid":
                 args += ["--user-map", "range:290000-290099"]
             if not self.zygote:

@@ -35,6 +35,12 @@ def machine_info() -> dict[str, Any]:
         ipp = ipyparallel.__version__
     except ImportError:
         ipp = ""
+    try:
+        from importlib.metadata import version
+
+        ray_version = version("ray")
+    except ImportError:
+        ray_version = ""
     cpu_model = ""
     try:
         with open("/proc/cpuinfo") as handle:
@@ -70,6 +76,7 @@ def machine_info() -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "numpy": numpy.__version__,
         "ipyparallel": ipp,
+        "ray": ray_version,
         "git_commit": commit,
     }
 
@@ -107,10 +114,30 @@ def _p50(fig: dict[str, Any] | None) -> float | None:
     return None if not fig else float(fig["p50"])
 
 
+def _ray_cells(
+    mine: dict[str, Any] | None, theirs: dict[str, Any] | None, note: str = ""
+) -> dict[str, Any]:
+    """The two Ray columns of a row and its ratio (ours ÷ Ray, p50)."""
+    ratio = _ratio(_p50(mine), _p50(theirs))
+    if not theirs:
+        return {"ray": None, "ratio_to_ray": None, "ray_cells": ["—", "—"]}
+    text = _gbps(theirs) if theirs.get("unit") == "GB/s" else _lat(theirs)
+    return {
+        "ray": theirs,
+        "ratio_to_ray": ratio,
+        "ray_cells": [text + (f" ({note})" if note else ""), _times(ratio)],
+    }
+
+
 def build_rows(
-    limits: dict[str, Any], ours: dict[str, Any], peer: dict[str, Any] | None, quick: bool
+    limits: dict[str, Any],
+    ours: dict[str, Any],
+    peer: dict[str, Any] | None,
+    quick: bool,
+    ray: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     peer = peer or {}
+    ray = ray or {}
     rtt = limits["grpc_unary_rtt"]
     tcp = limits["tcp_throughput"]
     rows: list[dict[str, Any]] = []
@@ -124,6 +151,8 @@ def build_rows(
         limit: dict[str, Any] | None = None,
         limit_name: str = "gRPC RTT",
         beat_peer: bool = False,
+        ray_fig: dict[str, Any] | None = None,
+        ray_note: str = "",
     ) -> None:
         limit = limit or rtt
         ratio_limit = _ratio(_p50(fig), _p50(limit))
@@ -144,6 +173,7 @@ def build_rows(
                 _lat(peer_fig) + (f" ({peer_note})" if peer_fig and peer_note else ""),
                 _times(ratio_peer),
             ],
+            **_ray_cells(fig, ray_fig, ray_note),
         }
         if target is not None:
             met = ratio_limit is not None and ratio_limit <= target
@@ -156,7 +186,12 @@ def build_rows(
 
     latency_row("warm attach (attach → granted → Hello)", ours["warm_attach"], target=ATTACH_TARGET)
     if ours.get("cold_attach"):
-        latency_row("cold attach (no warm worker: process start-up)", ours["cold_attach"])
+        latency_row(
+            "cold attach (no warm worker: process start-up)",
+            ours["cold_attach"],
+            ray_fig=ray.get("cold_start"),
+            ray_note="ray.init + first actor",
+        )
     latency_row("· attach RPC until granted", ours["attach_rpc"])
     latency_row(
         "· worker Hello (new channel)",
@@ -172,6 +207,8 @@ def build_rows(
         CELL_TARGET,
         "execute",
         beat_peer=True,
+        ray_fig=ray.get("empty_cell"),
+        ray_note="actor exec",
     )
     latency_row(
         "remote cell printing 1,000 lines",
@@ -179,6 +216,8 @@ def build_rows(
         peer.get("stream_1000_lines"),
         None,
         "execute",
+        ray_fig=ray.get("stream_1000_lines"),
+        ray_note="stdout captured",
     )
     latency_row("· first output line of that cell", ours["stream_first_output"])
     latency_row("release (Release RPC)", ours["release"])
@@ -219,7 +258,14 @@ def build_rows(
                     peer_cell,
                     ratio_cell,
                 ],
+                **_ray_cells(mine, ray.get("migration", {}).get(label, {}).get(direction), "torch"),
             }
+            ray_numpy = ray.get("migration_numpy", {}).get(label, {}).get(direction)
+            if ray_numpy:
+                row["ray_numpy"] = ray_numpy
+                row["ray_cells"][0] += f" · {_gbps(ray_numpy)} numpy"
+                ratio_ray_numpy = _ratio(_p50(mine), _p50(ray_numpy))
+                row["ray_cells"][1] += f" torch · {_times(ratio_ray_numpy)} numpy"
             if label == largest:
                 met = ratio_limit is not None and ratio_limit >= MIGRATION_TARGET
                 text = f"≥ {MIGRATION_TARGET:.0%} of TCP (cross-host path, 1 GiB)"
@@ -376,18 +422,20 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{m['date']} · {m['cpu_count']} CPUs ({m['cpu_model']}) · {m['memory_total_gib']} GiB · "
         f"Python {m['python']} · torch {m['torch']} · grpcio {m['grpcio']} · "
-        f"ipyparallel {m['ipyparallel'] or '—'} · commit {m['git_commit'] or '—'} · "
+        f"ipyparallel {m['ipyparallel'] or '—'} · ray {m.get('ray') or '—'} · "
+        f"commit {m['git_commit'] or '—'} · "
         f"load {m['load_average']} → {report['load_average_end']} · "
         f"{report['wall_seconds']:.0f} s",
         "",
         "| figure | ours (p50 / p99 or GB/s) | limit | ratio to limit | peer (ipyparallel) "
-        "| ratio to peer | target | met |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ratio to peer | peer (Ray) | ratio to Ray | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["rows"]:
         target = row.get("target")
         cells = [
             *row["cells"],
+            *row.get("ray_cells", ["—", "—"]),
             target["text"] if target else "",
             ("PASS" if target["met"] else "FAIL") if target else "",
         ]
@@ -427,6 +475,14 @@ NOTES = [
     "Peer migration: view.push(dict, block=True) and view.pull(names, block=True) of the same "
     "torch tensors (ipyparallel pickles them in band) and of numpy views of the same bytes "
     "(its zero-copy path); the controller runs with --nodb.",
+    "Ray (second peer): a local cluster (ray.init, num_cpus=2, no dashboard) and one actor "
+    "holding a namespace. Empty cell: the actor runs exec('pass') and the driver waits for the "
+    "reply (a no-op method call is in the JSON). Streaming: the actor captures the cell's "
+    "stdout and returns it (Ray's own stdout forwarding has no completion signal). Migration "
+    "in: ray.put of the dict of tensors and the actor's ray.get of it into its namespace; "
+    "out: ray.get of the actor returning the names. torch tensors are pickled; numpy views of "
+    "the same bytes take the shared-memory object store. Cold start: ray.init until a first "
+    "actor has answered, next to our cold attach.",
     "Same machine for everything, one run; the machine is shared, so compare ratios, and "
     "rerun when the load average is high.",
 ]

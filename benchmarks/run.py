@@ -1,10 +1,11 @@
-"""Benchmarks of jupyter-gpuattach against the machine's limits and a peer, in one run.
+"""Benchmarks of jupyter-gpuattach against the machine's limits and two peers, in one run.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--no-peer]
+    .venv/bin/python benchmarks/run.py [--quick] [--no-peer] [--no-ray]
 
 Starts a real broker and agent (CPU backend) on loopback, measures the
 machine's limits (gRPC and TCP round trips, TCP throughput, memcpy), our
-figures through the real client classes, and ipyparallel with one engine;
+figures through the real client classes, and two peers: ipyparallel with one
+engine and Ray with one actor;
 prints a Markdown table and writes benchmarks/results/latest.{json,md}.
 Targets are reported as PASS/FAIL; they never fail the run.
 """
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few iterations (<1 min)")
     parser.add_argument("--no-peer", action="store_true", help="skip ipyparallel")
+    parser.add_argument("--no-ray", action="store_true", help="skip Ray (the second peer)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.{json,md}")
     args = parser.parse_args(argv)
     cfg = Config.quick() if args.quick else Config.full()
@@ -123,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gpuattach-bench-"))
     # ipyparallel's profile (connection files, logs) stays in the scratch folder.
     os.environ["IPYTHONDIR"] = str(workdir / "ipython")
+    # The kernel-side measurements (GPUSession) ask as the same person as the protocol-level
+    # ones: run as root, the agent refuses to start a worker for the system account.
+    os.environ.setdefault("JUPYTERHUB_USER", "bench")
 
     # After the signal handler: importing torch takes seconds.
     import control_plane
     import limits
     import ours
     import peer
+    import ray_peer
     import reattach
     import report
     import scheduling
@@ -163,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             control.stop()
         peer_figures = None if args.no_peer else peer.measure(cfg, log)
+        ray_figures = None
+        if not args.no_ray:
+            try:
+                ray_figures = ray_peer.measure(cfg, log)
+            # A peer that cannot start (Ray's node start-up times out on a loaded machine)
+            # must not lose our figures: the report says why its columns are empty.
+            except Exception as exc:
+                log(f"ray: not measured: {type(exc).__name__}: {exc}")
+                ray_figures = {"error": f"{type(exc).__name__}: {exc}"}
         log("scheduling decisions at 1,000 devices and 10,000 queued requests")
         our_figures["scheduling"] = scheduling.measure()
     except KeyboardInterrupt:
@@ -183,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "limits": limit_figures,
         "ours": our_figures,
         "peer": peer_figures,
-        "rows": report.build_rows(limit_figures, our_figures, peer_figures, quick),
+        "ray": ray_figures,
+        "rows": report.build_rows(limit_figures, our_figures, peer_figures, quick, ray_figures),
         "notes": list(report.NOTES),
     }
     if quick:
@@ -191,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             "Quick mode: small sizes and few iterations; the 1 GiB target is "
             "checked at the largest quick size."
         )
+    if ray_figures and "error" in ray_figures:
+        result["notes"].append(f"Ray was not measured in this run: {ray_figures['error']}")
     text = report.markdown(result) + "\n" + reattach.markdown(our_figures["back_to_back_reattach"])
     targets = [{"figure": r["figure"], **r["target"]} for r in result["rows"] if r.get("target")]
     result["targets"] = targets
     for row in result["rows"]:
         row.pop("cells", None)
+        row.pop("ray_cells", None)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(_clean(result), indent=2) + "\n")
     (args.out / "latest.md").write_text(text)

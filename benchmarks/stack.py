@@ -63,6 +63,10 @@ class Stack:
     broker: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
     blob_cache: Path | None = None
+    # Transfer figures are measured without per-user workers (their cost is reattach.py's
+    # isolation comparison); run as root, the agent would otherwise drop each worker to a
+    # mapped uid that cannot read this scratch blob cache.
+    isolation: str = "none"
 
     @property
     def address(self) -> str:
@@ -138,6 +142,8 @@ class Stack:
                 "benchhost",
                 "--log-level",
                 "WARNING",
+                "--isolation",
+                self.isolation,
                 *self._blob_cache_args(),
             ],
             "agent.log",
