@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from gpuattach_broker.broker.lease_schema import ACTIVE_STATES, LeaseState
 from gpuattach_broker.client.broker_client import (
     BrokerAddress,
     BrokerClient,
@@ -28,7 +29,6 @@ from gpuattach_broker.client.broker_client import (
     LeaseEvent,
     LeaseKeeper,
 )
-from gpuattach_broker.broker.lease_schema import ACTIVE_STATES, LeaseState
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 
 # Ends that someone or something decided; "failed" (and a worker that stopped

@@ -12,6 +12,8 @@ the migrated database equals this metadata.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -33,8 +35,8 @@ STATE_TYPE = sa.Enum(
 )
 
 
-def column_type(kind: Kind) -> sa.types.TypeEngine[object]:
-    types: dict[Kind, sa.types.TypeEngine[object]] = {
+def column_type(kind: Kind) -> sa.types.TypeEngine[Any]:
+    types: dict[Kind, sa.types.TypeEngine[Any]] = {
         Kind.TEXT: sa.Text(),
         Kind.INT: sa.Integer(),
         Kind.BIGINT: sa.BigInteger(),
