@@ -39,6 +39,8 @@ def broker_db(request: pytest.FixtureRequest) -> Iterator[str]:
     postgres: PostgresServer = request.getfixturevalue("postgres")
     url = postgres.database("broker")
     yield url
+    # The broker kept its state there (not in a file of its own).
+    assert postgres.count(url, "SELECT count(*) FROM events WHERE kind = 'broker-started'") > 0
     postgres.drop(url)
 
 

@@ -144,6 +144,14 @@ class PostgresServer:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def count(self, db_url: str, query: str) -> int:
+        """The first column of the first row of `query` in that database."""
+        import psycopg
+
+        with psycopg.connect(db_url) as connection:
+            row = connection.execute(query).fetchone()
+        return int(row[0]) if row else 0
+
     def drop(self, db_url: str) -> None:
         import psycopg
 
