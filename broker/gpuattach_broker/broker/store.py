@@ -186,18 +186,26 @@ class SqlStore:
                 self.engine.dispose()
                 shown = url.render_as_string(hide_password=True)
                 raise StoreError(f"cannot open the state database {shown}: {exc.orig}") from exc
-        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        # Statements built once, values bound at each call: a write costs
+        # the round trip, not SQL generation.
+        self._put_lease = self._upsert(schema.leases, "lease_id")
+        self._put_device = self._upsert(schema.devices, "device_id")
+        self._update_lease = schema.leases.update().where(
+            schema.leases.c.lease_id == sa.bindparam("where_lease_id")
+        )
 
     def close(self) -> None:
         self.engine.dispose()
 
     # ----------------------------------------------------------- leases ---
 
-    def _upsert(self, table: sa.Table, key: str, values: dict[str, Any]) -> Any:
-        statement = self._insert(table).values(values)
+    def _upsert(self, table: sa.Table, key: str) -> Any:
+        """INSERT ... ON CONFLICT (key) DO UPDATE, in this database's dialect."""
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = insert(table)
         return statement.on_conflict_do_update(
             index_elements=[table.c[key]],
-            set_={name: statement.excluded[name] for name in values if name != key},
+            set_={c: statement.excluded[c.key] for c in table.columns if c.key != key},
         )
 
     def _event_row(self, kind: str, lease_id: str, user: str, detail: str) -> dict[str, Any]:
@@ -211,7 +219,7 @@ class SqlStore:
 
     def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
         with self.engine.begin() as db:
-            db.execute(self._upsert(schema.leases, "lease_id", lease.values()))
+            db.execute(self._put_lease, lease.values())
             if event:
                 db.execute(
                     schema.events.insert(),
@@ -221,11 +229,7 @@ class SqlStore:
     def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
         values = {name: getattr(lease, name) for name in names}
         with self.engine.begin() as db:
-            db.execute(
-                schema.leases.update()
-                .where(schema.leases.c.lease_id == lease.lease_id)
-                .values(values)
-            )
+            db.execute(self._update_lease, {**values, "where_lease_id": lease.lease_id})
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None:
         with self.engine.connect() as db:
@@ -269,7 +273,7 @@ class SqlStore:
     def put_device(self, device: DeviceRecord) -> None:
         values = {**device._asdict(), "last_seen": self.clock()}
         with self.engine.begin() as db:
-            db.execute(self._upsert(schema.devices, "device_id", values))
+            db.execute(self._put_device, values)
 
     def devices(self) -> list[DeviceRecord]:
         with self.engine.connect() as db:
