@@ -12,11 +12,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from gpuattach_broker.broker import schema
 from gpuattach_broker.broker.lease_schema import LeaseState
 from gpuattach_broker.broker.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
     DeviceRecord,
     LeaseRecord,
     SqlStore,
@@ -257,6 +261,12 @@ def test_migrated_schema_equals_the_metadata(store: SqlStore) -> None:
     assert tables == {"alembic_version", "leases", "devices", "events"}
 
 
+def test_schema_version_is_the_newest_migration() -> None:
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    assert ScriptDirectory.from_config(config).get_heads() == [SCHEMA_VERSION]
+
+
 def test_reopening_migrates_nothing_and_keeps_the_data(db_url: str, clock: FakeClock) -> None:
     first = open_store(db_url, clock=clock)
     first.put_lease(full_lease(), event="granted")
@@ -267,7 +277,7 @@ def test_reopening_migrates_nothing_and_keeps_the_data(db_url: str, clock: FakeC
         assert [e.kind for e in again.events()] == ["granted"]
         with again.engine.connect() as db:
             versions = db.execute(sa.text("SELECT version_num FROM alembic_version")).all()
-        assert [v[0] for v in versions] == ["0001"]
+        assert [v[0] for v in versions] == [SCHEMA_VERSION]
     finally:
         again.close()
 

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gpuattach_broker.broker import schema
@@ -142,10 +140,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# The newest migration in migrations/versions (a test keeps the two equal).
+SCHEMA_VERSION = "0001"
+MIGRATIONS = "gpuattach_broker.broker:migrations"
+
+
+def schema_version(connection: sa.Connection) -> str | None:
+    """The database's Alembic revision; None before the schema was versioned."""
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def migrate(engine: sa.Engine) -> None:
-    """Bring the database to this version's schema (Alembic `upgrade head`)."""
+    """Bring the database to this version's schema (Alembic `upgrade head`).
+
+    A database already there costs one query: Alembic (a second or so of
+    imports on a busy machine) loads only when there is something to do."""
+    with engine.connect() as connection:
+        if schema_version(connection) == SCHEMA_VERSION:
+            return
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
-    config.set_main_option("script_location", "gpuattach_broker.broker:migrations")
+    config.set_main_option("script_location", MIGRATIONS)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
