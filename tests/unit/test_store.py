@@ -401,3 +401,39 @@ def test_an_unversioned_state_file_is_carried_over(tmp_path: Path) -> None:
 def test_a_bad_db_url_is_refused_with_what_to_do(url: str, message: str) -> None:
     with pytest.raises(StoreError, match=message):
         open_store(url)
+
+
+def test_the_simulator_reads_a_postgresql_ledger(pg_url: str) -> None:
+    """`gpuattach-broker simulate` takes the broker's db_url as its ledger input."""
+    from gpuattach_broker.simulator.traces import load_workload
+
+    store = open_store(pg_url)
+    try:
+        store.put_lease(
+            lease(
+                "L1",
+                kernel_id="k1",
+                granted_at=1000.0,
+                ended_at=1100.0,
+                state="released",
+                memory_bytes=8 * GIB,
+            )
+        )
+        store.put_lease(
+            lease(
+                "L2",
+                kernel_id="k1",
+                granted_at=1200.0,
+                ended_at=1260.0,
+                state="released",
+                req_gpus=2,
+            )
+        )
+        store.put_lease(lease("L3", kernel_id="k2"))  # never granted: no cell
+    finally:
+        store.close()
+    workload = load_workload(pg_url)
+    assert workload.source_format == "ledger"
+    ((kernel, cells),) = [(s.kernel, s.cells) for s in workload.sessions]
+    assert kernel == "k1"
+    assert [(c.start, c.duration, c.gpus) for c in cells] == [(1000.0, 100.0, 1), (1200.0, 60.0, 2)]
