@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test install lint proto bench clean chromium labextension
+.PHONY: demo test install lint proto bench clean chromium labextension postgresql
 
 # The editable install also builds the JupyterLab extension (labextension/,
 # through hatch-jupyter-builder: node and the npm registry) and installs it
@@ -47,12 +47,23 @@ chromium:
 	  fi; \
 	fi
 
+# The store tests start their own PostgreSQL server (tests/pg.py: initdb and
+# pg_ctl in a temporary folder) from Debian's binaries in /usr/lib/postgresql.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else \
+	    echo "no PostgreSQL server binaries: the PostgreSQL tests fail (apt-get install postgresql as root)"; \
+	  fi; \
+	fi
+
 # JupyterHub's proxy, for the identity test under a real Hub (npm, kept in the tree).
 CHP := .ci-node/node_modules/.bin/configurable-http-proxy
 $(CHP):
 	npm install --silent --no-audit --no-fund --prefix .ci-node configurable-http-proxy@5
 
-test: $(STAMP) lint chromium $(CHP)
+test: $(STAMP) lint chromium postgresql $(CHP)
 	$(PY) -m pytest -q -ra
 
 proto: $(STAMP)

@@ -22,7 +22,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from gpuattach_broker.broker.store import Store
+from gpuattach_broker.broker.store import open_store
 from gpuattach_broker.client.embedded import runtime_file
 from gpuattach_broker.paths import embedded_db
 
@@ -64,7 +64,7 @@ def print_timeline(db: Path, since: float) -> None:
     if not db.exists():
         print("(no broker state found)")
         return
-    store = Store(db, readonly=True)
+    store = open_store(db, readonly=True)
     print("\nLease timeline (embedded broker):")
     for event in store.events(since=since):
         offset = event.ts - since

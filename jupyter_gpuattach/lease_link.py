@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from gpuattach_broker.broker.lease_schema import ACTIVE_STATES, LeaseState
 from gpuattach_broker.client.broker_client import (
     BrokerAddress,
     BrokerClient,
@@ -32,7 +33,12 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 
 # Ends that someone or something decided; "failed" (and a worker that stopped
 # answering) are losses.
-CHOSEN_STATES = ("released", "revoked", "preempted", "expired")
+CHOSEN_STATES = (
+    LeaseState.RELEASED,
+    LeaseState.REVOKED,
+    LeaseState.PREEMPTED,
+    LeaseState.EXPIRED,
+)
 _BY = re.compile(r"\bby ([\w.@+-]+)")
 
 
@@ -228,7 +234,7 @@ class LeaseLink:
                         return _gone(LeaseEnd.from_broker(exc.end_state, exc.end_reason))
                     return LeaseEnd("lost", f"the GPU worker stopped answering: {exc}")
                 break
-            if reply.state not in ("active", "starting", "preempting"):
+            if reply.state not in ACTIVE_STATES:
                 return _gone(LeaseEnd.from_broker(reply.state, reply.end_reason))
             if time.monotonic() + 0.2 >= deadline:
                 return silent

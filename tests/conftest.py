@@ -7,13 +7,49 @@ from typing import Any
 import pytest
 
 from tests.harness import Kernel, Stack
+from tests.pg import PostgresServer, PostgresUnavailable
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (tests/pg.py)."""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def stack_factory(tmp_path: Path) -> Iterator[Any]:
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database on the session's server, dropped afterwards."""
+    url = postgres.database()
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture
+def broker_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The broker's --db-url: "" (its SQLite file, the default) unless a test is
+    parametrised with `tests.pg.both_stores`."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield ""
+        return
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    url = postgres.database("broker")
+    yield url
+    # The broker kept its state there (not in a file of its own).
+    assert postgres.count(url, "SELECT count(*) FROM events WHERE kind = 'broker-started'") > 0
+    postgres.drop(url)
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, broker_db: str) -> Iterator[Any]:
     stacks: list[Stack] = []
 
     def make(**kwargs: Any) -> Stack:
+        kwargs.setdefault("db_url", broker_db)
         stack = Stack(workdir=tmp_path / f"stack{len(stacks)}", **kwargs)
         stacks.append(stack)
         return stack.start()

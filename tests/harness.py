@@ -82,6 +82,7 @@ class Stack:
     ttl: str = "10s"
     pool_size: int = 1
     key: str = "test-key"
+    db_url: str = ""  # the broker's --db-url; "" keeps its SQLite file in workdir
     port: int = field(default_factory=free_port)
     serve_args: list[str] = field(default_factory=list)
     # Workers' isolation (gpuattach-agent --isolation): "none" for the single-user
@@ -101,6 +102,10 @@ class Stack:
     @property
     def db(self) -> Path:
         return self.workdir / "broker.sqlite"
+
+    def db_args(self) -> list[str]:
+        """The broker's state: --db-url when given (PostgreSQL), else its SQLite file."""
+        return ["--db-url", self.db_url] if self.db_url else ["--db", str(self.db)]
 
     def user_env(self, token: str) -> dict[str, str]:
         """A kernel's environment with a user token instead of the broker key."""
@@ -127,8 +132,7 @@ class Stack:
                     "serve",
                     "--address",
                     self.address,
-                    "--db",
-                    str(self.db),
+                    *self.db_args(),
                     "--ttl",
                     self.ttl,
                     *self.serve_args,
@@ -188,7 +192,7 @@ class Stack:
     def usage(self, by: str) -> str:
         """`gpuattach-broker usage --by BY` on this stack's ledger (its stdout)."""
         return subprocess.run(
-            [str(BIN / "gpuattach-broker"), "usage", "--db", str(self.db), "--by", by],
+            [str(BIN / "gpuattach-broker"), "usage", *self.db_args(), "--by", by],
             capture_output=True,
             text=True,
             check=True,

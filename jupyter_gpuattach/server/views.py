@@ -12,10 +12,11 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gpuattach_broker.broker.lease_schema import ACTIVE_STATES
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_size
 
-LIVE_STATES = ("starting", "active", "preempting")
+LIVE_STATES = ACTIVE_STATES
 TIMES = "\u00d7"  # the multiplication sign of the UI labels (written out, ruff flags it)
 
 

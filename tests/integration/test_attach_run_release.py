@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.harness import Kernel, Stack, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +168,7 @@ def test_files_land_next_to_the_notebook(stack: Stack, kernel: Kernel) -> None:
     assert (pathlib.Path(cwd) / "model.pth").exists()
 
 
+@both_stores
 def test_two_kernels_share_a_pool_with_room_for_one(stack: Stack, kernel_factory) -> None:
     first, second = kernel_factory(stack), kernel_factory(stack)
     first.ok("%gpu attach")
@@ -183,6 +185,7 @@ def test_two_kernels_share_a_pool_with_room_for_one(stack: Stack, kernel_factory
     second.ok("%gpu release")
 
 
+@both_stores
 def test_broker_sigkill_and_restart_keeps_the_lease(stack: Stack, kernel: Kernel) -> None:
     kernel.ok("x = 20")
     kernel.ok("%gpu attach")

@@ -16,6 +16,7 @@ from gpuattach_broker.client.broker_client import BrokerError
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import Stack, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,7 @@ def test_concurrent_limit_refuses_with_the_limit_named(stack_factory, tmp_path: 
     bob.release(other)
 
 
+@both_stores
 def test_gpu_hours_per_day_hold_across_kernels_and_restarts(stack_factory, tmp_path: Path) -> None:
     # 0.0005 GPU-hours = 1.8 s of a whole device.
     policy = "[defaults]\ngpu_hours_per_day = 0.0005\n"
@@ -160,6 +162,7 @@ priority = "high"
 """
 
 
+@both_stores
 def test_preemption_moves_the_namespace_out_before_the_lease_ends(
     stack_factory, kernel_factory, tmp_path: Path
 ) -> None:
@@ -242,6 +245,7 @@ def test_malformed_and_oversized_rpcs_leave_broker_and_worker_serving(stack: Sta
     assert stack.pool().agents_online == 1
 
 
+@both_stores
 def test_usage_by_group_counts_identity_and_policy_groups(stack_factory, tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.toml"
     alice = StaticTokens.add(tokens_file, "alice", groups=("ml101",))  # an identity group

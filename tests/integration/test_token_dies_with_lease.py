@@ -26,6 +26,7 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata, key_metadata
 from tests.harness import ExitWatch, Stack, gone, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -222,6 +223,7 @@ def test_a_token_replayed_across_the_release_never_succeeds_after_it(
     held.worker.close()
 
 
+@both_stores
 def test_revoke_interrupts_the_cell_and_kills_the_token_before_it_returns(
     stack: Stack, clients: Callable[[], BrokerClient]
 ) -> None:

@@ -13,14 +13,15 @@ import pytest
 from gpuattach_broker.broker import service as service_module
 from gpuattach_broker.broker.scheduler import DeviceState, Placement
 from gpuattach_broker.broker.service import AgentConnection, BrokerService
-from gpuattach_broker.broker.store import LeaseRecord, Store
+from gpuattach_broker.broker.store import LeaseRecord, open_store
+from gpuattach_broker.broker.working_set import WorkingSet
 
 HOST = "h"
 DEVICE = f"{HOST}/cpu0"
 
 
 def make(tmp_path: Path) -> tuple[BrokerService, LeaseRecord]:
-    service = BrokerService(Store(tmp_path / "broker.sqlite"))
+    service = BrokerService(WorkingSet(open_store(tmp_path / "broker.sqlite")))
     service.scheduler.add_device(DeviceState(DEVICE, HOST, "cpu", "cpu", 1 << 30))
     now = time.time()
     lease = LeaseRecord(
@@ -76,7 +77,7 @@ def test_an_unanswered_stop_frees_the_room_after_the_timeout(
         await service._stopped("L1")
         assert 0.15 < time.monotonic() - started < 2.0
         assert "L1" not in service.scheduler.allocations
-        kinds = [e.kind for e in service.store.events(lease_id="L1")]
+        kinds = [e.kind for e in service.store.store.events(lease_id="L1")]
         assert "stop-unconfirmed" in kinds
 
     asyncio.run(scenario())

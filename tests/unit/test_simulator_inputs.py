@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuattach_broker.broker.store import LeaseRecord, Store, hash_token
+from gpuattach_broker.broker.store import LeaseRecord, hash_token, open_store
 from gpuattach_broker.simulator import (
     Admission,
     attach_policy,
@@ -161,7 +161,7 @@ def _lease(lease_id: str, kernel: str, granted: float, ended: float, **kw: objec
 
 def test_ledger_leases_become_cells(tmp_path: Path) -> None:
     db = tmp_path / "broker.db"
-    store = Store(db)
+    store = open_store(db)
     store.put_lease(_lease("L1", "k1", 1000, 1100, req_gpus=1, memory_bytes=80 * GIB))
     store.put_lease(_lease("L2", "k1", 1200, 1260, req_gpus=2, memory_bytes=80 * GIB))
     store.put_lease(

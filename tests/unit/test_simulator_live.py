@@ -102,9 +102,10 @@ def test_fair_share_is_on_as_in_the_live_broker(tmp_path: Path) -> None:
 
 def test_the_simulated_scheduler_is_built_like_the_live_brokers(tmp_path: Path) -> None:
     from gpuattach_broker.broker.service import BrokerService
-    from gpuattach_broker.broker.store import Store
+    from gpuattach_broker.broker.store import open_store
+    from gpuattach_broker.broker.working_set import WorkingSet
 
-    live = BrokerService(Store(tmp_path / "broker.sqlite"))
+    live = BrokerService(WorkingSet(open_store(tmp_path / "broker.sqlite")))
     assert build_scheduler(parse_pool("1x1GPU")).fair_share == live.scheduler.fair_share is True
 
 

@@ -32,6 +32,9 @@ class BrokerApp(ServiceApp):
 
     address = Unicode("127.0.0.1:50051", help="host:port to listen on").tag(config=True)
     db = Unicode("", help="SQLite state file (default: $XDG_STATE_HOME/gpuattach)").tag(config=True)
+    db_url = Unicode(
+        "", help="State database URL: sqlite:///path (default: --db) or postgresql://..."
+    ).tag(config=True)
     ttl = Unicode("30s", help="A lease ends this long after its kernel's last heartbeat.").tag(
         config=True
     )
@@ -68,6 +71,11 @@ class BrokerApp(ServiceApp):
         config=True
     )
 
+    @default("db_url")
+    def _db_url_default(self) -> str:
+        # A Kubernetes Secret reaches the broker as this variable.
+        return os.environ.get("GPUATTACH_DB_URL", "")
+
     @default("hub_api_url")
     def _hub_api_url_default(self) -> str:
         return os.environ.get("JUPYTERHUB_API_URL", "")
@@ -75,6 +83,7 @@ class BrokerApp(ServiceApp):
     aliases = {
         "address": "BrokerApp.address",
         "db": "BrokerApp.db",
+        "db-url": "BrokerApp.db_url",
         "ttl": "BrokerApp.ttl",
         "key-file": "BrokerApp.key_file",
         "embedded-agent": "BrokerApp.embedded_agent",
@@ -104,6 +113,7 @@ class BrokerApp(ServiceApp):
         return ServeOptions(
             address=self.address,
             db=self.db or str(default_db()),
+            db_url=self.db_url,
             ttl_seconds=parse_duration(self.ttl),
             key=key,
             embedded_agent=self.embedded_agent,

@@ -12,7 +12,7 @@ import grpc
 
 from gpuattach_broker.broker.identity import StaticTokens
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
-from gpuattach_broker.broker.store import Store
+from gpuattach_broker.broker.store import Store, StoreError, open_store
 from gpuattach_broker.paths import default_db
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
@@ -41,6 +41,31 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("GPUATTACH_TLS_CA", ""),
         help="verify a TLS broker against this CA (GPUATTACH_TLS_CA)",
     )
+
+
+def _add_database(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
+    parser.add_argument(
+        "--db-url",
+        default=os.environ.get("GPUATTACH_DB_URL", ""),
+        help="the broker's state database, sqlite:///path or postgresql://... "
+        "(GPUATTACH_DB_URL; overrides --db)",
+    )
+
+
+def _open_state(args: argparse.Namespace) -> Store | None:
+    """The broker's store, read through the same interface the broker writes."""
+    if args.db_url:
+        try:
+            return open_store(args.db_url, readonly=True)
+        except StoreError as exc:
+            print(f"gpuattach-broker: {exc}", file=sys.stderr)
+            return None
+    path = args.db or str(default_db())
+    if not os.path.exists(path):
+        print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
+        return None
+    return open_store(path)  # read-write: brings an older state file up to date
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--all", action="store_true", help="include ended leases")
 
     e = sub.add_parser("events", help="print the lease timeline from the state file")
-    e.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
+    _add_database(e)
     e.add_argument("--since", type=_duration, default=0.0, help="only the last N seconds/minutes")
 
     u = sub.add_parser("usage", help="GPU time held vs busy, from the ledger")
-    u.add_argument("--db", default="", help=f"SQLite state file (default {default_db()})")
+    _add_database(u)
     u.add_argument(
         "--since", type=_duration, default=0.0, help="only leases granted since, e.g. 1h"
     )
@@ -209,28 +234,25 @@ def _fmt_time(ts: float) -> str:
 
 
 def _events(args: argparse.Namespace) -> int:
-    path = args.db or str(default_db())
-    if not os.path.exists(path):
-        print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
+    store = _open_state(args)
+    if store is None:
         return 1
-    store = Store(path)  # read-write: brings an older state file up to date
     since = time.time() - args.since if args.since else 0.0
     for event in store.events(since=since):
         lease = event.lease_id[:8] if event.lease_id else "-"
         print(
             f"{_fmt_time(event.ts)}  {event.kind:<16} {lease:<8}  {event.user:<10} {event.detail}"
         )
+    store.close()
     return 0
 
 
 def _usage(args: argparse.Namespace) -> int:
     """Per group: leases, seconds held, seconds a cell ran (the kernel's count),
     seconds the GPU was really busy (NVML; 0 on the CPU backend), busy share."""
-    path = args.db or str(default_db())
-    if not os.path.exists(path):
-        print(f"gpuattach-broker: no state file at {path}", file=sys.stderr)
+    store = _open_state(args)
+    if store is None:
         return 1
-    store = Store(path)  # read-write: brings an older state file up to date
     now = time.time()
     since = now - args.since if args.since else 0.0
     rows: dict[str, list[float]] = {}

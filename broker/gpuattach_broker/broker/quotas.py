@@ -10,9 +10,9 @@ import datetime as dt
 import time
 from collections.abc import Iterable, Mapping
 
+from gpuattach_broker.broker.lease_schema import LeaseRecord
 from gpuattach_broker.broker.policy import Effective, Policy
 from gpuattach_broker.broker.scheduler import SliceRequest
-from gpuattach_broker.broker.store import LeaseRecord
 from gpuattach_broker.units import format_size
 
 DAY = 24 * 3600.0

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from sqlalchemy import make_url
 
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
 from gpuattach_broker.broker.identity import AnyOf, Authenticator, HubAuthenticator, StaticTokens
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.service import BrokerService
-from gpuattach_broker.broker.store import Store
+from gpuattach_broker.broker.store import db_url_for, open_store
+from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.tls import TLSFiles, check_plaintext, server_credentials
 from gpuattach_broker.transfer import GRPC_OPTIONS
@@ -37,6 +39,7 @@ log = logging.getLogger("gpuattach.broker")
 class ServeOptions:
     address: str = "127.0.0.1:50051"
     db: str = ""
+    db_url: str = ""  # sqlite:///... or postgresql://...; overrides db
     ttl_seconds: float = 30.0
     key: str = ""
     embedded_agent: str = ""  # device spec of an in-process agent, e.g. "auto"
@@ -109,7 +112,8 @@ class PolicyWatcher:
 
 async def serve(options: ServeOptions) -> None:
     policy = load_policy(options.policy) if options.policy else None
-    store = Store(options.db)
+    db_url = options.db_url or db_url_for(options.db)
+    store = WorkingSet(open_store(db_url))
     service = BrokerService(
         store,
         ttl_seconds=options.ttl_seconds,
@@ -136,7 +140,7 @@ async def serve(options: ServeOptions) -> None:
     host = options.address.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     await server.start()
-    log.info("broker listening on %s (state in %s)", address, options.db)
+    log.info("broker listening on %s (state in %s)", address, _without_password(db_url))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,6 +182,10 @@ async def serve(options: ServeOptions) -> None:
             task.cancel()
         await server.stop(grace=1.0)
         store.close()
+
+
+def _without_password(db_url: str) -> str:
+    return str(make_url(db_url)) if "://" in db_url else db_url
 
 
 def _remove_runtime_file(path: str) -> None:

@@ -20,6 +20,14 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from gpuattach_broker.broker.identity import TOKEN_HEADER, Authenticator, AuthError, Identity
+from gpuattach_broker.broker.lease_schema import (
+    ACTIVE_STATES,
+    SERVING_STATES,
+    LeaseRecord,
+    LeaseState,
+    hash_token,
+    lease_to_pb,
+)
 from gpuattach_broker.broker.metrics import BrokerMetrics
 from gpuattach_broker.broker.policy import Policy
 from gpuattach_broker.broker.quotas import (
@@ -37,7 +45,7 @@ from gpuattach_broker.broker.scheduler import (
     SliceRequest,
     preemption_victims,
 )
-from gpuattach_broker.broker.store import ACTIVE_STATES, LeaseRecord, Store, hash_token
+from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import KEY_HEADER, end_metadata
@@ -83,40 +91,10 @@ class Waiter:
     placement: Placement | None = None
 
 
-def lease_to_pb(lease: LeaseRecord, token: str = "", worker_tls_root: bytes = b"") -> pb.Lease:
-    return pb.Lease(
-        lease_id=lease.lease_id,
-        user=lease.user,
-        kernel_id=lease.kernel_id,
-        token=token,
-        host=lease.host,
-        device_ids=lease.device_ids,
-        device_name=lease.device_name,
-        slice=pb.SliceSpec(
-            memory_bytes=lease.req_memory_bytes, fraction=lease.req_fraction, gpus=lease.req_gpus
-        ),
-        memory_bytes=lease.memory_bytes,
-        worker_endpoint=lease.worker_endpoint,
-        requested_at=lease.requested_at,
-        granted_at=lease.granted_at,
-        expires_at=lease.expires_at,
-        ttl_seconds=lease.ttl_seconds,
-        state=lease.state,
-        end_reason=lease.end_reason,
-        ended_at=lease.ended_at,
-        busy_seconds=lease.busy_seconds,
-        idle_release_at=lease.idle_release_at,
-        priority=lease.priority,
-        preempt_deadline=lease.preempt_deadline,
-        gpu_busy_seconds=lease.gpu_busy_seconds,
-        worker_tls_root=worker_tls_root,
-    )
-
-
 class BrokerService(pb_grpc.BrokerServicer):
     def __init__(
         self,
-        store: Store,
+        store: WorkingSet,
         *,
         ttl_seconds: float = 30.0,
         key: str = "",
@@ -156,8 +134,10 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
         now = time.time()
         for lease in self.store.leases():
-            if lease.state == "starting":
-                self._end_record(lease, "failed", "the broker restarted while the worker started")
+            if lease.state == LeaseState.STARTING:
+                self._end_record(
+                    lease, LeaseState.FAILED, "the broker restarted while the worker started"
+                )
                 continue
             self._allocate_record(lease)
             # Kernels could not renew while the broker was down: give them a TTL.
@@ -470,7 +450,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         if self.stopping:
             return  # room is already being made: ended leases' workers are stopping
         active = {lease.lease_id: lease for lease in self.store.leases()}
-        if any(lease.state == "preempting" for lease in active.values()):
+        if any(lease.state == LeaseState.PREEMPTING for lease in active.values()):
             return  # room is already being made
         ranks = {lid: (lease.priority, lease.granted_at) for lid, lease in active.items()}
         victims = preemption_victims(self.scheduler, head, ranks)
@@ -485,11 +465,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
         for lease_id in victims:
             lease = active[lease_id]
-            lease.state = "preempting"
+            lease.state = LeaseState.PREEMPTING
             lease.preempt_deadline = deadline
             lease.end_reason = why
-            self.store.put_lease(lease)
-            self.store.event("preempting", lease_id=lease_id, user=lease.user, detail=why)
+            self.store.put_lease(lease, event=lease.state, detail=why)
             self.metrics.preemptions.inc()
             self._notify(lease)
 
@@ -509,7 +488,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             kernel_id=req.kernel_id,
             token_hash=hash_token(token),
             requested_at=req.submitted_at,
-            state="starting",
+            state=LeaseState.STARTING,
             host=placement.host,
             device_ids=list(placement.device_ids),
             device_name=", ".join(sorted(device_names)),
@@ -548,7 +527,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         except (RuntimeError, TimeoutError, asyncio.CancelledError) as exc:
             if agent is not None:
                 agent.pending_starts.pop(lease.lease_id, None)
-            self._end(lease, "failed", f"worker did not start: {exc or type(exc).__name__}")
+            self._end(
+                lease, LeaseState.FAILED, f"worker did not start: {exc or type(exc).__name__}"
+            )
             if isinstance(exc, asyncio.CancelledError):
                 raise
             # A refusal with a reason (a system account, say) is the user's to
@@ -562,20 +543,18 @@ class BrokerService(pb_grpc.BrokerServicer):
                 code, f"the agent on {placement.host} could not start a worker: {exc}"
             )
             raise
-        lease.state = "active"
+        lease.state = LeaseState.ACTIVE
         lease.worker_endpoint = started.worker_endpoint
         lease.granted_at = time.time()
         lease.expires_at = lease.granted_at + self.ttl
-        self.store.put_lease(lease)
-        self.metrics.attach_latency.observe(time.monotonic() - start_clock)
-        self.metrics.queue_wait.observe(max(0.0, lease.granted_at - lease.requested_at))
-        self.store.event(
-            "granted",
-            lease_id=lease.lease_id,
-            user=lease.user,
+        self.store.put_lease(
+            lease,
+            event="granted",
             detail=f"{lease.device_name} on {lease.host}, {format_size(lease.memory_bytes)}, "
             f"waited {format_duration(lease.granted_at - lease.requested_at)}",
         )
+        self.metrics.attach_latency.observe(time.monotonic() - start_clock)
+        self.metrics.queue_wait.observe(max(0.0, lease.granted_at - lease.requested_at))
         return lease, token
 
     # ------------------------------------------------ renew and release ---
@@ -602,7 +581,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         return pb.RenewReply(
             expires_at=lease.expires_at,
             state=lease.state,
-            end_reason=lease.end_reason if lease.state == "preempting" else "",
+            end_reason=lease.end_reason if lease.state == LeaseState.PREEMPTING else "",
             idle_seconds=lease.idle_override,
         )
 
@@ -629,7 +608,8 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @staticmethod
     def _notice(lease: LeaseRecord) -> pb.LeaseNotice:
-        reason = lease.end_reason if lease.state not in ("active", "starting") else ""
+        running = (LeaseState.ACTIVE, LeaseState.STARTING)
+        reason = lease.end_reason if lease.state not in running else ""
         return pb.LeaseNotice(state=lease.state, reason=reason)
 
     def _notify(self, lease: LeaseRecord) -> None:
@@ -669,10 +649,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.last_activity = time.monotonic()
         if lease.active:
             lease.busy_seconds = max(lease.busy_seconds, request.busy_seconds)
-            if lease.state == "preempting":
-                self._end(lease, "preempted", lease.end_reason)
+            if lease.state == LeaseState.PREEMPTING:
+                self._end(lease, LeaseState.PREEMPTED, lease.end_reason)
             else:
-                self._end(lease, "released", request.reason or "released by the kernel")
+                self._end(lease, LeaseState.RELEASED, request.reason or "released by the kernel")
         await self._stopped(lease.lease_id)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
@@ -688,7 +668,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             reason = f"revoked by {identity.user}" + (
                 f": {request.reason}" if request.reason else ""
             )
-            self._end(lease, "revoked", reason)
+            self._end(lease, LeaseState.REVOKED, reason)
         await self._stopped(lease.lease_id)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
@@ -713,7 +693,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.EventsReply:
         await self._admin(context)
-        events = self.store.events(
+        events = await self.store.events(
             since=request.since, lease_id=request.lease_id, user=request.user
         )
         return pb.EventsReply(
@@ -723,14 +703,13 @@ class BrokerService(pb_grpc.BrokerServicer):
             ]
         )
 
-    def _end_record(self, lease: LeaseRecord, state: str, reason: str) -> None:
+    def _end_record(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
         lease.state = state
         lease.end_reason = reason
         lease.ended_at = time.time()
-        self.store.put_lease(lease)
-        self.store.event(state, lease_id=lease.lease_id, user=lease.user, detail=reason)
+        self.store.put_lease(lease, event=state, detail=reason)
 
-    def _end(self, lease: LeaseRecord, state: str, reason: str) -> None:
+    def _end(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
         """End a lease: record why, stop its worker, give its room to the queue.
 
         The lease ends (and its watchers hear it) at once; its room goes back
@@ -758,7 +737,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         except RuntimeError:
             loop = None
         if agent is None or loop is None or placement is None:
-            if placement is not None and lease.state != "failed":
+            if placement is not None and lease.state != LeaseState.FAILED:
                 log.warning(
                     "lease %s ended while the agent of %s is not connected; its room goes "
                     "back to the pool without word that its worker stopped",
@@ -831,25 +810,25 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def tick(self, now: float) -> None:
         for lease in self.store.leases():
-            if lease.state == "starting":
+            if lease.state == LeaseState.STARTING:
                 continue  # its worker is being started; _start times that out
             if lease.expires_at < now:
                 self._end(
                     lease,
-                    "expired",
+                    LeaseState.EXPIRED,
                     f"no heartbeat from the kernel for {format_duration(self.ttl)}",
                 )
-            elif lease.state == "preempting" and lease.preempt_deadline < now:
+            elif lease.state == LeaseState.PREEMPTING and lease.preempt_deadline < now:
                 said = self.migrating.get(lease.lease_id)
                 if said is not None and time.monotonic() - said < max(2.0, self.ttl):
                     continue  # never cut a kernel off in the middle of moving its namespace
-                self._end(lease, "preempted", lease.end_reason + " (grace period over)")
-            elif lease.state == "active" and lease.granted_at:
+                self._end(lease, LeaseState.PREEMPTED, lease.end_reason + " (grace period over)")
+            elif lease.state == LeaseState.ACTIVE and lease.granted_at:
                 limits = self.policy.effective(lease.user, lease.groups).limits
                 if limits.max_lease is not None and now - lease.granted_at > limits.max_lease:
                     self._end(
                         lease,
-                        "expired",
+                        LeaseState.EXPIRED,
                         f"reached the maximum lease length of {format_duration(limits.max_lease)}",
                     )
                 elif limits.max_idle is not None:
@@ -868,7 +847,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         if now - seen[1] > max_idle + self.ttl:
             self._end(
                 lease,
-                "expired",
+                LeaseState.EXPIRED,
                 f"idle for {format_duration(now - seen[1])}, over the policy's "
                 f"max_idle of {format_duration(max_idle)}",
             )
@@ -906,10 +885,12 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> pb.ListLeasesReply:
         identity = await self._identify(context)
         user = request.user if identity.trusted else identity.user
-        leases = [
-            lease_to_pb(x)
-            for x in self.store.leases(user=user, include_ended=request.include_ended)
-        ]
+        records = (
+            await self.store.history(user=user)
+            if request.include_ended
+            else self.store.leases(user=user)
+        )
+        leases = [lease_to_pb(x) for x in records]
         for lease in leases:
             usage = self.gpu_usage.get(lease.lease_id)
             lease.sm_percent = usage.sm_percent if usage is not None else -1.0
@@ -1045,10 +1026,10 @@ class BrokerService(pb_grpc.BrokerServicer):
                     pb.BrokerCommand(stop=pb.StopLease(lease_id=pending.lease_id))
                 )
         for lease in self.store.leases():
-            if lease.host != hello.host or lease.state not in ("active", "preempting"):
+            if lease.host != hello.host or lease.state not in SERVING_STATES:
                 continue
             if lease.lease_id not in live:
-                self._end(lease, "failed", "its worker is gone (the agent restarted)")
+                self._end(lease, LeaseState.FAILED, "its worker is gone (the agent restarted)")
         for lease_id in live:
             record = self.store.get_lease(lease_id)
             if lease_id in self.stopping:
@@ -1080,7 +1061,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             elif kind == "ended":
                 lease = self.store.get_lease(message.ended.lease_id)
                 if lease is not None and lease.active:
-                    self._end(lease, "failed", message.ended.reason)
+                    self._end(lease, LeaseState.FAILED, message.ended.reason)
             elif kind == "stopped":
                 self._confirm_stop(message.stopped.lease_id, agent.host, message.stopped.detail)
 

@@ -1,308 +1,325 @@
-"""The broker's durable state in SQLite: leases, devices, and an event log.
+"""The broker's durable state: leases, devices and the audit log, in the
+database `db_url` names.
 
-WAL mode with synchronous=NORMAL: a killed broker process loses nothing that
-was committed (the data is in the OS page cache), and a commit costs tens of
-microseconds, not an fsync. Tokens are kept only as SHA-256 hashes.
+``sqlite:///path`` (the embedded default: one file, WAL, synchronous=NORMAL,
+so a killed broker loses nothing it committed and a commit costs no fsync)
+or ``postgresql://user@host/db`` (a shared deployment, in the database the
+admins already back up; driver psycopg 3). One implementation serves both:
+SQLAlchemy Core statements, the schema from `schema.py`, brought up to date
+by Alembic (`upgrade head`) when a writable store opens.
+
+Every write is one transaction: a lease and the event that tells why it
+changed are committed together or not at all. Tokens are kept only as
+SHA-256 hashes.
+
+The broker does not read through this on its event loop: it keeps its
+working set in memory (`working_set.py`) and writes through. The admin CLI,
+the simulator's ledger input and the examples read through `open_store`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import sqlite3
+import importlib.util
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (
-    lease_id TEXT PRIMARY KEY,
-    user TEXT NOT NULL,
-    kernel_id TEXT NOT NULL DEFAULT '',
-    token_hash TEXT NOT NULL,
-    host TEXT NOT NULL DEFAULT '',
-    device_ids TEXT NOT NULL DEFAULT '[]',
-    device_name TEXT NOT NULL DEFAULT '',
-    memory_bytes INTEGER NOT NULL DEFAULT 0,
-    req_memory_bytes INTEGER NOT NULL DEFAULT 0,
-    req_fraction REAL NOT NULL DEFAULT 0,
-    req_gpus INTEGER NOT NULL DEFAULT 1,
-    exclusive INTEGER NOT NULL DEFAULT 0,
-    worker_endpoint TEXT NOT NULL DEFAULT '',
-    requested_at REAL NOT NULL,
-    granted_at REAL NOT NULL DEFAULT 0,
-    expires_at REAL NOT NULL DEFAULT 0,
-    ttl_seconds REAL NOT NULL DEFAULT 0,
-    state TEXT NOT NULL,
-    end_reason TEXT NOT NULL DEFAULT '',
-    ended_at REAL NOT NULL DEFAULT 0,
-    busy_seconds REAL NOT NULL DEFAULT 0,
-    idle_release_at REAL NOT NULL DEFAULT 0,
-    idle_override REAL NOT NULL DEFAULT -1,
-    priority INTEGER NOT NULL DEFAULT 0,
-    preempt_deadline REAL NOT NULL DEFAULT 0,
-    gpu_busy_seconds REAL NOT NULL DEFAULT 0,
-    groups TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
-CREATE INDEX IF NOT EXISTS leases_user ON leases(user);
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    name TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    memory_bytes INTEGER NOT NULL,
-    uuid TEXT NOT NULL DEFAULT '',
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    lease_id TEXT NOT NULL DEFAULT '',
-    user TEXT NOT NULL DEFAULT '',
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT ''
-);
-"""
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-# A preempting lease still runs: its kernel is moving its namespace out.
-ACTIVE_STATES = ("starting", "active", "preempting")
+from gpuattach_broker.broker import schema
+from gpuattach_broker.broker.lease_schema import (
+    ACTIVE_STATES,
+    LEASE_FIELDS,
+    DeviceRecord,
+    EventRecord,
+    LeaseRecord,
+    hash_token,
+)
 
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass
-class LeaseRecord:
-    lease_id: str
-    user: str
-    token_hash: str
-    requested_at: float
-    state: str
-    kernel_id: str = ""
-    host: str = ""
-    device_ids: list[str] = field(default_factory=list)
-    device_name: str = ""
-    memory_bytes: int = 0
-    req_memory_bytes: int = 0
-    req_fraction: float = 0.0
-    req_gpus: int = 1
-    exclusive: bool = False
-    worker_endpoint: str = ""
-    granted_at: float = 0.0
-    expires_at: float = 0.0
-    ttl_seconds: float = 0.0
-    end_reason: str = ""
-    ended_at: float = 0.0
-    busy_seconds: float = 0.0
-    idle_release_at: float = 0.0
-    idle_override: float = -1.0
-    priority: int = 0
-    preempt_deadline: float = 0.0
-    gpu_busy_seconds: float = 0.0
-    # The user's groups when it was granted (identity and policy), so usage
-    # can be told per group after memberships change.
-    groups: list[str] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_STATES
-
-    def held_seconds(self, now: float | None = None) -> float:
-        if not self.granted_at:
-            return 0.0
-        end = self.ended_at or (now if now is not None else time.time())
-        return max(0.0, end - self.granted_at)
-
-
-_LEASE_COLUMNS = [
-    "lease_id",
-    "user",
-    "kernel_id",
-    "token_hash",
-    "host",
-    "device_ids",
-    "device_name",
-    "memory_bytes",
-    "req_memory_bytes",
-    "req_fraction",
-    "req_gpus",
-    "exclusive",
-    "worker_endpoint",
-    "requested_at",
-    "granted_at",
-    "expires_at",
-    "ttl_seconds",
-    "state",
-    "end_reason",
-    "ended_at",
-    "busy_seconds",
-    "idle_release_at",
-    "idle_override",
-    "priority",
-    "preempt_deadline",
-    "gpu_busy_seconds",
-    "groups",
+__all__ = [
+    "ACTIVE_STATES",
+    "DeviceRecord",
+    "EventRecord",
+    "LeaseRecord",
+    "SqlStore",
+    "Store",
+    "StoreError",
+    "db_url_for",
+    "hash_token",
+    "open_store",
 ]
 
-
-def _row_to_lease(row: sqlite3.Row) -> LeaseRecord:
-    values: dict[str, Any] = dict(zip(_LEASE_COLUMNS, row, strict=True))
-    values["device_ids"] = json.loads(values["device_ids"])
-    values["groups"] = json.loads(values["groups"])
-    values["exclusive"] = bool(values["exclusive"])
-    return LeaseRecord(**values)
+Clock = Callable[[], float]
 
 
-@dataclass
-class EventRecord:
-    ts: float
-    lease_id: str
-    user: str
-    kind: str
-    detail: str
+class StoreError(ValueError):
+    """A db_url the broker cannot use, said so that the admin can fix it."""
 
 
-class Store:
-    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
-        self.path = str(path)
-        if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            self._migrate()
+class Store(Protocol):
+    """What the broker, the admin CLI and the simulator need of a state database."""
 
-    def _migrate(self) -> None:
-        """Bring a state file written by an older version up to this schema."""
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(leases)")}
-        added = (
-            ("busy_seconds", 0),
-            ("idle_release_at", 0),
-            ("idle_override", -1),
-            ("priority", 0),
-            ("preempt_deadline", 0),
-            ("gpu_busy_seconds", 0),
-        )
-        for name, default in added:
-            if name not in columns:
-                self.db.execute(
-                    f"ALTER TABLE leases ADD COLUMN {name} REAL NOT NULL DEFAULT {default}"
-                )
-        if "groups" not in columns:
-            self.db.execute("ALTER TABLE leases ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
+    def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
+        """Insert or replace the lease; with `event`, log it in the same transaction."""
 
-    def close(self) -> None:
-        self.db.close()
+    def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
+        """Write only these fields of the lease (heartbeats: a few columns)."""
 
-    # ----------------------------------------------------------- leases ---
+    def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
 
-    def put_lease(self, lease: LeaseRecord) -> None:
-        values = [getattr(lease, c) for c in _LEASE_COLUMNS]
-        values[_LEASE_COLUMNS.index("device_ids")] = json.dumps(lease.device_ids)
-        values[_LEASE_COLUMNS.index("groups")] = json.dumps(lease.groups)
-        values[_LEASE_COLUMNS.index("exclusive")] = int(lease.exclusive)
-        placeholders = ",".join("?" * len(_LEASE_COLUMNS))
-        self.db.execute(
-            f"INSERT OR REPLACE INTO leases ({','.join(_LEASE_COLUMNS)}) VALUES ({placeholders})",
-            values,
-        )
-
-    def get_lease(self, lease_id: str) -> LeaseRecord | None:
-        row = self.db.execute(
-            f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases WHERE lease_id = ?", (lease_id,)
-        ).fetchone()
-        return _row_to_lease(row) if row else None
-
-    def renew(
-        self,
-        lease_id: str,
-        expires_at: float,
-        busy_seconds: float | None = None,
-        idle_release_at: float = 0.0,
-    ) -> None:
-        if busy_seconds is None:
-            self.db.execute(
-                "UPDATE leases SET expires_at = ? WHERE lease_id = ?", (expires_at, lease_id)
-            )
-        else:
-            self.db.execute(
-                "UPDATE leases SET expires_at = ?, busy_seconds = MAX(busy_seconds, ?), "
-                "idle_release_at = ? WHERE lease_id = ?",
-                (expires_at, busy_seconds, idle_release_at, lease_id),
-            )
-
-    def record_gpu_busy(self, lease_id: str, busy_seconds: float) -> None:
-        self.db.execute(
-            "UPDATE leases SET gpu_busy_seconds = MAX(gpu_busy_seconds, ?) WHERE lease_id = ?",
-            (busy_seconds, lease_id),
-        )
-
-    def set_idle_override(self, lease_id: str, idle_seconds: float) -> None:
-        self.db.execute(
-            "UPDATE leases SET idle_override = ? WHERE lease_id = ?", (idle_seconds, lease_id)
-        )
-
-    def leases(self, *, user: str = "", include_ended: bool = False) -> list[LeaseRecord]:
-        query = f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases"
-        clauses, args = [], []
-        if user:
-            clauses.append("user = ?")
-            args.append(user)
-        if not include_ended:
-            clauses.append(f"state IN ({','.join('?' * len(ACTIVE_STATES))})")
-            args.extend(ACTIVE_STATES)
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
-        query += " ORDER BY requested_at"
-        return [_row_to_lease(r) for r in self.db.execute(query, args)]
+    def leases(
+        self, *, user: str = "", include_ended: bool = False, ended_since: float | None = None
+    ) -> list[LeaseRecord]:
+        """By request time; running ones, or all, or running plus those ended since."""
 
     def leases_since(self, user: str, since: float) -> list[LeaseRecord]:
         """A user's leases held at any time after `since` (for GPU-hour quotas)."""
-        query = (
-            f"SELECT {','.join(_LEASE_COLUMNS)} FROM leases WHERE user = ? "
-            "AND granted_at > 0 AND (ended_at = 0 OR ended_at >= ?)"
+
+    def put_device(self, device: DeviceRecord) -> None: ...
+
+    def devices(self) -> list[DeviceRecord]: ...
+
+    def event(self, kind: str, *, lease_id: str = "", user: str = "", detail: str = "") -> None: ...
+
+    def events(
+        self, *, since: float = 0.0, lease_id: str = "", user: str = ""
+    ) -> list[EventRecord]: ...
+
+    def close(self) -> None: ...
+
+
+def db_url_for(path: str | Path) -> str:
+    """The db_url of an SQLite state file (what `--db PATH` means)."""
+    return f"sqlite:///{Path(path).expanduser().absolute()}"
+
+
+def _engine_url(db_url: str, readonly: bool) -> sa.URL:
+    try:
+        url = sa.make_url(db_url)
+    except sa.exc.ArgumentError as exc:
+        raise StoreError(
+            f"db_url {db_url!r} is not a database URL: use sqlite:///path/to/state.db "
+            "or postgresql://user:password@host:5432/database"
+        ) from exc
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        if url.get_driver_name() not in ("psycopg", "postgresql", "psycopg2"):
+            raise StoreError(f"db_url {db_url!r}: use postgresql:// (the psycopg 3 driver)")
+        if importlib.util.find_spec("psycopg") is None:
+            raise StoreError(
+                "a postgresql:// db_url needs the psycopg driver: "
+                "pip install 'jupyter-gpuattach[broker]' (or 'psycopg[binary]')"
+            )
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise StoreError(
+                f"db_url {db_url!r}: the broker's state must outlive it; "
+                "give a file, sqlite:///path/to/state.db"
+            )
+        path = Path(url.database)
+        if readonly:
+            if not path.exists():
+                raise StoreError(f"no state file at {path}")
+            return url.set(database=f"file:{path}", query={"mode": "ro", "uri": "true"})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return url
+    raise StoreError(
+        f"db_url {db_url!r}: the broker keeps its state in SQLite (sqlite:///path) "
+        f"or PostgreSQL (postgresql://...), not {backend}"
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+# The newest migration in migrations/versions (a test keeps the two equal).
+SCHEMA_VERSION = "0001"
+MIGRATIONS = "gpuattach_broker.broker:migrations"
+
+
+def schema_version(connection: sa.Connection) -> str | None:
+    """The database's Alembic revision; None before the schema was versioned."""
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Bring the database to this version's schema (Alembic `upgrade head`).
+
+    A database already there costs one query: Alembic (a second or so of
+    imports on a busy machine) loads only when there is something to do."""
+    with engine.connect() as connection:
+        if schema_version(connection) == SCHEMA_VERSION:
+            return
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+_LEASE_COLUMNS = [schema.leases.c[spec.name] for spec in LEASE_FIELDS]
+_EVENT_COLUMNS = [schema.events.c[name] for name in ("ts", "lease_id", "user", "kind", "detail")]
+_DEVICE_COLUMNS = [
+    schema.devices.c[name] for name in ("device_id", "host", "name", "kind", "memory_bytes", "uuid")
+]
+
+
+_LEASE_NAMES = [spec.name for spec in LEASE_FIELDS]
+
+
+def _lease(row: sa.Row[Any]) -> LeaseRecord:
+    return LeaseRecord.from_values(dict(zip(_LEASE_NAMES, row, strict=True)))
+
+
+class SqlStore:
+    """The `Store` on SQLite or PostgreSQL through SQLAlchemy Core."""
+
+    def __init__(self, db_url: str, *, readonly: bool = False, clock: Clock = time.time) -> None:
+        self.db_url = db_url
+        self.clock = clock
+        url = _engine_url(db_url, readonly)
+        self.dialect = url.get_backend_name()
+        options: dict[str, Any] = {}
+        if self.dialect == "postgresql" and readonly:
+            options["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+        self.engine = sa.create_engine(url, **options)
+        if self.dialect == "sqlite" and not readonly:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        if not readonly:
+            try:
+                migrate(self.engine)
+            except sa.exc.OperationalError as exc:
+                self.engine.dispose()
+                shown = url.render_as_string(hide_password=True)
+                raise StoreError(f"cannot open the state database {shown}: {exc.orig}") from exc
+        # Statements built once, values bound at each call: a write costs
+        # the round trip, not SQL generation.
+        self._put_lease = self._upsert(schema.leases, "lease_id")
+        self._put_device = self._upsert(schema.devices, "device_id")
+        self._update_lease = schema.leases.update().where(
+            schema.leases.c.lease_id == sa.bindparam("where_lease_id")
         )
-        return [_row_to_lease(r) for r in self.db.execute(query, (user, since))]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ----------------------------------------------------------- leases ---
+
+    def _upsert(self, table: sa.Table, key: str) -> Any:
+        """INSERT ... ON CONFLICT (key) DO UPDATE, in this database's dialect."""
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = insert(table)
+        return statement.on_conflict_do_update(
+            index_elements=[table.c[key]],
+            set_={c: statement.excluded[c.key] for c in table.columns if c.key != key},
+        )
+
+    def _event_row(self, kind: str, lease_id: str, user: str, detail: str) -> dict[str, Any]:
+        return {
+            "ts": self.clock(),
+            "lease_id": lease_id,
+            "user": user,
+            "kind": kind,
+            "detail": detail,
+        }
+
+    def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
+        with self.engine.begin() as db:
+            db.execute(self._put_lease, lease.values())
+            if event:
+                db.execute(
+                    schema.events.insert(),
+                    self._event_row(event, lease.lease_id, lease.user, detail),
+                )
+
+    def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
+        values = {name: getattr(lease, name) for name in names}
+        with self.engine.begin() as db:
+            db.execute(self._update_lease, {**values, "where_lease_id": lease.lease_id})
+
+    def get_lease(self, lease_id: str) -> LeaseRecord | None:
+        with self.engine.connect() as db:
+            row = db.execute(
+                sa.select(*_LEASE_COLUMNS).where(schema.leases.c.lease_id == lease_id)
+            ).first()
+        return _lease(row) if row is not None else None
+
+    def _select(self, clauses: Iterable[sa.ColumnElement[bool]]) -> list[LeaseRecord]:
+        query = sa.select(*_LEASE_COLUMNS).where(*clauses)
+        query = query.order_by(schema.leases.c.requested_at, schema.leases.c.lease_id)
+        with self.engine.connect() as db:
+            return [_lease(row) for row in db.execute(query)]
+
+    def leases(
+        self, *, user: str = "", include_ended: bool = False, ended_since: float | None = None
+    ) -> list[LeaseRecord]:
+        c = schema.leases.c
+        clauses: list[sa.ColumnElement[bool]] = []
+        if user:
+            clauses.append(c.user == user)
+        running = c.state.in_(list(ACTIVE_STATES))
+        if ended_since is not None:
+            clauses.append(sa.or_(running, c.ended_at >= ended_since))
+        elif not include_ended:
+            clauses.append(running)
+        return self._select(clauses)
+
+    def leases_since(self, user: str, since: float) -> list[LeaseRecord]:
+        c = schema.leases.c
+        return self._select(
+            [
+                c.user == user,
+                c.granted_at > 0,
+                sa.or_(c.ended_at == 0, c.ended_at >= since),
+            ]
+        )
 
     # ---------------------------------------------------------- devices ---
 
-    def put_device(
-        self, device_id: str, host: str, name: str, kind: str, memory_bytes: int, uuid: str
-    ) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (device_id, host, name, kind, memory_bytes, uuid, time.time()),
-        )
+    def put_device(self, device: DeviceRecord) -> None:
+        values = {**device._asdict(), "last_seen": self.clock()}
+        with self.engine.begin() as db:
+            db.execute(self._put_device, values)
 
-    def devices(self) -> Iterator[tuple[str, str, str, str, int, str]]:
-        yield from self.db.execute(
-            "SELECT device_id, host, name, kind, memory_bytes, uuid FROM devices"
-        )
+    def devices(self) -> list[DeviceRecord]:
+        with self.engine.connect() as db:
+            rows = db.execute(sa.select(*_DEVICE_COLUMNS).order_by(schema.devices.c.device_id))
+            return [DeviceRecord(*row) for row in rows]
 
     # ----------------------------------------------------------- events ---
 
     def event(self, kind: str, *, lease_id: str = "", user: str = "", detail: str = "") -> None:
-        self.db.execute(
-            "INSERT INTO events (ts, lease_id, user, kind, detail) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), lease_id, user, kind, detail),
-        )
+        with self.engine.begin() as db:
+            db.execute(schema.events.insert(), self._event_row(kind, lease_id, user, detail))
 
     def events(
         self, *, since: float = 0.0, lease_id: str = "", user: str = ""
     ) -> list[EventRecord]:
-        query = "SELECT ts, lease_id, user, kind, detail FROM events WHERE ts >= ?"
-        args: list[Any] = [since]
+        c = schema.events.c
+        query = sa.select(*_EVENT_COLUMNS).where(c.ts >= since)
         if lease_id:
-            query += " AND lease_id = ?"
-            args.append(lease_id)
+            query = query.where(c.lease_id == lease_id)
         if user:
-            query += " AND user = ?"
-            args.append(user)
-        return [EventRecord(*row) for row in self.db.execute(query + " ORDER BY id", args)]
+            query = query.where(c.user == user)
+        with self.engine.connect() as db:
+            return [EventRecord(*row) for row in db.execute(query.order_by(c.id))]
+
+
+def open_store(db: str | Path, *, readonly: bool = False, clock: Clock = time.time) -> SqlStore:
+    """The store `db` names (a db_url, or the path of an SQLite state file),
+    migrated to this version unless read-only."""
+    db_url = str(db) if "://" in str(db) else db_url_for(db)
+    return SqlStore(db_url, readonly=readonly, clock=clock)

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from gpuattach_broker.broker.lease_schema import ACTIVE_STATES, LeaseState
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata, read_end_metadata
@@ -292,9 +293,9 @@ class LeaseKeeper:
                 self._call = self.client.watch(self.lease)
                 for notice in self._call:
                     backoff = 0.2
-                    if notice.state == "preempting":
+                    if notice.state == LeaseState.PREEMPTING:
                         self._preempt(notice.reason)
-                    elif notice.state not in ("active", "starting"):
+                    elif notice.state not in ACTIVE_STATES:
                         self._ended(notice.state, notice.reason)
                         return
             except grpc.RpcError as exc:
@@ -362,14 +363,14 @@ class LeaseKeeper:
                 # The broker may be restarting; it keeps the lease. Try again.
                 log.debug("heartbeat failed: %s", exc)
                 continue
-            if reply.state not in ("active", "starting", "preempting"):
+            if reply.state not in ACTIVE_STATES:
                 self._ended(reply.state, reply.end_reason)
                 return
             self.renewed_at = time.monotonic()
             if reply.idle_seconds >= 0 and reply.idle_seconds != self._idle_seen:
                 self._idle_seen = reply.idle_seconds
                 self._put("idle", seconds=reply.idle_seconds)
-            if reply.state == "preempting":
+            if reply.state == LeaseState.PREEMPTING:
                 # Keep heartbeating (with the migrating flag) until the release.
                 self._preempt(reply.end_reason)
                 wait = min(wait, self.BUSY_INTERVAL)

@@ -1,10 +1,32 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_STATE_UNSPECIFIED: _ClassVar[LeaseState]
+    LEASE_STATE_STARTING: _ClassVar[LeaseState]
+    LEASE_STATE_ACTIVE: _ClassVar[LeaseState]
+    LEASE_STATE_PREEMPTING: _ClassVar[LeaseState]
+    LEASE_STATE_RELEASED: _ClassVar[LeaseState]
+    LEASE_STATE_EXPIRED: _ClassVar[LeaseState]
+    LEASE_STATE_REVOKED: _ClassVar[LeaseState]
+    LEASE_STATE_PREEMPTED: _ClassVar[LeaseState]
+    LEASE_STATE_FAILED: _ClassVar[LeaseState]
+LEASE_STATE_UNSPECIFIED: LeaseState
+LEASE_STATE_STARTING: LeaseState
+LEASE_STATE_ACTIVE: LeaseState
+LEASE_STATE_PREEMPTING: LeaseState
+LEASE_STATE_RELEASED: LeaseState
+LEASE_STATE_EXPIRED: LeaseState
+LEASE_STATE_REVOKED: LeaseState
+LEASE_STATE_PREEMPTED: LeaseState
+LEASE_STATE_FAILED: LeaseState
 
 class SliceSpec(_message.Message):
     __slots__ = ("memory_bytes", "fraction", "gpus")

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gpuattach_broker.broker import quotas
+from gpuattach_broker.broker.lease_schema import LeaseRecord, LeaseState
 from gpuattach_broker.broker.policy import Policy as AdminPolicy
 from gpuattach_broker.broker.scheduler import Placement, Scheduler, SliceRequest
-from gpuattach_broker.broker.store import LeaseRecord
 
 DEFAULT_START = dt.datetime(2026, 11, 23, 0, 0, tzinfo=dt.UTC)  # a Monday
 
@@ -159,7 +159,7 @@ class Gate:
             user=request.user,
             token_hash="",
             requested_at=self.unix(request.submitted_at),
-            state="active",
+            state=LeaseState.ACTIVE,
             kernel_id=request.kernel_id,
             host=placement.host,
             device_ids=list(placement.device_ids),
@@ -182,7 +182,7 @@ class Gate:
     def ended(self, request_id: str, t: float) -> None:
         record = self._records.pop(request_id, None)
         if record is not None:
-            record.state = "released"
+            record.state = LeaseState.RELEASED
             record.ended_at = self.unix(t)
 
     def describe(self) -> Mapping[str, str]:

@@ -91,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options, on any parser: a subcommand (`gpuattach-broker simulate`)
     can take them with `add_arguments(sub.add_parser("simulate"))` and call
     `run(args)`."""
-    parser.add_argument("input", type=Path, help="NotebookOS trace JSON, CSV, or broker state file")
+    parser.add_argument(
+        "input", help="NotebookOS trace JSON, CSV, or the broker's state file or db_url"
+    )
     parser.add_argument(
         "--format", choices=FORMATS, default=None, help="input format (default: detect)"
     )

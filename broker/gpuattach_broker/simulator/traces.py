@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy.exc
+
+from gpuattach_broker.broker.store import StoreError, open_store
 from gpuattach_broker.simulator.workload import Cell, Session, Workload, make_session
 from gpuattach_broker.units import parse_size
 
@@ -45,6 +47,10 @@ def detect_format(path: Path) -> Format:
 
 
 def load_workload(path: str | Path, fmt: Format | None = None) -> Workload:
+    if isinstance(path, str) and "://" in path:  # a broker's db_url (PostgreSQL, say)
+        if fmt not in (None, "ledger"):
+            raise WorkloadError(f"{path}: a database URL holds a ledger, not a {fmt}")
+        return load_ledger(path)
     p = Path(path)
     if not p.is_file():
         raise WorkloadError(f"{p}: no such file")
@@ -174,21 +180,35 @@ def load_csv(path: Path) -> Workload:
 # ---------------------------------------------------------------- ledger ---
 
 
-def load_ledger(path: Path) -> Workload:
-    """The live broker's SQLite state file: every granted lease is one cell of
-    its kernel, from `granted_at` to `ended_at` (a lease still active ends at
-    the ledger's last timestamp)."""
+def load_ledger(path: Path | str) -> Workload:
+    """The live broker's ledger (its SQLite state file, or its db_url), read
+    through the broker's store: every granted lease is one cell of its
+    kernel, from `granted_at` to `ended_at` (a lease still active ends at the
+    ledger's last timestamp)."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        store = open_store(path, readonly=True)
         try:
-            rows = db.execute(
-                "SELECT user, kernel_id, granted_at, ended_at, req_gpus, memory_bytes,"
-                " req_memory_bytes FROM leases WHERE granted_at > 0 ORDER BY granted_at"
-            ).fetchall()
+            leases = store.leases(include_ended=True)
         finally:
-            db.close()
-    except sqlite3.Error as exc:
+            store.close()
+    except (StoreError, sqlalchemy.exc.SQLAlchemyError) as exc:
         raise WorkloadError(f"{path}: not a gpuattach broker state file ({exc})") from exc
+    rows = sorted(
+        (
+            (
+                r.user,
+                r.kernel_id,
+                r.granted_at,
+                r.ended_at,
+                r.req_gpus,
+                r.memory_bytes,
+                r.req_memory_bytes,
+            )
+            for r in leases
+            if r.granted_at > 0
+        ),
+        key=lambda row: row[2],
+    )
     last_seen = max((max(r[2], r[3]) for r in rows), default=0.0)
     by_kernel: dict[str, list[Cell]] = defaultdict(list)
     users: dict[str, str] = {}
@@ -215,7 +235,7 @@ def load_ledger(path: Path) -> Workload:
         notes.append(f"{still_active} lease(s) still active: taken to end at the last timestamp")
     sessions = tuple(make_session(k, cells, user=users[k]) for k, cells in by_kernel.items())
     return Workload(
-        name=path.stem,
+        name=Path(path).stem if "://" not in str(path) else "ledger",
         sessions=sessions,
         source_format="ledger",
         notes=tuple(notes),
