@@ -249,7 +249,8 @@ class Scheduler:
         self._sig_ids: dict[tuple[Any, ...], int] = {}
         self._views: dict[int, tuple[HostView, tuple[str, ...]]] = {}
         self._groups: dict[int, set[str]] = {}
-        self._answers: dict[tuple[int, tuple[Any, ...]], _Answer | None] = {}
+        self._shape_ids: dict[tuple[Any, ...], int] = {}
+        self._answers: dict[int, dict[int, _Answer | None]] = {}  # shape -> state -> answer
         self._frag: dict[int, HostFragmentation] = {}
         self._mix_version = self.mix.version
         # Backfill reservations: request id -> device ids, and the reverse.
@@ -314,8 +315,9 @@ class Scheduler:
             self._answers.clear()
             self._frag.clear()
             self._mix_version = self.mix.version
-        if len(self._answers) > 400_000 or len(self._sig_ids) > 50_000:
+        if len(self._sig_ids) > 50_000 or len(self._shape_ids) > 10_000:
             self._answers.clear()
+            self._shape_ids.clear()
             self._frag.clear()
             self._sig_ids.clear()
             self._views.clear()
@@ -351,14 +353,23 @@ class Scheduler:
                 self._frag[sig] = frag
         return frag
 
-    def _answer(self, sig: int, request: SliceRequest, key: tuple[Any, ...]) -> _Answer | None:
-        cache_key = (sig, key)
+    def _shape_id(self, request: SliceRequest) -> int:
+        key = request.shape_key()
+        shape = self._shape_ids.get(key)
+        if shape is None:
+            shape = self._shape_ids[key] = len(self._shape_ids)
+        return shape
+
+    def _answer(
+        self, sig: int, request: SliceRequest, answers: dict[int, _Answer | None]
+    ) -> _Answer | None:
+        """The answer of one host state for one request shape, cached."""
         try:
-            return self._answers[cache_key]
+            return answers[sig]
         except KeyError:
             pass
         view, names = self._views[sig]
-        answer = self._answers[cache_key] = self._evaluate(view, names, request, sig)
+        answer = answers[sig] = self._evaluate(view, names, request, sig)
         return answer
 
     def _evaluate(
@@ -493,7 +504,7 @@ class Scheduler:
         """
         self._refresh_index()
         warm, prefer = set(warm_hosts), set(prefer_hosts)
-        key = request.shape_key()
+        shape = self._shape_id(request)
         many = request.gpus > 1
         best: tuple[tuple[Any, ...], str, _Answer] | None = None
 
@@ -513,26 +524,38 @@ class Scheduler:
             if best is None or rank < best[0]:
                 best = (rank, host, answer)
 
+        answers = self._answers.setdefault(shape, {})
         if request.hosts:
             for name in request.hosts:
                 host = self._hosts.get(name)
                 if host is not None and host.sig >= 0:
-                    consider(name, self._answer(host.sig, request, key))
+                    consider(name, self._answer(host.sig, request, answers))
         else:
             for name in prefer | warm:
                 host = self._hosts.get(name)
                 if host is not None and host.sig >= 0:
-                    consider(name, self._answer(host.sig, request, key))
-            for sig, group in self._groups.items():
-                answer = self._answer(sig, request, key)
+                    consider(name, self._answer(host.sig, request, answers))
+            # Every distinct host state once; the hosts sharing it only for ties.
+            top: tuple[float, ...] | None = None
+            tied: list[tuple[int, _Answer]] = []
+            for sig in self._groups:
+                answer = answers[sig] if sig in answers else self._answer(sig, request, answers)
                 if answer is None:
                     continue
-                if many:
-                    consider(min(group), answer)
+                if top is None or answer.score < top:
+                    top, tied = answer.score, [(sig, answer)]
+                elif answer.score == top:
+                    tied.append((sig, answer))
+            for sig, answer in tied:
+                group = self._groups[sig]
+                if len(group) == 1:
+                    first = next(iter(group))
+                elif many:
+                    first = min(group)
                 else:
                     position = answer.positions[0]
                     first = min(group, key=lambda h: self._hosts[h].devices[position].device_id)
-                    consider(first, answer)
+                consider(first, answer)
         reserved = self._reserved.get(request.request_id)
         if reserved:
             host = self._hosts[self.devices[reserved[0]].host]
