@@ -110,27 +110,56 @@ def _free_share(device: DeviceView) -> float:
     return free / memory if usable and memory > 0 else 0.0
 
 
+class MixTable:
+    """A mix in the form the score reads fast: per type its GPUs, whether it
+    takes whole devices, its host needs and weight, and (cached per device
+    size) the bytes one of its GPUs takes."""
+
+    def __init__(self, types: Sequence[RequestType]) -> None:
+        self.types = tuple(types)
+        self.gpus = [t.gpus for t in self.types]
+        self.whole = [t.whole for t in self.types]
+        self.cpus = [t.cpus for t in self.types]
+        self.memory = [t.host_memory_bytes for t in self.types]
+        self.weights = [t.weight for t in self.types]
+        self._needs: dict[int, list[int]] = {}
+
+    def needs(self, memory_bytes: int) -> list[int]:
+        needs = self._needs.get(memory_bytes)
+        if needs is None:
+            needs = self._needs[memory_bytes] = [t.need_on(memory_bytes) for t in self.types]
+        return needs
+
+    def holds(self, device: DeviceView) -> list[bool]:
+        """Per type: whether the device could take one GPU of it now."""
+        memory, free, leased, usable = device
+        if not usable:
+            return [False] * len(self.types)
+        return [
+            (not leased) if whole else need <= free
+            for whole, need in zip(self.whole, self.needs(memory), strict=True)
+        ]
+
+
 class HostFragmentation:
     """Per-type aggregates of one host state, so that the change a placement
     makes is computed in O(types x devices placed on), not O(host)."""
 
-    def __init__(self, host: HostView, mix: Sequence[RequestType]) -> None:
+    def __init__(self, host: HostView, mix: Sequence[RequestType] | MixTable) -> None:
         self.host = host
-        self.mix = mix
+        self.table = mix if isinstance(mix, MixTable) else MixTable(mix)
         self.shares = [_free_share(d) for d in host.devices]
         self.total = sum(self.shares)
+        count = len(self.table.types)
         # per type: how many devices could take it, and the free share of those that cannot
-        self.holders: list[int] = []
-        self.stranded: list[float] = []
-        for kind in mix:
-            holders, stranded = 0, 0.0
-            for device, share in zip(host.devices, self.shares, strict=True):
-                if kind.held_by(device):
-                    holders += 1
+        self.holders = [0] * count
+        self.stranded = [0.0] * count
+        for device, share in zip(host.devices, self.shares, strict=True):
+            for index, held in enumerate(self.table.holds(device)):
+                if held:
+                    self.holders[index] += 1
                 else:
-                    stranded += share
-            self.holders.append(holders)
-            self.stranded.append(stranded)
+                    self.stranded[index] += share
         self.value = self._expected(
             self.holders, self.stranded, self.total, host.cpus_free, host.memory_free
         )
@@ -143,14 +172,15 @@ class HostFragmentation:
         cpus_free: float | None,
         memory_free: int | None,
     ) -> float:
+        table = self.table
         value = 0.0
-        for kind, held, lost in zip(self.mix, holders, stranded, strict=True):
-            fits = held >= kind.gpus
-            if fits and cpus_free is not None and kind.cpus > cpus_free + 1e-9:
+        for index, weight in enumerate(table.weights):
+            fits = holders[index] >= table.gpus[index]
+            if fits and cpus_free is not None and table.cpus[index] > cpus_free + 1e-9:
                 fits = False
-            if fits and memory_free is not None and kind.host_memory_bytes > memory_free:
+            if fits and memory_free is not None and table.memory[index] > memory_free:
                 fits = False
-            value += kind.weight * (lost if fits else total)
+            value += weight * (stranded[index] if fits else total)
         return value
 
     def gradient(
@@ -167,9 +197,10 @@ class HostFragmentation:
             after: DeviceView = (memory, free - take, True, usable)
             old_share, new_share = self.shares[position], _free_share(after)
             total += new_share - old_share
-            for index, kind in enumerate(self.mix):
-                was, now = kind.held_by(before), kind.held_by(after)
-                holders[index] += int(now) - int(was)
+            was_held, now_held = self.table.holds(before), self.table.holds(after)
+            for index, (was, now) in enumerate(zip(was_held, now_held, strict=True)):
+                if was != now:
+                    holders[index] += 1 if now else -1
                 stranded[index] += (0.0 if now else new_share) - (0.0 if was else old_share)
         cpus_free = None if self.host.cpus_free is None else self.host.cpus_free - cpus
         memory_free = (

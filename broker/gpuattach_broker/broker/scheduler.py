@@ -42,6 +42,7 @@ from gpuattach_broker.broker.fragmentation import (
     DeviceView,
     HostFragmentation,
     HostView,
+    MixTable,
     RequestMix,
 )
 from gpuattach_broker.units import format_size
@@ -188,6 +189,11 @@ class _Host:
     sig: int = -1  # id of its state in the index; -1: changed since
 
 
+# Where a request's GPUs could go on one host state: device positions, bytes
+# each takes, memory (or, for several devices, free devices) left over.
+_Option = tuple[tuple[int, ...], tuple[int, ...], float]
+
+
 @dataclass(frozen=True)
 class _Answer:
     """Where one request shape goes on one host state: the score (lower is
@@ -253,6 +259,13 @@ class Scheduler:
         self._answers: dict[int, dict[int, _Answer | None]] = {}  # shape -> state -> answer
         self._frag: dict[int, HostFragmentation] = {}
         self._mix_version = self.mix.version
+        self._table = MixTable(self.mix.types)
+        # GPU-side options per (GPU shape, host state), whatever the host CPU/memory asked.
+        self._gpu_shape_ids: dict[tuple[Any, ...], int] = {}
+        self._options: dict[
+            int, dict[int, list[tuple[tuple[int, ...], tuple[int, ...], float]]]
+        ] = {}
+        self._satisfiable: dict[tuple[Any, ...], str] = {}  # shape -> refusal ("" fits)
         # Backfill reservations: request id -> device ids, and the reverse.
         self._reserved: dict[str, tuple[str, ...]] = {}
         self._reserved_by: dict[str, str] = {}
@@ -265,8 +278,10 @@ class Scheduler:
             known.online = device.online
             known.name, known.kind, known.uuid = device.name, device.kind, device.uuid
             known.memory_bytes = device.memory_bytes
+            self._satisfiable.clear()
             return
         self.devices[device.device_id] = device
+        self._satisfiable.clear()
         object.__setattr__(device, "_watcher", self._touch)
         host = self._hosts.setdefault(device.host, _Host(device.host))
         bisect.insort(host.devices, device, key=lambda d: d.device_id)
@@ -280,6 +295,7 @@ class Scheduler:
         """The host's CPUs and memory as its agent reports them (None: no limit)."""
         entry = self._hosts.setdefault(host, _Host(host))
         entry.cpus, entry.memory = cpus, memory_bytes
+        self._satisfiable.clear()
         self._touch(host)
 
     def host_usage(self, host: str) -> tuple[float, int]:
@@ -315,9 +331,12 @@ class Scheduler:
             self._answers.clear()
             self._frag.clear()
             self._mix_version = self.mix.version
+            self._table = MixTable(self.mix.types)
         if len(self._sig_ids) > 50_000 or len(self._shape_ids) > 10_000:
             self._answers.clear()
             self._shape_ids.clear()
+            self._options.clear()
+            self._gpu_shape_ids.clear()
             self._frag.clear()
             self._sig_ids.clear()
             self._views.clear()
@@ -348,7 +367,7 @@ class Scheduler:
     def _fragmentation(self, sig: int, view: HostView) -> HostFragmentation:
         frag = self._frag.get(sig) if sig >= 0 else None
         if frag is None:
-            frag = HostFragmentation(view, self.mix.types)
+            frag = HostFragmentation(view, self._table)
             if sig >= 0:
                 self._frag[sig] = frag
         return frag
@@ -361,7 +380,11 @@ class Scheduler:
         return shape
 
     def _answer(
-        self, sig: int, request: SliceRequest, answers: dict[int, _Answer | None]
+        self,
+        sig: int,
+        request: SliceRequest,
+        answers: dict[int, _Answer | None],
+        options: dict[int, list[_Option]] | None = None,
     ) -> _Answer | None:
         """The answer of one host state for one request shape, cached."""
         try:
@@ -369,17 +392,61 @@ class Scheduler:
         except KeyError:
             pass
         view, names = self._views[sig]
-        answer = answers[sig] = self._evaluate(view, names, request, sig)
+        answer = answers[sig] = self._evaluate(view, names, request, sig, options)
         return answer
 
     def _evaluate(
-        self, view: HostView, names: tuple[str, ...], request: SliceRequest, sig: int = -1
+        self,
+        view: HostView,
+        names: tuple[str, ...],
+        request: SliceRequest,
+        sig: int = -1,
+        per_state: dict[int, list[_Option]] | None = None,
     ) -> _Answer | None:
         """The best devices of one host state for the request, and their score."""
-        if not view.host_fits(request.cpus, request.host_memory_bytes):
+        if sig >= 0:
+            if per_state is None:
+                per_state = self._options.setdefault(self._gpu_shape_id(request), {})
+            options = per_state.get(sig)
+            if options is None:
+                options = per_state[sig] = self._device_options(view, names, request)
+        else:
+            options = self._device_options(view, names, request)
+        if not options or not view.host_fits(request.cpus, request.host_memory_bytes):
             return None
+        if self.placement != "fgd":
+            return _Answer((options[0][2],), options[0][0])
+        frag = self._fragmentation(sig, view)
+        best: _Answer | None = None
+        for positions, takes, leftover in options:
+            gradient = frag.gradient(positions, takes, request.cpus, request.host_memory_bytes)
+            answer = _Answer((round(gradient, 9), leftover), positions)
+            if best is None or answer.score < best.score:
+                best = answer
+        return best
+
+    def _gpu_shape_id(self, request: SliceRequest) -> int:
+        key = (
+            request.gpus,
+            request.whole,
+            request.fraction,
+            request.memory_bytes,
+            request.max_fraction,
+            request.gpu_model.lower(),
+        )
+        shape = self._gpu_shape_ids.get(key)
+        if shape is None:
+            shape = self._gpu_shape_ids[key] = len(self._gpu_shape_ids)
+        return shape
+
+    def _device_options(
+        self, view: HostView, names: tuple[str, ...], request: SliceRequest
+    ) -> list[_Option]:
+        """Where on one host state the request's GPUs could go, whatever its
+        host CPU and memory: (device positions, bytes each takes, what is
+        left over), the tightest first; one option per distinct device state
+        (devices in the same state score the same), the lowest position."""
         model = request.gpu_model.lower()
-        fgd = self.placement == "fgd"
         if request.gpus > 1:
             free = [
                 i
@@ -387,18 +454,11 @@ class Scheduler:
                 if usable and not leased and (not model or model in names[i].lower())
             ]
             if len(free) < request.gpus:
-                return None
+                return []
             positions = tuple(free[: request.gpus])
-            spare = float(len(free) - request.gpus)
-            if not fgd:
-                return _Answer((spare,), positions)
-            takes = [view.devices[i][1] for i in positions]
-            gradient = self._fragmentation(sig, view).gradient(
-                positions, takes, request.cpus, request.host_memory_bytes
-            )
-            return _Answer((round(gradient, 9), spare), positions)
-        best: tuple[tuple[float, ...], int] | None = None
-        gradients: dict[tuple[int, int, bool], float] = {}
+            takes = tuple(view.devices[i][1] for i in positions)
+            return [(positions, takes, float(len(free) - request.gpus))]
+        options: dict[tuple[int, int, bool], _Option] = {}
         for i, (memory, free_bytes, leased, usable) in enumerate(view.devices):
             if not usable or (model and model not in names[i].lower()):
                 continue
@@ -407,28 +467,33 @@ class Scheduler:
                 continue
             if request.max_fraction is not None and need > memory * request.max_fraction:
                 continue  # over the policy's share of this (smaller) device
-            leftover = float(free_bytes - need)
-            if fgd:
-                state = (memory, free_bytes, leased)
-                gradient = gradients.get(state)
-                if gradient is None:
-                    gradient = gradients[state] = round(
-                        self._fragmentation(sig, view).gradient(
-                            (i,), (need,), request.cpus, request.host_memory_bytes
-                        ),
-                        9,
-                    )
-                score: tuple[float, ...] = (gradient, leftover)
-            else:
-                score = (leftover,)
-            if best is None or score < best[0]:
-                best = (score, i)
-        return None if best is None else _Answer(best[0], (best[1],))
+            state = (memory, free_bytes, leased)
+            if state not in options:
+                options[state] = ((i,), (need,), float(free_bytes - need))
+        return sorted(options.values(), key=lambda o: (o[2], o[0]))
 
     # -------------------------------------------------------- placement ---
 
     def check_satisfiable(self, request: SliceRequest) -> None:
         """Refuse requests that could not fit even on an empty pool."""
+        if not self.devices:
+            self._check_shape(request)  # agents may still be registering; the request waits
+            return
+        key = request.shape_key()
+        refusal = self._satisfiable.get(key)
+        if refusal is None:
+            try:
+                self._check_shape(request)
+                refusal = ""
+            except RequestError as exc:
+                refusal = str(exc)
+            if len(self._satisfiable) > 10_000:
+                self._satisfiable.clear()
+            self._satisfiable[key] = refusal
+        if refusal:
+            raise RequestError(refusal)
+
+    def _check_shape(self, request: SliceRequest) -> None:
         if request.fraction < 0 or request.fraction > 1:
             raise RequestError(f"fraction must be in (0, 1], got {request.fraction}")
         if request.gpus < 1:
@@ -525,21 +590,24 @@ class Scheduler:
                 best = (rank, host, answer)
 
         answers = self._answers.setdefault(shape, {})
+        options = self._options.setdefault(self._gpu_shape_id(request), {})
         if request.hosts:
             for name in request.hosts:
                 host = self._hosts.get(name)
                 if host is not None and host.sig >= 0:
-                    consider(name, self._answer(host.sig, request, answers))
+                    consider(name, self._answer(host.sig, request, answers, options))
         else:
             for name in prefer | warm:
                 host = self._hosts.get(name)
                 if host is not None and host.sig >= 0:
-                    consider(name, self._answer(host.sig, request, answers))
+                    consider(name, self._answer(host.sig, request, answers, options))
             # Every distinct host state once; the hosts sharing it only for ties.
             top: tuple[float, ...] | None = None
             tied: list[tuple[int, _Answer]] = []
             for sig in self._groups:
-                answer = answers[sig] if sig in answers else self._answer(sig, request, answers)
+                answer = (
+                    answers[sig] if sig in answers else self._answer(sig, request, answers, options)
+                )
                 if answer is None:
                     continue
                 if top is None or answer.score < top:
