@@ -48,6 +48,8 @@ from gpuattach_broker.broker.fragmentation import (
 from gpuattach_broker.units import format_size
 
 PLACEMENTS = ("best-fit", "fgd")
+_CPU_STEP = 2.0
+_MEMORY_STEP = 16 * 1024**3
 
 
 @dataclass
@@ -372,8 +374,17 @@ class Scheduler:
                 self._frag[sig] = frag
         return frag
 
-    def _shape_id(self, request: SliceRequest) -> int:
-        key = request.shape_key()
+    def _score_id(self, request: SliceRequest) -> int:
+        """Requests with one id score the same on every host state: the GPU
+        shape, and for fgd the host CPUs and memory asked, floored to 2 CPUs
+        and 16 GiB (the score's resolution; whether they fit is checked
+        exactly, host by host)."""
+        key: tuple[Any, ...] = (self._gpu_shape_id(request),)
+        if self.placement == "fgd":
+            key += (
+                request.cpus // _CPU_STEP * _CPU_STEP,
+                request.host_memory_bytes // _MEMORY_STEP * _MEMORY_STEP,
+            )
         shape = self._shape_ids.get(key)
         if shape is None:
             shape = self._shape_ids[key] = len(self._shape_ids)
@@ -403,7 +414,8 @@ class Scheduler:
         sig: int = -1,
         per_state: dict[int, list[_Option]] | None = None,
     ) -> _Answer | None:
-        """The best devices of one host state for the request, and their score."""
+        """The best devices of one host state for the request, and their score
+        (whether the host's CPU and memory suffice is the caller's check)."""
         if sig >= 0:
             if per_state is None:
                 per_state = self._options.setdefault(self._gpu_shape_id(request), {})
@@ -412,14 +424,16 @@ class Scheduler:
                 options = per_state[sig] = self._device_options(view, names, request)
         else:
             options = self._device_options(view, names, request)
-        if not options or not view.host_fits(request.cpus, request.host_memory_bytes):
+        if not options:
             return None
         if self.placement != "fgd":
             return _Answer((options[0][2],), options[0][0])
         frag = self._fragmentation(sig, view)
+        cpus = request.cpus // _CPU_STEP * _CPU_STEP
+        memory = request.host_memory_bytes // _MEMORY_STEP * _MEMORY_STEP
         best: _Answer | None = None
         for positions, takes, leftover in options:
-            gradient = frag.gradient(positions, takes, request.cpus, request.host_memory_bytes)
+            gradient = frag.gradient(positions, takes, cpus, memory)
             answer = _Answer((round(gradient, 9), leftover), positions)
             if best is None or answer.score < best.score:
                 best = answer
@@ -569,7 +583,7 @@ class Scheduler:
         """
         self._refresh_index()
         warm, prefer = set(warm_hosts), set(prefer_hosts)
-        shape = self._shape_id(request)
+        shape = self._score_id(request)
         many = request.gpus > 1
         best: tuple[tuple[Any, ...], str, _Answer] | None = None
 
@@ -591,15 +605,24 @@ class Scheduler:
 
         answers = self._answers.setdefault(shape, {})
         options = self._options.setdefault(self._gpu_shape_id(request), {})
+        views, cpus, memory = self._views, request.cpus, request.host_memory_bytes
         if request.hosts:
             for name in request.hosts:
                 host = self._hosts.get(name)
-                if host is not None and host.sig >= 0:
+                if (
+                    host is not None
+                    and host.sig >= 0
+                    and views[host.sig][0].host_fits(cpus, memory)
+                ):
                     consider(name, self._answer(host.sig, request, answers, options))
         else:
             for name in prefer | warm:
                 host = self._hosts.get(name)
-                if host is not None and host.sig >= 0:
+                if (
+                    host is not None
+                    and host.sig >= 0
+                    and views[host.sig][0].host_fits(cpus, memory)
+                ):
                     consider(name, self._answer(host.sig, request, answers, options))
             # Every distinct host state once; the hosts sharing it only for ties.
             top: tuple[float, ...] | None = None
@@ -608,7 +631,7 @@ class Scheduler:
                 answer = (
                     answers[sig] if sig in answers else self._answer(sig, request, answers, options)
                 )
-                if answer is None:
+                if answer is None or not views[sig][0].host_fits(cpus, memory):
                     continue
                 if top is None or answer.score < top:
                     top, tied = answer.score, [(sig, answer)]
@@ -628,7 +651,8 @@ class Scheduler:
         if reserved:
             host = self._hosts[self.devices[reserved[0]].host]
             view, names = self._view(host, request.request_id)
-            consider(host.name, self._evaluate(view, names, request))
+            if view.host_fits(request.cpus, request.host_memory_bytes):
+                consider(host.name, self._evaluate(view, names, request))
         if best is None:
             return None
         _, name, answer = best
@@ -927,7 +951,7 @@ class Scheduler:
                     for d in devices
                 )[: request.gpus]
                 cost = sum(c[0] for c in costs)
-                chosen = tuple(c[2] for c in costs)
+                chosen = tuple(sorted(c[2] for c in costs))
             else:
                 cost, _, device_id = min(
                     (

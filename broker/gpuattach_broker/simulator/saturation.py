@@ -119,7 +119,9 @@ class SaturationResult:
             "pods_placed": self.placed,
             "pods_failed": self.failed,
             "unallocated_share_at": {
-                f"{p:g}": round(self.unallocated_at(p), 5) for p in REPORT_POINTS if p <= self.inflate
+                f"{p:g}": round(self.unallocated_at(p), 5)
+                for p in REPORT_POINTS
+                if p <= self.inflate
             },
             "unallocated_share_end": round(self.unallocated_end, 5),
             "wall_seconds": round(self.wall_seconds, 3),
