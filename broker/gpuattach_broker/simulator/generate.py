@@ -13,10 +13,16 @@ distributions with a seeded generator, so a study is reproducible.
 
 from __future__ import annotations
 
+import argparse
+import csv
+import math
 import random
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from gpuattach_broker.simulator.pool import NodeSpec, PoolSpec, pool_from_nodes
+from gpuattach_broker.simulator.pool import NodeSpec, PoolSpec, pool_from_nodes, write_nodes
 from gpuattach_broker.simulator.workload import Cell, Session, Workload
 
 GIB = 1024**3
@@ -139,8 +145,6 @@ def generate_pods(
 
 
 def _lognormal_mu(mean: float, sigma: float) -> float:
-    import math
-
     return math.log(mean) - sigma**2 / 2
 
 
@@ -149,3 +153,81 @@ def arrival_rate_for(pool: PoolSpec, load: float, mean_duration: float) -> float
     (Little's law with the pod mix's mean GPU demand)."""
     demand = sum((f or g) * p for g, f, p in POD_SIZES) / sum(p for _, _, p in POD_SIZES)
     return load * pool.gpus / (demand * mean_duration)
+
+
+CSV_HEADER = (
+    "kernel",
+    "start",
+    "duration",
+    "gpus",
+    "memory",
+    "user",
+    "fraction",
+    "model",
+    "hosts",
+    "cpus",
+    "host_memory",
+)
+
+
+def write_csv(workload: Workload, path: Path) -> None:
+    """Write the workload as the simulator's CSV (every optional column), so
+    `python -m gpuattach_broker.simulator FILE.csv` replays it."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        for session in workload.sessions:
+            for cell in session.cells:
+                writer.writerow(
+                    [
+                        cell.kernel,
+                        f"{cell.start:.3f}",
+                        f"{cell.duration:.3f}",
+                        cell.gpus,
+                        cell.vram_bytes,
+                        session.user,
+                        f"{cell.fraction:g}",
+                        cell.gpu_model,
+                        ";".join(cell.hosts),
+                        f"{cell.cpus:g}",
+                        cell.host_memory_bytes,
+                    ]
+                )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write a generated pool (nodes.csv) and workload (pods.csv)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gpuattach_broker.simulator.generate",
+        description="Generate a production-shaped fractional GPU workload and pool.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for nodes.csv, pods.csv")
+    parser.add_argument("--gpus", type=int, default=6000, help="pool size (default 6000)")
+    parser.add_argument("--pods", type=int, default=8000, help="pods (default 8000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=0.0,
+        help="offered load for Poisson arrivals (e.g. 0.85); 0: every pod at time 0",
+    )
+    parser.add_argument("--mean-duration", type=float, default=3600.0, help="seconds")
+    args = parser.parse_args(argv)
+    try:
+        pool = generate_nodes(args.gpus, seed=args.seed)
+        rate = arrival_rate_for(pool, args.load, args.mean_duration) if args.load > 0 else 0.0
+        pods = generate_pods(
+            args.pods, seed=args.seed, arrival_rate=rate, mean_duration=args.mean_duration
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_nodes(pool.node_list(), args.out / "nodes.csv")
+    write_csv(pods, args.out / "pods.csv")
+    print(f"wrote {args.out / 'nodes.csv'} ({pool}) and {args.out / 'pods.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
