@@ -343,8 +343,8 @@ class Scheduler:
             self._sig_ids.clear()
             self._views.clear()
             self._groups.clear()
-            for host in self._hosts.values():
-                host.sig = -1
+            for entry in self._hosts.values():
+                entry.sig = -1
             self._dirty = set(self._hosts)
         for name in self._dirty:
             host = self._hosts.get(name)

@@ -81,7 +81,7 @@ class _Kernel:
     stop_due: bool = False
     namespace_bytes: int = 0  # the namespace that would migrate out now
     refusal: str = ""  # why a static reservation was refused (its GPU cells fail)
-    requests: itertools.count = field(default_factory=itertools.count)
+    requests: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def all_cells_done(self) -> bool:

@@ -51,10 +51,9 @@ def to_json(study: Study) -> dict[str, Any]:
             "policy": study.admission.policy.source,
             "start": _start(study),
             "fair_share": study.fair_share,
-            "placement": study.placement,
-            "backfill_after_s": study.backfill_after,
             "users": len({s.user for s in w.sessions}),
         },
+        "scheduler": {"placement": study.placement, "backfill_after_s": study.backfill_after},
         "policies": [
             {
                 **r.summary(),
