@@ -8,6 +8,8 @@ broker's CLI can mount it as a subcommand unchanged.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
+from gpuattach_broker.broker.scheduler import PLACEMENTS, Backfill
 from gpuattach_broker.simulator.admission import DEFAULT_START, Admission, parse_start
 from gpuattach_broker.simulator.capacity import DEFAULT_MAX_HOSTS, DEFAULT_TARGET_P95
 from gpuattach_broker.simulator.engine import SimulationError
@@ -24,11 +27,12 @@ from gpuattach_broker.simulator.policies import (
     DEFAULT_MIN_SLICE,
     default_policies,
 )
-from gpuattach_broker.simulator.pool import parse_pool
+from gpuattach_broker.simulator.pool import PoolSpec, build_scheduler, load_nodes, parse_pool
 from gpuattach_broker.simulator.report import table, write_report
+from gpuattach_broker.simulator.saturation import DEFAULT_INFLATE, REPORT_POINTS, saturate
 from gpuattach_broker.simulator.study import run_study
 from gpuattach_broker.simulator.traces import FORMATS, WorkloadError, load_workload
-from gpuattach_broker.simulator.workload import with_users
+from gpuattach_broker.simulator.workload import Workload, with_users
 from gpuattach_broker.units import format_duration, parse_duration, parse_size
 
 T = TypeVar("T")
@@ -157,6 +161,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the sessions round-robin among N users named user1..userN (default: "
         "each session is its own user, or the CSV's user column, or the ledger's users)",
     )
+    parser.add_argument(
+        "--nodes",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a heterogeneous pool, host by host (CSV host,gpus,model,gpu_memory"
+        "[,cpus,memory,count]); replaces --pool",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="best-fit",
+        help="the scheduler's placement: best-fit by memory (the live broker's default) or "
+        "fgd, fragmentation-aware (default best-fit)",
+    )
+    parser.add_argument(
+        "--backfill",
+        type=_arg(_seconds),
+        default=None,
+        metavar="SECONDS",
+        help="backfill: requests that fit start past a waiting one that does not; one waiting "
+        "this long gets a reservation (default: no backfill, nobody overtakes)",
+    )
+    parser.add_argument(
+        "--saturate",
+        action="store_true",
+        help="saturation mode instead of a time replay: the GPU cells as pods, shuffled, "
+        "inflated to --inflate x the pool's GPUs, placed once (failures skipped, no "
+        "departures); reports the unallocated GPU share against arrived demand",
+    )
+    parser.add_argument(
+        "--inflate",
+        type=float,
+        default=DEFAULT_INFLATE,
+        help=f"saturation: arrived demand over pool GPUs (default {DEFAULT_INFLATE:g})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="saturation: shuffle seed (default 0)")
     parser.add_argument("--no-search", action="store_true", help="skip the capacity search")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument(
@@ -188,17 +229,32 @@ def run(args: argparse.Namespace) -> int:
         except PolicyErrors as exc:
             print(f"error: policy {args.policy} has mistakes:\n{exc}", file=sys.stderr)
             return 2
+    pool: PoolSpec = args.pool
+    if args.nodes is not None:
+        try:
+            pool = load_nodes(args.nodes)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.saturate:
+        return _saturate(args, workload, pool)
     loaded = time.perf_counter()
     policies = default_policies(args.idle, args.fractional_idle, args.min_slice)
+    factory = functools.partial(
+        build_scheduler,
+        placement=args.placement,
+        backfill=None if args.backfill is None else Backfill(reserve_after=args.backfill),
+    )
     try:
         study = run_study(
             workload,
-            args.pool,
+            pool,
             policies,
             search=not args.no_search,
             target_p95=args.target_p95,
             max_hosts=args.max_hosts,
             admission=admission,
+            scheduler_factory=factory,
         )
     except SimulationError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -221,4 +277,31 @@ def run(args: argparse.Namespace) -> int:
         f"(simulate {format_duration(study.timings['simulate_s'])}, "
         f"capacity search {format_duration(study.timings['search_s'])})"
     )
+    return 0
+
+
+def _saturate(args: argparse.Namespace, workload: Workload, pool: PoolSpec) -> int:
+    """`--saturate`: print (and with --out write saturation.json) the
+    unallocated share at each arrival point."""
+    if args.inflate <= 0:
+        print("error: --inflate must be positive, e.g. 1.3", file=sys.stderr)
+        return 2
+    if not workload.gpu_cells:
+        print("error: the workload has no GPU cell to place", file=sys.stderr)
+        return 2
+    result = saturate(workload, pool, args.placement, inflate=args.inflate, seed=args.seed)
+    points = [p for p in REPORT_POINTS if p <= args.inflate] or [args.inflate]
+    print(f"saturation on {pool}, placement {args.placement}, seed {args.seed}:")
+    print("| arrived | " + " | ".join(f"{p:.0%}" for p in points) + " |")
+    print("| --- |" + " ---: |" * len(points))
+    print("| unallocated | " + " | ".join(f"{result.unallocated_at(p):.2%}" for p in points) + " |")
+    print(
+        f"{result.placed} pods placed, {result.failed} failed, "
+        f"in {format_duration(result.wall_seconds)}"
+    )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "saturation.json"
+        path.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        print(f"wrote {path}")
     return 0

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from gpuattach_broker.broker.scheduler import Placement, Scheduler, SliceRequest
+from gpuattach_broker.broker.scheduler import Placement, RequestError, Scheduler, SliceRequest
 from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.simulator.admission import Admission, Gate
 from gpuattach_broker.simulator.metrics import Recorder, RunResult
@@ -81,7 +81,7 @@ class _Kernel:
     stop_due: bool = False
     namespace_bytes: int = 0  # the namespace that would migrate out now
     refusal: str = ""  # why a static reservation was refused (its GPU cells fail)
-    requests: itertools.count = field(default_factory=itertools.count)
+    requests: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def all_cells_done(self) -> bool:
@@ -201,7 +201,7 @@ class Simulation:
         if kernel.lease is not None:  # too small: give it back and ask again
             self._release(kernel, now)
         kernel.waiting = (cell, now)
-        refusal = self._submit(kernel, need, now)
+        refusal = self._submit(kernel, need, now, cell)
         if refusal:
             kernel.waiting = None
             self._refuse(kernel, cell, ready=now, now=now, reason=refusal)
@@ -244,7 +244,9 @@ class Simulation:
 
     # ----------------------------------------------------------- actions ---
 
-    def _submit(self, kernel: _Kernel, shape: SliceShape, now: float) -> str:
+    def _submit(
+        self, kernel: _Kernel, shape: SliceShape, now: float, cell: Cell | None = None
+    ) -> str:
         """Ask for a slice as the broker's `Attach` does: admission under the
         policy, then the scheduler. '' when granted or queued, else the refusal."""
         request_id = f"k{kernel.index}.{next(kernel.requests)}"
@@ -253,16 +255,25 @@ class Simulation:
             user=kernel.session.user,
             kernel_id=kernel.session.kernel,
             memory_bytes=shape.memory_bytes,
+            fraction=shape.fraction,
             gpus=shape.gpus,
             submitted_at=now,
         )
+        if cell is not None:  # the cell's constraints and host resources
+            request.gpu_model, request.hosts = cell.gpu_model, cell.hosts
+            request.cpus, request.host_memory_bytes = cell.cpus, cell.host_memory_bytes
         refusal = self.gate.admit(request, kernel.session.groups, now)
         if refusal:
             return refusal
         self.by_request[request_id] = kernel
         self._requests[request_id] = request
         kernel.pending = (request_id, shape)
-        placement = self.scheduler.submit(request, prefer_hosts=self._cache_hosts(request))
+        try:
+            placement = self.scheduler.submit(request, prefer_hosts=self._cache_hosts(request))
+        except RequestError as exc:  # no device could ever hold it: the broker refuses it
+            del self.by_request[request_id], self._requests[request_id]
+            kernel.pending = None
+            return str(exc)
         if placement is not None:
             self._granted(kernel, placement, now)
         return ""
@@ -331,7 +342,7 @@ class Simulation:
 
     def _pump(self, now: float) -> None:
         """Room was freed: the scheduler grants queued requests in FIFO order."""
-        for placement in self.scheduler.grant_waiting(prefer=self._cache_hosts):
+        for placement in self.scheduler.grant_waiting(prefer=self._cache_hosts, now=now):
             self._granted(self.by_request[placement.request_id], placement, now)
 
     def _stop(self, kernel: _Kernel, now: float) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from gpuattach_broker.simulator.workload import Cell
 
 HOUR = 3600.0
+SIZE_FRACTION, SIZE_ONE, SIZE_MANY = "fraction of a GPU", "1 GPU", "2+ GPUs"
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class CellStart:
     ready: float  # trace start, or the previous cell's end if later
     started: float  # when it ran: `ready` plus any wait for a slice (refused: when refused)
     refused: str = ""  # why the broker refused its slice (the cell then did not run)
+    fraction: float = 0.0  # the share of one GPU it asked for (0: whole GPUs)
 
     @property
     def wait(self) -> float:
@@ -118,7 +120,9 @@ class Recorder:
 
     def log_start(self, cell: Cell, ready: float, now: float) -> None:
         """Every cell, CPU-only ones too: when it could run and when it ran."""
-        self.cell_log.append(CellStart(cell.kernel, cell.index, cell.gpus, ready, now))
+        self.cell_log.append(
+            CellStart(cell.kernel, cell.index, cell.gpus, ready, now, fraction=cell.fraction)
+        )
 
     def cell_refused(self, cell: Cell, ready: float, now: float, reason: str) -> None:
         """A GPU cell whose slice the policy refused: it fails at once, runs nowhere
@@ -226,6 +230,22 @@ class RunResult:
         (ties: the order the engine started them at that instant)."""
         ran = [c for c in self.cell_log if c.gpus and not c.refused]
         return [(c.kernel, c.index) for c in sorted(ran, key=lambda c: c.started)]
+
+    def waits_by_size(self) -> dict[str, list[float]]:
+        """Waits of the GPU cells that ran, by request size: a fraction of one
+        GPU, one GPU, several GPUs (multi-GPU requests need a host's worth
+        of free devices at once, so they wait differently)."""
+        sizes: dict[str, list[float]] = {SIZE_FRACTION: [], SIZE_ONE: [], SIZE_MANY: []}
+        for entry in self.cell_log:
+            if not entry.gpus or entry.refused:
+                continue
+            if entry.gpus > 1:
+                sizes[SIZE_MANY].append(entry.wait)
+            elif 0 < entry.fraction < 1:
+                sizes[SIZE_FRACTION].append(entry.wait)
+            else:
+                sizes[SIZE_ONE].append(entry.wait)
+        return sizes
 
     def started(self, kernel: str, index: int) -> CellStart:
         """The log entry of one cell (tests and notebooks look cells up)."""

@@ -25,29 +25,38 @@ class Mode(Enum):
 @dataclass(frozen=True)
 class SliceShape:
     """What one attach asks for: `gpus` whole devices, or (gpus == 1) a
-    memory slice of `memory_bytes` when `memory_bytes` is non-zero."""
+    memory slice of `memory_bytes` when `memory_bytes` is non-zero, or a
+    share `fraction` of one device."""
 
     gpus: int
     memory_bytes: int = 0
+    fraction: float = 0.0
 
     @property
     def whole(self) -> bool:
-        return self.memory_bytes == 0
+        return self.memory_bytes == 0 and self.fraction == 0.0
 
     def covers(self, need: SliceShape) -> bool:
         """Whether a held slice of this shape can run a cell needing `need`
         without re-attaching: whole devices run any smaller need; a memory
-        slice runs a one-device need of no more memory."""
+        slice runs a one-device memory need of no more memory; a fraction a
+        fraction no larger."""
         if self.whole:
             return self.gpus >= need.gpus
-        return not need.whole and self.memory_bytes >= need.memory_bytes
+        if self.fraction:
+            return 0 < need.fraction <= self.fraction
+        return bool(need.memory_bytes) and self.memory_bytes >= need.memory_bytes
 
     def gpu_equivalents(self, device_memory: int) -> float:
-        return float(self.gpus) if self.whole else self.memory_bytes / device_memory
+        if self.whole:
+            return float(self.gpus)
+        return self.fraction or self.memory_bytes / device_memory
 
     def __str__(self) -> str:
         if self.whole:
             return f"{self.gpus} GPU"
+        if self.fraction:
+            return f"{self.fraction:g} GPU"
         return f"{self.memory_bytes / 1024**3:.2f} GiB"
 
 
@@ -62,11 +71,14 @@ class Policy:
     def shape_for(self, cell: Cell, device_memory: int) -> SliceShape:
         """The slice a GPU cell asks for under this policy.
 
-        Fractional: a one-GPU cell asks for its own GPU memory (at least
+        A cell with a `fraction` asks for that share under every attach
+        policy. Fractional: a one-GPU cell asks for its own GPU memory (at least
         `min_slice_bytes`, since a trace may list almost none and a CUDA
         context alone takes hundreds of MiB); a cell that needs a whole
         card's memory or more, and every multi-GPU cell, asks whole GPUs.
         """
+        if cell.gpus == 1 and 0 < cell.fraction < 1 and self.mode is Mode.ATTACH:
+            return SliceShape(gpus=1, fraction=cell.fraction)
         if self.fractional and cell.gpus == 1:
             memory = max(cell.vram_bytes, self.min_slice_bytes)
             if memory < device_memory:

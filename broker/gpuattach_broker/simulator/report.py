@@ -53,6 +53,7 @@ def to_json(study: Study) -> dict[str, Any]:
             "fair_share": study.fair_share,
             "users": len({s.user for s in w.sessions}),
         },
+        "scheduler": {"placement": study.placement, "backfill_after_s": study.backfill_after},
         "policies": [
             {
                 **r.summary(),
@@ -132,9 +133,14 @@ def to_markdown(study: Study, plots: list[str] | None = None) -> str:
         f"{w.span_seconds / HOUR:.1f} h; the cells ask for {w.cell_gpu_seconds() / HOUR:,.1f} "
         "GPU-h.",
         f"- Pool: {study.pool} ({study.pool.gpus} GPUs). Placement and queueing by the live "
-        "broker's `Scheduler` (best fit; waiting requests by priority, then "
-        f"{'fair share, then ' if study.fair_share else ''}first come); idle release by the "
-        "kernel's `IdleTimer`.",
+        f"broker's `Scheduler` ({study.placement}; waiting requests by priority, then "
+        f"{'fair share, then ' if study.fair_share else ''}first come"
+        + (
+            f"; backfill, reservations after {study.backfill_after:g} s"
+            if study.backfill_after is not None
+            else ""
+        )
+        + "); idle release by the kernel's `IdleTimer`.",
         f"- Admin policy: `{study.admission.policy.source}`, applied to every request by the "
         f"broker's `quotas.admit` and `check_hours`; the clock starts {_start(study)}; "
         f"{len({s.user for s in w.sessions})} users.",

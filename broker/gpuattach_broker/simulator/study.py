@@ -35,6 +35,8 @@ class Study:
     source: str = ""
     admission: Admission = field(default_factory=Admission)
     fair_share: bool = True  # how the scheduler orders waiters (the live broker: fair share)
+    placement: str = "best-fit"  # the scheduler's placement
+    backfill_after: float | None = None  # backfill's reservation bound; None: no backfill
 
 
 def run_study(
@@ -71,6 +73,7 @@ def run_study(
         result.gpus_needed = answer.gpus
         capacity.append(answer)
     searched = time.perf_counter()
+    sample = scheduler_factory(pool)
     return Study(
         workload=workload,
         pool=pool,
@@ -80,5 +83,7 @@ def run_study(
         target_p95_s=target_p95,
         timings={"simulate_s": simulated - started, "search_s": searched - simulated},
         admission=admission,
-        fair_share=scheduler_factory(pool).fair_share,
+        fair_share=sample.fair_share,
+        placement=sample.placement,
+        backfill_after=None if sample.backfill is None else sample.backfill.reserve_after,
     )

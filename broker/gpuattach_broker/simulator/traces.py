@@ -128,9 +128,12 @@ def load_csv(path: Path) -> Workload:
     with a unit (16GiB). The memory is both the cell's GPU memory (what a
     fractional slice asks for) and the namespace size that migrates.
 
-    Optional columns: `user` (whose kernel it is; default the kernel name) and
+    Optional columns: `user` (whose kernel it is; default the kernel name),
     `groups` (the user's identity groups, as JupyterHub would report them,
-    separated by `;`). A kernel belongs to one user: its rows must agree.
+    separated by `;`), `fraction` (share of one GPU a 1-GPU cell asks for),
+    `model` (GPU-model constraint), `hosts` (allowed hosts, `;`-separated),
+    `cpus` and `host_memory` (what it takes of its host). A kernel belongs to
+    one user: its rows must agree.
     """
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -157,7 +160,19 @@ def load_csv(path: Path) -> Workload:
                     gpus=int(row["gpus"]),
                     vram_bytes=memory,
                     namespace_bytes=memory,
+                    fraction=float(row.get("fraction") or 0.0),
+                    gpu_model=row.get("model", ""),
+                    hosts=tuple(h.strip() for h in row.get("hosts", "").split(";") if h.strip()),
+                    cpus=float(row.get("cpus") or 0.0),
+                    host_memory_bytes=_size(row.get("host_memory", "")),
                 )
+                if not 0 <= cell.fraction < 1 or (cell.fraction and cell.gpus != 1):
+                    raise ValueError(
+                        f"fraction {cell.fraction:g} must be 0 (whole GPUs) or between 0 and 1 "
+                        "on a 1-GPU cell"
+                    )
+                if cell.cpus < 0:
+                    raise ValueError("cpus must not be negative")
             except ValueError as exc:
                 raise WorkloadError(f"{path}:{line}: {exc}") from exc
             if cell.duration < 0 or cell.gpus < 0:

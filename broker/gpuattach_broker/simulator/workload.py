@@ -16,7 +16,10 @@ class Cell:
 
     `gpus == 0` is a CPU-only cell: it runs in the kernel and never needs a
     slice. `vram_bytes` is what a fractional slice asks for; `namespace_bytes`
-    is what moves in on attach and out on release.
+    is what moves in on attach and out on release. `fraction` (0 < f < 1, one
+    GPU) asks for that share of a device in every attach policy;
+    `gpu_model`, `hosts` constrain where it may go; `cpus` and
+    `host_memory_bytes` are what it takes of its host.
     """
 
     kernel: str
@@ -26,6 +29,11 @@ class Cell:
     gpus: int
     vram_bytes: int = 0
     namespace_bytes: int = 0
+    fraction: float = 0.0
+    gpu_model: str = ""
+    hosts: tuple[str, ...] = ()
+    cpus: float = 0.0
+    host_memory_bytes: int = 0
 
     @property
     def needs_gpu(self) -> bool:
@@ -102,18 +110,7 @@ def make_session(
     """A session whose cells are sorted and renumbered; its span defaults to
     first cell start .. last cell end (all a CSV or a ledger can tell)."""
     ordered = sorted(cells, key=lambda c: (c.start, c.index))
-    renumbered = tuple(
-        Cell(
-            kernel=kernel,
-            index=i,
-            start=c.start,
-            duration=c.duration,
-            gpus=c.gpus,
-            vram_bytes=c.vram_bytes,
-            namespace_bytes=c.namespace_bytes,
-        )
-        for i, c in enumerate(ordered)
-    )
+    renumbered = tuple(replace(c, kernel=kernel, index=i) for i, c in enumerate(ordered))
     first = min((c.start for c in renumbered), default=0.0)
     last = max((c.start + c.duration for c in renumbered), default=first)
     return Session(
