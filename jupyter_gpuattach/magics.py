@@ -18,16 +18,22 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from gpuattach_broker.units import format_duration, parse_duration, parse_size
+from gpuattach_broker.units import parse_duration, parse_size
+from jupyter_gpuattach.figures import queue_text
 from jupyter_gpuattach.gpu_cells import names_loaded, needs_gpu
+from jupyter_gpuattach.magic_help import ACTIONS as HELP_ACTIONS
+from jupyter_gpuattach.magic_help import (
+    check_line,
+    did_you_mean,
+    help_text,
+    install_completer,
+    usage,
+    wants_help,
+)
 from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession, LeaseEnded
 
-USAGE = (
-    "usage: %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION] "
-    "| %gpu auto [off] [--idle DURATION] [--mem SIZE | --fraction F] "
-    "| %gpu release [--force] | %gpu status"
-)
-ACTIONS = ("attach", "release", "status", "auto")
+USAGE = usage()
+ACTIONS = tuple(HELP_ACTIONS)
 # Cells starting with these run in the kernel even while attached.
 LOCAL_PREFIXES = ("%gpu", "%%gpu", "%load_ext", "%reload_ext", "%unload_ext")
 DEFAULT_IDLE = "60s"
@@ -102,9 +108,9 @@ class QueueDisplay:
         self.handle: Any = None
 
     def __call__(self, position: pb.QueuePosition) -> None:
-        text = f"GPU: queued #{position.position} of {position.queue_length}"
-        if position.estimated_wait_seconds >= 0:
-            text += f", about {format_duration(position.estimated_wait_seconds)} to wait"
+        text = "GPU " + queue_text(
+            position.position, position.queue_length, position.estimated_wait_seconds
+        )
         if position.reason:
             text += f" ({position.reason})"
         text += " · interrupt the kernel to give up"
@@ -142,12 +148,13 @@ class GPUMagics(Magics):
     def __init__(self, shell: Any, session: GPUSession) -> None:
         super().__init__(shell)
         self.session = session
+        install_completer(shell)
 
     def _parse(self, line: str) -> Any:
         try:
             return parse_argstring(self.gpu, line)
         except UsageError as exc:
-            raise UsageError(f"%gpu: {exc}. {USAGE}") from None
+            raise UsageError(f"%gpu: {exc}\n{USAGE}") from None
 
     @magic_arguments()
     @argument("action", nargs="?", default=None, help="attach, release, status or auto")
@@ -171,6 +178,13 @@ class GPUMagics(Magics):
         %%gpu [--mem SIZE | --fraction F] [--wait DURATION]   (one cell on the GPU)
         %%local   (one cell in the kernel while attached)
         """
+        asked = wants_help(line)
+        if asked is not None:
+            print(help_text(asked or None, cell=cell is not None))
+            return
+        mistake = check_line(line, cell=cell is not None)
+        if mistake:
+            raise UsageError(mistake)
         args = self._parse(line)
         try:
             if cell is not None:
@@ -178,16 +192,19 @@ class GPUMagics(Magics):
                 return
             action = args.action or "status"
             if action not in ACTIONS:
-                raise UsageError(f"%gpu: unknown action {action!r}. {USAGE}")
+                hint = did_you_mean(action, ACTIONS)
+                raise UsageError(f"%gpu: unknown action {action!r}{hint}\n{USAGE}")
             if args.switch is not None and action != "auto":
-                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}. {USAGE}")
+                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}\n{USAGE}")
             if action == "attach":
                 options = _attach_options(args)
-                print(self.session.attach(options, show_queue=self._status_display()))
+                print(self._attach(options))
             elif action == "release":
                 print(self.session.release(force=args.force))
+                self._refresh_widgets()
             elif action == "auto":
                 print(self._auto(args))
+                self._refresh_widgets()
             else:
                 print(self.session.status())
                 self._show_widget()
@@ -198,7 +215,7 @@ class GPUMagics(Magics):
         if args.switch == "off":
             return self.session.disable_auto()
         if args.switch not in (None, "on"):
-            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}. {USAGE}")
+            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}\n{USAGE}")
         try:
             idle = parse_duration(args.idle or DEFAULT_IDLE)
         except ValueError as exc:
@@ -209,7 +226,7 @@ class GPUMagics(Magics):
 
     def _run_cell(self, args: Any, cell: str) -> None:
         if args.action is not None:
-            raise UsageError(f"%%gpu takes options only, not {args.action!r}. {USAGE}")
+            raise UsageError(f"%%gpu takes options only, not {args.action!r}\n{USAGE}")
         session = self.session
         gpu = args.routed != "other"
         if session.attached:
@@ -228,16 +245,17 @@ class GPUMagics(Magics):
         if session.auto is not None:
             # Auto mode: attach on demand and keep the slice until it is idle.
             options = session.auto.options if args.routed else _attach_options(args)
-            print(session.attach(options, show_queue=self._status_display()))
+            print(self._attach(options))
             session.run_cell(cell, gpu=True)
             return
         # Not attached: attach for this one cell, then bring everything back.
-        print(session.attach(_attach_options(args), show_queue=self._status_display()))
+        print(self._attach(_attach_options(args)))
         try:
             session.run_cell(cell)
         finally:
             if session.attached:
                 print(session.release())
+                self._refresh_widgets()
 
     def _show_widget(self) -> Any:
         """The live status widget where this kernel can show one (see widget.py), else None."""
@@ -251,6 +269,29 @@ class GPUMagics(Magics):
     def _status_display(self) -> Any:
         """What shows queue positions during an attach: the widget, or a text line."""
         return self._show_widget() or QueueDisplay()
+
+    def _attach(self, options: AttachOptions) -> str:
+        """Attach, the widget saying "attaching" until the line below it says how it went."""
+        display_ = self._status_display()
+        refresher = getattr(display_, "refresher", None)
+        if refresher is not None:
+            refresher.attaching = True
+            refresher.refresh()
+        try:
+            return self.session.attach(options, show_queue=display_)
+        finally:
+            if refresher is not None:
+                refresher.attaching = False
+                refresher.refresh()  # "attached" before the attach line is printed
+
+    def _refresh_widgets(self) -> None:
+        """Every status widget of the session shows the state the line just printed."""
+        try:
+            from jupyter_gpuattach.widget import refresh_widgets
+
+            refresh_widgets(self.session)
+        except ImportError:  # no ipywidgets: text lines only
+            pass
 
     def after_cell(self, result: Any = None) -> None:
         """post_run_cell: a kernel cell is over (its changes reach the worker

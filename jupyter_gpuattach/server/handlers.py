@@ -19,7 +19,7 @@ from jupyter_server.base.handlers import APIHandler
 
 from gpuattach_broker.client.broker_client import BrokerError
 from jupyter_gpuattach.server.gateway import BrokerGateway, BrokerUnavailable
-from jupyter_gpuattach.server.views import LIVE_STATES, lease_json, pool_json
+from jupyter_gpuattach.server.views import LIVE_STATES, LeaseHistory, lease_json, pool_json
 
 SETTINGS_KEY = "gpuattach"
 
@@ -164,13 +164,17 @@ class LeasesHandler(GPUAttachHandler):
             return
         now = time.time()
         notebooks = await self.notebooks()
+        history: LeaseHistory = self.settings.setdefault("gpuattach_history", LeaseHistory())
+        live = [lease for lease in leases if lease.state in LIVE_STATES]
+        if not kernel_id and not everyone:
+            history.forget_except(lease.lease_id for lease in live)
         answer = {
             "user": self.lease_user,
             "admin": admin,
             "leases": [
-                lease_json(lease, now, notebooks)
-                for lease in leases
-                if lease.state in LIVE_STATES and (not kernel_id or lease.kernel_id == kernel_id)
+                lease_json(lease, now, notebooks, history)
+                for lease in live
+                if not kernel_id or lease.kernel_id == kernel_id
             ],
             "now": now,
         }

@@ -119,6 +119,9 @@ class BrokerClient:
         timeout: float = 5.0,
         idle_release_in: float = -1.0,
         migrating: bool = False,
+        idle_seconds: float = -1.0,
+        auto_mode: bool = False,
+        memory_used_bytes: int = 0,
     ) -> pb.RenewReply:
         try:
             return self.stub.Renew(
@@ -128,6 +131,9 @@ class BrokerClient:
                     busy_seconds=busy_seconds,
                     idle_release_in=idle_release_in,
                     migrating=migrating,
+                    idle_seconds=idle_seconds,
+                    auto_mode=auto_mode,
+                    memory_used_bytes=memory_used_bytes,
                 ),
                 metadata=self.metadata,
                 timeout=timeout,
@@ -233,6 +239,9 @@ class Heartbeat:
     idle_release_in: float = -1.0
     migrating: bool = False
     cell_running: bool = False
+    idle_seconds: float = -1.0  # the kernel's idle timeout; < 0: none
+    auto_mode: bool = False
+    memory_used_bytes: int = 0  # measured by the kernel; 0: not measured
 
 
 class LeaseKeeper:
@@ -294,6 +303,8 @@ class LeaseKeeper:
                     backoff = 0.2
                     if notice.state == "preempting":
                         self._preempt(notice.reason)
+                    elif notice.state in ("active", "starting"):
+                        self._wake.set()  # e.g. an idle timeout set from the UI: renew now
                     elif notice.state not in ("active", "starting"):
                         self._ended(notice.state, notice.reason)
                         return
@@ -354,6 +365,9 @@ class LeaseKeeper:
                     beat.busy_seconds,
                     idle_release_in=beat.idle_release_in,
                     migrating=beat.migrating,
+                    idle_seconds=beat.idle_seconds,
+                    auto_mode=beat.auto_mode,
+                    memory_used_bytes=beat.memory_used_bytes,
                 )
             except BrokerError as exc:
                 if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
