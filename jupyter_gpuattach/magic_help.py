@@ -137,7 +137,8 @@ def check_line(line: str, cell: bool = False) -> str:
             if _is_number(token):
                 continue
             hint = did_you_mean(token, allowed)
-            return f"{where}: unknown option {token}{hint}; it takes {', '.join(allowed)}"
+            takes = ", ".join(f for f in allowed if f != "--help") or "no options"
+            return f"{where}: unrecognized arguments: {token}{hint}; it takes {takes}"
     return ""
 
 

@@ -32,7 +32,8 @@ from jupyter_gpuattach.magic_help import (
 )
 from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession, LeaseEnded
 
-USAGE = usage()
+USAGE = usage()  # the forms, one per line (%gpu --help prints them)
+SEE_HELP = "; %gpu --help for usage"  # errors stay one line
 ACTIONS = tuple(HELP_ACTIONS)
 # Cells starting with these run in the kernel even while attached.
 LOCAL_PREFIXES = ("%gpu", "%%gpu", "%load_ext", "%reload_ext", "%unload_ext")
@@ -154,7 +155,7 @@ class GPUMagics(Magics):
         try:
             return parse_argstring(self.gpu, line)
         except UsageError as exc:
-            raise UsageError(f"%gpu: {exc}\n{USAGE}") from None
+            raise UsageError(f"%gpu: {exc}{SEE_HELP}") from None
 
     @magic_arguments()
     @argument("action", nargs="?", default=None, help="attach, release, status or auto")
@@ -193,9 +194,9 @@ class GPUMagics(Magics):
             action = args.action or "status"
             if action not in ACTIONS:
                 hint = did_you_mean(action, ACTIONS)
-                raise UsageError(f"%gpu: unknown action {action!r}{hint}\n{USAGE}")
+                raise UsageError(f"%gpu: unknown action {action!r}{hint}{SEE_HELP}")
             if args.switch is not None and action != "auto":
-                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}\n{USAGE}")
+                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}{SEE_HELP}")
             if action == "attach":
                 options = _attach_options(args)
                 print(self._attach(options))
@@ -215,7 +216,7 @@ class GPUMagics(Magics):
         if args.switch == "off":
             return self.session.disable_auto()
         if args.switch not in (None, "on"):
-            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}\n{USAGE}")
+            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}{SEE_HELP}")
         try:
             idle = parse_duration(args.idle or DEFAULT_IDLE)
         except ValueError as exc:
@@ -226,7 +227,7 @@ class GPUMagics(Magics):
 
     def _run_cell(self, args: Any, cell: str) -> None:
         if args.action is not None:
-            raise UsageError(f"%%gpu takes options only, not {args.action!r}\n{USAGE}")
+            raise UsageError(f"%%gpu takes options only, not {args.action!r}{SEE_HELP}")
         session = self.session
         gpu = args.routed != "other"
         if session.attached:

@@ -156,7 +156,14 @@ class LeasesHandler(GPUAttachHandler):
             return
         kernel_id = self.get_argument("kernel_id", "")
         try:
-            leases = await self.gateway.leases("" if everyone else self.lease_user)
+            recent = max(0.0, min(3600.0, float(self.get_argument("recent", "0") or 0)))
+        except ValueError:
+            self.fail(400, "recent: give a number of seconds, e.g. recent=120")
+            return
+        try:
+            leases = await self.gateway.leases(
+                "" if everyone else self.lease_user, include_ended=recent > 0
+            )
         except BrokerUnavailable:
             leases = []
         except BrokerError as exc:
@@ -178,6 +185,15 @@ class LeasesHandler(GPUAttachHandler):
             ],
             "now": now,
         }
+        if recent > 0:
+            # Leases that ended lately: the UI tells how (idle release, revoke, loss).
+            answer["ended"] = [
+                lease_json(lease, now, notebooks)
+                for lease in leases
+                if lease.state not in LIVE_STATES
+                and lease.user == self.lease_user
+                and lease.ended_at >= now - recent
+            ]
         self.finish(json.dumps(answer))
 
 

@@ -111,6 +111,7 @@ def lease_json(
         "auto_mode": lease.auto_mode,
         "memory_used_bytes": used,
         "end_reason": lease.end_reason,
+        "ended_at": lease.ended_at or None,
         # The figures as the kernel's widget and %gpu status write them (figures.py).
         "text": {
             "held": held_text(held),
