@@ -85,6 +85,7 @@ def usage() -> str:
 
 def help_text(action: str | None = None, cell: bool = False) -> str:
     """``%gpu --help`` (every action) or ``%gpu <action> --help``."""
+    names: tuple[str, ...]
     if cell:
         names, title = CELL_FLAGS, "%%gpu: run this one cell on a GPU slice, then release it"
         head = [title, "", "usage: %%gpu " + " ".join(_flag_usage(f) for f in names[:-1])]
@@ -204,7 +205,6 @@ def install_completer(shell: Any) -> None:
         return
     from IPython.core.completer import SimpleCompletion, context_matcher
 
-    @context_matcher()  # type: ignore[misc]
     def gpu_matcher(context: Any) -> dict[str, Any]:
         line = context.full_text.split("\n")[context.cursor_line][: context.cursor_position]
         found = completions(line) if context.cursor_line == 0 else None
@@ -215,5 +215,6 @@ def install_completer(shell: Any) -> None:
             "suppress": True,
         }
 
-    gpu_matcher._gpuattach = True
-    completer.custom_matchers.append(gpu_matcher)
+    matcher: Any = context_matcher()(gpu_matcher)  # IPython's decorator, untyped
+    matcher._gpuattach = True
+    completer.custom_matchers.append(matcher)

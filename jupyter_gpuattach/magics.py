@@ -10,12 +10,12 @@ output and errors are the remote ones. Cells that manage the slice
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import shlex
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import display
+from IPython.display import display as _display
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import parse_duration, parse_size
@@ -38,6 +38,7 @@ ACTIONS = tuple(HELP_ACTIONS)
 # Cells starting with these run in the kernel even while attached.
 LOCAL_PREFIXES = ("%gpu", "%%gpu", "%load_ext", "%reload_ext", "%unload_ext")
 DEFAULT_IDLE = "60s"
+display: Any = _display  # IPython's display, untyped
 
 
 def routed(source: str, gpu: bool) -> list[str]:
@@ -144,6 +145,32 @@ def _attach_options(args: Any) -> AttachOptions:
     return options
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as a UsageError (one line) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The options of %gpu / %%gpu (magic_help.ACTIONS says which action takes which;
+    %gpu --help prints them)."""
+    parser = _Parser(prog="%gpu", add_help=False)
+    parser.add_argument("action", nargs="?", default=None)
+    parser.add_argument("switch", nargs="?", default=None)
+    parser.add_argument("--idle", default="")
+    parser.add_argument("--routed", default="")
+    parser.add_argument("--mem", default="")
+    parser.add_argument("--fraction", type=float, default=None)
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--wait", default="")
+    parser.add_argument("--force", action="store_true")
+    return parser
+
+
+PARSER = _parser()
+
+
 @magics_class
 class GPUMagics(Magics):
     def __init__(self, shell: Any, session: GPUSession) -> None:
@@ -151,22 +178,14 @@ class GPUMagics(Magics):
         self.session = session
         install_completer(shell)
 
-    def _parse(self, line: str) -> Any:
+    def _parse(self, line: str) -> argparse.Namespace:
         try:
-            return parse_argstring(self.gpu, line)
+            return PARSER.parse_args(shlex.split(line))
+        except ValueError as exc:  # shlex: an unclosed quote
+            raise UsageError(f"%gpu: {exc}{SEE_HELP}") from None
         except UsageError as exc:
             raise UsageError(f"%gpu: {exc}{SEE_HELP}") from None
 
-    @magic_arguments()
-    @argument("action", nargs="?", default=None, help="attach, release, status or auto")
-    @argument("switch", nargs="?", default=None, help="auto only: off")
-    @argument("--idle", default="", help=f"auto: release after this long idle ({DEFAULT_IDLE})")
-    @argument("--routed", default="", help=argparse.SUPPRESS)
-    @argument("--mem", default="", help="memory of the slice, e.g. 4GiB (default: whole device)")
-    @argument("--fraction", type=float, default=None, help="share of one device, e.g. 0.5")
-    @argument("--gpus", type=int, default=None, help="whole devices on one host")
-    @argument("--wait", default="", help="how long to queue, e.g. 60s, 0 (default: as needed)")
-    @argument("--force", action="store_true", help="release even if some names cannot come back")
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> None:
         """Attach a GPU slice to this kernel, run cells on it, release it.
@@ -240,8 +259,8 @@ class GPUMagics(Magics):
             if session.auto is None and args.routed:
                 # Manual mode, now detached: the cell runs in the kernel, as after
                 # %gpu release.
-                assert self.shell is not None
-                self.shell.run_cell(cell, store_history=False)
+                shell: Any = self.shell
+                shell.run_cell(cell, store_history=False)
                 return
         if session.auto is not None:
             # Auto mode: attach on demand and keep the slice until it is idle.

@@ -841,8 +841,9 @@ class GPUSession:
                 line += f" · last lease: {self.last_end.headline()}"
             return line
         memory = memory_text(self.memory_used(), int(self.lease.memory_bytes))
+        # Two lines: a narrow output area wraps neither in the middle of a figure.
         return (
-            f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]} · "
+            f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]}\n     "
             f"{held_busy_text(self.clock.held(), self.clock.busy())}"
             + (f" · memory {memory}" if memory else "")
             + mode

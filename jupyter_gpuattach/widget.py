@@ -333,14 +333,16 @@ class Refresher:
         lost = snapshot.get("lost") or ""
         return f"lease {self._lease[:8]} ended" + (f": {lost}" if lost else "")
 
-    def refresh(self) -> View:
-        """Look once; update the widgets where their view changed."""
+    def refresh(self, sample: bool = False) -> View:
+        """Look once; update the widgets where their view changed. `sample`:
+        measure the worker's memory now (a new widget, an action just done), so
+        the figure agrees with the line printed beside it."""
         with self.lock:
             snapshot = self._steady(self.session.snapshot())
             released = self._fallback_released(snapshot)
             attaching = self.attaching and not snapshot["attached"]
             base = render(snapshot, self.queued, released, None, self._clock, attaching)
-            if snapshot["attached"] and (base.running or base != self._base):
+            if snapshot["attached"] and (sample or base.running or base != self._base):
                 # Sampled at events and while a cell runs, not while idle: a
                 # resident size that moves by a page is no reason for a message.
                 self._memory = memory_used(snapshot)
@@ -367,7 +369,7 @@ def refresh_widgets(session: Any) -> None:
     with _REFRESHERS_LOCK:
         refresher = _REFRESHERS.get(id(session))
     if refresher is not None and refresher.session is session:
-        refresher.refresh()
+        refresher.refresh(sample=True)
 
 
 def refresher_for(session: Any, interval: float = REFRESH_SECONDS) -> Refresher:
@@ -414,7 +416,7 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
         self._handle: Any = None
         self.refresher = refresher_for(session, refresh_seconds)
         self.refresher.follow(self)
-        self.refresher.refresh()
+        self.refresher.refresh(sample=True)
 
     # ------------------------------------------------------------ life ---
 
@@ -422,7 +424,8 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
         """Display it; it follows the session's state with its earlier widgets."""
         from IPython.display import display
 
-        self._handle = display(self, display_id=True)
+        show: Any = display  # untyped in IPython
+        self._handle = show(self, display_id=True)
         self.refresher.start()
         return self
 

@@ -121,8 +121,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
       const said = lines.filter(Boolean).join('\n');
       if (failed) {
         Notification.error(failed, { autoClose: false });
-      } else if (said && action !== 'attach') {
-        Notification.info(said.split('\n')[0], { autoClose: 5000 });
+      } else if (action !== 'attach') {
+        // What the kernel said ("GPU auto: off; ..."), the last line being its answer.
+        const answer = said.split('\n').filter(line => line.startsWith('GPU auto'));
+        Notification.info(answer[0] ?? `GPU: ${action} done`, { autoClose: 8000 });
       }
     };
 

@@ -17,6 +17,14 @@ import { renderSparkline } from './sparkline';
 import { idleNote } from './statusline';
 import { isLive } from './states';
 
+/** The panel's buttons: the palette's commands, named briefly. */
+const SHORT_LABELS: Record<string, string> = {
+  [CommandIDs.attach]: 'Attach',
+  [CommandIDs.release]: 'Release',
+  [CommandIDs.autoOn]: 'Auto on',
+  [CommandIDs.autoOff]: 'Auto off'
+};
+
 function el<K extends keyof HTMLElementTagNameMap>(
   tag: K,
   className = '',
@@ -190,7 +198,7 @@ export class GPUPanel extends Widget {
     if (commands) {
       for (const button of this._actions) {
         const id = button.dataset.command as string;
-        setText(button, commands.label(id).replace(/^GPU: /, ''));
+        setText(button, SHORT_LABELS[id] ?? commands.label(id));
         button.title = commands.caption(id);
         button.disabled = !commands.isEnabled(id);
       }
