@@ -61,17 +61,31 @@ ACTIONS: dict[str, Action] = {
 CELL_FLAGS = ("--mem", "--fraction", "--gpus", "--wait", "--help")
 
 
+USAGE_WIDTH = 72
+
+
 def usage_lines() -> list[str]:
-    """One line per form, so a narrow output area wraps nothing mid-word."""
+    """One form per line, wrapped between options (never inside one) at
+    `USAGE_WIDTH`, so a narrow output area wraps nothing mid-word."""
     lines = []
     for action in ACTIONS.values():
-        flags = " ".join(_flag_usage(f) for f in action.flags if f != "--help")
-        words = " [off]" if action.words else ""
-        lines.append(f"  %gpu {action.name}{words}" + (f" {flags}" if flags else ""))
-    cell = " ".join(_flag_usage(f) for f in CELL_FLAGS if f != "--help")
-    lines.append(f"  %%gpu {cell}   (one cell on the GPU)")
-    lines.append("  %%local   (one cell in the kernel while attached)")
+        head = f"  %gpu {action.name}" + (" [off]" if action.words else "")
+        lines += _wrapped(head, [_flag_usage(f) for f in action.flags if f != "--help"])
+    cell = [_flag_usage(f) for f in CELL_FLAGS if f != "--help"]
+    lines += _wrapped("  %%gpu", [*cell, "(one cell on the GPU)"])
+    lines.append("  %%local (one cell in the kernel while attached)")
     return lines
+
+
+def _wrapped(head: str, items: list[str]) -> list[str]:
+    lines, line = [], head
+    for item in items:
+        if len(line) + 1 + len(item) > USAGE_WIDTH:
+            lines.append(line)
+            line = " " * (len(head) + 1) + item
+        else:
+            line += " " + item
+    return [*lines, line]
 
 
 def _flag_usage(name: str) -> str:
@@ -211,7 +225,7 @@ def install_completer(shell: Any) -> None:
         if found is None:
             return {"completions": [], "suppress": False}
         return {
-            "completions": [SimpleCompletion(text=f, type="magic argument") for f in found],
+            "completions": [SimpleCompletion(text=f, type="magic") for f in found],
             "suppress": True,
         }
 

@@ -327,7 +327,8 @@ export class GPUPanel extends Widget {
     const held = lease.held_seconds + elapsed;
     let text = `${heldText(held)}, ${busyText(lease.busy_seconds, held)}`;
     if (lease.idle_release_in !== null) {
-      text += ` · ${countdownText(lease.idle_release_in - elapsed)}`;
+      // A no-break space: the countdown never wraps inside ("idle" / "9s").
+      text += ` · ${countdownText(lease.idle_release_in - elapsed).replace(' ', '\u00a0')}`;
     }
     setText(times, text);
   }

@@ -272,10 +272,18 @@ def one_glance(lab: Lab, page: Any) -> None:
     palette(page, "GPU: Attach to this notebook")
     page.wait_for_selector(f"{STATUS}[data-state='attached']", timeout=60_000)
     assert status_text(page).startswith("GPU CPU · ")
+    # The kernel finished attaching (names moved): every widget of the session says so.
+    page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=60_000)
+    wait_until(lambda: "GPU ● attached" in status_widget.inner_text(), 10, "widgets follow")
     screenshot(page, "glance-07-palette-attach")
     palette(page, "GPU: Release from this notebook")
     page.wait_for_selector(f"{STATUS}[data-state='free']", timeout=30_000)
     assert status_text(page) == "GPU 2/2 free"
+    wait_until(
+        lambda: "released from the JupyterLab command" in status_widget.inner_text(),
+        10,
+        "an earlier widget follows the release",
+    )
     screenshot(page, "glance-08-palette-release")
 
     # %gpu a<Tab> completes the actions.

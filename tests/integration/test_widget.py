@@ -204,7 +204,7 @@ def test_idle_widget_sends_no_comm_messages(stack: Stack, kernel_factory: Any) -
     a.run("%gpu attach")
     a.run("%gpu status")
     a.wait(lambda: a.states() == ["attached", "attached"], what="both widgets attached")
-    a.wait(lambda: "iB of" in a.text(), what="memory figure")
+    a.wait(lambda: re.search(r"memory \d+\.\d/8 GiB", a.text()), what="memory figure")
     a.watch(1.5)  # the refresher's next look after the cell: it settles on the same view
     before = len(a.comm_msgs)
     a.watch(3.0)
