@@ -25,10 +25,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/run_notebook.py examples/quickstart.ipynb
 
-lint: $(STAMP)
+# The lab extension's node packages (eslint, prettier, jest among them).
+LABNODE := labextension/node_modules/.yarn-state.yml
+$(LABNODE): labextension/package.json labextension/yarn.lock
+	cd labextension && PATH="$(abspath $(VENV))/bin:$$PATH" jlpm install
+	touch $(LABNODE)
+
+lint: $(STAMP) $(LABNODE)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	cd labextension && PATH="$(abspath $(VENV))/bin:$$PATH" jlpm lint
 
 # Rebuild the JupyterLab extension after editing labextension/src, and
 # reinstall so the venv's copy (share/jupyter/labextensions) is the new one.
@@ -64,6 +71,7 @@ $(CHP):
 	npm install --silent --no-audit --no-fund --prefix .ci-node configurable-http-proxy@5
 
 test: $(STAMP) lint chromium postgresql $(CHP)
+	cd labextension && PATH="$(abspath $(VENV))/bin:$$PATH" jlpm test
 	$(PY) -m pytest -q -ra
 
 proto: $(STAMP)

@@ -10,27 +10,35 @@ output and errors are the remote ones. Cells that manage the slice
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import shlex
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import display
+from IPython.display import display as _display
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from gpuattach_broker.units import format_duration, parse_duration, parse_size
+from gpuattach_broker.units import parse_duration, parse_size
+from jupyter_gpuattach.figures import queue_text
 from jupyter_gpuattach.gpu_cells import names_loaded, needs_gpu
+from jupyter_gpuattach.magic_help import ACTIONS as HELP_ACTIONS
+from jupyter_gpuattach.magic_help import (
+    check_line,
+    did_you_mean,
+    help_text,
+    install_completer,
+    usage,
+    wants_help,
+)
 from jupyter_gpuattach.session import AttachOptions, GPUError, GPUSession, LeaseEnded
 
-USAGE = (
-    "usage: %gpu attach [--mem SIZE | --fraction F] [--gpus N] [--wait DURATION] "
-    "| %gpu auto [off] [--idle DURATION] [--mem SIZE | --fraction F] "
-    "| %gpu release [--force] | %gpu status"
-)
-ACTIONS = ("attach", "release", "status", "auto")
+USAGE = usage()  # the forms, one per line (%gpu --help prints them)
+SEE_HELP = "; %gpu --help for usage"  # errors stay one line
+ACTIONS = tuple(HELP_ACTIONS)
 # Cells starting with these run in the kernel even while attached.
 LOCAL_PREFIXES = ("%gpu", "%%gpu", "%load_ext", "%reload_ext", "%unload_ext")
 DEFAULT_IDLE = "60s"
+display: Any = _display  # IPython's display, untyped
 
 
 def routed(source: str, gpu: bool) -> list[str]:
@@ -102,9 +110,9 @@ class QueueDisplay:
         self.handle: Any = None
 
     def __call__(self, position: pb.QueuePosition) -> None:
-        text = f"GPU: queued #{position.position} of {position.queue_length}"
-        if position.estimated_wait_seconds >= 0:
-            text += f", about {format_duration(position.estimated_wait_seconds)} to wait"
+        text = "GPU " + queue_text(
+            position.position, position.queue_length, position.estimated_wait_seconds
+        )
         if position.reason:
             text += f" ({position.reason})"
         text += " · interrupt the kernel to give up"
@@ -137,28 +145,47 @@ def _attach_options(args: Any) -> AttachOptions:
     return options
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as a UsageError (one line) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The options of %gpu / %%gpu (magic_help.ACTIONS says which action takes which;
+    %gpu --help prints them)."""
+    parser = _Parser(prog="%gpu", add_help=False)
+    parser.add_argument("action", nargs="?", default=None)
+    parser.add_argument("switch", nargs="?", default=None)
+    parser.add_argument("--idle", default="")
+    parser.add_argument("--routed", default="")
+    parser.add_argument("--mem", default="")
+    parser.add_argument("--fraction", type=float, default=None)
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--wait", default="")
+    parser.add_argument("--force", action="store_true")
+    return parser
+
+
+PARSER = _parser()
+
+
 @magics_class
 class GPUMagics(Magics):
     def __init__(self, shell: Any, session: GPUSession) -> None:
         super().__init__(shell)
         self.session = session
+        install_completer(shell)
 
-    def _parse(self, line: str) -> Any:
+    def _parse(self, line: str) -> argparse.Namespace:
         try:
-            return parse_argstring(self.gpu, line)
+            return PARSER.parse_args(shlex.split(line))
+        except ValueError as exc:  # shlex: an unclosed quote
+            raise UsageError(f"%gpu: {exc}{SEE_HELP}") from None
         except UsageError as exc:
-            raise UsageError(f"%gpu: {exc}. {USAGE}") from None
+            raise UsageError(f"%gpu: {exc}{SEE_HELP}") from None
 
-    @magic_arguments()
-    @argument("action", nargs="?", default=None, help="attach, release, status or auto")
-    @argument("switch", nargs="?", default=None, help="auto only: off")
-    @argument("--idle", default="", help=f"auto: release after this long idle ({DEFAULT_IDLE})")
-    @argument("--routed", default="", help=argparse.SUPPRESS)
-    @argument("--mem", default="", help="memory of the slice, e.g. 4GiB (default: whole device)")
-    @argument("--fraction", type=float, default=None, help="share of one device, e.g. 0.5")
-    @argument("--gpus", type=int, default=None, help="whole devices on one host")
-    @argument("--wait", default="", help="how long to queue, e.g. 60s, 0 (default: as needed)")
-    @argument("--force", action="store_true", help="release even if some names cannot come back")
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> None:
         """Attach a GPU slice to this kernel, run cells on it, release it.
@@ -171,6 +198,13 @@ class GPUMagics(Magics):
         %%gpu [--mem SIZE | --fraction F] [--wait DURATION]   (one cell on the GPU)
         %%local   (one cell in the kernel while attached)
         """
+        asked = wants_help(line)
+        if asked is not None:
+            print(help_text(asked or None, cell=cell is not None))
+            return
+        mistake = check_line(line, cell=cell is not None)
+        if mistake:
+            raise UsageError(mistake)
         args = self._parse(line)
         try:
             if cell is not None:
@@ -178,16 +212,19 @@ class GPUMagics(Magics):
                 return
             action = args.action or "status"
             if action not in ACTIONS:
-                raise UsageError(f"%gpu: unknown action {action!r}. {USAGE}")
+                hint = did_you_mean(action, ACTIONS)
+                raise UsageError(f"%gpu: unknown action {action!r}{hint}{SEE_HELP}")
             if args.switch is not None and action != "auto":
-                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}. {USAGE}")
+                raise UsageError(f"%gpu {action}: unexpected {args.switch!r}{SEE_HELP}")
             if action == "attach":
                 options = _attach_options(args)
-                print(self.session.attach(options, show_queue=self._status_display()))
+                print(self._attach(options))
             elif action == "release":
                 print(self.session.release(force=args.force))
+                self._refresh_widgets()
             elif action == "auto":
                 print(self._auto(args))
+                self._refresh_widgets()
             else:
                 print(self.session.status())
                 self._show_widget()
@@ -198,7 +235,7 @@ class GPUMagics(Magics):
         if args.switch == "off":
             return self.session.disable_auto()
         if args.switch not in (None, "on"):
-            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}. {USAGE}")
+            raise UsageError(f"%gpu auto: expected 'off' or options, got {args.switch!r}{SEE_HELP}")
         try:
             idle = parse_duration(args.idle or DEFAULT_IDLE)
         except ValueError as exc:
@@ -209,7 +246,7 @@ class GPUMagics(Magics):
 
     def _run_cell(self, args: Any, cell: str) -> None:
         if args.action is not None:
-            raise UsageError(f"%%gpu takes options only, not {args.action!r}. {USAGE}")
+            raise UsageError(f"%%gpu takes options only, not {args.action!r}{SEE_HELP}")
         session = self.session
         gpu = args.routed != "other"
         if session.attached:
@@ -222,22 +259,23 @@ class GPUMagics(Magics):
             if session.auto is None and args.routed:
                 # Manual mode, now detached: the cell runs in the kernel, as after
                 # %gpu release.
-                assert self.shell is not None
-                self.shell.run_cell(cell, store_history=False)
+                shell: Any = self.shell
+                shell.run_cell(cell, store_history=False)
                 return
         if session.auto is not None:
             # Auto mode: attach on demand and keep the slice until it is idle.
             options = session.auto.options if args.routed else _attach_options(args)
-            print(session.attach(options, show_queue=self._status_display()))
+            print(self._attach(options))
             session.run_cell(cell, gpu=True)
             return
         # Not attached: attach for this one cell, then bring everything back.
-        print(session.attach(_attach_options(args), show_queue=self._status_display()))
+        print(self._attach(_attach_options(args)))
         try:
             session.run_cell(cell)
         finally:
             if session.attached:
                 print(session.release())
+                self._refresh_widgets()
 
     def _show_widget(self) -> Any:
         """The live status widget where this kernel can show one (see widget.py), else None."""
@@ -251,6 +289,29 @@ class GPUMagics(Magics):
     def _status_display(self) -> Any:
         """What shows queue positions during an attach: the widget, or a text line."""
         return self._show_widget() or QueueDisplay()
+
+    def _attach(self, options: AttachOptions) -> str:
+        """Attach, the widget saying "attaching" until the line below it says how it went."""
+        display_ = self._status_display()
+        refresher = getattr(display_, "refresher", None)
+        if refresher is not None:
+            refresher.attaching = True
+            refresher.refresh()
+        try:
+            return self.session.attach(options, show_queue=display_)
+        finally:
+            if refresher is not None:
+                refresher.attaching = False
+                refresher.refresh()  # "attached" before the attach line is printed
+
+    def _refresh_widgets(self) -> None:
+        """Every status widget of the session shows the state the line just printed."""
+        try:
+            from jupyter_gpuattach.widget import refresh_widgets
+
+            refresh_widgets(self.session)
+        except ImportError:  # no ipywidgets: text lines only
+            pass
 
     def after_cell(self, result: Any = None) -> None:
         """post_run_cell: a kernel cell is over (its changes reach the worker

@@ -43,6 +43,7 @@ from gpuattach_broker.idle import IdleTimer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_duration, format_size
 from jupyter_gpuattach.auto_release import AutoMode, Watcher, idle_under_policy
+from jupyter_gpuattach.figures import countdown_text, held_busy_text, memory_text
 from jupyter_gpuattach.file_mirror import Budget, FileMirror, FileTransfer
 from jupyter_gpuattach.lease_link import (
     AttachOptions,
@@ -58,6 +59,7 @@ from jupyter_gpuattach.namespace_sync import (
     describe_names,
 )
 from jupyter_gpuattach.output import OutputRenderer, RemoteCellError, answer_input, remote_error
+from jupyter_gpuattach.worker_memory import memory_used
 
 
 class LeaseEnded(GPUError):
@@ -99,12 +101,6 @@ def _kernel_id() -> str:
         return name.removeprefix("kernel-").removesuffix(".json")
     except (ImportError, RuntimeError, AttributeError):
         return uuid.uuid4().hex[:12]
-
-
-def held_busy_text(held: float, busy: float) -> str:
-    """``held 14.0 s, busy 3.2 s (23 %)``: the one way held and busy are written."""
-    share = f" ({100 * min(busy, held) / held:.0f} %)" if held > 0 else ""
-    return f"held {format_duration(held)}, busy {format_duration(busy)}{share}"
 
 
 def _explain_credential(ename: str, evalue: str, policy: Iterable[str] | None = None) -> str:
@@ -254,6 +250,9 @@ class GPUSession:
             self.link.keep(lease, self._heartbeat)
             self.preempted = ""
             policy_note = self._apply_idle_policy(lease, options)
+            # The idle deadline and timeout reach the broker (and the UI) now,
+            # not at the first regular heartbeat.
+            self.link.nudge()
             self.watcher.start()
             line = (
                 f"GPU attached: {self._device()} · lease {lease.lease_id[:8]} · {moved} "
@@ -292,12 +291,23 @@ class GPUSession:
             return line
 
     def _heartbeat(self) -> Heartbeat:
+        auto = self.auto
         return Heartbeat(
             busy_seconds=self.clock.busy(),
             idle_release_in=self._idle_release_in(),
             migrating=self.migrating,
             cell_running=self.clock.cell_started is not None,
+            idle_seconds=auto.idle.idle_seconds if auto is not None else -1.0,
+            auto_mode=auto is not None and not auto.by_policy,
+            memory_used_bytes=self.memory_used() or 0,
         )
+
+    def memory_used(self) -> int | None:
+        """Bytes the worker holds, measured here when it runs on this host (else None)."""
+        lease, info = self.lease, self.worker_info
+        if lease is None or info is None:
+            return None
+        return memory_used(info.pid, lease.device_name, lease.worker_endpoint, info.host)
 
     def _device(self) -> str:
         if self.worker_info is not None and self.worker_info.device_summary:
@@ -689,6 +699,7 @@ class GPUSession:
         if self.attached:
             # Already holding a slice: start timing its idleness now.
             self.auto.idle.cell_finished(time.monotonic())
+            self.link.nudge()  # the deadline is on the lease at once
         self.watcher.start()
         return (
             f"GPU auto: cells that need the GPU attach on demand; the slice goes back after "
@@ -718,6 +729,7 @@ class GPUSession:
             self.enable_auto(options, seconds)
         elif auto.idle.idle_seconds != seconds:
             auto.idle.idle_seconds = seconds
+        self.link.nudge()  # the UI shows the new deadline within a round trip
 
     def _apply_idle_policy(self, lease: pb.Lease, options: AttachOptions) -> str:
         """The policy's idle timeouts, as the lease states them: auto mode takes the
@@ -822,16 +834,19 @@ class GPUSession:
             deadline = self.auto.idle.deadline()
             mode = " · auto"
             if deadline is not None and self.attached:
-                left = max(0.0, deadline - time.monotonic())
-                mode += f", releasing in {format_duration(left)}"
+                mode += f", {countdown_text(deadline - time.monotonic())}"
         if self.lease is None:
             line = f"GPU: not attached{mode}" + ("" if self.auto else " (run %gpu attach)")
             if self.last_end is not None:
                 line += f" · last lease: {self.last_end.headline()}"
             return line
+        memory = memory_text(self.memory_used(), int(self.lease.memory_bytes))
+        # Two lines: a narrow output area wraps neither in the middle of a figure.
         return (
-            f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]} · "
-            f"{held_busy_text(self.clock.held(), self.clock.busy())}{mode}"
+            f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]}\n     "
+            f"{held_busy_text(self.clock.held(), self.clock.busy())}"
+            + (f" · memory {memory}" if memory else "")
+            + mode
             + (f" · {self.lost}" if self.lost else "")
         )
 

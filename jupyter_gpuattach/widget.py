@@ -29,8 +29,8 @@ acts at once.
 
 from __future__ import annotations
 
+import html
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +38,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from gpuattach_broker.units import format_duration, format_size
+from gpuattach_broker.units import format_size
+from jupyter_gpuattach.figures import (
+    busy_text,
+    duration_text,
+    held_busy_text,
+    memory_text,
+    queue_text,
+)
+from jupyter_gpuattach.worker_memory import memory_used as worker_memory_used
 
 REFRESH_SECONDS = 1.0
 # Widgets of one session that follow the live state; an older one says it is
@@ -63,8 +71,8 @@ except ImportError:  # pragma: no cover - the jupyter extra installs it
 class View:
     """What the widget shows, as data (tested without a kernel)."""
 
-    # detached | queued | attached | idle | released | revoked | preempted |
-    # expired | lost | superseded
+    # detached | attaching | queued | attached | idle | released | revoked |
+    # preempted | expired | lost | superseded
     state: str
     headline: str
     detail: str = ""
@@ -120,15 +128,14 @@ def times_text(snapshot: dict[str, Any], clock: Callable[[float], str] = clock_t
     """Held and busy time: counting while a cell runs, else fixed until the next event."""
     held, busy = snapshot["held_seconds"], snapshot["busy_seconds"]
     if snapshot["running_cell"] is not None:
-        share = f" ({100 * min(busy, held) / held:.0f} %)" if held > 0 else ""
-        return f"held {format_duration(held)}, busy {format_duration(busy)}{share}"
+        return held_busy_text(held, busy)
     granted = snapshot.get("granted_at")
     if granted is None:
         granted = time.time() - held
-    text = f"held since {clock(granted)}, busy {format_duration(busy)}"
+    text = f"held since {clock(granted)}, {busy_text(busy)}"
     idle = snapshot.get("idle_seconds")
     if snapshot.get("auto") and idle is not None:
-        text += f" · auto release after {format_duration(idle)} idle"
+        text += f" · auto release after {duration_text(idle)} idle"
     return text
 
 
@@ -169,6 +176,7 @@ def render(
     released: str = "",
     memory_used: int | None = None,
     clock: Callable[[float], str] = clock_text,
+    attaching: bool = False,
 ) -> View:
     """The view of one snapshot.
 
@@ -177,8 +185,7 @@ def render(
     """
     lost = snapshot.get("lost") or ""
     if snapshot["attached"]:
-        cap = format_size(snapshot["memory_bytes"]) if snapshot["memory_bytes"] else "-"
-        memory = f"{format_size(memory_used)} of {cap}" if memory_used is not None else cap
+        memory = memory_text(memory_used, int(snapshot["memory_bytes"] or 0)) or "-"
         detail = f"{snapshot['device']} · {slice_text(snapshot)} · memory {memory}"
         times = times_text(snapshot, clock)
         if lost:
@@ -190,10 +197,12 @@ def render(
             return View("idle", headline, detail, times, can_release=True)
         return View("attached", "GPU ● attached", detail, times, can_release=True, running=running)
     if queued is not None:
-        headline = f"GPU queued #{queued.position} of {queued.queue_length}"
-        if queued.estimated_wait_seconds >= 0:
-            headline += f", about {format_duration(queued.estimated_wait_seconds)} to wait"
+        headline = "GPU " + queue_text(
+            queued.position, queued.queue_length, queued.estimated_wait_seconds
+        )
         return View("queued", headline, queued.reason)
+    if attaching:
+        return View("attaching", "GPU attaching…", "asking the broker for a slice")
     hint = "attaches on the next GPU cell" if snapshot["auto"] else "run %gpu attach"
     ended = snapshot.get("ended")
     if ended:
@@ -211,46 +220,12 @@ def memory_used(snapshot: dict[str, Any]) -> int | None:
     GPU devices: the worker's memory on the device, from NVML. The CPU
     backend: the worker's resident memory.
     """
-    pid = snapshot.get("worker_pid")
-    if not pid or not _same_host(snapshot):
-        return None
-    if snapshot.get("device_name", "").upper() != "CPU":
-        return _nvml_used(pid)
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _same_host(snapshot: dict[str, Any]) -> bool:
-    """The worker runs here: reached over loopback, or reports this host's name."""
-    endpoint = str(snapshot.get("worker_endpoint", ""))
-    if endpoint.startswith("unix:"):
-        return True
-    host = endpoint.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or snapshot.get("worker_host") == (
-        socket.gethostname()
+    return worker_memory_used(
+        snapshot.get("worker_pid"),
+        str(snapshot.get("device_name", "")),
+        str(snapshot.get("worker_endpoint", "")),
+        str(snapshot.get("worker_host", "")),
     )
-
-
-def _nvml_used(pid: int) -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        total = 0
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    total += int(proc.usedGpuMemory)
-        return total
-    except Exception:
-        return None
 
 
 def can_show_widgets(shell: Any) -> bool:
@@ -271,6 +246,7 @@ class Refresher:
         self.widgets: list[GPUStatusWidget] = []
         self.queued: pb.QueuePosition | None = None
         self.view: View | None = None
+        self.attaching = False  # an attach is under way (before the first queue place)
         self.lock = threading.RLock()
         self._base: View | None = None  # the last view without the memory figure
         self._memory: int | None = None
@@ -357,18 +333,21 @@ class Refresher:
         lost = snapshot.get("lost") or ""
         return f"lease {self._lease[:8]} ended" + (f": {lost}" if lost else "")
 
-    def refresh(self) -> View:
-        """Look once; update the widgets where their view changed."""
+    def refresh(self, sample: bool = False) -> View:
+        """Look once; update the widgets where their view changed. `sample`:
+        measure the worker's memory now (a new widget, an action just done), so
+        the figure agrees with the line printed beside it."""
         with self.lock:
             snapshot = self._steady(self.session.snapshot())
             released = self._fallback_released(snapshot)
-            base = render(snapshot, self.queued, released, None, self._clock)
-            if snapshot["attached"] and (base.running or base != self._base):
+            attaching = self.attaching and not snapshot["attached"]
+            base = render(snapshot, self.queued, released, None, self._clock, attaching)
+            if snapshot["attached"] and (sample or base.running or base != self._base):
                 # Sampled at events and while a cell runs, not while idle: a
                 # resident size that moves by a page is no reason for a message.
                 self._memory = memory_used(snapshot)
             memory = self._memory if snapshot["attached"] else None
-            view = render(snapshot, self.queued, released, memory, self._clock)
+            view = render(snapshot, self.queued, released, memory, self._clock, attaching)
             self._base = base
             before, self.view = self.view, view
             self.widgets = [w for w in self.widgets if w.comm is not None]
@@ -382,6 +361,15 @@ class Refresher:
 
 _REFRESHERS: dict[int, Refresher] = {}
 _REFRESHERS_LOCK = threading.Lock()
+
+
+def refresh_widgets(session: Any) -> None:
+    """Bring every status widget of `session` up to date now (after an action
+    whose line is printed next to them), if the session has any."""
+    with _REFRESHERS_LOCK:
+        refresher = _REFRESHERS.get(id(session))
+    if refresher is not None and refresher.session is session:
+        refresher.refresh(sample=True)
 
 
 def refresher_for(session: Any, interval: float = REFRESH_SECONDS) -> Refresher:
@@ -409,11 +397,17 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
             button_style="warning",
             icon="eject",
             tooltip="Give the GPU slice back; the kernel's names come back first",
-            layout=widgets.Layout(width="auto"),
+            # Never narrower than its label: a narrow notebook wraps the row instead.
+            layout=widgets.Layout(width="auto", min_width="max-content", flex="0 0 auto"),
         )
         self.button.on_click(self._on_release)
-        text = widgets.VBox([self.headline, self.detail], layout=widgets.Layout(flex="1 1 auto"))
-        row = widgets.HBox([text, self.button], layout=widgets.Layout(align_items="center"))
+        text = widgets.VBox(
+            [self.headline, self.detail], layout=widgets.Layout(flex="1 1 16em", min_width="0")
+        )
+        row = widgets.HBox(
+            [text, self.button],
+            layout=widgets.Layout(align_items="center", flex_flow="row wrap", grid_gap="4px"),
+        )
         super().__init__([row, self.message])
         self.add_class("jp-gpuattach-widget")
         self.view = View("detached", "")
@@ -422,7 +416,7 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
         self._handle: Any = None
         self.refresher = refresher_for(session, refresh_seconds)
         self.refresher.follow(self)
-        self.refresher.refresh()
+        self.refresher.refresh(sample=True)
 
     # ------------------------------------------------------------ life ---
 
@@ -430,7 +424,8 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
         """Display it; it follows the session's state with its earlier widgets."""
         from IPython.display import display
 
-        self._handle = display(self, display_id=True)
+        show: Any = display  # untyped in IPython
+        self._handle = show(self, display_id=True)
         self.refresher.start()
         return self
 
@@ -457,10 +452,12 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
     def apply(self, view: View) -> None:
         """Show `view`; traits that keep their value send nothing."""
         self.view = view
-        self.headline.value = f"<b>{_escape(view.headline)}</b>" + (
-            f" &nbsp;<span style='opacity:0.8'>{_escape(view.detail)}</span>" if view.detail else ""
+        self.headline.value = f"<b>{_phrases(view.headline)}</b>" + (
+            f" &nbsp;<span style='opacity:0.8'>{_phrases(view.detail)}</span>"
+            if view.detail
+            else ""
         )
-        self.detail.value = _escape(view.times)
+        self.detail.value = _phrases(view.times)
         self.button.disabled = self.superseded or not view.can_release
         self.message.value = RUNNING_HINT if view.can_release and view.running else self.note
         state = f"jp-gpuattach-{view.state}"
@@ -501,9 +498,14 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
 
 
 def _escape(text: str) -> str:
-    import html
-
     return html.escape(text, quote=False)
+
+
+def _phrases(text: str) -> str:
+    """Escaped HTML that wraps only between the `` · `` separated phrases, never
+    inside one (a lease id or a figure stays whole in a narrow notebook)."""
+    parts = [f"<span style='white-space:nowrap'>{_escape(p)}</span>" for p in text.split(" · ")]
+    return " · ".join(parts)
 
 
 def show_status(session: Any) -> GPUStatusWidget | None:

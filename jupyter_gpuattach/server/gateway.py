@@ -155,8 +155,10 @@ class BrokerGateway:
     async def pool(self) -> pb.PoolStatus:
         return await self.call(lambda c: c.pool_status())
 
-    async def leases(self, user: str, start: bool = True) -> list[pb.Lease]:
-        return await self.call(lambda c: c.list_leases(user), start)
+    async def leases(
+        self, user: str, start: bool = True, include_ended: bool = False
+    ) -> list[pb.Lease]:
+        return await self.call(lambda c: c.list_leases(user, include_ended), start)
 
     async def release(self, lease_id: str, user: str, reason: str) -> pb.ReleaseReply:
         """Give back one of `user`'s leases. A shared broker hears a plain Release

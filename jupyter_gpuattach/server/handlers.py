@@ -19,7 +19,7 @@ from jupyter_server.base.handlers import APIHandler
 
 from gpuattach_broker.client.broker_client import BrokerError
 from jupyter_gpuattach.server.gateway import BrokerGateway, BrokerUnavailable
-from jupyter_gpuattach.server.views import LIVE_STATES, lease_json, pool_json
+from jupyter_gpuattach.server.views import LIVE_STATES, LeaseHistory, lease_json, pool_json
 
 SETTINGS_KEY = "gpuattach"
 
@@ -156,7 +156,14 @@ class LeasesHandler(GPUAttachHandler):
             return
         kernel_id = self.get_argument("kernel_id", "")
         try:
-            leases = await self.gateway.leases("" if everyone else self.lease_user)
+            recent = max(0.0, min(3600.0, float(self.get_argument("recent", "0") or 0)))
+        except ValueError:
+            self.fail(400, "recent: give a number of seconds, e.g. recent=120")
+            return
+        try:
+            leases = await self.gateway.leases(
+                "" if everyone else self.lease_user, include_ended=recent > 0
+            )
         except BrokerUnavailable:
             leases = []
         except BrokerError as exc:
@@ -164,16 +171,29 @@ class LeasesHandler(GPUAttachHandler):
             return
         now = time.time()
         notebooks = await self.notebooks()
+        history: LeaseHistory = self.settings.setdefault("gpuattach_history", LeaseHistory())
+        live = [lease for lease in leases if lease.state in LIVE_STATES]
+        if not kernel_id and not everyone:
+            history.forget_except(lease.lease_id for lease in live)
         answer = {
             "user": self.lease_user,
             "admin": admin,
             "leases": [
-                lease_json(lease, now, notebooks)
-                for lease in leases
-                if lease.state in LIVE_STATES and (not kernel_id or lease.kernel_id == kernel_id)
+                lease_json(lease, now, notebooks, history)
+                for lease in live
+                if not kernel_id or lease.kernel_id == kernel_id
             ],
             "now": now,
         }
+        if recent > 0:
+            # Leases that ended lately: the UI tells how (idle release, revoke, loss).
+            answer["ended"] = [
+                lease_json(lease, now, notebooks)
+                for lease in leases
+                if lease.state not in LIVE_STATES
+                and lease.user == self.lease_user
+                and lease.ended_at >= now - recent
+            ]
         self.finish(json.dumps(answer))
 
 

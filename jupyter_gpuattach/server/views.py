@@ -9,12 +9,14 @@ broker's wall-clock timestamps.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gpuattach_broker.broker.lease_schema import ACTIVE_STATES
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.units import format_size
+from jupyter_gpuattach.figures import busy_text, countdown_text, held_text, memory_text
 
 LIVE_STATES = ACTIVE_STATES
 TIMES = "\u00d7"  # the multiplication sign of the UI labels (written out, ruff flags it)
@@ -40,14 +42,51 @@ def slice_label(lease: pb.Lease) -> str:
     return device
 
 
+class LeaseHistory:
+    """Busy share and memory used per lease over the last minutes, for the
+    panel's sparklines: one point per look at the broker's lease (whose
+    figures come from the kernel's and the agent's heartbeats)."""
+
+    def __init__(self, keep_seconds: float = 600.0, max_points: int = 200) -> None:
+        self.keep_seconds = keep_seconds
+        self.max_points = max_points
+        self._points: dict[str, deque[tuple[float, float, int]]] = {}
+        self._last: dict[str, tuple[float, float]] = {}  # lease -> (time, busy seconds)
+
+    def sample(self, lease: pb.Lease, now: float) -> list[dict[str, float]]:
+        """Record the lease's figures at `now`; its points, oldest first."""
+        points = self._points.setdefault(lease.lease_id, deque(maxlen=self.max_points))
+        last = self._last.get(lease.lease_id)
+        if last is None or now - last[0] >= 1.0:
+            share = 0.0
+            if last is not None:
+                share = min(1.0, max(0.0, (lease.busy_seconds - last[1]) / (now - last[0])))
+            points.append((now, share, int(lease.gpu_memory_used_bytes)))
+            self._last[lease.lease_id] = (now, lease.busy_seconds)
+        while points and points[0][0] < now - self.keep_seconds:
+            points.popleft()
+        return [{"t": t, "busy": round(b, 3), "memory_used": m} for t, b, m in points]
+
+    def forget_except(self, lease_ids: Iterable[str]) -> None:
+        """Drop the history of leases no longer listed."""
+        keep = set(lease_ids)
+        for lease_id in [k for k in self._points if k not in keep]:
+            self._points.pop(lease_id, None)
+            self._last.pop(lease_id, None)
+
+
 def lease_json(
-    lease: pb.Lease, now: float | None = None, notebooks: Mapping[str, str] | None = None
+    lease: pb.Lease,
+    now: float | None = None,
+    notebooks: Mapping[str, str] | None = None,
+    history: LeaseHistory | None = None,
 ) -> dict[str, Any]:
     now = time.time() if now is None else now
     live = lease.state in LIVE_STATES
     end = lease.ended_at if lease.ended_at and not live else now
     held = max(0.0, end - lease.granted_at) if lease.granted_at else 0.0
     idle_in = max(0.0, lease.idle_release_at - now) if live and lease.idle_release_at else None
+    used = int(lease.gpu_memory_used_bytes) or None
     return {
         "lease_id": lease.lease_id,
         "user": lease.user,
@@ -68,7 +107,20 @@ def lease_json(
         "held_seconds": round(held, 3),
         "busy_seconds": round(lease.busy_seconds, 3),  # as the kernel counted it
         "idle_release_in": None if idle_in is None else round(idle_in, 3),
+        # The kernel's idle timeout (None: it has none) and whether it is in auto mode.
+        "idle_seconds": lease.idle_seconds if lease.idle_seconds >= 0 else None,
+        "auto_mode": lease.auto_mode,
+        "memory_used_bytes": used,
         "end_reason": lease.end_reason,
+        "ended_at": lease.ended_at or None,
+        # The figures as the kernel's widget and %gpu status write them (figures.py).
+        "text": {
+            "held": held_text(held),
+            "busy": busy_text(lease.busy_seconds, held),
+            "memory": memory_text(used, int(lease.memory_bytes)),
+            "idle": countdown_text(idle_in) if idle_in is not None else "",
+        },
+        "history": history.sample(lease, now) if history is not None and live else [],
     }
 
 

@@ -30,7 +30,23 @@ export interface ILease {
   held_seconds: number;
   busy_seconds: number;
   idle_release_in: number | null;
+  /** The kernel's idle timeout (null: it has none) and whether it is in auto mode. */
+  idle_seconds: number | null;
+  auto_mode: boolean;
+  /** Memory the worker holds now (null: not measured). */
+  memory_used_bytes: number | null;
   end_reason: string;
+  ended_at?: number | null;
+  /** The figures as the kernel writes them (jupyter_gpuattach/figures.py). */
+  text?: { held: string; busy: string; memory: string; idle: string };
+  /** Busy share (0..1) and memory used over the last minutes, for the sparklines. */
+  history?: ISample[];
+}
+
+export interface ISample {
+  t: number;
+  busy: number;
+  memory_used: number;
 }
 
 export interface IDevice {
@@ -77,14 +93,13 @@ export interface ILeases {
   user: string;
   admin: boolean;
   leases: ILease[];
+  /** Leases of the user that ended in the last minutes (asked with `recent`). */
+  ended?: ILease[];
   now: number;
 }
 
 /** Call `/gpuattach/api/<path>`; a non-2xx answer rejects with the server's message. */
-export async function requestAPI<T>(
-  path: string,
-  init: RequestInit = {}
-): Promise<T> {
+export async function requestAPI<T>(path: string, init: RequestInit = {}): Promise<T> {
   const settings = ServerConnection.makeSettings();
   const url = URLExt.join(settings.baseUrl, 'gpuattach', 'api', path);
   let response: Response;
@@ -113,14 +128,18 @@ export function fetchPool(): Promise<IPool> {
   return requestAPI<IPool>('pool');
 }
 
-export function fetchLeases(all = false): Promise<ILeases> {
-  return requestAPI<ILeases>(all ? 'leases?all=1' : 'leases');
+export function fetchLeases(all = false, recent = 0): Promise<ILeases> {
+  const query = [all ? 'all=1' : '', recent > 0 ? `recent=${recent}` : ''].filter(Boolean);
+  return requestAPI<ILeases>(query.length ? `leases?${query.join('&')}` : 'leases');
 }
 
-export function releaseLease(leaseId: string): Promise<unknown> {
+export function releaseLease(
+  leaseId: string,
+  reason = 'released from the JupyterLab GPU panel'
+): Promise<unknown> {
   return requestAPI(`leases/${encodeURIComponent(leaseId)}/release`, {
     method: 'POST',
-    body: JSON.stringify({ reason: 'released from the JupyterLab GPU panel' })
+    body: JSON.stringify({ reason })
   });
 }
 

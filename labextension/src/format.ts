@@ -1,5 +1,10 @@
-/** Pure formatting: what the status bar and the panel say about a state. */
-import { ILease, IPool } from './api';
+/**
+ * Pure formatting, one function per kind of figure, written exactly as the
+ * kernel side writes it (jupyter_gpuattach/figures.py): the status bar, the
+ * panel, the widget and `%gpu status` agree. tests/fixtures/figures.json
+ * holds the cases both sides check. No runtime imports: a Python test
+ * transpiles this file alone and runs it.
+ */
 
 /**
  * A duration as the kernel side writes it (Python's
@@ -66,71 +71,103 @@ export function formatSize(bytes: number): string {
   return `${value.toFixed(digits)} ${units[unit]}`;
 }
 
-export type StatusKind = 'attached' | 'idle' | 'queued' | 'free' | 'busy' | 'off' | 'error';
+const GIB = 1024 ** 3;
+const MIB = 1024 ** 2;
 
-export interface IStatusText {
-  kind: StatusKind;
-  text: string;
-  title: string;
+/** A held or busy time: `0.4 s`, `9.1 s`, `2.5 min`; under a second still in seconds. */
+export function durationText(seconds: number): string {
+  const s = Math.max(0, seconds);
+  if (s < 1) {
+    return `${pyFixed(s, 1)} s`;
+  }
+  return formatDuration(s);
 }
 
-/**
- * The status bar text for one kernel: its lease if it holds one, its queue
- * place if it waits, else how much of the pool is free.
- * `elapsed` is the seconds since the data was fetched (countdowns keep running).
- */
-export function statusText(
-  kernelId: string | null,
-  pool: IPool | null,
-  leases: ILease[],
-  error: string,
-  elapsed = 0
-): IStatusText {
-  if (error && !pool) {
-    return { kind: 'error', text: 'GPU ?', title: `GPU broker: ${error}` };
+export function heldText(held: number): string {
+  return `held ${durationText(held)}`;
+}
+
+/** Busy as a share of held: `23 %` (`''` while nothing is held). */
+export function shareText(busy: number, held: number): string {
+  if (held <= 0) {
+    return '';
   }
-  const lease = kernelId
-    ? leases.find(l => l.kernel_id === kernelId && isLive(l.state))
-    : undefined;
-  if (lease) {
-    let text = `GPU ● attached ${lease.slice_label}`;
-    let kind: StatusKind = 'attached';
-    if (lease.idle_release_in !== null) {
-      text += ` · idle ${formatDuration(Math.max(0, lease.idle_release_in - elapsed))}`;
-      kind = 'idle';
+  return `${pyFixed((100 * Math.min(busy, held)) / held, 0)} %`;
+}
+
+/** `busy 3.2 s (23 %)`; without `held`, `busy 3.2 s`. */
+export function busyText(busy: number, held: number | null = null): string {
+  const text = `busy ${durationText(busy)}`;
+  const share = held === null ? '' : shareText(busy, held);
+  return share ? `${text} (${share})` : text;
+}
+
+export function heldBusyText(held: number, busy: number): string {
+  return `${heldText(held)}, ${busyText(busy, held)}`;
+}
+
+function unitOf(cap: number): [number, string] {
+  return cap >= GIB ? [GIB, 'GiB'] : [MIB, 'MiB'];
+}
+
+/** Memory used of the cap, in the cap's unit: `3.1/40 GiB`; `cap 40 GiB` when unknown. */
+export function memoryText(used: number | null, cap: number): string {
+  if (cap <= 0) {
+    if (used === null) {
+      return '';
     }
-    return {
-      kind,
-      text,
-      title: `This kernel holds ${lease.slice_label} on ${lease.host} (lease ${lease.lease_id.slice(0, 8)}); click for the GPU panel`
-    };
+    const [factor, unit] = unitOf(used);
+    return `${pyFixed(used / factor, 1)} ${unit}`;
   }
-  const queued = kernelId && pool ? pool.queue.find(q => q.kernel_id === kernelId) : undefined;
-  if (queued) {
-    const wait =
-      queued.estimated_wait_seconds >= 0
-        ? `, about ${formatDuration(queued.estimated_wait_seconds)}`
-        : '';
-    return {
-      kind: 'queued',
-      text: `GPU queued #${queued.position}`,
-      title: `This kernel waits for a GPU slice${wait}; click for the GPU panel`
-    };
+  const [factor, unit] = unitOf(cap);
+  let total = pyFixed(cap / factor, 1);
+  if (total.endsWith('.0')) {
+    total = total.slice(0, -2);
   }
-  if (!pool || pool.broker.state !== 'running') {
-    return {
-      kind: 'off',
-      text: 'GPU –',
-      title: pool?.broker.error || 'No GPU broker is running; the first %gpu attach starts one'
-    };
+  if (used === null) {
+    return `cap ${total} ${unit}`;
   }
-  return {
-    kind: pool.devices_free > 0 ? 'free' : 'busy',
-    text: `GPU ${pool.devices_free}/${pool.devices_total} free`,
-    title: `${pool.devices_free} of ${pool.devices_total} devices free, ${pool.queue_length} waiting; click for the GPU panel`
-  };
+  return `${pyFixed(used / factor, 1)}/${total} ${unit}`;
 }
 
-export function isLive(state: string): boolean {
-  return state === 'active' || state === 'starting' || state === 'preempting';
+/** Used over cap, for the colour near the cap; null when unknown. */
+export function memoryShare(used: number | null, cap: number): number | null {
+  if (used === null || cap <= 0) {
+    return null;
+  }
+  return used / cap;
+}
+
+/** Time left before an idle release: `idle 42s`, `idle 4m 05s`, `idle 1h 02m`. */
+export function countdownText(seconds: number): string {
+  const left = Math.max(0, Math.ceil(seconds - 1e-9));
+  const pad = (n: number) => String(n).padStart(2, '0');
+  if (left < 120) {
+    return `idle ${left}s`;
+  }
+  if (left < 3600) {
+    return `idle ${Math.floor(left / 60)}m ${pad(left % 60)}s`;
+  }
+  return `idle ${Math.floor(left / 3600)}h ${pad(Math.floor((left % 3600) / 60))}m`;
+}
+
+/** An estimated wait: `~20 s`, `~1 min`, `~2 h`; `''` when unknown (negative). */
+export function etaText(seconds: number): string {
+  if (seconds < 0) {
+    return '';
+  }
+  if (seconds < 60) {
+    return seconds < 55 ? `~${Math.max(5, 5 * Math.ceil(seconds / 5))} s` : '~1 min';
+  }
+  if (seconds < 3600) {
+    return `~${Math.ceil(seconds / 60)} min`;
+  }
+  return `~${Math.ceil(seconds / 3600)} h`;
+}
+
+/** `queued #2 of 3 · ~1 min`; the ETA only when it is known. */
+export function queueText(position: number, length: number, eta: number): string {
+  const text = `queued #${position}` + (length > position ? ` of ${length}` : '');
+  const wait = etaText(eta);
+  return wait ? `${text} · ${wait}` : text;
 }

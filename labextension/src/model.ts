@@ -10,9 +10,12 @@ import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { fetchLeases, fetchPool, ILease, IPool, releaseLease, setKernelIdle } from './api';
+import { INotice, NoticeTracker } from './notices';
 
 export const POLL_INTERVAL_MS = 3000;
 export const POLL_MAX_MS = 60000;
+/** How far back ended leases are asked for (their notifications). */
+export const RECENT_SECONDS = 300;
 
 export class GPUModel {
   constructor() {
@@ -32,6 +35,25 @@ export class GPUModel {
 
   get changed(): ISignal<this, void> {
     return this._changed;
+  }
+
+  /** Lease changes worth a notification, each once. */
+  get notices(): ISignal<this, INotice> {
+    return this._notices;
+  }
+
+  /** Leases of the user that ended in the last minutes. */
+  get ended(): ILease[] {
+    return this._ended;
+  }
+
+  /** The live lease of a kernel, if it holds one. */
+  leaseOf(kernelId: string | null): ILease | undefined {
+    return kernelId
+      ? this._leases.find(
+          l => l.kernel_id === kernelId && ['active', 'starting', 'preempting'].includes(l.state)
+        )
+      : undefined;
   }
 
   get pool(): IPool | null {
@@ -72,8 +94,8 @@ export class GPUModel {
     return this._poll.refresh();
   }
 
-  async release(leaseId: string): Promise<void> {
-    await releaseLease(leaseId);
+  async release(leaseId: string, reason?: string): Promise<void> {
+    await releaseLease(leaseId, reason);
     await this.refresh();
   }
 
@@ -91,10 +113,13 @@ export class GPUModel {
     try {
       const [pool, leases] = await Promise.all([
         fetchPool(),
-        fetchLeases(this._showAll && this._admin)
+        fetchLeases(this._showAll && this._admin, RECENT_SECONDS)
       ]);
       this._pool = pool;
       this._leases = leases.leases;
+      this._ended = leases.ended ?? [];
+      // Leases that ended before this page first looked are old news.
+      this._tracker ??= new NoticeTracker(leases.now);
       this._user = leases.user;
       this._admin = leases.admin;
       this._error = pool.broker.error;
@@ -105,6 +130,15 @@ export class GPUModel {
       throw error; // the poll backs off
     }
     this._changed.emit();
+    const notices = this._tracker!.update(
+      this._user,
+      this._leases,
+      this._ended,
+      this._pool?.queue ?? []
+    );
+    for (const notice of notices) {
+      this._notices.emit(notice);
+    }
   }
 
   private _poll: Poll;
@@ -112,6 +146,9 @@ export class GPUModel {
   private _changed = new Signal<this, void>(this);
   private _pool: IPool | null = null;
   private _leases: ILease[] = [];
+  private _ended: ILease[] = [];
+  private _notices = new Signal<this, INotice>(this);
+  private _tracker: NoticeTracker | null = null;
   private _user = '';
   private _admin = false;
   private _error = '';

@@ -6,11 +6,24 @@
  * Rows are kept by key and updated in place, so the one-second refresh does
  * not take the focus out of an input the user is typing in.
  */
+import { CommandRegistry } from '@lumino/commands';
 import { Widget } from '@lumino/widgets';
 
 import { IDevice, ILease } from './api';
-import { formatDuration, formatSize, isLive, pyFixed } from './format';
+import { CommandIDs } from './commands';
+import { busyText, countdownText, durationText, formatSize, heldText, memoryText } from './format';
 import { GPUModel } from './model';
+import { renderSparkline } from './sparkline';
+import { idleNote } from './statusline';
+import { isLive } from './states';
+
+/** The panel's buttons: the palette's commands, named briefly. */
+const SHORT_LABELS: Record<string, string> = {
+  [CommandIDs.attach]: 'Attach',
+  [CommandIDs.release]: 'Release',
+  [CommandIDs.autoOn]: 'Auto on',
+  [CommandIDs.autoOff]: 'Auto off'
+};
 
 function el<K extends keyof HTMLElementTagNameMap>(
   tag: K,
@@ -54,7 +67,9 @@ class KeyedList<T> {
         this._rows.set(k, row);
       }
       this._update(row, item);
-      const expected: Element | null = previous ? previous.nextElementSibling : this.node.firstElementChild;
+      const expected: Element | null = previous
+        ? previous.nextElementSibling
+        : this.node.firstElementChild;
       if (expected !== row) {
         this.node.insertBefore(row, expected);
       }
@@ -72,9 +87,10 @@ class KeyedList<T> {
 }
 
 export class GPUPanel extends Widget {
-  constructor(model: GPUModel) {
+  constructor(model: GPUModel, commands: CommandRegistry | null = null) {
     super();
     this._model = model;
+    this._commands = commands;
     this.id = 'jp-gpuattach-panel';
     this.addClass('jp-gpuattach-Panel');
     this.title.caption = 'GPU pool and leases';
@@ -87,6 +103,27 @@ export class GPUPanel extends Widget {
     this._message = el('div', 'jp-gpuattach-message');
     this._message.setAttribute('role', 'status');
     this.node.appendChild(this._message);
+
+    if (commands) {
+      // The same commands as the palette, for the active notebook's kernel.
+      this.node.appendChild(el('h3', '', 'This notebook'));
+      const bar = el('div', 'jp-gpuattach-actions');
+      for (const id of [
+        CommandIDs.attach,
+        CommandIDs.release,
+        CommandIDs.autoOn,
+        CommandIDs.autoOff
+      ]) {
+        const button = el('button', 'jp-mod-styled jp-gpuattach-action');
+        button.dataset.command = id;
+        button.addEventListener('click', () => {
+          void commands.execute(id);
+        });
+        bar.appendChild(button);
+        this._actions.push(button);
+      }
+      this.node.appendChild(bar);
+    }
 
     this.node.appendChild(el('h3', '', 'Your leases'));
     this._noLeases = el('div', 'jp-gpuattach-empty', 'No GPU held by your kernels.');
@@ -129,7 +166,7 @@ export class GPUPanel extends Widget {
         setText(cells[1] as HTMLElement, lease.slice_label);
         setText(cells[2] as HTMLElement, lease.host);
         setText(cells[3] as HTMLElement, lease.state);
-        setText(cells[4] as HTMLElement, `held ${formatDuration(lease.held_seconds)}`);
+        setText(cells[4] as HTMLElement, heldText(lease.held_seconds));
       }
     );
     model.changed.connect(this._render, this);
@@ -157,6 +194,15 @@ export class GPUPanel extends Widget {
     const model = this._model;
     const pool = model.pool;
     const elapsed = model.elapsed;
+    const commands = this._commands;
+    if (commands) {
+      for (const button of this._actions) {
+        const id = button.dataset.command as string;
+        setText(button, SHORT_LABELS[id] ?? commands.label(id));
+        button.title = commands.caption(id);
+        button.disabled = !commands.isEnabled(id);
+      }
+    }
     if (pool && pool.broker.state === 'running') {
       setText(
         this._summary,
@@ -199,6 +245,7 @@ export class GPUPanel extends Widget {
     row.appendChild(title);
     row.appendChild(el('div', 'jp-gpuattach-lease-detail'));
     row.appendChild(el('div', 'jp-gpuattach-lease-times'));
+    row.appendChild(el('div', 'jp-gpuattach-spark'));
     const actions = el('div', 'jp-gpuattach-lease-actions');
     const release = el('button', 'jp-mod-styled jp-mod-warn jp-gpuattach-release', 'Release');
     release.title = 'Give the slice back now (a cell running on it is stopped)';
@@ -219,7 +266,8 @@ export class GPUPanel extends Widget {
     input.type = 'number';
     input.min = '0';
     input.step = '10';
-    input.placeholder = '60';
+    // The current timeout, as a value (not a placeholder that looks like one).
+    input.value = lease.idle_seconds !== null ? String(Math.round(lease.idle_seconds)) : '';
     label.appendChild(input);
     label.appendChild(document.createTextNode(' s idle '));
     const set = el('button', 'jp-mod-styled jp-gpuattach-idle-set', 'Set');
@@ -231,12 +279,18 @@ export class GPUPanel extends Widget {
       }
       this._model
         .setIdle(lease.kernel_id, seconds)
-        .then(() => this._say(`Idle timeout of this kernel set to ${formatDuration(seconds)}.`))
+        .then(() =>
+          this._say(
+            `Idle timeout of this kernel set to ${durationText(seconds)}` +
+              (lease.auto_mode ? '.' : '; the kernel is now in auto mode.')
+          )
+        )
         .catch(error => this._say(`Idle timeout not set: ${(error as Error).message}`));
     });
     label.appendChild(set);
     actions.appendChild(label);
     row.appendChild(actions);
+    row.appendChild(el('div', 'jp-gpuattach-idle-note'));
     return row;
   }
 
@@ -244,22 +298,37 @@ export class GPUPanel extends Widget {
     const [title, detail] = Array.from(row.children) as HTMLElement[];
     const name = lease.notebook || `kernel ${lease.kernel_id.slice(0, 8)}`;
     setText(title, `${name} · ${lease.state}`);
+    const memory = memoryText(lease.memory_used_bytes ?? null, lease.memory_bytes);
     setText(
       detail,
-      `${lease.slice_label} on ${lease.host} · cap ${formatSize(lease.memory_bytes)} · lease ${lease.lease_id.slice(0, 8)}`
+      [
+        `${lease.slice_label} on ${lease.host}`,
+        memory ? `memory ${memory}` : '',
+        `lease ${lease.lease_id.slice(0, 8)}`
+      ]
+        .filter(Boolean)
+        .join(' · ')
     );
     row.dataset.state = lease.state;
+    const spark = row.querySelector('.jp-gpuattach-spark') as HTMLElement;
+    renderSparkline(spark, lease.history ?? [], lease.memory_bytes);
+    const note = row.querySelector('.jp-gpuattach-idle-note') as HTMLElement;
+    setText(note, idleNote(lease));
+    const input = row.querySelector('.jp-gpuattach-idle-input') as HTMLInputElement;
+    const shown = lease.idle_seconds !== null ? String(Math.round(lease.idle_seconds)) : '';
+    if (document.activeElement !== input && input.dataset.shown !== shown) {
+      input.value = shown; // follows the kernel's timeout unless the user is typing
+      input.dataset.shown = shown;
+    }
   }
 
   private _tickLease(row: HTMLElement, lease: ILease, elapsed: number): void {
     const times = row.children[2] as HTMLElement;
     const held = lease.held_seconds + elapsed;
-    let text = `held ${formatDuration(held)} · busy ${formatDuration(lease.busy_seconds)}`;
-    if (held > 0) {
-      text += ` (${pyFixed((100 * Math.min(lease.busy_seconds, held)) / held, 0)} %)`;
-    }
+    let text = `${heldText(held)}, ${busyText(lease.busy_seconds, held)}`;
     if (lease.idle_release_in !== null) {
-      text += ` · idle: releasing in ${formatDuration(Math.max(0, lease.idle_release_in - elapsed))}`;
+      // A no-break space: the countdown never wraps inside ("idle" / "9s").
+      text += ` · ${countdownText(lease.idle_release_in - elapsed).replace(' ', '\u00a0')}`;
     }
     setText(times, text);
   }
@@ -298,6 +367,8 @@ export class GPUPanel extends Widget {
   }
 
   private _model: GPUModel;
+  private _commands: CommandRegistry | null;
+  private _actions: HTMLButtonElement[] = [];
   private _summary: HTMLElement;
   private _message: HTMLElement;
   private _noLeases: HTMLElement;

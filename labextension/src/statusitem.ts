@@ -2,7 +2,7 @@
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { Widget } from '@lumino/widgets';
 
-import { statusText } from './format';
+import { statusText } from './statusline';
 import { GPUModel } from './model';
 
 export class GPUStatusItem extends Widget {
@@ -38,6 +38,7 @@ export class GPUStatusItem extends Widget {
     }
     this.node.title = status.title;
     this.node.dataset.state = status.kind;
+    this.node.dataset.level = status.level;
   }
 
   dispose(): void {

@@ -1,44 +1,68 @@
-"""What the status widget says for each state, from session snapshots (no kernel)."""
+"""What the status widget says for each state, from session snapshots (no kernel).
+
+Every snapshot here is a real ``GPUSession.snapshot()`` of a session holding a
+lease as the broker and the worker describe it (their own messages), so a
+key renamed in the session breaks these tests; a test changes only keys the
+real snapshot has.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from IPython.core.interactiveshell import InteractiveShell
+
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from jupyter_gpuattach.session import GPUSession, LeaseClock
 from jupyter_gpuattach.widget import clock_text, render
 
 GRANTED = 1_700_000_000.0
 
 
+def real_snapshot() -> dict[str, Any]:
+    """The snapshot of a real session that holds a half-A100 lease granted at GRANTED."""
+    session = GPUSession(InteractiveShell.instance())
+    session.lease = pb.Lease(
+        lease_id="abcd1234ef",
+        device_name="NVIDIA A100",
+        host="gpu-1",
+        slice=pb.SliceSpec(fraction=0.5, gpus=1),
+        memory_bytes=40 * 1024**3,
+        granted_at=GRANTED,
+        worker_endpoint="10.0.0.5:7001",  # another host: no local memory sample
+    )
+    session.worker_info = pb.HelloReply(device_summary="NVIDIA A100 on gpu-1", host="gpu-1")
+    session.clock = LeaseClock(GRANTED)
+    session.clock.busy_seconds = 25.0
+    return session.snapshot()
+
+
 def snapshot(**changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "attached": True,
-        "lease_id": "abcd1234ef",
-        "device": "NVIDIA A100 on gpu-1",
-        "device_name": "NVIDIA A100",
-        "slice": {"memory_bytes": 0, "fraction": 0.5, "gpus": 1},
-        "memory_bytes": 40 * 1024**3,
-        "granted_at": GRANTED,
-        "held_seconds": 100.0,
-        "busy_seconds": 25.0,
-        "running_cell": None,
-        "auto": False,
-        "idle_seconds": None,
-        "idle_release_in": None,
-        "idle_release_at": None,
-        "lost": "",
-        "ended": None,
-    }
+    base = real_snapshot()
+    unknown = set(changes) - set(base)
+    assert not unknown, f"GPUSession.snapshot() has no {sorted(unknown)}"
+    base.update(held_seconds=100.0)  # the wall clock moves; the figures must not
     base.update(changes)
     return base
+
+
+def test_the_real_snapshot_carries_the_lease() -> None:
+    real = real_snapshot()
+    assert real["attached"] and real["lease_id"] == "abcd1234ef"
+    assert real["device"] == "NVIDIA A100 on gpu-1" and real["memory_bytes"] == 40 * 1024**3
+    assert real["slice"] == {"memory_bytes": 0, "fraction": 0.5, "gpus": 1}
+    assert real["granted_at"] == GRANTED and real["busy_seconds"] == 25.0
+    assert real["held_seconds"] > 100 and real["running_cell"] is None
+    view = render(real)
+    assert view.times == f"held since {clock_text(GRANTED)}, busy 25.0 s"
 
 
 def test_attached_shows_device_slice_memory_and_times() -> None:
     view = render(snapshot(), memory_used=3 * 1024**3)
     assert view.state == "attached" and view.can_release and not view.running
     assert view.headline == "GPU ● attached"
-    assert view.detail == "NVIDIA A100 on gpu-1 · 0.5 of the device · memory 3.0 GiB of 40.0 GiB"
+    assert view.detail == "NVIDIA A100 on gpu-1 · 0.5 of the device · memory 3.0/40 GiB"
     # Between cells nothing counts: the grant time as a wall clock, busy as of the last cell.
     assert view.times == f"held since {clock_text(GRANTED)}, busy 25.0 s"
     assert view.text.startswith("GPU ● attached · NVIDIA A100")
@@ -93,9 +117,13 @@ def test_queued_and_detached() -> None:
     )
     queued = render(snapshot(attached=False), queued=position)
     assert queued.state == "queued" and not queued.can_release
-    assert queued.headline == "GPU queued #3 of 5, about 2.0 min to wait"
+    assert queued.headline == "GPU queued #3 of 5 · ~2 min"
+    unknown = pb.QueuePosition(position=1, queue_length=1, estimated_wait_seconds=-1)
+    assert render(snapshot(attached=False), queued=unknown).headline == "GPU queued #1"
     assert queued.detail == "1/1 devices in use"
     assert render(snapshot(attached=False)).text == "GPU not attached · run %gpu attach"
+    attaching = render(snapshot(attached=False), attaching=True)
+    assert attaching.state == "attaching" and "not attached" not in attaching.text
     auto = render(snapshot(attached=False, auto=True))
     assert auto.detail == "attaches on the next GPU cell"
 

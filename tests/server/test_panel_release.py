@@ -121,3 +121,61 @@ async def test_a_panel_release_is_told_in_one_line_and_the_kernel_goes_on(
         0.1,
         "leases to end",
     )
+
+
+async def _my_lease(jp_fetch: Any) -> dict[str, Any]:
+    response = await jp_fetch("gpuattach", "api", "leases", params={"recent": "60"})
+    leases = json.loads(response.body)["leases"]
+    assert len(leases) == 1, leases
+    return dict(leases[0])
+
+
+async def test_the_idle_deadline_is_on_the_lease_at_once(
+    jp_fetch: Any, broker_stack: Stack, tmp_path: Path
+) -> None:
+    """Attach in auto mode, then the panel's Set: the deadline, the timeout and
+    the mode reach /leases within a heartbeat's round trip, not after the
+    kernel's regular heartbeats (the broker's TTL/3)."""
+    call = InThread()
+    kernel = await call(_kernel, broker_stack, tmp_path / "notebook")
+    try:
+        await call(kernel.ok, "%gpu attach")
+        lease = await _my_lease(jp_fetch)
+        assert lease["idle_release_in"] is None and lease["idle_seconds"] is None
+        assert lease["auto_mode"] is False and lease["text"]["held"].startswith("held ")
+
+        # The panel's Set on a manual kernel: auto mode, with the new timeout.
+        response = await jp_fetch(
+            "gpuattach",
+            "api",
+            "kernels",
+            lease["kernel_id"],
+            "idle",
+            method="PUT",
+            body=json.dumps({"seconds": 300}),
+        )
+        assert response.code == 200
+        for _ in range(40):  # up to 2 s; a regular heartbeat would take TTL/3
+            lease = await _my_lease(jp_fetch)
+            if lease["idle_release_in"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert lease["idle_seconds"] == 300 and lease["auto_mode"] is True, lease
+        assert 295 < lease["idle_release_in"] <= 300
+        assert lease["text"]["idle"].startswith("idle 4m ")
+
+        # %gpu auto with another timeout: on the lease at once too.
+        await call(kernel.ok, "%gpu auto --idle 200s")
+        for _ in range(40):
+            lease = await _my_lease(jp_fetch)
+            if lease["idle_seconds"] == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert lease["idle_seconds"] == 200 and 195 < lease["idle_release_in"] <= 200, lease
+        await call(kernel.ok, "%gpu auto off")
+        await call(kernel.ok, "%gpu release")
+        response = await jp_fetch("gpuattach", "api", "leases", params={"recent": "60"})
+        ended = json.loads(response.body)["ended"]
+        assert [e["state"] for e in ended] == ["released"], ended
+    finally:
+        await call(kernel.shutdown)

@@ -113,6 +113,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
         # lease id -> (busy seconds the kernel reported, when that figure last grew)
         self.busy_seen: dict[str, tuple[float, float]] = {}
+        # What each lease's kernel last reported: idle timeout, auto mode, memory used.
+        self.kernel_figures: dict[str, tuple[float, bool, int]] = {}
         # Latest NVML sample per lease, from the agents' heartbeats.
         self.gpu_usage: dict[str, pb.LeaseUsage] = {}
         # With an mTLS agent port, agents must come with a verified certificate.
@@ -378,7 +380,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                     queued=pb.QueuePosition(
                         position=position,
                         queue_length=len(self.scheduler.queue),
-                        estimated_wait_seconds=self.scheduler.estimated_wait(position),
+                        estimated_wait_seconds=self._known_wait(position),
                         reason=self._why_waiting(req),
                     )
                 )
@@ -577,6 +579,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         if seen is None or request.busy_seconds > seen[0] + 1e-6:
             self.busy_seen[lease.lease_id] = (request.busy_seconds, now)
         idle_at = now + request.idle_release_in if request.idle_release_in >= 0 else 0.0
+        self.kernel_figures[lease.lease_id] = (
+            request.idle_seconds,
+            request.auto_mode,
+            request.memory_used_bytes,
+        )
         self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
         return pb.RenewReply(
             expires_at=lease.expires_at,
@@ -639,6 +646,9 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
         for lease in leases:
             self.store.set_idle_override(lease.lease_id, request.idle_seconds)
+            # The kernel's lease watch hears of it and renews at once, so the
+            # new deadline is on the lease within a heartbeat's round trip.
+            self._notify(lease)
         return pb.KernelIdleReply(leases=len(leases))
 
     async def Release(
@@ -721,6 +731,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self._notify(lease)
         self.migrating.pop(lease.lease_id, None)
         self.busy_seen.pop(lease.lease_id, None)
+        self.kernel_figures.pop(lease.lease_id, None)
         self.gpu_usage.pop(lease.lease_id, None)
         placement = self.scheduler.allocations.get(lease.lease_id)
         devices = len(placement.device_ids) if placement else 1
@@ -894,8 +905,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         for lease in leases:
             usage = self.gpu_usage.get(lease.lease_id)
             lease.sm_percent = usage.sm_percent if usage is not None else -1.0
-            if usage is not None:
-                lease.gpu_memory_used_bytes = usage.memory_bytes
+            idle, auto, used = self.kernel_figures.get(lease.lease_id, (-1.0, False, 0))
+            lease.idle_seconds, lease.auto_mode = idle, auto
+            lease.gpu_memory_used_bytes = usage.memory_bytes if usage is not None else used
         return pb.ListLeasesReply(leases=leases)
 
     async def GetPoolStatus(
@@ -940,11 +952,25 @@ class BrokerService(pb_grpc.BrokerServicer):
                     user=request.user,
                     kernel_id=request.kernel_id,
                     position=position,
-                    estimated_wait_seconds=self.scheduler.estimated_wait(position),
+                    estimated_wait_seconds=self._known_wait(position),
                 )
                 for position, request in enumerate(self.scheduler.ordered_queue(), 1)
             ],
         )
+
+    def _known_wait(self, position: int) -> float:
+        """Seconds until the request at `position` is granted, when the holders'
+        idle deadlines say so (the slice comes back at the latest then); -1
+        when a holder has no deadline, rather than a guess from past leases."""
+        if position <= 0:
+            return -1.0
+        now = time.time()
+        deadlines = sorted(
+            max(0.0, lease.idle_release_at - now)
+            for lease in self.store.leases()
+            if lease.active and lease.idle_release_at > 0
+        )
+        return deadlines[position - 1] if len(deadlines) >= position else -1.0
 
     @property
     def idle(self) -> bool:

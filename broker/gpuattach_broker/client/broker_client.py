@@ -120,6 +120,9 @@ class BrokerClient:
         timeout: float = 5.0,
         idle_release_in: float = -1.0,
         migrating: bool = False,
+        idle_seconds: float = -1.0,
+        auto_mode: bool = False,
+        memory_used_bytes: int = 0,
     ) -> pb.RenewReply:
         try:
             return self.stub.Renew(
@@ -129,6 +132,9 @@ class BrokerClient:
                     busy_seconds=busy_seconds,
                     idle_release_in=idle_release_in,
                     migrating=migrating,
+                    idle_seconds=idle_seconds,
+                    auto_mode=auto_mode,
+                    memory_used_bytes=memory_used_bytes,
                 ),
                 metadata=self.metadata,
                 timeout=timeout,
@@ -234,6 +240,9 @@ class Heartbeat:
     idle_release_in: float = -1.0
     migrating: bool = False
     cell_running: bool = False
+    idle_seconds: float = -1.0  # the kernel's idle timeout; < 0: none
+    auto_mode: bool = False
+    memory_used_bytes: int = 0  # measured by the kernel; 0: not measured
 
 
 class LeaseKeeper:
@@ -295,6 +304,8 @@ class LeaseKeeper:
                     backoff = 0.2
                     if notice.state == LeaseState.PREEMPTING:
                         self._preempt(notice.reason)
+                    elif notice.state in (LeaseState.ACTIVE, LeaseState.STARTING):
+                        self._wake.set()  # e.g. an idle timeout set from the UI: renew now
                     elif notice.state not in ACTIVE_STATES:
                         self._ended(notice.state, notice.reason)
                         return
@@ -355,6 +366,9 @@ class LeaseKeeper:
                     beat.busy_seconds,
                     idle_release_in=beat.idle_release_in,
                     migrating=beat.migrating,
+                    idle_seconds=beat.idle_seconds,
+                    auto_mode=beat.auto_mode,
+                    memory_used_bytes=beat.memory_used_bytes,
                 )
             except BrokerError as exc:
                 if exc.code == grpc.StatusCode.FAILED_PRECONDITION:

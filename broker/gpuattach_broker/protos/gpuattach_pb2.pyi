@@ -65,7 +65,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds", "mirror_bytes", "mirror_file_bytes", "forward_env", "forward_env_set")
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds", "mirror_bytes", "mirror_file_bytes", "forward_env", "forward_env_set", "idle_seconds", "auto_mode")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,8 @@ class Lease(_message.Message):
     MIRROR_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ENV_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ENV_SET_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_MODE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     kernel_id: str
@@ -128,7 +130,9 @@ class Lease(_message.Message):
     mirror_file_bytes: int
     forward_env: _containers.RepeatedScalarFieldContainer[str]
     forward_env_set: bool
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., worker_tls_root: _Optional[bytes] = ..., default_idle_seconds: _Optional[float] = ..., max_idle_seconds: _Optional[float] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ..., forward_env: _Optional[_Iterable[str]] = ..., forward_env_set: _Optional[bool] = ...) -> None: ...
+    idle_seconds: float
+    auto_mode: bool
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., worker_tls_root: _Optional[bytes] = ..., default_idle_seconds: _Optional[float] = ..., max_idle_seconds: _Optional[float] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ..., forward_env: _Optional[_Iterable[str]] = ..., forward_env_set: _Optional[bool] = ..., idle_seconds: _Optional[float] = ..., auto_mode: _Optional[bool] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -139,7 +143,7 @@ class AttachEvent(_message.Message):
     def __init__(self, queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., granted: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class LeaseRef(_message.Message):
-    __slots__ = ("lease_id", "token", "reason", "busy_seconds", "idle_release_in", "on_behalf_of", "migrating")
+    __slots__ = ("lease_id", "token", "reason", "busy_seconds", "idle_release_in", "on_behalf_of", "migrating", "idle_seconds", "auto_mode", "memory_used_bytes")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +151,9 @@ class LeaseRef(_message.Message):
     IDLE_RELEASE_IN_FIELD_NUMBER: _ClassVar[int]
     ON_BEHALF_OF_FIELD_NUMBER: _ClassVar[int]
     MIGRATING_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUTO_MODE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: str
     reason: str
@@ -154,7 +161,10 @@ class LeaseRef(_message.Message):
     idle_release_in: float
     on_behalf_of: str
     migrating: bool
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., idle_release_in: _Optional[float] = ..., on_behalf_of: _Optional[str] = ..., migrating: _Optional[bool] = ...) -> None: ...
+    idle_seconds: float
+    auto_mode: bool
+    memory_used_bytes: int
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., idle_release_in: _Optional[float] = ..., on_behalf_of: _Optional[str] = ..., migrating: _Optional[bool] = ..., idle_seconds: _Optional[float] = ..., auto_mode: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
     __slots__ = ("lease_id", "reason")
