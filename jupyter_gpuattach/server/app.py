@@ -25,10 +25,10 @@ from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Set, Unicode, default
 
+from gpuattach_broker.shared.user import current_user
 from jupyter_gpuattach.server.activity import ActivityReporter
 from jupyter_gpuattach.server.gateway import BrokerGateway, GatewayConfig
 from jupyter_gpuattach.server.handlers import HANDLERS, SETTINGS_KEY
-from jupyter_gpuattach.session import current_user
 
 KEY_REFUSED = (
     "jupyter_gpuattach: refusing the broker key for the shared broker at {address} "
