@@ -30,6 +30,7 @@ from gpuattach_broker.client.broker_client import (
     LeaseKeeper,
 )
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.shared.user import current_user
 
 # Ends that someone or something decided; "failed" (and a worker that stopped
 # answering) are losses.
@@ -87,12 +88,6 @@ class LeaseEnd:
 
     def as_dict(self) -> dict[str, str]:
         return {"state": self.state, "reason": self.reason, "by": self.by}
-
-
-def current_user() -> str:
-    import getpass
-
-    return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
 
 
 def broker_from_environment() -> BrokerClient:

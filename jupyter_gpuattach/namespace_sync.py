@@ -25,8 +25,8 @@ from typing import Any
 from gpuattach_broker import codec
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.shared.blobcache import BlobCache
 from gpuattach_broker.units import format_size
-from gpuattach_broker.worker.blobcache import BlobCache
 
 
 @dataclass

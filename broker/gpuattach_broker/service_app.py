@@ -2,9 +2,9 @@
 their config file the way JupyterHub admins expect, letting the command
 line win over it, writing a commented default, and the log level.
 
-A subclass names its file (`config_name`) and declares its own traits,
-aliases and flags; `--config`, `--generate-config` and `--log-level` are
-added for it.
+A subclass names its file (`config_name`) and declares its own traits;
+their ``--name`` aliases and flags are derived from them (options), and
+`--config`, `--generate-config` and `--log-level` are added for it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Self
 
 from traitlets import Bool, Enum, Unicode
 from traitlets.config import Application
+
+from gpuattach_broker.options import command_line
 
 SEARCH_PATH = ("/etc/gpuattach", str(Path.home() / ".config" / "gpuattach"))
 
@@ -37,12 +39,15 @@ class ServiceApp(Application):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give every service --config, --generate-config and --log-level."""
         super().__init_subclass__(**kwargs)
+        aliases, flags = command_line(cls)
         cls.aliases = {
+            **aliases,
             **cls.aliases,
             "config": f"{cls.__name__}.config_file",
             "log-level": "Application.log_level",
         }
         cls.flags = {
+            **flags,
             **cls.flags,
             "generate-config": (
                 {cls.__name__: {"generate_config": True}},

@@ -25,10 +25,11 @@ from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Set, Unicode, default
 
+from gpuattach_broker.shared.user import current_user
 from jupyter_gpuattach.server.activity import ActivityReporter
 from jupyter_gpuattach.server.gateway import BrokerGateway, GatewayConfig
 from jupyter_gpuattach.server.handlers import HANDLERS, SETTINGS_KEY
-from jupyter_gpuattach.session import current_user
+from jupyter_gpuattach.server.kernel_env import KernelEnvironment
 
 KEY_REFUSED = (
     "jupyter_gpuattach: refusing the broker key for the shared broker at {address} "
@@ -219,22 +220,29 @@ class GPUAttachApp(ExtensionApp):
             tls_ca=self.broker_tls_ca,
         )
 
+    def kernel_settings(self, config: GatewayConfig) -> dict[str, str]:
+        """What the kernels this server starts need in their environment: with a
+        shared broker, its address and the user's token (never a key: a kernel
+        authenticates as its user); with the embedded one, its idle exit."""
+        if not config.address:
+            return {"GPUATTACH_EMBEDDED_IDLE_EXIT": self.embedded_idle_exit}
+        settings = {"GPUATTACH_BROKER": config.address}
+        if config.token and (self.token or self.token_file):
+            settings["GPUATTACH_TOKEN"] = config.token
+        return settings
+
     def initialize_settings(self) -> None:
         try:
             config = self.gateway_config()
         except BrokerKeyRefused as exc:
             self.log.error("%s", exc)
             raise
-        if config.address:
-            # The kernels this server starts use the same broker as the same user
-            # (never a key: a kernel authenticates as its user).
-            os.environ.setdefault("GPUATTACH_BROKER", config.address)
-            if config.token and (self.token or self.token_file):
-                os.environ.setdefault("GPUATTACH_TOKEN", config.token)
-        else:
-            os.environ.setdefault("GPUATTACH_EMBEDDED_IDLE_EXIT", self.embedded_idle_exit)
-        self.gateway = BrokerGateway(config)
         assert self.serverapp is not None
+        self.kernel_env = KernelEnvironment(self.kernel_settings(config))
+        self.kernel_env.install(self.serverapp.kernel_manager)
+        # The embedded broker this server starts gets what its kernels would.
+        config.environ = self.kernel_env.apply(None)
+        self.gateway = BrokerGateway(config)
         settings: dict[str, Any] = self.serverapp.web_app.settings
         settings[SETTINGS_KEY] = ExtensionState(
             self.gateway, self.lease_user, set(self.admin_users)

@@ -44,6 +44,7 @@ class GatewayConfig:
     token: str = ""  # the server's user's token for a shared broker (never a broker key)
     start_embedded: bool = True
     tls_ca: str = ""  # verify a TLS broker against this CA
+    environ: dict[str, str] | None = None  # the embedded broker's settings (kernels' environment)
 
 
 # How long the broker's answer to "is this user a GPU admin" is kept.
@@ -96,7 +97,7 @@ class BrokerGateway:
             from gpuattach_broker.client.embedded import find_or_start, runtime_file
 
             try:
-                target, started = find_or_start(self.config.runtime_dir)
+                target, started = find_or_start(self.config.runtime_dir, self.config.environ)
             except BrokerError as exc:
                 raise BrokerUnavailable(str(exc)) from None
             if started:

@@ -44,8 +44,11 @@ async def test_starts_the_embedded_broker_and_stops_it_when_unused(
     assert pool["devices_total"] == 1 and pool["memory_total_bytes"] == 4 * 1024**3
     info = json.loads(runtime_file(tmp_path / "runtime").read_text())
     assert pool["broker"]["address"] == info["address"]
-    # Kernels started by this server inherit the longer idle exit.
-    assert os.environ["GPUATTACH_EMBEDDED_IDLE_EXIT"] == "1h"
+    # The broker started here has the longer idle exit its kernels get in their
+    # environment; the server's own environment stays untouched.
+    assert "GPUATTACH_EMBEDDED_IDLE_EXIT" not in os.environ
+    argv = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--idle-exit") + 1] == b"1h"
     # Server shutdown stops the broker it started, since no lease uses it.
     extension = jp_serverapp.extension_manager.extensions["jupyter_gpuattach"]
     (point,) = extension.extension_points.values()

@@ -10,7 +10,7 @@ import pytest
 
 from gpuattach_broker.client.worker_client import folder_marker, forwarded_env, kernel_hello
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from gpuattach_broker.worker.blobcache import BlobCache
+from gpuattach_broker.shared.blobcache import BlobCache
 from gpuattach_broker.worker.scratch import (
     FileStreamError,
     Scratch,

@@ -5,7 +5,8 @@ It keeps one AgentChannel stream open to the broker and reconnects with
 backoff when the broker goes away; on reconnect it lists the leases whose
 workers still run, so a restarted broker carries on with them.
 
-On an NVML host it also watches its GPUs (gpu_host): a fractional lease
+When its backend declares MONITORING (NVML: gpu_host) it also watches
+the devices through the backend's monitor: a fractional lease
 over its memory cap is ended with the numbers in its end reason; a GPU
 that is lost, vanishes or reports a fatal Xid is drained (it takes no new
 lease) and its leases end with a message that says which GPU and why.
@@ -29,17 +30,17 @@ from typing import Any
 import grpc
 
 from gpuattach_broker import __version__
-from gpuattach_broker.agent.backends import Device, DeviceBackend, NvmlBackend
+from gpuattach_broker.agent.backends import Capability, Device, DeviceBackend, DeviceMonitor
 from gpuattach_broker.agent.backends.gpu_slices import needs_fresh_context
-from gpuattach_broker.agent.gpu_host import GpuHost, GpuOptions
+from gpuattach_broker.agent.gpu_host import GpuOptions
 from gpuattach_broker.agent.gpu_monitor import LeaseSample
 from gpuattach_broker.agent.pool import WarmPools, WorkerProcess
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata, key_metadata
+from gpuattach_broker.shared.blobcache import cached_users, default_root
 from gpuattach_broker.tls import TLSFiles, WorkerTLS, channel_credentials, is_loopback
 from gpuattach_broker.units import format_size
-from gpuattach_broker.worker.blobcache import cached_users, default_root
 
 log = logging.getLogger("gpuattach.agent")
 
@@ -123,7 +124,9 @@ class Agent:
         self.live: dict[str, WorkerProcess] = {}
         self.lease_devices: dict[str, dict[str, int]] = {}  # lease -> device id -> bytes held
         self.drained: dict[str, str] = {}  # device id -> why it takes no new lease
-        self.gpu = GpuHost(backend, gpu) if isinstance(backend, NvmlBackend) else None
+        self.gpu: DeviceMonitor | None = (
+            backend.monitor(gpu) if backend.has(Capability.MONITORING) else None
+        )
         self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = 0
@@ -137,9 +140,10 @@ class Agent:
     def _make_pools(self, size: int) -> WarmPools:
         warm = {d.local_id: self.backend.warm_env(d) for d in self.devices.values()}
         by_device = {k: env for k, env in warm.items() if env is not None}
-        mps = isinstance(self.backend, NvmlBackend) and self.backend.mps.active
-        # Leases no device pool serves: several devices at once, or an MPS share.
-        needs_shared = len(by_device) < len(warm) or len(warm) > 1 or mps
+        shares = self.backend.has(Capability.COMPUTE_SHARE)
+        # Leases no device pool serves: several devices at once, or a compute
+        # share (set when the CUDA context is made: a fresh worker's).
+        needs_shared = len(by_device) < len(warm) or len(warm) > 1 or shares
         shared = size if needs_shared else 0
         pools = WarmPools(
             shared_size=shared,

@@ -24,7 +24,12 @@ from traitlets import Bool, Enum, Int, Unicode, default
 
 from gpuattach_broker.agent import mps as mps_control
 from gpuattach_broker.agent.agent import Agent
-from gpuattach_broker.agent.backends import BackendError, CpuBackend, NvmlBackend, open_backend
+from gpuattach_broker.agent.backends import (
+    BackendError,
+    BackendSettings,
+    CpuBackend,
+    open_backend,
+)
 from gpuattach_broker.agent.caps import CapPolicy
 from gpuattach_broker.agent.check import isolation_report, run_check
 from gpuattach_broker.agent.gpu_host import GpuOptions
@@ -38,11 +43,11 @@ from gpuattach_broker.agent.isolation import (
     secret_file_problem,
 )
 from gpuattach_broker.agent.pool import LedgerBusy, ProcessLedger
+from gpuattach_broker.options import Duration, OptionError, Size
 from gpuattach_broker.paths import state_dir
 from gpuattach_broker.rpc import read_key_file
 from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles, WorkerTLS
-from gpuattach_broker.units import parse_duration, parse_size
 
 CONFIG_NAME = "gpuattach_agent_config"
 COMMANDS = ("run", "check")
@@ -59,7 +64,8 @@ class AgentApp(ServiceApp):
     devices = Unicode(
         "auto",
         help="auto (NVML if a GPU is present, else CPU), nvml, nvml:<index|UUID>,... "
-        "(only those GPUs or MIG instances), or cpu:NxSIZE.",
+        "(only those GPUs or MIG instances), cpu:NxSIZE, or NAME[:OPTIONS] of a device "
+        "backend another package registers (entry point group gpuattach.backends).",
     ).tag(config=True)
     host = Unicode("", help="Name of this host in the pool (default: the host name).").tag(
         config=True
@@ -99,7 +105,7 @@ class AgentApp(ServiceApp):
     blob_cache = Unicode(
         "", help="Folder of the per-user tensor blob cache (default: /dev/shm)."
     ).tag(config=True)
-    blob_cache_bytes = Unicode("8GiB", help="Byte budget of each user's blob cache (LRU).").tag(
+    blob_cache_bytes = Size("8GiB", help="Byte budget of each user's blob cache (LRU).").tag(
         config=True
     )
     mps = Enum(
@@ -108,13 +114,16 @@ class AgentApp(ServiceApp):
         help="Compute shares: auto (use a running MPS control daemon), start (start one if "
         "none runs), off (time-slicing).",
     ).tag(config=True)
-    sample_interval = Unicode("1s", help="How often leases' GPU use is read (NVML).").tag(
-        config=True
-    )
-    refresh_interval = Unicode(
-        "30s", help="How often the GPU inventory is re-read (hot-plug, MIG changes)."
+    sample_interval = Duration(
+        "1s", minimum=0, exclusive=True, help="How often leases' GPU use is read (NVML)."
     ).tag(config=True)
-    cap_margin = Unicode(
+    refresh_interval = Duration(
+        "30s",
+        minimum=0,
+        exclusive=True,
+        help="How often the GPU inventory is re-read (hot-plug, MIG changes).",
+    ).tag(config=True)
+    cap_margin = Size(
         "1GiB",
         help="GPU memory a fractional lease may hold over its cap (at least 10% of the cap) "
         "before the agent ends it.",
@@ -142,40 +151,6 @@ class AgentApp(ServiceApp):
     def _broker_default(self) -> str:
         return os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051")
 
-    aliases = {
-        "broker": "AgentApp.broker",
-        "devices": "AgentApp.devices",
-        "host": "AgentApp.host",
-        "pool-size": "AgentApp.pool_size",
-        "bind": "AgentApp.bind",
-        "advertise": "AgentApp.advertise",
-        "key-file": "AgentApp.key_file",
-        "tls-ca": "AgentApp.tls_ca",
-        "tls-cert": "AgentApp.tls_cert",
-        "tls-key": "AgentApp.tls_key",
-        "worker-tls-cert": "AgentApp.worker_tls_cert",
-        "worker-tls-key": "AgentApp.worker_tls_key",
-        "worker-tls-ca": "AgentApp.worker_tls_ca",
-        "blob-cache": "AgentApp.blob_cache",
-        "blob-cache-bytes": "AgentApp.blob_cache_bytes",
-        "mps": "AgentApp.mps",
-        "sample-interval": "AgentApp.sample_interval",
-        "refresh-interval": "AgentApp.refresh_interval",
-        "cap-margin": "AgentApp.cap_margin",
-        "isolation": "AgentApp.isolation",
-        "user-map": "AgentApp.user_map",
-    }
-    flags = {
-        "allow-plaintext": (
-            {"AgentApp": {"allow_plaintext": True}},
-            "Workers listen without TLS on a non-loopback address (a trusted network only).",
-        ),
-        "no-zygote": (
-            {"AgentApp": {"zygote": False}},
-            "Start each worker as a fresh Python process instead of forking it from a zygote.",
-        ),
-    }
-
     @property
     def command(self) -> str:
         """run (the default) or check; ValueError for anything else."""
@@ -185,27 +160,17 @@ class AgentApp(ServiceApp):
         return extra[0] if extra else "run"
 
     def gpu_options(self) -> GpuOptions:
-        """The GPU watch settings; ValueError names the bad option."""
-        try:
-            sample = parse_duration(self.sample_interval)
-            refresh = parse_duration(self.refresh_interval)
-        except ValueError as exc:
-            raise ValueError(f"--sample-interval/--refresh-interval: {exc}") from exc
-        if sample <= 0 or refresh <= 0:
-            raise ValueError("--sample-interval and --refresh-interval must be more than zero")
-        try:
-            margin = parse_size(self.cap_margin)
-        except ValueError as exc:
-            raise ValueError(f"--cap-margin: {exc}") from exc
-        return GpuOptions(sample, refresh, CapPolicy(margin_bytes=margin))
+        """The GPU watch settings (checked when the configuration was loaded)."""
+        return GpuOptions(
+            self.sample_interval, self.refresh_interval, CapPolicy(margin_bytes=self.cap_margin)
+        )
+
+    def backend_settings(self) -> BackendSettings:
+        """What the device backend reads when it opens (MPS mode, memory caps)."""
+        return BackendSettings(compute_share=self.mps, caps=self.gpu_options().caps)
 
     def options(self) -> AgentOptions:
         """Everything checked before any process starts; ValueError names the option."""
-        gpu = self.gpu_options()
-        try:
-            cache_bytes = parse_size(self.blob_cache_bytes)
-        except ValueError as exc:
-            raise ValueError(f"--blob-cache-bytes: {exc}") from exc
         if self.pool_size < 0:
             raise ValueError("--pool-size must be 0 or more")
         key = os.environ.get("GPUATTACH_BROKER_KEY", "")
@@ -213,7 +178,9 @@ class AgentApp(ServiceApp):
             key = read_key_file(self.key_file)
         worker_tls = WorkerTLS(self.worker_tls_cert, self.worker_tls_key, self.worker_tls_ca)
         worker_tls.check()
-        return AgentOptions(gpu, cache_bytes, key, worker_tls, self.isolation_options())
+        return AgentOptions(
+            self.gpu_options(), self.blob_cache_bytes, key, worker_tls, self.isolation_options()
+        )
 
     def isolation_options(self) -> Isolation:
         """The workers' isolation; ValueError says why the agent must not start.
@@ -263,17 +230,12 @@ class AgentApp(ServiceApp):
         self.exit(self._run(options))
 
     def _run(self, options: AgentOptions) -> int:
-        mps_state = mps_control.disabled() if self.mps == "off" else mps_control.detect()
         try:
-            backend = open_backend(self.devices, mps=mps_state)
+            backend = open_backend(self.devices, self.backend_settings())
         except BackendError as exc:
             print(f"gpuattach-agent: {exc}", file=sys.stderr)
             return 2
-        if isinstance(backend, NvmlBackend):
-            if self.mps == "start":
-                backend.mps = mps_control.start(mps_state.pipe_dir)
-            backend.caps = options.gpu.caps
-            logging.getLogger("gpuattach.agent").info("compute shares: %s", backend.mps.reason)
+        logging.getLogger("gpuattach.agent").info("%s", backend.describe())
         log = logging.getLogger("gpuattach.agent")
         log.info("worker isolation: %s", options.isolation.describe())
         try:
@@ -299,8 +261,7 @@ class AgentApp(ServiceApp):
             agent.pool.set_ledger(ledger)
         except (ValueError, LedgerBusy, OSError) as exc:  # e.g. plaintext workers off loopback
             print(f"gpuattach-agent: {exc}", file=sys.stderr)
-            if isinstance(backend, NvmlBackend):
-                mps_control.stop(backend.mps)
+            backend.close()
             return 2
 
         async def run() -> None:
@@ -317,8 +278,7 @@ class AgentApp(ServiceApp):
             # Whatever the shutdown left running of this agent's processes goes now.
             ledger.kill_leftovers(timeout=10.0)
             ledger.release()
-            if isinstance(backend, NvmlBackend):
-                mps_control.stop(backend.mps)
+            backend.close()
         return 0
 
 
@@ -359,6 +319,9 @@ def check_isolation(app: AgentApp) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     try:
         AgentApp.configured(argv).start()
+    except OptionError as exc:  # a value the configuration cannot take
+        print(f"gpuattach-agent: {exc}", file=sys.stderr)
+        return 2
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     return 0

@@ -14,13 +14,15 @@ import sys
 
 from traitlets import Bool, Int, Unicode, default
 
+from gpuattach_broker.agent.backends import BackendError
+from gpuattach_broker.broker.identity import AUTHENTICATORS, BrokerAuthenticator
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
-from gpuattach_broker.broker.server import ServeOptions, serve
+from gpuattach_broker.broker.server import serve
+from gpuattach_broker.options import Duration, OptionError, Plugin
 from gpuattach_broker.paths import default_db
 from gpuattach_broker.rpc import read_key_file
 from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles
-from gpuattach_broker.units import parse_duration
 
 CONFIG_NAME = "gpuattach_broker_config"
 
@@ -35,9 +37,12 @@ class BrokerApp(ServiceApp):
     db_url = Unicode(
         "", help="State database URL: sqlite:///path (default: --db) or postgresql://..."
     ).tag(config=True)
-    ttl = Unicode("30s", help="A lease ends this long after its kernel's last heartbeat.").tag(
-        config=True
-    )
+    ttl = Duration(
+        "30s",
+        minimum=0,
+        exclusive=True,
+        help="A lease ends this long after its kernel's last heartbeat.",
+    ).tag(config=True)
     key_file = Unicode("", help="File whose first line agents and services present.").tag(
         config=True
     )
@@ -46,9 +51,9 @@ class BrokerApp(ServiceApp):
     ).tag(config=True)
     pool_size = Int(1, help="Warm workers of the embedded agent.").tag(config=True)
     runtime_file = Unicode("", help="Publish the address and key in this file.").tag(config=True)
-    idle_exit = Unicode("0", help="Exit after this long with no lease and no request.").tag(
-        config=True
-    )
+    idle_exit = Duration(
+        "0", help="Exit after this long with no lease and no request (0: never)."
+    ).tag(config=True)
     policy = Unicode("", help="TOML policy file; reloaded on change and on SIGHUP.").tag(
         config=True
     )
@@ -67,9 +72,18 @@ class BrokerApp(ServiceApp):
         config=True
     )
     agent_address = Unicode("", help="host:port for agents, with mutual TLS.").tag(config=True)
-    allow_plaintext = Bool(False, help="Allow plaintext on a non-loopback address.").tag(
-        config=True
-    )
+    allow_plaintext = Bool(
+        False, help="Listen without TLS on a non-loopback address (a trusted network only)."
+    ).tag(config=True)
+    authenticator_class = Plugin(
+        "default",
+        klass=f"{BrokerAuthenticator.__module__}.{BrokerAuthenticator.__qualname__}",
+        builtins=AUTHENTICATORS,
+        help="Who users are: default (the tokens file and/or JupyterHub, as --tokens-file "
+        "and --hub-api-url say), tokens, jupyterhub, or the import path of a "
+        "BrokerAuthenticator subclass (made with the broker as its parent, configured in "
+        "its own section).",
+    ).tag(config=True)
 
     @default("db_url")
     def _db_url_default(self) -> str:
@@ -80,54 +94,44 @@ class BrokerApp(ServiceApp):
     def _hub_api_url_default(self) -> str:
         return os.environ.get("JUPYTERHUB_API_URL", "")
 
-    aliases = {
-        "address": "BrokerApp.address",
-        "db": "BrokerApp.db",
-        "db-url": "BrokerApp.db_url",
-        "ttl": "BrokerApp.ttl",
-        "key-file": "BrokerApp.key_file",
-        "embedded-agent": "BrokerApp.embedded_agent",
-        "pool-size": "BrokerApp.pool_size",
-        "runtime-file": "BrokerApp.runtime_file",
-        "idle-exit": "BrokerApp.idle_exit",
-        "policy": "BrokerApp.policy",
-        "tokens-file": "BrokerApp.tokens_file",
-        "hub-api-url": "BrokerApp.hub_api_url",
-        "metrics-address": "BrokerApp.metrics_address",
-        "tls-cert": "BrokerApp.tls_cert",
-        "tls-key": "BrokerApp.tls_key",
-        "tls-ca": "BrokerApp.tls_ca",
-        "agent-address": "BrokerApp.agent_address",
-    }
-    flags = {
-        "allow-plaintext": (
-            {"BrokerApp": {"allow_plaintext": True}},
-            "Listen without TLS on a non-loopback address (a trusted network only).",
-        ),
-    }
+    # What serve() reads beyond the traits themselves, derived from them.
 
-    def options(self) -> ServeOptions:
-        key = os.environ.get("GPUATTACH_BROKER_KEY", "")
+    @property
+    def ttl_seconds(self) -> float:
+        return self.ttl
+
+    @property
+    def idle_exit_seconds(self) -> float:
+        return max(0.0, self.idle_exit)
+
+    @property
+    def db_path(self) -> str:
+        return self.db or str(default_db())
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
+
+    @property
+    def key(self) -> str:
+        """The broker key: the first line of --key-file, else $GPUATTACH_BROKER_KEY."""
         if self.key_file:
-            key = read_key_file(self.key_file)
-        return ServeOptions(
-            address=self.address,
-            db=self.db or str(default_db()),
-            db_url=self.db_url,
-            ttl_seconds=parse_duration(self.ttl),
-            key=key,
-            embedded_agent=self.embedded_agent,
-            pool_size=self.pool_size,
-            runtime_file=self.runtime_file,
-            idle_exit_seconds=max(0.0, parse_duration(self.idle_exit)),
-            policy=self.policy,
-            tokens_file=self.tokens_file,
-            hub_api_url=self.hub_api_url,
-            metrics_address=self.metrics_address,
-            tls=TLSFiles(self.tls_cert, self.tls_key, self.tls_ca),
-            agent_address=self.agent_address,
-            allow_plaintext=self.allow_plaintext,
-        )
+            return read_key_file(self.key_file)
+        return os.environ.get("GPUATTACH_BROKER_KEY", "")
+
+    def authenticator(self) -> BrokerAuthenticator:
+        """The configured authenticator; ValueError when its options are missing."""
+        made = self.authenticator_class(parent=self)
+        assert isinstance(made, BrokerAuthenticator)
+        return made
+
+    def options(self) -> BrokerApp:
+        """This application once what serve() reads is checked (the key file, the
+        policy); OSError or ValueError (PolicyErrors) says what is wrong."""
+        _ = self.key
+        if self.policy:
+            load_policy(self.policy)
+        return self
 
     def start(self) -> None:
         if self.generate_config:
@@ -135,8 +139,6 @@ class BrokerApp(ServiceApp):
             return
         try:
             options = self.options()
-            if options.policy:
-                load_policy(options.policy)
         except (ValueError, OSError) as exc:
             message = str(exc) if not isinstance(exc, PolicyErrors) else f"\n{exc}"
             print(f"gpuattach-broker: {message}", file=sys.stderr)
@@ -144,11 +146,15 @@ class BrokerApp(ServiceApp):
         self.setup_logging()
         try:
             asyncio.run(serve(options))
-        except ValueError as exc:  # e.g. plaintext refused, mTLS without a CA
+        except (ValueError, BackendError) as exc:  # e.g. plaintext refused, no such backend
             print(f"gpuattach-broker: {exc}", file=sys.stderr)
             self.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    BrokerApp.configured(argv).start()
+    try:
+        BrokerApp.configured(argv).start()
+    except OptionError as exc:  # a value the configuration cannot take
+        print(f"gpuattach-broker: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -18,6 +18,12 @@ Three kinds of caller:
 - nobody: allowed only when the broker has neither a key nor an
   authenticator (a developer's loopback broker), and then trusted as the
   user it claims to be.
+
+Which authenticator the broker uses is configuration, as in dask-gateway:
+``c.BrokerApp.authenticator_class`` names a `BrokerAuthenticator` subclass,
+a built-in by short name (`AUTHENTICATORS`) or any class by import path.
+The broker makes it with ``cls(parent=broker_app)``, so it reads its own
+config section (``c.MyAuthenticator.x = ...``) and the broker's options.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from traitlets import Unicode, default
+from traitlets.config import LoggingConfigurable
 
 TOKEN_HEADER = "authorization"
 ATTACH_SCOPE = "custom:gpuattach:attach"
@@ -78,6 +87,7 @@ class AuthError(Exception):
     """The credential was refused; the message says why and what to do."""
 
 
+@runtime_checkable
 class Authenticator(Protocol):
     async def authenticate(self, token: str) -> Identity:
         """The identity behind `token`, or AuthError."""
@@ -204,3 +214,100 @@ class AnyOf:
             except AuthError as exc:
                 errors.append(str(exc))
         raise AuthError("; ".join(errors) or "no authenticator is configured")
+
+
+class BrokerAuthenticator(LoggingConfigurable):
+    """Base of the classes ``c.BrokerApp.authenticator_class`` may name.
+
+    `enabled` False: the broker has no user authentication (only the broker
+    key, or an open developer broker when it has no key either)."""
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    async def authenticate(self, token: str) -> Identity:
+        """The identity behind `token`, or AuthError."""
+        raise NotImplementedError
+
+
+def _parent_option(app: Any, name: str) -> str:
+    """The broker's own option of that name ("" when made without the broker)."""
+    value = getattr(app, name, "")
+    return value if isinstance(value, str) else ""
+
+
+class TokenFileAuthenticator(BrokerAuthenticator):
+    """Static user tokens (``gpuattach-broker token add``), stored hashed."""
+
+    tokens_file = Unicode(help="Static user tokens (default: the broker's --tokens-file).").tag(
+        config=True
+    )
+
+    @default("tokens_file")
+    def _tokens_file_default(self) -> str:
+        return _parent_option(self.parent, "tokens_file")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not self.tokens_file:
+            raise ValueError("the tokens authenticator needs --tokens-file")
+        self.tokens = StaticTokens(self.tokens_file)
+
+    async def authenticate(self, token: str) -> Identity:
+        return await self.tokens.authenticate(token)
+
+
+class JupyterHubAuthenticator(BrokerAuthenticator):
+    """A kernel's or server's JupyterHub API token, resolved through the Hub."""
+
+    hub_api_url = Unicode(help="JupyterHub API URL (default: the broker's --hub-api-url).").tag(
+        config=True
+    )
+
+    @default("hub_api_url")
+    def _hub_api_url_default(self) -> str:
+        return _parent_option(self.parent, "hub_api_url")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not self.hub_api_url:
+            raise ValueError("the jupyterhub authenticator needs --hub-api-url")
+        self.hub = HubAuthenticator(self.hub_api_url)
+
+    async def authenticate(self, token: str) -> Identity:
+        return await self.hub.authenticate(token)
+
+
+class DefaultAuthenticator(BrokerAuthenticator):
+    """What the broker's options say: the tokens file when --tokens-file is
+    given, JupyterHub when --hub-api-url is, either one when both are, and
+    no user authentication when neither is."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        chosen: list[Authenticator] = []
+        if _parent_option(self.parent, "tokens_file"):
+            chosen.append(TokenFileAuthenticator(parent=self.parent))
+        if _parent_option(self.parent, "hub_api_url"):
+            chosen.append(JupyterHubAuthenticator(parent=self.parent))
+        self.chosen: Authenticator | None = (
+            None if not chosen else chosen[0] if len(chosen) == 1 else AnyOf(chosen)
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.chosen is not None
+
+    async def authenticate(self, token: str) -> Identity:
+        if self.chosen is None:
+            raise AuthError("this broker authenticates no user tokens")
+        return await self.chosen.authenticate(token)
+
+
+# Short names for c.BrokerApp.authenticator_class.
+AUTHENTICATORS = {
+    "default": f"{__name__}.DefaultAuthenticator",
+    "tokens": f"{__name__}.TokenFileAuthenticator",
+    "jupyterhub": f"{__name__}.JupyterHubAuthenticator",
+}

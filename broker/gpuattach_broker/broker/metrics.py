@@ -2,20 +2,66 @@
 
 One registry per broker (not the process-global one), served over HTTP by
 ``gpuattach-broker serve --metrics-address HOST:PORT`` at ``/metrics``.
+
+prometheus-client comes with the ``[broker]`` extra. The embedded broker a
+kernel starts from a kernel-only install (``pip install jupyter-gpuattach``)
+runs without it: it counts nothing and serves no ``/metrics``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+except ImportError:  # a kernel-only install: see above
+    CollectorRegistry = Counter = Gauge = Histogram = start_http_server = None  # type: ignore[assignment,misc]
+
+MISSING = (
+    "--metrics-address needs prometheus-client, which the broker's extra installs: "
+    "pip install 'jupyter-gpuattach[broker]'"
+)
+
+
+class _Uncounted:
+    """Takes every metric call and keeps nothing (no prometheus-client)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self._call
+
+    def _call(self, *args: Any, **kwargs: Any) -> _Uncounted:
+        return self
+
 
 WAIT_BUCKETS = (0.01, 0.1, 1, 5, 15, 30, 60, 120, 300, 900, 3600, float("inf"))
 ATTACH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
 
 
+METRICS = (
+    "capacity_bytes",
+    "allocated_bytes",
+    "devices",
+    "active_leases",
+    "queue_length",
+    "held_device_seconds",
+    "busy_device_seconds",
+    "gpu_busy_device_seconds",
+    "queue_wait",
+    "attach_latency",
+    "preemptions",
+    "leases_ended",
+)
+
+
 class BrokerMetrics:
     def __init__(self) -> None:
+        if CollectorRegistry is None:
+            self.enabled = False
+            for name in METRICS:
+                setattr(self, name, _Uncounted())
+            return
+        self.enabled = True
         self.registry = CollectorRegistry()
         r = self.registry
         self.capacity_bytes = Gauge(
@@ -71,6 +117,8 @@ class BrokerMetrics:
 
     def serve(self, address: str) -> int:
         """Serve /metrics on `address` (host:port, port 0 picks one); returns the port."""
+        if not self.enabled:
+            raise ValueError(MISSING)
         host, _, port = address.rpartition(":")
         server, _thread = start_http_server(
             int(port), addr=host or "127.0.0.1", registry=self.registry

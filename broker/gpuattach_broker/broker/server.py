@@ -15,44 +15,26 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from sqlalchemy import make_url
 
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
-from gpuattach_broker.broker.identity import AnyOf, Authenticator, HubAuthenticator, StaticTokens
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.service import BrokerService
 from gpuattach_broker.broker.store import db_url_for, open_store
 from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.tls import TLSFiles, check_plaintext, server_credentials
+from gpuattach_broker.tls import check_plaintext, server_credentials
 from gpuattach_broker.transfer import GRPC_OPTIONS
 
+if TYPE_CHECKING:
+    from gpuattach_broker.broker.app import BrokerApp
+
 log = logging.getLogger("gpuattach.broker")
-
-
-@dataclass
-class ServeOptions:
-    address: str = "127.0.0.1:50051"
-    db: str = ""
-    db_url: str = ""  # sqlite:///... or postgresql://...; overrides db
-    ttl_seconds: float = 30.0
-    key: str = ""
-    embedded_agent: str = ""  # device spec of an in-process agent, e.g. "auto"
-    pool_size: int = 1
-    runtime_file: str = ""
-    idle_exit_seconds: float = 0.0  # 0: never
-    policy: str = ""  # TOML policy file; reloaded on change and on SIGHUP
-    tokens_file: str = ""  # static user tokens (hashed)
-    hub_api_url: str = ""  # JupyterHub API, to resolve kernels' JUPYTERHUB_API_TOKEN
-    metrics_address: str = ""  # host:port for Prometheus /metrics
-    tls: TLSFiles = field(default_factory=TLSFiles)  # certificate, key (and the agents' CA)
-    agent_address: str = ""  # a second port for agents, with mutual TLS
-    allow_plaintext: bool = False
 
 
 def write_runtime_file(path: str, address: str, key: str) -> None:
@@ -64,17 +46,6 @@ def write_runtime_file(path: str, address: str, key: str) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump({"address": address, "key": key, "pid": os.getpid()}, handle)
     os.replace(tmp, target)
-
-
-def _authenticator(options: ServeOptions) -> Authenticator | None:
-    authenticators: list[Authenticator] = []
-    if options.tokens_file:
-        authenticators.append(StaticTokens(options.tokens_file))
-    if options.hub_api_url:
-        authenticators.append(HubAuthenticator(options.hub_api_url))
-    if not authenticators:
-        return None
-    return authenticators[0] if len(authenticators) == 1 else AnyOf(authenticators)
 
 
 class PolicyWatcher:
@@ -110,16 +81,20 @@ class PolicyWatcher:
                 self.reload()
 
 
-async def serve(options: ServeOptions) -> None:
+async def serve(options: BrokerApp) -> None:
+    """Serve until SIGTERM/SIGINT; `options` is the configured ``gpuattach-broker
+    serve`` application (its traits are the options, declared once there)."""
     policy = load_policy(options.policy) if options.policy else None
-    db_url = options.db_url or db_url_for(options.db)
+    authenticator = options.authenticator()
+    key = options.key
+    db_url = options.db_url or db_url_for(options.db_path)
     store = WorkingSet(open_store(db_url))
     service = BrokerService(
         store,
         ttl_seconds=options.ttl_seconds,
-        key=options.key,
+        key=key,
         policy=policy,
-        authenticator=_authenticator(options),
+        authenticator=authenticator if authenticator.enabled else None,
     )
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_BrokerServicer_to_server(service, server)
@@ -164,12 +139,12 @@ async def serve(options: ServeOptions) -> None:
     agent: Agent | None = None
     if options.embedded_agent:
         backend = open_backend(options.embedded_agent)
-        agent = Agent(address, backend, pool_size=options.pool_size, key=options.key)
+        agent = Agent(address, backend, pool_size=options.pool_size, key=key)
         tasks.append(asyncio.create_task(agent.run(stop)))
     if options.idle_exit_seconds > 0:
         tasks.append(asyncio.create_task(_exit_when_idle(service, options.idle_exit_seconds, stop)))
     if options.runtime_file:
-        write_runtime_file(options.runtime_file, address, options.key)
+        write_runtime_file(options.runtime_file, address, key)
     print(json.dumps({"address": address, "pid": os.getpid()}), flush=True)
     try:
         await stop.wait()
@@ -178,6 +153,7 @@ async def serve(options: ServeOptions) -> None:
             _remove_runtime_file(options.runtime_file)
         if agent is not None:
             await agent.shutdown()
+            agent.backend.close()
         for task in tasks:
             task.cancel()
         await server.stop(grace=1.0)

@@ -19,7 +19,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -85,10 +85,13 @@ def _usable(info: dict[str, object] | None) -> BrokerAddress | None:
     return target if _answers(target) else None
 
 
-def find_or_start(runtime_dir: str | Path) -> tuple[BrokerAddress, bool]:
+def find_or_start(
+    runtime_dir: str | Path, environ: Mapping[str, str] | None = None
+) -> tuple[BrokerAddress, bool]:
     """The embedded broker's address, and whether this call started it.
 
-    Settings come from the environment: GPUATTACH_EMBEDDED_DEVICES (auto),
+    Settings come from `environ` (default: this process's environment; the
+    server passes what its kernels get): GPUATTACH_EMBEDDED_DEVICES (auto),
     GPUATTACH_EMBEDDED_IDLE_EXIT (120s), GPUATTACH_EMBEDDED_TTL (30s),
     GPUATTACH_EMBEDDED_POOL_SIZE (1).
     """
@@ -97,15 +100,15 @@ def find_or_start(runtime_dir: str | Path) -> tuple[BrokerAddress, bool]:
         target = _usable(_read(path))
         if target is not None:
             return target, False
-        return _start(path), True
+        return _start(path, os.environ if environ is None else environ), True
 
 
-def _start(path: Path) -> BrokerAddress:
+def _start(path: Path, environ: Mapping[str, str]) -> BrokerAddress:
     key = secrets.token_urlsafe(24)
     log_dir = state_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "embedded-broker.log"
-    env = dict(os.environ)
+    env = dict(environ)
     env["GPUATTACH_BROKER_KEY"] = key
     command = [
         sys.executable,
@@ -115,13 +118,13 @@ def _start(path: Path) -> BrokerAddress:
         "--address",
         "127.0.0.1:0",
         "--embedded-agent",
-        os.environ.get("GPUATTACH_EMBEDDED_DEVICES", "auto"),
+        env.get("GPUATTACH_EMBEDDED_DEVICES", "auto"),
         "--pool-size",
-        os.environ.get("GPUATTACH_EMBEDDED_POOL_SIZE", "1"),
+        env.get("GPUATTACH_EMBEDDED_POOL_SIZE", "1"),
         "--idle-exit",
-        os.environ.get("GPUATTACH_EMBEDDED_IDLE_EXIT", "120s"),
+        env.get("GPUATTACH_EMBEDDED_IDLE_EXIT", "120s"),
         "--ttl",
-        os.environ.get("GPUATTACH_EMBEDDED_TTL", "30s"),
+        env.get("GPUATTACH_EMBEDDED_TTL", "30s"),
         "--runtime-file",
         str(path),
         "--db",

@@ -27,8 +27,8 @@ from pathlib import Path
 import xxhash
 
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.shared.blobcache import BlobCache
 from gpuattach_broker.units import format_size
-from gpuattach_broker.worker.blobcache import BlobCache
 
 CHUNK_BYTES = 4 * 1024 * 1024
 # Folders no remote cell reads by relative path, or too big to mirror blindly.

@@ -30,7 +30,7 @@ from gpuattach_broker import codec, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import end_metadata
-from gpuattach_broker.worker.blobcache import BlobCache
+from gpuattach_broker.shared.blobcache import BlobCache
 from gpuattach_broker.worker.scratch import Scratch
 from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
 

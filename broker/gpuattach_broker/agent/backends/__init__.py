@@ -1,44 +1,60 @@
-"""Device backends and the spec that picks one (``--devices``)."""
+"""Device backends and the spec that picks one (``--devices NAME[:OPTIONS]``)."""
 
 from __future__ import annotations
 
-from gpuattach_broker.agent.backends.base import BackendError, Device, DeviceBackend
+from gpuattach_broker.agent.backends.base import (
+    BackendError,
+    BackendSettings,
+    Capability,
+    Device,
+    DeviceBackend,
+    DeviceMonitor,
+)
 from gpuattach_broker.agent.backends.cpu import CpuBackend
 from gpuattach_broker.agent.backends.nvml import NoGpuError, NvmlBackend
-from gpuattach_broker.agent.mps import MpsState
+from gpuattach_broker.agent.backends.registry import GROUP, backend_class, installed
 
 DEFAULT_CPU_SPEC = "cpu:1x8GiB"
+SPEC_HINT = "use auto, nvml, nvml:<gpu>,... or cpu:<count>x<memory>"
 
 __all__ = [
+    "DEFAULT_CPU_SPEC",
+    "GROUP",
     "BackendError",
+    "BackendSettings",
+    "Capability",
     "CpuBackend",
     "Device",
     "DeviceBackend",
+    "DeviceMonitor",
     "NoGpuError",
     "NvmlBackend",
+    "backend_class",
+    "installed",
     "open_backend",
 ]
 
 
-def open_backend(spec: str, mps: MpsState | None = None) -> DeviceBackend:
-    """'auto' (NVML when a GPU is present, else the CPU backend), 'nvml',
-    'nvml:<GPU index, GPU UUID or MIG UUID>,...' (only those), or 'cpu:NxSIZE'.
+def open_backend(spec: str, settings: BackendSettings | None = None) -> DeviceBackend:
+    """The backend for ``--devices``: 'auto' (NVML when a GPU is present, else
+    the CPU backend), or NAME[:OPTIONS] of an installed backend: 'nvml',
+    'nvml:<GPU index, GPU UUID or MIG UUID>,...', 'cpu:NxSIZE', or a plug-in's.
 
     'auto' falls back to the CPU backend only when the host has no NVIDIA
     GPU; a GPU the driver cannot reach is an error, not a quiet CPU host.
     """
-    if spec == "nvml" or spec.startswith("nvml:"):
-        only = spec.partition(":")[2].split(",") if ":" in spec else []
-        if ":" in spec and not any(o.strip() for o in only):
-            raise BackendError(f"device spec {spec!r} names no GPU: write nvml:0,1 or nvml:GPU-...")
-        return NvmlBackend(only=only, mps=mps)
-    if spec == "auto":
+    settings = settings or BackendSettings()
+    name, colon, text = spec.strip().partition(":")
+    options = text if colon else None
+    if spec.strip() == "auto":
         try:
-            return NvmlBackend(mps=mps)
+            return backend_class("nvml").open(None, settings)
         except NoGpuError:
-            return CpuBackend.from_spec(DEFAULT_CPU_SPEC)
-    if spec.startswith("cpu:"):
-        return CpuBackend.from_spec(spec)
-    raise BackendError(
-        f"unknown device spec {spec!r}: use auto, nvml, nvml:<gpu>,... or cpu:<count>x<memory>"
-    )
+            return backend_class("cpu").open(DEFAULT_CPU_SPEC.partition(":")[2], settings)
+    available = installed()
+    if name not in available:
+        raise BackendError(
+            f"unknown device spec {spec!r}: {SPEC_HINT}, or NAME[:OPTIONS] of an installed "
+            f"device backend ({', '.join(available)})"
+        )
+    return backend_class(name).open(options, settings)

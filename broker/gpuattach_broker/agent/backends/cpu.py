@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import re
 
-from gpuattach_broker.agent.backends.base import BackendError, Device
+from gpuattach_broker.agent.backends.base import (
+    BackendError,
+    BackendSettings,
+    Device,
+    DeviceBackend,
+)
 from gpuattach_broker.units import parse_size
 
 _SPEC = re.compile(r"^cpu:(\d+)x(.+)$")
+DEFAULT_OPTIONS = "1x8GiB"
 
 
-class CpuBackend:
+class CpuBackend(DeviceBackend):
+    """No capability beyond the inventory: nothing to monitor, no shares to enforce."""
+
     name = "cpu"
 
     def __init__(self, count: int, memory_bytes: int) -> None:
@@ -22,6 +30,11 @@ class CpuBackend:
             Device(local_id=f"cpu{i}", name="CPU", kind="cpu", memory_bytes=memory_bytes)
             for i in range(count)
         ]
+
+    @classmethod
+    def open(cls, options: str | None, settings: BackendSettings) -> CpuBackend:
+        """``--devices cpu:2x8GiB``; a bare ``cpu`` is one device of 8 GiB."""
+        return cls.from_spec(f"cpu:{DEFAULT_OPTIONS if options is None else options}")
 
     @classmethod
     def from_spec(cls, spec: str) -> CpuBackend:
@@ -44,6 +57,7 @@ class CpuBackend:
         return list(self._devices)
 
     def slice_env(self, devices: list[Device], memory_bytes: int) -> dict[str, str]:
+        """No CUDA device: the worker learns its budget from the environment."""
         return {
             "CUDA_VISIBLE_DEVICES": "",
             "GPUATTACH_DEVICES": ",".join(d.local_id for d in devices),

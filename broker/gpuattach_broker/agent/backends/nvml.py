@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpuattach_broker.agent import mps as mps_mod
-from gpuattach_broker.agent.backends.base import BackendError, Device
+from gpuattach_broker.agent.backends.base import (
+    BackendError,
+    BackendSettings,
+    Capability,
+    Device,
+    DeviceBackend,
+)
 from gpuattach_broker.agent.backends.gpu_slices import gpu_slice_env
 from gpuattach_broker.agent.backends.nvml_inventory import Inventory, read_inventory, text
 from gpuattach_broker.agent.backends.pci import nvidia_gpus
 from gpuattach_broker.agent.caps import CapPolicy
+
+if TYPE_CHECKING:
+    from gpuattach_broker.agent.gpu_host import GpuHost, GpuOptions
 
 CPU_HINT = "use the CPU backend (--devices cpu:1x8GiB)"
 
@@ -28,11 +37,22 @@ class NoGpuError(BackendError):
     """This host has no NVIDIA GPU at all: the CPU backend is the right one, nothing is broken."""
 
 
-def load_pynvml() -> Any:
+def load_pynvml(pci_root: str | None = None) -> Any:
+    """pynvml, which the ``[agent]`` extra installs. Without it, a host with no
+    NVIDIA GPU is simply a CPU host (NoGpuError: a kernel-only install's
+    embedded broker runs the CPU backend); a host with one needs it."""
     try:
         import pynvml
-    except ImportError as exc:  # pragma: no cover - declared dependency
-        raise BackendError("pynvml is not installed: pip install nvidia-ml-py") from exc
+    except ImportError as exc:
+        gpus = nvidia_gpus(pci_root) if pci_root is not None else nvidia_gpus()
+        if not gpus:
+            raise NoGpuError(
+                "pynvml is not installed and this host has no NVIDIA GPU; " + CPU_HINT
+            ) from exc
+        raise BackendError(
+            f"this host has NVIDIA GPUs on PCI {', '.join(gpus)} but pynvml is not installed: "
+            "pip install 'jupyter-gpuattach[agent]' (nvidia-ml-py); or " + CPU_HINT
+        ) from exc
     return pynvml
 
 
@@ -65,7 +85,9 @@ def _selected(device: Device, only: frozenset[str], index_of: dict[str, str]) ->
     return bool(keys & only)
 
 
-class NvmlBackend:
+class NvmlBackend(DeviceBackend):
+    """Monitoring and memory caps always; compute shares where MPS runs."""
+
     name = "nvml"
 
     def __init__(
@@ -78,10 +100,14 @@ class NvmlBackend:
         pci_root: str | None = None,
     ) -> None:
         """`only`: offer just these GPUs (index, GPU UUID or MIG UUID); all when empty."""
-        self.nvml = nvml if nvml is not None else load_pynvml()
+        self.nvml = nvml if nvml is not None else load_pynvml(pci_root)
         self.only = frozenset(o.strip() for o in only if o.strip())
         self.mps = mps if mps is not None else mps_mod.detect()
         self.caps = caps or CapPolicy()
+        self.capabilities = frozenset(
+            {Capability.MONITORING, Capability.MEMORY_CAPS}
+            | ({Capability.COMPUTE_SHARE} if self.mps.active else set())
+        )
         self.lock = threading.RLock()
         init_nvml(self.nvml, pci_root)
         self.inventory = Inventory()
@@ -94,6 +120,26 @@ class NvmlBackend:
             raise NoGpuError("NVML found no GPU; " + CPU_HINT)
         if not self._devices:
             raise BackendError("no GPU of this host can be offered: " + self.why_nothing())
+
+    @classmethod
+    def open(cls, options: str | None, settings: BackendSettings) -> NvmlBackend:
+        """``nvml`` (every GPU) or ``nvml:<GPU index, GPU UUID or MIG UUID>,...``
+        (only those). ``settings.compute_share`` start: an MPS daemon this
+        backend started is stopped again by `close` (or here, when NVML fails)."""
+        only = options.split(",") if options is not None else []
+        if options is not None and not any(o.strip() for o in only):
+            raise BackendError(
+                f"device spec 'nvml:{options}' names no GPU: write nvml:0,1 or nvml:GPU-..."
+            )
+        try:
+            state = mps_mod.prepare(settings.compute_share)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+        try:
+            return cls(only=only, mps=state, caps=settings.caps)
+        except BaseException:
+            mps_mod.stop(state)
+            raise
 
     def _read(self) -> Inventory:
         inventory = read_inventory(self.nvml)
@@ -131,16 +177,28 @@ class NvmlBackend:
             return self._read()
 
     def close(self) -> None:
+        """Shut NVML down; stop the MPS daemon if this backend started it."""
         with self.lock:
             try:
                 self.nvml.nvmlShutdown()
             except self.nvml.NVMLError:
                 pass
+        mps_mod.stop(self.mps)
+
+    def monitor(self, options: GpuOptions | None = None) -> GpuHost:
+        """Live use, memory caps, inventory changes and Xid faults (gpu_host)."""
+        from gpuattach_broker.agent.gpu_host import GpuHost  # it imports this module
+
+        return GpuHost(self, options)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; compute shares: {self.mps.reason}"
 
     def devices(self) -> list[Device]:
         return list(self._devices)
 
     def slice_env(self, devices: list[Device], memory_bytes: int) -> dict[str, str]:
+        """GPU or MIG UUIDs; a fraction gets its memory cap and compute share."""
         hard_limit = self.caps.allowance(memory_bytes)
         return gpu_slice_env(devices, memory_bytes, self.mps, hard_limit_bytes=hard_limit)
 
