@@ -248,7 +248,8 @@ class RequestMix:
         self, gpus: int, share: float, memory_bytes: int, cpus: float, host_memory: int
     ) -> None:
         """Count one request. The mix is recomputed after 8, 16, 32, ... and then
-        every 256 requests, so scores stay cached between refreshes."""
+        every 256 requests, and changes (dropping cached scores) only when it
+        moved by more than a few percent."""
         if self._fixed:
             return
         if gpus > 1 or (memory_bytes == 0 and (share == 0 or share >= 1)):
@@ -282,5 +283,17 @@ class RequestMix:
         prior = self._prior_weight / (self._prior_weight + kept)
         mixed = [RequestType(**{**t.__dict__, "weight": t.weight * prior}) for t in self._prior]
         mixed += [RequestType(**{**t.__dict__, "weight": t.weight * (1 - prior)}) for t in types]
-        self.types = normalized(mixed)
+        fresh = normalized(mixed)
+        if _close(fresh, self.types):
+            return  # keep the cached scores: the mix has not really moved
+        self.types = fresh
         self.version += 1
+
+
+def _close(a: Sequence[RequestType], b: Sequence[RequestType], tolerance: float = 0.05) -> bool:
+    """Same kinds of request, weights within `tolerance` in total."""
+    if [(t.gpus, t.share, t.memory_bytes) for t in a] != [
+        (t.gpus, t.share, t.memory_bytes) for t in b
+    ]:
+        return False
+    return sum(abs(x.weight - y.weight) for x, y in zip(a, b, strict=True)) < tolerance

@@ -38,6 +38,7 @@ from gpuattach_broker.broker.quotas import (
     limit_source,
 )
 from gpuattach_broker.broker.scheduler import (
+    Backfill,
     DeviceState,
     Placement,
     RequestError,
@@ -100,13 +101,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         key: str = "",
         policy: Policy | None = None,
         authenticator: Authenticator | None = None,
+        placement: str = "best-fit",
+        backfill: Backfill | None = None,
     ) -> None:
         self.store = store
         self.ttl = ttl_seconds
         self.key = key
         self.policy = policy or Policy()
         self.authenticator = authenticator
-        self.scheduler = Scheduler(fair_share=True)
+        self.scheduler = Scheduler(fair_share=True, placement=placement, backfill=backfill)
         self.metrics = BrokerMetrics()
         self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
@@ -427,7 +430,10 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     def _pump_queue(self) -> None:
         """Grant queued requests that fit now, by standing; preempt for the blocked head."""
-        for placement in self.scheduler.grant_waiting(self._warm_hosts(), self._cache_hosts):
+        granted = self.scheduler.grant_waiting(
+            self._warm_hosts(), self._cache_hosts, now=time.time()
+        )
+        for placement in granted:
             waiter = self.waiters.get(placement.request_id)
             if waiter is None:  # the client went away in the meantime
                 self.scheduler.free(placement.request_id)

@@ -73,6 +73,23 @@ The model
   is one namespace transfer: in at each attach, out at each release; its
   size is the cell's ``memory`` (host memory in the trace). The static
   policy migrates nothing: its kernel lives on the GPU host.
+- **Placement and backfill.** ``--placement fgd`` makes the scheduler place
+  by fragmentation gradient descent instead of memory best fit (see
+  ``gpuattach_broker.broker.fragmentation``); ``--backfill SECONDS`` lets
+  requests that fit start past waiting ones, with reservations for those
+  that waited that long (``Backfill``). Both are the live ``Scheduler``'s
+  own options. ``--nodes FILE`` gives a heterogeneous pool (GPU models and
+  sizes, host CPU and memory, which requests' ``cpus``/``host_memory``
+  columns use up); ``model`` and ``hosts`` columns constrain placement.
+- **Saturation** (``--saturate --inflate 1.3 --seed N``): no clock. The GPU
+  cells are pods, shuffled with the seed and inflated (sampled with
+  replacement) to 1.3x the pool's GPUs, placed once each in that order;
+  one that does not fit is skipped, nothing ends. The measure is the
+  unallocated share of GPU capacity against arrived demand
+  (``gpuattach_broker.simulator.saturation``); the placement study
+  (``python -m gpuattach_broker.simulator.placement_study``) runs it and a
+  time replay on generated production-shaped workloads
+  (``gpuattach_broker.simulator.generate``).
 - **GPUs needed.** The smallest pool in *whole hosts* of the ``--pool``
   shape for which the p95 wait of GPU cells is at most 60 s, found by
   re-running the simulation on 1, 2, 3, ... hosts (multi-GPU cells must fit
