@@ -42,7 +42,7 @@ HELD = re.compile(r"held (\d+\.\d) s")
 
 
 def write_notebook(lab: Lab) -> None:
-    cells = [
+    cells: list[dict[str, Any]] = [
         {"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None}
         for src in CELLS
     ]
@@ -297,3 +297,18 @@ def one_glance(lab: Lab, page: Any) -> None:
     texts = sorted(t.strip() for t in page.locator(".jp-Completer-match").all_inner_texts())
     assert texts == ["attach", "auto"], texts
     screenshot(page, "glance-09-completion")
+    page.keyboard.press("Escape")
+
+    # A narrow notebook (panel and file browser open in a small window): the
+    # widget's button keeps its label and the phrases wrap whole.
+    page.set_viewport_size({"width": 900, "height": 900})
+    widget = cell(page, 3).locator(".jp-gpuattach-widget")
+    wait_until(lambda: widget.bounding_box()["width"] < 450, 10, "a narrow notebook")
+    button = widget.locator("button")
+    assert button.evaluate("b => b.scrollWidth <= b.clientWidth + 1")
+    assert button.inner_text().strip() == "Release"
+    clipped = widget.evaluate(
+        "w => [...w.querySelectorAll('span')].filter(s => s.getClientRects().length > 1).length"
+    )
+    assert clipped == 0, "a phrase wrapped inside"
+    screenshot(page, "glance-10-narrow")

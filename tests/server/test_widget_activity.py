@@ -106,7 +106,7 @@ class KernelIO:
         ]
 
     def state(self, box: str) -> str:
-        classes = self.models[box]["_dom_classes"]
+        classes: list[str] = self.models[box]["_dom_classes"]
         return [c for c in classes if c != "jp-gpuattach-widget"][-1].removeprefix("jp-gpuattach-")
 
     def states(self) -> list[str]:
