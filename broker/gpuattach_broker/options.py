@@ -23,8 +23,9 @@ class OptionError(ValueError):
     services print this message and exit with 2 instead."""
 
 
-def option_name(obj: Any, name: str) -> str:
+def option_name(obj: Any, name: str | None) -> str:
     """``--blob-cache-bytes (c.AgentApp.blob_cache_bytes)``: both ways to set it."""
+    name = name or "option"  # a trait's name is set once its class is made
     return f"--{name.replace('_', '-')} (c.{type(obj).__name__}.{name})"
 
 

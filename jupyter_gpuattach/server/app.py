@@ -262,7 +262,8 @@ class GPUAttachApp(ExtensionApp):
         self.handlers.extend(HANDLERS)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        await super()._start_jupyter_server_extension(serverapp)
+        # jupyter_server leaves this hook unannotated.
+        await super()._start_jupyter_server_extension(serverapp)  # type: ignore[no-untyped-call]
         reporter = getattr(self, "reporter", None)
         if reporter is not None:
             reporter.start()

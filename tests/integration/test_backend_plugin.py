@@ -107,7 +107,8 @@ def test_agent_serves_a_backend_registered_through_an_entry_point(
         attached = kernel.ok("%gpu attach --mem 1GiB")
         assert "GPU attached" in attached.stdout, attached.stdout
         (lease,) = dummy_stack.leases()
-        assert len(lease.device_ids) == 1 and lease.device_ids[0] in offered
+        assert len(lease.device_ids) == 1
+        assert lease.device_ids[0] in offered
         held = lease.device_ids[0].split("/", 1)[1]
         seen: Any = kernel.value("__import__('os').environ.get('DUMMY_ACCELERATOR')")
         assert seen == held  # the cell ran on a worker the dummy backend set up

@@ -3,6 +3,7 @@ the server's environment stays as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ async def kernel_environment(serverapp: Any, kernel_id: str, out: Path) -> dict[
         assert reply["content"]["status"] == "ok"
     finally:
         client.stop_channels()
-    seen: dict[str, str | None] = json.loads(out.read_text())
+    seen: dict[str, str | None] = json.loads(await asyncio.to_thread(out.read_text))
     return seen
 
 

@@ -135,6 +135,9 @@ class Agent:
         # Leases whose worker is being revoked and stopped: the worker, and the task.
         self._retiring: dict[str, tuple[WorkerProcess, asyncio.Task[None]]] = {}
         self._reannounce = asyncio.Event()
+        # Set when a lease start ends or the stream takes a message from the
+        # outbox: what `_announce_wanted` waits on to see the agent settle.
+        self._progress = asyncio.Event()
         self.connected = asyncio.Event()
 
     def _make_pools(self, size: int) -> WarmPools:
@@ -246,7 +249,8 @@ class Agent:
         await self._reannounce.wait()
         while True:
             while self._starting or not self._outbox.empty():
-                await asyncio.sleep(0.05)
+                self._progress.clear()
+                await self._progress.wait()
             await asyncio.sleep(ANNOUNCE_GRACE_S)
             if not self._starting and self._outbox.empty():
                 break
@@ -280,7 +284,9 @@ class Agent:
     async def _requests(self) -> AsyncIterator[pb.AgentMessage]:
         outbox = self._outbox
         while True:
-            yield await outbox.get()
+            message = await outbox.get()
+            self._progress.set()
+            yield message
 
     async def _heartbeat(self) -> None:
         while True:
@@ -333,7 +339,7 @@ class Agent:
             count = f"{len(devices)}x " if len(devices) > 1 else ""
             summary = f"{count}{devices[0].name} on {self.host} ({format_size(start.memory_bytes)})"
             await worker.assign(start.lease_id, start.token, env, summary)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is the lease's: the broker hears it
             log.error("could not start lease %s: %s", start.lease_id, exc)
             stop_wanted = start.lease_id in self._stop_wanted
             if worker is not None and not stop_wanted:
@@ -351,6 +357,7 @@ class Agent:
             return
         finally:
             self._starting -= 1
+            self._progress.set()
             self._starting_leases.discard(start.lease_id)
         if start.lease_id in self._stop_wanted:
             # The lease ended while its worker started (the kernel went away):

@@ -224,7 +224,7 @@ def _admin(args: argparse.Namespace) -> int:
                         f"{event.user:<10} {event.detail}"
                     )
         except grpc.RpcError as exc:
-            print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)
             return 1
     return 0
 
@@ -320,7 +320,7 @@ def _query(args: argparse.Namespace) -> int:
                     f"agents: {pool.agents_online}"
                 )
         except grpc.RpcError as exc:
-            print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"gpuattach-broker: {exc.details()}", file=sys.stderr)
             return 1
     return 0
 
