@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Kernel, Stack
+from tests.harness import Kernel, KernelFactory, Stack, StackFactory
 
 
 @pytest.fixture
-def stack_factory(tmp_path: Path) -> Iterator[Any]:
+def stack_factory(tmp_path: Path) -> Iterator[StackFactory]:
     stacks: list[Stack] = []
 
     def make(**kwargs: Any) -> Stack:
@@ -24,12 +24,12 @@ def stack_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def stack(stack_factory: Any) -> Stack:
+def stack(stack_factory: StackFactory) -> Stack:
     return stack_factory()
 
 
 @pytest.fixture
-def kernel_factory(tmp_path: Path) -> Iterator[Any]:
+def kernel_factory(tmp_path: Path) -> Iterator[KernelFactory]:
     kernels: list[Kernel] = []
 
     def make(stack: Stack, load: bool = True, token: str = "") -> Kernel:
@@ -47,5 +47,5 @@ def kernel_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def kernel(stack: Stack, kernel_factory: Any) -> Kernel:
+def kernel(stack: Stack, kernel_factory: KernelFactory) -> Kernel:
     return kernel_factory(stack)

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -46,8 +46,8 @@ class BrokerError(RuntimeError):
 
 
 def _error(exc: grpc.RpcError, what: str, address: str) -> BrokerError:
-    code = exc.code()  # type: ignore[attr-defined]
-    details = exc.details()  # type: ignore[attr-defined]
+    code = exc.code()
+    details = exc.details()
     if code == grpc.StatusCode.UNAVAILABLE:
         return BrokerError(f"cannot reach the GPU broker at {address} ({what})", code)
     trailing = getattr(exc, "trailing_metadata", None)
@@ -88,7 +88,7 @@ class BrokerClient:
             try:
                 for event in call:
                     events.put(event)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, raised there
                 events.put(exc)
             events.put(None)
 
@@ -121,16 +121,19 @@ class BrokerClient:
         migrating: bool = False,
     ) -> pb.RenewReply:
         try:
-            return self.stub.Renew(
-                pb.LeaseRef(
-                    lease_id=lease.lease_id,
-                    token=lease.token,
-                    busy_seconds=busy_seconds,
-                    idle_release_in=idle_release_in,
-                    migrating=migrating,
+            return cast(
+                "pb.RenewReply",
+                self.stub.Renew(
+                    pb.LeaseRef(
+                        lease_id=lease.lease_id,
+                        token=lease.token,
+                        busy_seconds=busy_seconds,
+                        idle_release_in=idle_release_in,
+                        migrating=migrating,
+                    ),
+                    metadata=self.metadata,
+                    timeout=timeout,
                 ),
-                metadata=self.metadata,
-                timeout=timeout,
             )
         except grpc.RpcError as exc:
             raise _error(exc, "renew", self.target.address) from None
@@ -155,10 +158,13 @@ class BrokerClient:
         )
         while True:
             try:
-                return self.stub.Release(
-                    ref,
-                    metadata=self.metadata,
-                    timeout=5,
+                return cast(
+                    "pb.ReleaseReply",
+                    self.stub.Release(
+                        ref,
+                        metadata=self.metadata,
+                        timeout=5,
+                    ),
                 )
             except grpc.RpcError as exc:
                 error = _error(exc, "release", self.target.address)
@@ -169,10 +175,13 @@ class BrokerClient:
     def release_for(self, lease_id: str, user: str, reason: str) -> pb.ReleaseReply:
         """Release a user's lease as a trusted service holding the broker key."""
         try:
-            return self.stub.Release(
-                pb.LeaseRef(lease_id=lease_id, on_behalf_of=user, reason=reason),
-                metadata=self.metadata,
-                timeout=10,
+            return cast(
+                "pb.ReleaseReply",
+                self.stub.Release(
+                    pb.LeaseRef(lease_id=lease_id, on_behalf_of=user, reason=reason),
+                    metadata=self.metadata,
+                    timeout=10,
+                ),
             )
         except grpc.RpcError as exc:
             raise _error(exc, "release", self.target.address) from None
@@ -202,8 +211,9 @@ class BrokerClient:
 
     def pool_status(self) -> pb.PoolStatus:
         try:
-            return self.stub.GetPoolStatus(
-                pb.PoolStatusRequest(), metadata=self.metadata, timeout=10
+            return cast(
+                "pb.PoolStatus",
+                self.stub.GetPoolStatus(pb.PoolStatusRequest(), metadata=self.metadata, timeout=10),
             )
         except grpc.RpcError as exc:
             raise _error(exc, "pool status", self.target.address) from None
