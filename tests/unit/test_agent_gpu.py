@@ -108,6 +108,18 @@ async def start(agent: Agent, lease_id: str, device_ids: list[str], memory: int)
     )
 
 
+async def ended_sent(agent: Agent) -> list[pb.LeaseEnded]:
+    """The lease-ended messages in the agent's outbox, once it has sent any."""
+    messages: list[pb.AgentMessage] = []
+
+    def sent() -> bool:
+        messages.extend(outbox(agent))
+        return any(m.WhichOneof("msg") == "ended" for m in messages)
+
+    await until(sent)
+    return [m.ended for m in messages if m.WhichOneof("msg") == "ended"]
+
+
 async def settle() -> None:
     for _ in range(50):
         await asyncio.sleep(0.01)
@@ -160,7 +172,7 @@ def test_lease_over_its_cap_is_ended_with_the_reason(
         assert "GPU memory cap exceeded" in ended[0].reason
         assert "16.0 GiB" in ended[0].reason
         assert "10.0 GiB" in ended[0].reason
-        await settle()
+        await until(lambda: "greedy" not in agent.live)  # its worker stopped
         assert "greedy" not in agent.live
         assert "polite" in agent.live
         assert pools.workers[0].proc.returncode is not None
@@ -338,8 +350,7 @@ def test_worker_that_dies_is_reported_and_frees_its_room(
         await start(agent, "l", [f"{HOST}/{uuid}"], 80 * GIB)
         outbox(agent)
         pools.workers[0].proc.kill()
-        await settle()
-        (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
+        (ended,) = await ended_sent(agent)
         assert ended.reason == "worker process was killed by SIGKILL"
         assert pools.room[-1] == (uuid, True)
         assert agent.gpu is not None
