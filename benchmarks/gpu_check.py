@@ -299,10 +299,12 @@ class Stack:
         return BrokerClient(BrokerAddress(self.address, self.key))
 
     def pool(self) -> Any:
+        from gpuattach_broker.client.broker_client import BrokerError
+
         client = self.client()
         try:
             return client.pool_status()
-        except Exception:
+        except BrokerError:
             return None
         finally:
             client.close()
@@ -414,10 +416,12 @@ class Lease:
         return "unknown", ""
 
     def release(self) -> None:
+        from gpuattach_broker.client.broker_client import BrokerError
+
         self.worker.close()
         try:
             self.broker.release(self.lease, reason="gpu_check", patience=5.0)
-        except Exception:
+        except BrokerError:
             pass  # already ended (the evicted lease)
         self.broker.close()
         # Its worker exits; until it has, it would pass for a warm one in `wait_warm`.
@@ -453,7 +457,7 @@ def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
     def target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised by join() on the caller's thread
             box["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
@@ -502,7 +506,7 @@ def check_cap_eviction(stack: Stack, args: argparse.Namespace) -> Check:
         began = time.time()
         try:
             _, out_c = c.run(hog)
-        except Exception as exc:  # the worker was stopped under the cell: expected
+        except Exception as exc:  # noqa: BLE001 - the worker was stopped under the cell: expected
             out_c = f"{type(exc).__name__}: {exc}"
         deadline = time.monotonic() + 60
         state, reason = c.state()

@@ -137,9 +137,9 @@ def grpc_figures(n: int, stream_bytes: int, stream_reps: int, warmup: int = 100)
     try:
         target = f"127.0.0.1:{int(port_queue.get(timeout=60))}"
         with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
-            ping = channel.unary_unary(f"/{SERVICE}/Ping")
-            chat = channel.stream_stream(f"/{SERVICE}/Chat")
-            flood = channel.unary_stream(f"/{SERVICE}/Flood")
+            ping = channel.unary_unary(f"/{SERVICE}/Ping", None, None)  # raw bytes both ways
+            chat = channel.stream_stream(f"/{SERVICE}/Chat", None, None)
+            flood = channel.unary_stream(f"/{SERVICE}/Flood", None, None)
             unary = time_calls(lambda: ping(b"", timeout=10), n, warmup)
 
             def one_exchange() -> None:
@@ -159,7 +159,7 @@ def grpc_figures(n: int, stream_bytes: int, stream_reps: int, warmup: int = 100)
 
         def fresh_channel() -> None:
             with grpc.insecure_channel(target) as fresh:
-                fresh.unary_unary(f"/{SERVICE}/Ping")(b"", timeout=10)
+                fresh.unary_unary(f"/{SERVICE}/Ping", None, None)(b"", timeout=10)
 
         first_call = time_calls(fresh_channel, max(10, n // 20), warmup=3)
         return {
@@ -199,7 +199,7 @@ def tcp_pingpong(n: int, warmup: int = 200) -> dict[str, Any]:
 
 def tcp_throughput(total: int, reps: int) -> dict[str, Any]:
     buffer = np.ones(TCP_BUFFER, dtype=np.uint8)  # touched once, reused
-    view = memoryview(buffer).cast("B")
+    view = buffer.data.cast("B")
     samples = []
     with _child(_tcp_sink_server, total, reps) as port:
         sock = socket.create_connection(("127.0.0.1", port))

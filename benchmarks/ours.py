@@ -230,11 +230,11 @@ def encode_for(worker: WorkerClient, values: dict[str, Any]) -> codec.Encoded:
     """Encode as the kernel does: blobs the worker already has go by reference."""
     if not blob_aware(worker):
         return codec.encode_namespace(values)
-    digests = codec.storage_digests(values)  # type: ignore[attr-defined]
-    have = digests - set(worker.missing_blobs(digests))  # type: ignore[attr-defined]
+    digests = codec.storage_digests(values)
+    have = digests - set(worker.missing_blobs(digests))
     if not have:
         return codec.encode_namespace(values)
-    return codec.encode_namespace(values, receiver_has=have)  # type: ignore[call-arg]
+    return codec.encode_namespace(values, receiver_has=have)
 
 
 def measure_migration(lease: Lease, nbytes: int, reps: int, log: Any) -> dict[str, Any]:

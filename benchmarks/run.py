@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     quick = cfg.mode == "quick"
-    result = {
+    result: dict[str, Any] = {
         "mode": cfg.mode,
         "machine": machine,
         "load_average_end": [round(x, 2) for x in os.getloadavg()],

@@ -59,7 +59,7 @@ def _distributions() -> dict[str, list[str]]:
     """Top-level module -> the distributions (pip names) that provide it."""
     try:
         return dict(importlib.metadata.packages_distributions())
-    except Exception:  # broken metadata somewhere: names without packages
+    except Exception:  # noqa: BLE001 - broken metadata somewhere: names without packages
         return {}
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Kernel, Stack
+from tests.harness import Kernel, KernelFactory, Stack, StackFactory
 from tests.pg import PostgresServer, PostgresUnavailable
 
 
@@ -45,7 +45,7 @@ def broker_db(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def stack_factory(tmp_path: Path, broker_db: str) -> Iterator[Any]:
+def stack_factory(tmp_path: Path, broker_db: str) -> Iterator[StackFactory]:
     stacks: list[Stack] = []
 
     def make(**kwargs: Any) -> Stack:
@@ -60,12 +60,12 @@ def stack_factory(tmp_path: Path, broker_db: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def stack(stack_factory: Any) -> Stack:
+def stack(stack_factory: StackFactory) -> Stack:
     return stack_factory()
 
 
 @pytest.fixture
-def kernel_factory(tmp_path: Path) -> Iterator[Any]:
+def kernel_factory(tmp_path: Path) -> Iterator[KernelFactory]:
     kernels: list[Kernel] = []
 
     def make(stack: Stack, load: bool = True, token: str = "") -> Kernel:
@@ -83,5 +83,5 @@ def kernel_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def kernel(stack: Stack, kernel_factory: Any) -> Kernel:
+def kernel(stack: Stack, kernel_factory: KernelFactory) -> Kernel:
     return kernel_factory(stack)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 from jupyter_client.manager import KernelManager
@@ -40,7 +40,7 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
     while time.monotonic() < deadline:
         try:
             last = predicate()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - not there yet, however it fails: try again
             last = exc
         else:
             if last:
@@ -52,7 +52,7 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
 def gone(pid: int) -> bool:
     """The process has exited (a zombie not yet reaped counts: it runs nothing)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -218,6 +218,7 @@ class Stack:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
 
 
 def other_host_prefix(hostname: str, hide: Path | None = None) -> list[str]:
@@ -230,6 +231,18 @@ def other_host_prefix(hostname: str, hide: Path | None = None) -> list[str]:
         unshare.append("--mount")
         script += f" && mount -t tmpfs -o size=64m gpuattach-other-host {shlex.quote(str(hide))}"
     return [*unshare, "sh", "-c", f'{script} && exec "$@"', "gpuattach-agent"]
+
+
+class StackFactory(Protocol):
+    """The `stack_factory` fixture: a started Stack, stopped after the test."""
+
+    def __call__(self, **kwargs: Any) -> Stack: ...
+
+
+class KernelFactory(Protocol):
+    """The `kernel_factory` fixture: a Kernel on `stack`, shut down after the test."""
+
+    def __call__(self, stack: Stack, load: bool = True, token: str = "") -> Kernel: ...
 
 
 @dataclass

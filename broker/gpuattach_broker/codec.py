@@ -58,16 +58,13 @@ from typing import Any
 import cloudpickle
 import xxhash
 
-from gpuattach_broker.reducers import (
-    HOME,
-    TO_WORKER,
-    LostValue,
-    Reducers,
-    Unpicklable,
-    collect_lost,
-    describe_unpicklable,
-)
+from gpuattach_broker.reducers import HOME as HOME  # the reducer sets are part of this API
+from gpuattach_broker.reducers import TO_WORKER as TO_WORKER
+from gpuattach_broker.reducers import LostValue as LostValue
+from gpuattach_broker.reducers import Reducers as Reducers
+from gpuattach_broker.reducers import Unpicklable, collect_lost
 from gpuattach_broker.reducers import close_user_files as close_user_files
+from gpuattach_broker.reducers import describe_unpicklable as describe_unpicklable
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +299,7 @@ _UNSEEN = object()  # a type this pickler has not met yet
 _AS_USUAL = object()  # pickle's own way: __reduce_ex__, copyreg, dispatch table
 
 
-class NamespacePickler(cloudpickle.Pickler):
+class NamespacePickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no types
     """cloudpickle with zero-copy, storage-sharing, content-addressed tensors,
     and the reducers of one direction for objects pickle refuses.
 
@@ -556,7 +553,7 @@ def find_unpicklable(
         probe = _ProbePickler(reducers)
         try:
             probe.dump(value)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a user object's reduce may raise any type
             problems[name] = _reason(value, exc, probe.last)
     return problems
 
@@ -569,7 +566,7 @@ def storage_blobs(values: Mapping[str, Any], *, reducers: Reducers = TO_WORKER) 
     """
     try:
         return dict(_pickle(dict(values), reducers=reducers)[2].seen)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a user object's reduce may raise any type
         problems = find_unpicklable(values, reducers=reducers)
         kept = {k: v for k, v in values.items() if k not in problems}
         return dict(_pickle(kept, reducers=reducers)[2].seen)
@@ -611,7 +608,7 @@ def encode_namespace(
     try:
         try:
             main, buffers, pickler = _pickle(graph, receiver_has, reducers)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a user object's reduce may raise any type
             problems = find_unpicklable(values, reducers=reducers)
             for name in problems:
                 graph.pop(name, None)
@@ -700,7 +697,7 @@ def _names_holding_lost(values: Mapping[str, Any]) -> dict[str, str]:
                 f"{found.value.reason} (inside {_a(type(value))}, which came back "
                 "with a placeholder in its place)"
             )
-        except Exception:
+        except Exception:  # noqa: BLE001 - a user object's reduce may raise any type
             pass  # cannot be walked again; a placeholder inside it still explains itself
     return problems
 
@@ -716,7 +713,7 @@ def import_modules(
     for alias, module_name in imports.items():
         try:
             modules[alias] = importlib.import_module(module_name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - importing runs the module's code: any type
             top = module_name.split(".", 1)[0]
             problems[alias] = (
                 f"module {module_name!r} cannot be imported here ({type(exc).__name__}: {exc}); "

@@ -267,7 +267,7 @@ def _closed_file(spec: FileSpec) -> Any:
         f = _open_like(replace(spec, mode=mode), os.devnull, None)
         raw = _raw_file(f)
         if raw is not None:
-            raw.name = spec.path  # type: ignore[misc]  # a plain attribute on FileIO
+            raw.name = spec.path  # a plain attribute on FileIO
         if spec.kind == "text":
             f.mode = spec.mode  # type: ignore[misc]  # open() sets it the same way
         f.close()

@@ -215,10 +215,10 @@ class BrokerGateway:
 
 
 def _rpc_error(exc: grpc.RpcError, what: str, client: BrokerClient) -> BrokerError:
-    code = exc.code()  # type: ignore[attr-defined]
+    code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return BrokerError(f"cannot reach the GPU broker at {client.target.address} ({what})", code)
-    details = exc.details()  # type: ignore[attr-defined]
+    details = exc.details()
     return BrokerError(details or f"{what} failed ({code.name})", code)
 
 

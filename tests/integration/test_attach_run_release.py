@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from typing import Any
 
 import pytest
 
-from tests.harness import Kernel, Stack, wait_for
+from tests.harness import Kernel, KernelFactory, Stack, wait_for
 from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
@@ -104,26 +104,25 @@ def test_remote_exception_shows_remote_traceback_and_kernel_survives(
     kernel.ok("def explode():\n    return {}['missing']")
     result = kernel.run("value = 41\nexplode()")
     assert result.status == "error"
-    assert result.error is not None and result.error["ename"] == "KeyError"
+    assert result.error is not None
+    assert result.error["ename"] == "KeyError"
     tb = "\n".join(result.error["traceback"])
-    assert "explode" in tb and "missing" in tb
+    assert "explode" in tb
+    assert "missing" in tb
     assert kernel.value("value + 1") == 42
 
 
 def test_interrupt_stops_a_remote_infinite_loop_quickly(stack: Stack, kernel: Kernel) -> None:
     kernel.ok("%gpu attach")
     msg_id = kernel.submit("print('spinning', flush=True)\nwhile True:\n    pass")
-    results: list = []
-    collector = threading.Thread(target=lambda: results.append(kernel.collect(msg_id)))
-    collector.start()
-    time.sleep(2.0)  # let the loop start on the worker
+    # The loop runs on the worker once its line has come back.
+    spinning = kernel.collect(msg_id, until=lambda so_far: "spinning" in so_far.stdout)
     interrupted_at = time.monotonic()
     kernel.interrupt()
-    collector.join(timeout=30)
-    assert results, "the cell never finished after the interrupt"
-    result = results[0]
+    result = kernel.collect(msg_id, timeout=30, into=spinning)
     assert result.ended_at - interrupted_at < 2.0
-    assert result.error is not None and result.error["ename"] == "KeyboardInterrupt"
+    assert result.error is not None
+    assert result.error["ename"] == "KeyboardInterrupt"
     assert "spinning" in result.stdout
     assert kernel.value("1 + 1") == 2  # still attached and working
     assert len(stack.leases()) == 1
@@ -137,11 +136,9 @@ def test_rich_output_matplotlib_and_dataframe_render_as_local(stack: Stack, kern
     assert any("image/png" in o["data"] for o in figure.outputs if o["type"] == "display_data")
     frame = kernel.ok("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
     results = [o for o in frame.outputs if o["type"] == "execute_result"]
-    assert (
-        results
-        and "text/html" in results[0]["data"]
-        and "<table" in results[0]["data"]["text/html"]
-    )
+    assert results
+    assert "text/html" in results[0]["data"]
+    assert "<table" in results[0]["data"]["text/html"]
     shown = kernel.ok("from IPython.display import HTML, display\ndisplay(HTML('<b>hi</b>'))")
     assert any(o["data"].get("text/html") == "<b>hi</b>" for o in shown.outputs)
 
@@ -154,7 +151,8 @@ def test_input_in_a_remote_cell_prompts_in_the_notebook(stack: Stack, kernel: Ke
     assert request["content"]["prompt"] == "name? "
     kernel.kc.input("remote")
     result = kernel.collect(msg_id)
-    assert result.status == "ok" and "hello remote" in result.stdout
+    assert result.status == "ok"
+    assert "hello remote" in result.stdout
 
 
 def test_files_land_next_to_the_notebook(stack: Stack, kernel: Kernel) -> None:
@@ -169,17 +167,23 @@ def test_files_land_next_to_the_notebook(stack: Stack, kernel: Kernel) -> None:
 
 
 @both_stores
-def test_two_kernels_share_a_pool_with_room_for_one(stack: Stack, kernel_factory) -> None:
+def test_two_kernels_share_a_pool_with_room_for_one(
+    stack: Stack, kernel_factory: KernelFactory
+) -> None:
     first, second = kernel_factory(stack), kernel_factory(stack)
     first.ok("%gpu attach")
     msg_id = second.submit("%gpu attach --wait 60s")
     wait_for(lambda: stack.pool().queue_length == 1, what="second kernel to queue")
-    time.sleep(0.5)
+
+    def queued(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [o for o in outputs if "queued #1" in str(o["data"].get("text/plain", ""))]
+
+    # The second kernel has shown its queue position before the room frees up.
+    waiting = second.collect(msg_id, until=lambda so_far: queued(so_far.outputs))
     first.ok("%gpu release")
-    result = second.collect(msg_id)
+    result = second.collect(msg_id, into=waiting)
     assert result.status == "ok"
-    queued = [o for o in result.outputs if "queued #1" in str(o["data"].get("text/plain", ""))]
-    assert queued, "the second kernel must have seen its queue position"
+    assert queued(result.outputs), "the second kernel must have seen its queue position"
     assert "GPU attached" in result.stdout
     assert second.value("1 + 1") == 2
     second.ok("%gpu release")
@@ -195,8 +199,9 @@ def test_broker_sigkill_and_restart_keeps_the_lease(stack: Stack, kernel: Kernel
     kernel.ok("x += 1")
     stack.start_broker()
     assert [lease.lease_id for lease in stack.leases()] == [lease_id]
+    # The broker matches the agent's live workers with its leases before it counts
+    # the agent online: from here on, a lease the agent did not report would be gone.
     wait_for(lambda: stack.pool().agents_online == 1, what="agent to reconnect")
-    time.sleep(1.0)
     assert [lease.lease_id for lease in stack.leases()] == [lease_id]
     kernel.ok("x += 1")
     assert "GPU released" in kernel.ok("%gpu release").stdout

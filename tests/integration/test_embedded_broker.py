@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -50,10 +49,13 @@ def test_two_kernels_share_one_embedded_broker_that_exits_when_idle(tmp_path: Pa
         worker_pid = first.value("__import__('os').getpid()")
 
         msg_id = second.submit("%gpu attach --wait 60s")
-        time.sleep(2.0)
+        waiting = second.collect(  # queued behind the first kernel's lease
+            msg_id, until=lambda so_far: any("queued #1" in str(o["data"]) for o in so_far.outputs)
+        )
         first.ok("%gpu release")
-        result = second.collect(msg_id)
-        assert result.status == "ok" and "GPU attached" in result.stdout
+        result = second.collect(msg_id, into=waiting)
+        assert result.status == "ok"
+        assert "GPU attached" in result.stdout
         assert json.loads(path.read_text())["pid"] == broker_pid, "one broker for both kernels"
         assert any("queued #1" in str(o["data"]) for o in result.outputs)
         second.ok("%gpu release")

@@ -98,13 +98,16 @@ def started(kernel: Kernel, code: str) -> tuple[str, CellResult]:
 def one_line(result: CellResult) -> str:
     assert result.status == "error", (result.stdout, result.stderr)
     message = result.stderr.strip()
-    assert message.startswith("UsageError: ") and "\n" not in message, result.error
+    assert message.startswith("UsageError: "), result.error
+    assert "\n" not in message, result.error
     return message
 
 
 def check_lost_cell_and_kept_names(kernel: Kernel, message: str) -> None:
-    assert "may still be running there" in message and "effects are discarded" in message
-    assert "every name is as of In[" in message and "%gpu attach" in message
+    assert "may still be running there" in message
+    assert "effects are discarded" in message
+    assert "every name is as of In[" in message
+    assert "%gpu attach" in message
     assert kernel.value("before") == "kept"
     assert kernel.value("during") == "synced"
     assert kernel.value("'partial' in globals()") is False
@@ -296,7 +299,8 @@ def test_broker_link_cut_shorter_than_the_ttl_keeps_the_lease(
     assert stack.leases()[0].state == "active"
     assert kernel.value("after") == "done"
     status = kernel.ok("%gpu status").stdout
-    assert "attached" in status and "lost" not in status, status
+    assert "attached" in status, status
+    assert "lost" not in status, status
     figure("kernel-broker cut 5 s (TTL 10 s)", reported="nothing (lease kept, cell completes)")
 
 
@@ -314,7 +318,9 @@ def test_broker_link_cut_longer_than_the_ttl_ends_with_one_line(
     message = one_line(result)
     back = capacity_back(stack, cut_at)
     assert f"the GPU broker at {stack.address} has not answered for" in message, message
-    assert "TTL" in message and "effects of In[" in message and "%gpu attach" in message
+    assert "TTL" in message
+    assert "effects of In[" in message
+    assert "%gpu attach" in message
     assert kernel.value("before") == "kept"
     assert kernel.value("during") == "synced"
     assert kernel.value("'partial' in globals()") is False

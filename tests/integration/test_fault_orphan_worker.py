@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -28,7 +27,7 @@ import pytest
 from gpuattach_broker.client.broker_client import BrokerClient
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from tests.harness import ExitWatch, Stack, gone, wait_for
+from tests.harness import ExitWatch, Stack, StackFactory, gone, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +85,7 @@ class Cell:
         def run() -> None:
             try:
                 self.worker.execute(self.code, 1, on_output, lambda request: "")
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - the test thread asserts on it
                 self.error = exc
             self.finished.set()
 
@@ -144,7 +143,7 @@ class QueuedAttach:
             )
             self.orphan_gone_at_grant = gone(self.orphan)
             self.granted_at = time.monotonic()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the test thread asserts on it
             self.error = exc
             self.queued.set()
         self.granted.set()
@@ -162,7 +161,7 @@ def restart_agent(stack: Stack) -> None:
 
 
 @pytest.fixture
-def orphan_stack(stack_factory: Any) -> Stack:
+def orphan_stack(stack_factory: StackFactory) -> Stack:
     # A long TTL: the lease stays active until the restarted agent's hello ends it.
     stack: Stack = stack_factory(ttl="120s")
     return stack
@@ -200,7 +199,8 @@ def test_a_killed_agents_worker_stops_computing_within_2s_and_its_room_waits_for
         held = attach(stack)
         processes.append(held.pid)
         zygote = psutil.Process(held.pid).ppid()
-        assert stack.agent is not None and zygote != stack.agent.pid, "not forked by a zygote"
+        assert stack.agent is not None, "not forked by a zygote"
+        assert zygote != stack.agent.pid, "not forked by a zygote"
         processes.append(zygote)
         Cell(held.worker, TICKS.format(path=str(path))).start()
         wait_for(lambda p=path: len(ticks(p)) >= 3, timeout=10, what="the cell's ticks")
@@ -224,7 +224,8 @@ def test_a_killed_agents_worker_stops_computing_within_2s_and_its_room_waits_for
         assert second.orphan_gone_at_grant, "the room was granted while the orphan still ran"
         assert second.granted_at > watch.exited_at
         ended = [x for x in stack.leases(include_ended=True) if x.lease_id == held.lease.lease_id]
-        assert ended and ended[0].state == "failed", ended
+        assert ended, ended
+        assert ended[0].state == "failed", ended
         second.release()
         held.close()
     print(
@@ -272,9 +273,11 @@ def test_an_orphan_that_ignores_its_end_is_killed_by_the_next_agent_before_its_r
     restart_agent(stack)
     assert watch.done.is_set(), "the new agent registered while the orphan still ran"
     assert second.granted.wait(60), "the second attach was not granted"
-    assert second.orphan_gone_at_grant and second.granted_at > watch.exited_at
+    assert second.orphan_gone_at_grant
+    assert second.granted_at > watch.exited_at
     log = (stack.workdir / "agent.log").read_text()
-    assert "an earlier agent left running" in log and str(held.pid) in log, log[-2000:]
+    assert "an earlier agent left running" in log, log[-2000:]
+    assert str(held.pid) in log, log[-2000:]
     print(
         f"\ndeaf orphan killed by the new agent {1000 * (watch.exited_at - restarted_at):.0f} ms "
         f"after its start; room granted {1000 * (second.granted_at - watch.exited_at):.0f} ms "

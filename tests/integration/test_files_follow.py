@@ -107,6 +107,7 @@ def check_credentials(kernel: Kernel) -> None:
     assert seen == [("WANDB_API_KEY", SECRETS["WANDB_API_KEY"])], seen
     failed = kernel.run("os.environ['JUPYTERHUB_API_TOKEN']")
     assert failed.status == "error"
+    assert failed.error is not None
     assert "GPUATTACH_FORWARD_ENV" in failed.error["evalue"], failed.error
 
 
@@ -115,7 +116,8 @@ def file_transfers(kernel: Kernel) -> list[tuple[str, int, int]]:
         "%%local\nprint(repr([(t.kind, t.files, t.content_bytes) for t in "
         "get_ipython()._gpuattach_session.file_transfers]))"
     )
-    return last_line(shown)
+    transfers: list[tuple[str, int, int]] = last_line(shown)
+    return transfers
 
 
 def test_shared_folder_on_another_host_is_detected(
@@ -126,13 +128,15 @@ def test_shared_folder_on_another_host_is_detected(
     kernel = start_kernel(stack, folder, kernels)
     kernel.ok("import torch")
     attached = kernel.ok("%gpu attach").stdout
-    assert "GPU attached" in attached and "mirrored" not in attached, attached
+    assert "GPU attached" in attached, attached
+    assert "mirrored" not in attached, attached
     assert not list(folder.glob(".gpuattach-marker-*")), "the marker is removed after the check"
 
     host, cwd, rows, loss = last_line(kernel.ok(QUICKSTART))
     assert host == OTHER_HOST  # really another host, by name
     assert cwd == str(folder)  # and yet in the notebook's folder: the marker matched
-    assert rows == 200 and loss < 1.0
+    assert rows == 200
+    assert loss < 1.0
     check_credentials(kernel)
     assert "GPU released" in kernel.ok("%gpu release").stdout
     same = kernel.value(
@@ -169,8 +173,10 @@ def test_unshared_folder_is_mirrored_and_comes_home(
 
     host, cwd, rows, loss = last_line(kernel.ok(QUICKSTART))
     assert host == OTHER_HOST
-    assert cwd != str(folder) and cwd.endswith("/nb")  # a scratch copy named like it
-    assert rows == 200 and loss < 1.0
+    assert cwd != str(folder)
+    assert cwd.endswith("/nb")
+    assert rows == 200
+    assert loss < 1.0
     assert kernel.value(f"os.path.exists({str(folder)!r})") is False  # really not shared
     check_credentials(kernel)
 
@@ -193,6 +199,7 @@ def test_unshared_folder_is_mirrored_and_comes_home(
     # A file that was not mirrored gets an error that says why and what to do.
     missing = kernel.run("open('big.bin', 'rb').read()")
     assert missing.status == "error"
+    assert missing.error is not None
     assert "not mirrored" in missing.error["evalue"], missing.error
     assert "mirror_file_bytes" in missing.error["evalue"], missing.error
 
@@ -208,7 +215,8 @@ def test_unshared_folder_is_mirrored_and_comes_home(
     # unchanged files (the files that came home are cached on the GPU host too).
     kernel.ok("%gpu attach")
     seed = [t for t in file_transfers(kernel) if t[0] == "seed"]
-    assert len(seed) == 2 and seed[1] == ("seed", 1, (folder / "notes.txt").stat().st_size), seed
+    assert len(seed) == 2, seed
+    assert seed[1] == ("seed", 1, (folder / "notes.txt").stat().st_size), seed
     back = last_line(
         kernel.ok("print(repr((len(open('data.csv').read()), sorted(torch.load('model.pth')))))")
     )

@@ -87,10 +87,13 @@ def test_policy_sets_the_budget_the_credentials_and_missing_modules_are_named(
     )
     assert seen == ["WANDB_API_KEY"], seen
     refused = kernel.run("os.environ['MY_DB_PASSWORD']")
-    assert refused.status == "error" and "forward_env" in refused.error["evalue"], refused.error
+    assert refused.status == "error", refused.error
+    assert refused.error is not None
+    assert "forward_env" in refused.error["evalue"], refused.error
 
     missing = kernel.run("open('big.bin', 'rb').read()")
     assert missing.status == "error"
+    assert missing.error is not None
     assert "mirror_file_bytes" in missing.error["evalue"], missing.error
     kernel.ok("%gpu release")
 
@@ -121,7 +124,8 @@ def test_the_worker_enforces_the_lease_budget_against_a_kernel_that_ignores_it(
         "    print(repr(str(exc)))\n"
     )
     text = refused.stdout
-    assert "big.bin" in text and "mirror_file_bytes" in text, (refused.stdout, refused.error)
+    assert "big.bin" in text, (refused.stdout, refused.error)
+    assert "mirror_file_bytes" in text, (refused.stdout, refused.error)
     kernel.ok("%gpu release")
 
 
@@ -150,5 +154,6 @@ def test_a_kernel_that_lies_in_its_hello_still_meets_the_policys_budget(
     )
     refused = kernel.run("%gpu attach")
     text = refused.stdout + refused.stderr + str(refused.error)
-    assert "big.bin" in text and "mirror_file_bytes" in text, text
+    assert "big.bin" in text, text
+    assert "mirror_file_bytes" in text, text
     assert not [lease for lease in stack.leases() if lease.state == "active"]

@@ -15,7 +15,7 @@ from gpuattach_broker.broker.identity import StaticTokens
 from gpuattach_broker.client.broker_client import BrokerError
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from tests.harness import Stack, wait_for
+from tests.harness import KernelFactory, Stack, StackFactory, wait_for
 from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,9 @@ def _tokens(path: Path, *users: str) -> dict[str, str]:
     return {user: StaticTokens.add(path, user, admin=user == "admin") for user in users}
 
 
-def _stack_with(stack_factory: Any, tmp_path: Path, policy: str, **kwargs: Any) -> tuple:
+def _stack_with(
+    stack_factory: StackFactory, tmp_path: Path, policy: str, **kwargs: Any
+) -> tuple[Stack, dict[str, str], Path]:
     tokens = _tokens(tmp_path / "tokens.toml", "alice", "bob", "admin", "lo", "hi")
     policy_path = tmp_path / "policy.toml"
     policy_path.write_text(policy)
@@ -36,7 +38,7 @@ def _stack_with(stack_factory: Any, tmp_path: Path, policy: str, **kwargs: Any) 
     return stack, tokens, policy_path
 
 
-def test_users_cannot_touch_each_others_leases(stack_factory, tmp_path: Path) -> None:
+def test_users_cannot_touch_each_others_leases(stack_factory: StackFactory, tmp_path: Path) -> None:
     stack, tokens, _ = _stack_with(stack_factory, tmp_path, "[defaults]\nmax_slices = 2\n")
     alice, bob = stack.client(tokens["alice"]), stack.client(tokens["bob"])
     lease = alice.attach(pb.AttachRequest(user="alice", wait_seconds=-1))
@@ -67,7 +69,9 @@ def test_users_cannot_touch_each_others_leases(stack_factory, tmp_path: Path) ->
         alice.renew(lease)
 
 
-def test_concurrent_limit_refuses_with_the_limit_named(stack_factory, tmp_path: Path) -> None:
+def test_concurrent_limit_refuses_with_the_limit_named(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     policy = '[defaults]\nmax_slices = 1\nmax_slice = 0.5\non_limit = "refuse"\n'
     stack, tokens, _ = _stack_with(stack_factory, tmp_path, policy, devices="cpu:2x8GiB")
     alice = stack.client(tokens["alice"])
@@ -85,12 +89,15 @@ def test_concurrent_limit_refuses_with_the_limit_named(stack_factory, tmp_path: 
 
 
 @both_stores
-def test_gpu_hours_per_day_hold_across_kernels_and_restarts(stack_factory, tmp_path: Path) -> None:
+def test_gpu_hours_per_day_hold_across_kernels_and_restarts(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     # 0.0005 GPU-hours = 1.8 s of a whole device.
     policy = "[defaults]\ngpu_hours_per_day = 0.0005\n"
     stack, tokens, _ = _stack_with(stack_factory, tmp_path, policy)
     alice = stack.client(tokens["alice"])
     lease = alice.attach(pb.AttachRequest(user="alice", kernel_id="k1", wait_seconds=0))
+    # Held for real past the 1.8 s quota (the windows on a set clock: tests/unit/test_quotas.py).
     time.sleep(2.2)
     alice.release(lease)
     with pytest.raises(BrokerError, match=r"of the 0\.0005 GPU-hours per day"):
@@ -106,7 +113,9 @@ def test_gpu_hours_per_day_hold_across_kernels_and_restarts(stack_factory, tmp_p
     stack.client(tokens["bob"]).release(other)
 
 
-def test_fair_share_serves_the_lone_user_before_the_busy_one(stack_factory, tmp_path: Path) -> None:
+def test_fair_share_serves_the_lone_user_before_the_busy_one(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     stack, tokens, _ = _stack_with(stack_factory, tmp_path, "[defaults]\nmax_slices = 20\n")
     holder = stack.client(tokens["admin"])
     held = holder.attach(pb.AttachRequest(user="admin", wait_seconds=-1))
@@ -135,7 +144,8 @@ def test_fair_share_serves_the_lone_user_before_the_busy_one(stack_factory, tmp_
             name = granted[-1]
             client, lease = leases[name]
         client.release(lease)
-    assert granted[0].startswith("a") and granted[1] == "b0", granted
+    assert granted[0].startswith("a"), granted
+    assert granted[1] == "b0", granted
     for _ in range(9):
         wait_for(lambda n=len(granted): len(granted) > n, timeout=30, what="next grant")
         with lock:
@@ -164,7 +174,7 @@ priority = "high"
 
 @both_stores
 def test_preemption_moves_the_namespace_out_before_the_lease_ends(
-    stack_factory, kernel_factory, tmp_path: Path
+    stack_factory: StackFactory, kernel_factory: KernelFactory, tmp_path: Path
 ) -> None:
     stack, tokens, _ = _stack_with(stack_factory, tmp_path, ALWAYS_OPEN, ttl="3s")
     low = kernel_factory(stack, token=tokens["lo"])
@@ -187,7 +197,9 @@ def test_preemption_moves_the_namespace_out_before_the_lease_ends(
     high.release(lease)
 
 
-def test_a_bad_policy_reload_keeps_the_old_policy(stack_factory, tmp_path: Path) -> None:
+def test_a_bad_policy_reload_keeps_the_old_policy(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     policy = '[defaults]\nmax_slices = 0\non_limit = "refuse"\n'
     stack, tokens, policy_path = _stack_with(stack_factory, tmp_path, policy)
     alice = stack.client(tokens["alice"])
@@ -196,12 +208,18 @@ def test_a_bad_policy_reload_keeps_the_old_policy(stack_factory, tmp_path: Path)
     policy_path.write_text("[defaults]\nmax_slices = 'lots'\nnonsense = 1\n")
     assert stack.broker is not None
     stack.broker.send_signal(signal.SIGHUP)
-    time.sleep(1.5)
+    admin = stack.client()
+
+    def rejected_reloads() -> list[pb.Event]:
+        audit = admin.stub.GetEvents(pb.EventsRequest(), metadata=admin.metadata)
+        return [e for e in audit.events if e.kind == "policy-rejected"]
+
+    # The broker has read the bad file and said no: only then is "still the old policy" news.
+    rejected = wait_for(rejected_reloads, timeout=30, what="the bad reload to be rejected")
     with pytest.raises(BrokerError, match="holds 0 of the 0 concurrent slices"):
         alice.attach(pb.AttachRequest(user="alice", wait_seconds=0))
-    audit = stack.client().stub.GetEvents(pb.EventsRequest(), metadata=stack.client().metadata)
-    rejected = [e for e in audit.events if e.kind == "policy-rejected"]
-    assert rejected and "line 2" in rejected[-1].detail and "line 3" in rejected[-1].detail
+    assert "line 2" in rejected[-1].detail
+    assert "line 3" in rejected[-1].detail
     policy_path.write_text("[defaults]\nmax_slices = 1\n")
     stack.broker.send_signal(signal.SIGHUP)
     lease = wait_for(
@@ -246,7 +264,9 @@ def test_malformed_and_oversized_rpcs_leave_broker_and_worker_serving(stack: Sta
 
 
 @both_stores
-def test_usage_by_group_counts_identity_and_policy_groups(stack_factory, tmp_path: Path) -> None:
+def test_usage_by_group_counts_identity_and_policy_groups(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     tokens_file = tmp_path / "tokens.toml"
     alice = StaticTokens.add(tokens_file, "alice", groups=("ml101",))  # an identity group
     bob = StaticTokens.add(tokens_file, "bob")
@@ -270,7 +290,9 @@ def test_usage_by_group_counts_identity_and_policy_groups(stack_factory, tmp_pat
 IDLE_POLICY = '[defaults]\nmax_idle = "2s"\ndefault_idle = "1s"\n'
 
 
-def test_policy_idle_timeouts_reach_the_kernel(stack_factory, kernel_factory, tmp_path) -> None:
+def test_policy_idle_timeouts_reach_the_kernel(
+    stack_factory: StackFactory, kernel_factory: KernelFactory, tmp_path: Path
+) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(IDLE_POLICY)
     stack = stack_factory(serve_args=["--policy", str(policy)])
@@ -295,13 +317,16 @@ def test_policy_idle_timeouts_reach_the_kernel(stack_factory, kernel_factory, tm
     assert not stack.leases()
 
 
-def test_broker_ends_a_lease_idle_past_max_idle(stack_factory, tmp_path: Path) -> None:
+def test_broker_ends_a_lease_idle_past_max_idle(
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('[defaults]\nmax_idle = "1s"\n')
     stack = stack_factory(serve_args=["--policy", str(policy)], ttl="3s")
     client = stack.client()
     lease = client.attach(pb.AttachRequest(user="ada", wait_seconds=-1))
-    assert lease.max_idle_seconds == 1.0 and lease.default_idle_seconds == 60.0
+    assert lease.max_idle_seconds == 1.0
+    assert lease.default_idle_seconds == 60.0
     stop = threading.Event()
 
     def heartbeat() -> None:  # a kernel that renews but never runs a cell

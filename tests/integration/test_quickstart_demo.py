@@ -37,9 +37,11 @@ def test_quickstart_notebook_runs_to_completion_on_the_embedded_broker(tmp_path:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ran to completion" in run.stdout
-    assert "GPU attached" in run.stdout and "GPU released" in run.stdout
+    assert "GPU attached" in run.stdout
+    assert "GPU released" in run.stdout
     # The timeline shows both leases granted and released.
-    assert run.stdout.count("granted") == 2 and run.stdout.count("released ") >= 2
+    assert run.stdout.count("granted") == 2
+    assert run.stdout.count("released ") >= 2
     assert out.exists()
     # The embedded broker was stopped: its runtime file is gone.
     assert not list((tmp_path / "runtime").glob("gpuattach-embedded-*.json"))

@@ -72,7 +72,8 @@ def test_idle_release_happens_whatever_the_namespace_holds(stack: Stack, kernel:
     line = _text_outputs(after)
     assert "GPU released after 3.0 s idle" in line, line
     assert "dropped: batches (iterator over a DataLoader with workers)" in line, line
-    assert "log" not in line.split("dropped:")[1] and "lock" not in line.split("dropped:")[1]
+    assert "log" not in line.split("dropped:")[1]
+    assert "lock" not in line.split("dropped:")[1]
     # No written byte is lost; the model is the trained one, the lock a fresh one.
     assert kernel.value("len(lines)") == 4
     assert kernel.value("digest(model)") == worker_digest
@@ -119,10 +120,12 @@ def test_a_remote_cell_naming_a_kernel_only_lock_is_told_why(stack: Stack, kerne
     kernel.ok("%gpu attach")
     failed = kernel.run("with lock:\n    print(answer)")
     assert failed.status == "error"
-    assert failed.error is not None and failed.error["ename"] == "NameError"
+    assert failed.error is not None
+    assert failed.error["ename"] == "NameError"
     message = failed.error["evalue"]
     assert "'lock' exists in the kernel" in message, message
-    assert "cannot be pickled" in message and "%%local" in message, message
+    assert "cannot be pickled" in message, message
+    assert "%%local" in message, message
     # %%local uses it, as the message says.
     assert "42" in kernel.ok("%%local\nwith lock:\n    print(answer)").stdout
     kernel.ok("%gpu release")
@@ -153,7 +156,8 @@ def test_manual_release_refuses_what_cannot_come_back_and_names_it(
     kernel.ok("gen = (i for i in range(3))\nlog = open('kept.txt', 'w')\nlog.write('one')")
     refused = kernel.run("%gpu release")
     assert refused.status == "error"
-    assert "gen (generator)" in refused.stderr and "--force" in refused.stderr
+    assert "gen (generator)" in refused.stderr
+    assert "--force" in refused.stderr
     assert len(stack.leases()) == 1
     released = kernel.ok("%gpu release --force")
     assert "dropped: gen (generator)" in released.stdout

@@ -7,7 +7,6 @@ import ipaddress
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,9 @@ BROKER = str(Path(sys.executable).parent / "gpuattach-broker")
 AGENT = str(Path(sys.executable).parent / "gpuattach-agent")
 
 
-def _write_cert(folder: Path, name: str, issuer_key: object, issuer: x509.Name | None) -> tuple:
+def _write_cert(
+    folder: Path, name: str, issuer_key: object, issuer: x509.Name | None
+) -> tuple[object, x509.Name]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
@@ -106,7 +107,8 @@ def test_broker_speaks_tls_and_refuses_plaintext_off_loopback(tmp_path: Path) ->
         timeout=60,
     )
     assert refused.returncode == 2
-    assert "refusing plaintext" in refused.stderr and "--tls-cert" in refused.stderr
+    assert "refusing plaintext" in refused.stderr
+    assert "--tls-cert" in refused.stderr
 
 
 def test_agents_need_a_client_certificate_on_the_agent_port(tmp_path: Path) -> None:
@@ -156,9 +158,17 @@ def test_agents_need_a_client_certificate_on_the_agent_port(tmp_path: Path) -> N
             str(tmp_path / "ca.pem"),
         ]
         procs.append(subprocess.Popen(agent, env=env, stdout=log, stderr=log))
-        time.sleep(3)
+        # The agent has really tried: it was turned away twice (its log says so).
+        refused = f"lost the broker at 127.0.0.1:{agent_port}"
+        wait_for(
+            lambda: (tmp_path / "log").read_text(errors="replace").count(refused) >= 2,
+            timeout=30,
+            what="the agent without a certificate to be refused",
+        )
         assert client.pool_status().agents_online == 0, "no client certificate, no agent"
-        procs.pop().terminate()
+        turned_away = procs.pop()
+        turned_away.terminate()
+        turned_away.wait(10)
         procs.append(
             subprocess.Popen(
                 [
@@ -228,7 +238,8 @@ def test_workers_serve_tls_that_kernels_verify_with_the_root_from_their_lease(
         worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
         outputs: list[pb.ExecuteOutput] = []
         done = worker.execute("print(6 * 7)", 1, outputs.append, lambda request: "")
-        assert done.ok and "42" in "".join(o.stream.text for o in outputs)
+        assert done.ok
+        assert "42" in "".join(o.stream.text for o in outputs)
         worker.close()
         plain = WorkerClient(lease.worker_endpoint, lease.token)  # plaintext to a TLS worker
         with pytest.raises(Exception, match=r"cannot reach|stopped answering|unavailable"):
@@ -248,7 +259,8 @@ def test_workers_serve_tls_that_kernels_verify_with_the_root_from_their_lease(
             text=True,
             timeout=60,
         )
-        assert listing.returncode == 0 and lease.lease_id in listing.stdout, listing
+        assert listing.returncode == 0, listing
+        assert lease.lease_id in listing.stdout, listing
         client.release(lease)
     finally:
         for proc in procs:

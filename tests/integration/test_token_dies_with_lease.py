@@ -25,7 +25,7 @@ from gpuattach_broker.client.worker_client import LeaseOver, WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata, key_metadata
-from tests.harness import ExitWatch, Stack, gone, wait_for
+from tests.harness import ExitWatch, Stack, StackFactory, gone, wait_for
 from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ class RunningCell:
         def run() -> None:
             try:
                 self.done = self.worker.execute(LOOP, 1, on_output, lambda request: "")
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - the test thread asserts on it
                 self.error = exc
             self.ended_at = time.monotonic()
             self.finished.set()
@@ -242,7 +242,7 @@ def test_revoke_interrupts_the_cell_and_kills_the_token_before_it_returns(
     held.worker.close()
 
 
-def test_expiry_frees_the_room_only_after_the_worker_exited(stack_factory: Any) -> None:
+def test_expiry_frees_the_room_only_after_the_worker_exited(stack_factory: StackFactory) -> None:
     stack: Stack = stack_factory(ttl="2s")
     first = stack.client()
     held = attach(first)  # never renewed: it expires

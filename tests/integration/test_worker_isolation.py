@@ -205,10 +205,13 @@ def test_users_workers_cannot_reach_each_other_nor_the_agent(
         }
         alice, bob = who["alice"], who["bob"]
         for me in (alice, bob):
-            assert 210000 <= me["uid"] <= 210099 and me["euid"] == me["uid"] == me["gid"]
+            assert 210000 <= me["uid"] <= 210099
+            assert me["euid"] == me["uid"] == me["gid"]
             assert me["groups"] == []
-            assert me["cache_uid"] == me["uid"] and me["cache_mode"] == 0o700
-            assert me["home_uid"] == me["uid"] and me["home_mode"] == 0o700
+            assert me["cache_uid"] == me["uid"]
+            assert me["cache_mode"] == 0o700
+            assert me["home_uid"] == me["uid"]
+            assert me["home_mode"] == 0o700
             assert me["env_home"] == me["tmpdir"] == me["home"]
         assert alice["uid"] != bob["uid"]
         assert alice["cache"] != bob["cache"]
@@ -274,7 +277,8 @@ def test_a_system_account_is_refused_as_a_failed_grant(
     with pytest.raises(BrokerError, match=r"could not start a worker: .*system account daemon"):
         stack.client(tokens["daemon"]).attach(pb.AttachRequest(user="daemon", wait_seconds=-1))
     (lease,) = stack.leases(include_ended=True)
-    assert lease.user == "daemon" and lease.state == "failed"
+    assert lease.user == "daemon"
+    assert lease.state == "failed"
     assert "system account daemon (uid 1)" in lease.end_reason
     assert "--user-map range" in lease.end_reason
     assert stack.pool().agents_online == 1  # the agent refused one grant, nothing more

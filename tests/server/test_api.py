@@ -31,7 +31,7 @@ async def fetch_json(jp_fetch: Any, *parts: str, **kwargs: Any) -> tuple[int, An
     try:
         response = await jp_fetch(*parts, **kwargs)
     except tornado.httpclient.HTTPClientError as exc:
-        assert exc.response is not None
+        assert exc.response is not None  # noqa: PT017 - a helper: both outcomes are answers
         body = exc.response.body
         return exc.code, json.loads(body) if body else None
     return response.code, json.loads(response.body)
@@ -50,13 +50,16 @@ def test_every_handler_method_is_authenticated() -> None:
 async def test_pool_lists_hosts_devices_and_queue(jp_fetch: Any) -> None:
     code, pool = await fetch_json(jp_fetch, "gpuattach", "api", "pool")
     assert code == 200
-    assert pool["broker"]["state"] == "running" and not pool["broker"]["embedded"]
+    assert pool["broker"]["state"] == "running"
+    assert not pool["broker"]["embedded"]
     assert [h["host"] for h in pool["hosts"]] == ["testhost"]
     devices = pool["hosts"][0]["devices"]
-    assert len(devices) == 2 and all(d["kind"] == "cpu" for d in devices)
+    assert len(devices) == 2
+    assert all(d["kind"] == "cpu" for d in devices)
     assert pool["devices_total"] == 2
     assert pool["memory_total_bytes"] == 2 * 8 * 1024**3
-    assert pool["queue_length"] == 0 and pool["queue"] == []
+    assert pool["queue_length"] == 0
+    assert pool["queue"] == []
 
 
 async def test_leases_show_only_the_users_own(jp_fetch: Any, leases: Leases) -> None:
@@ -65,20 +68,26 @@ async def test_leases_show_only_the_users_own(jp_fetch: Any, leases: Leases) -> 
     leases.client.renew(mine, busy_seconds=0.5, idle_release_in=40.0)
     code, answer = await fetch_json(jp_fetch, "gpuattach", "api", "leases")
     assert code == 200
-    assert answer["user"] == LEASE_USER and answer["admin"] is False
+    assert answer["user"] == LEASE_USER
+    assert answer["admin"] is False
     assert [lease["lease_id"] for lease in answer["leases"]] == [mine.lease_id]
     lease = answer["leases"][0]
-    assert lease["state"] == "active" and lease["kernel_id"] == "kernel-a"
-    assert lease["device_name"] == "CPU" and lease["slice_label"] == "0.5\u00d7CPU"
+    assert lease["state"] == "active"
+    assert lease["kernel_id"] == "kernel-a"
+    assert lease["device_name"] == "CPU"
+    assert lease["slice_label"] == "0.5\u00d7CPU"
     assert lease["memory_bytes"] == 4 * 1024**3
-    assert lease["held_seconds"] >= 0 and lease["busy_seconds"] == pytest.approx(0.5)
+    assert lease["held_seconds"] >= 0
+    assert lease["busy_seconds"] == pytest.approx(0.5)
     assert 35 < lease["idle_release_in"] <= 40
     # Non-admins may not ask for everyone's.
     code, refused = await fetch_json(jp_fetch, "gpuattach", "api", "leases", params={"all": "1"})
-    assert code == 403 and "admin" in refused["message"]
+    assert code == 403
+    assert "admin" in refused["message"]
     # The pool now shows the slices.
     code, pool = await fetch_json(jp_fetch, "gpuattach", "api", "pool")
-    assert pool["active_leases"] == 2 and pool["memory_used_bytes"] == 8 * 1024**3
+    assert pool["active_leases"] == 2
+    assert pool["memory_used_bytes"] == 8 * 1024**3
 
 
 async def test_release_own_lease(jp_fetch: Any, jp_serverapp: Any, leases: Leases) -> None:
@@ -94,7 +103,8 @@ async def test_release_own_lease(jp_fetch: Any, jp_serverapp: Any, leases: Lease
         method="POST",
         body=json.dumps({"reason": "done"}),
     )
-    assert code == 200 and answer["lease_id"] == lease.lease_id
+    assert code == 200
+    assert answer["lease_id"] == lease.lease_id
     assert leases.state(lease) == "released"
     # A release is the user doing something: it counts as server activity.
     assert jp_serverapp.web_app.settings.get("api_last_activity") != before
@@ -105,7 +115,8 @@ async def test_a_user_cannot_release_another_users_lease(jp_fetch: Any, leases: 
     code, answer = await fetch_json(
         jp_fetch, "gpuattach", "api", "leases", theirs.lease_id, "release", method="POST", body="{}"
     )
-    assert code == 403 and "another user" in answer["message"]
+    assert code == 403
+    assert "another user" in answer["message"]
     assert leases.state(theirs) == "active"
     code, answer = await fetch_json(
         jp_fetch, "gpuattach", "api", "leases", "nosuchlease", "release", method="POST", body="{}"
@@ -126,7 +137,8 @@ async def test_set_kernel_idle_timeout(jp_fetch: Any, leases: Leases) -> None:
         method="PUT",
         body=json.dumps({"seconds": 45}),
     )
-    assert code == 200 and answer["leases"] == 1
+    assert code == 200
+    assert answer["leases"] == 1
     # The kernel learns it with its next heartbeat.
     assert leases.client.renew(lease).idle_seconds == 45
     code, _ = await fetch_json(

@@ -27,4 +27,5 @@ async def test_api_under_base_url(
     response = await jp_fetch(
         "gpuattach", "api", "leases", lease.lease_id, "release", method="POST", body="{}"
     )
-    assert response.code == 200 and leases.state(lease) == "released"
+    assert response.code == 200
+    assert leases.state(lease) == "released"

@@ -91,7 +91,8 @@ def test_postbuild_cannot_resolve_a_cuda_torch() -> None:
     assert len(with_torch) == 1, f"one pip install of torch in postBuild: {installs}"
     at, args = with_torch[0]
     project = [n for n, a in enumerate(installs) if any(w.startswith(".") for w in a)]
-    assert project and at < project[0], "torch must be installed before the project"
+    assert project, "torch must be installed before the project"
+    assert at < project[0], "torch must be installed before the project"
     # Only PyTorch's CPU index: no other index or folder to find a wheel in.
     assert option(args, "--index-url", "-i") == [CPU_INDEX], args
     assert not option(args, "--extra-index-url", "-f", "--find-links"), args
@@ -230,7 +231,7 @@ def assert_lab_serves_the_gpu_api(start: str, env: dict[str, str], cwd: Path, tm
 
         answer = wait_for(pool, timeout=120, interval=1.0, what="the GPU pool through the lab")
         assert answer["devices_total"] == 2, answer  # binder/start: cpu:2x4GiB
-        assert answer["broker"]["embedded"], answer  # type: ignore[index]
+        assert answer["broker"]["embedded"], answer
     finally:
         os.killpg(lab.pid, signal.SIGTERM)
         try:

@@ -3,6 +3,7 @@ the same one the kernels find through the runtime file."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -31,6 +32,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def _exit_of(pid: int, within: float) -> None:
+    """Wait for the process's exit itself: its pidfd turns readable when it ends."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already ended and reaped
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        async with asyncio.timeout(within):
+            await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 async def test_starts_the_embedded_broker_and_stops_it_when_unused(
     jp_fetch: Any, jp_serverapp: Any, tmp_path: Path
 ) -> None:
@@ -39,9 +62,11 @@ async def test_starts_the_embedded_broker_and_stops_it_when_unused(
         pool = json.loads((await jp_fetch("gpuattach", "api", "pool")).body)
         if pool["devices_total"] or time.monotonic() > deadline:
             break
-        time.sleep(0.5)
-    assert pool["broker"]["embedded"] and pool["broker"]["state"] == "running"
-    assert pool["devices_total"] == 1 and pool["memory_total_bytes"] == 4 * 1024**3
+        await asyncio.sleep(0.5)  # the server's loop goes on serving meanwhile
+    assert pool["broker"]["embedded"]
+    assert pool["broker"]["state"] == "running"
+    assert pool["devices_total"] == 1
+    assert pool["memory_total_bytes"] == 4 * 1024**3
     info = json.loads(runtime_file(tmp_path / "runtime").read_text())
     assert pool["broker"]["address"] == info["address"]
     # The broker started here has the longer idle exit its kernels get in their
@@ -53,8 +78,6 @@ async def test_starts_the_embedded_broker_and_stops_it_when_unused(
     extension = jp_serverapp.extension_manager.extensions["jupyter_gpuattach"]
     (point,) = extension.extension_points.values()
     await point.app.stop_extension()
-    deadline = time.monotonic() + 20
-    while _alive(info["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    await _exit_of(info["pid"], within=20)
     assert not _alive(info["pid"])
     assert not runtime_file(tmp_path / "runtime").exists()

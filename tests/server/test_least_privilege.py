@@ -44,7 +44,7 @@ def keyed_config(
     return config
 
 
-@pytest.fixture  # type: ignore[no-redef]  # replaces the conftest's fixture
+@pytest.fixture  # replaces the conftest's fixture
 def jp_server_config(keyed_config: dict[str, Any]) -> dict[str, Any]:
     return {
         "ServerApp": {"jpserver_extensions": {"jupyter_gpuattach": True}},
@@ -82,7 +82,8 @@ async def test_a_shared_brokers_key_is_refused_at_start(
         "environment": "$GPUATTACH_BROKER_KEY",
     }[key_given_by]
     assert source in said, said
-    assert "server_token_scopes" in said and "GPUATTACH_TOKEN" in said, said
+    assert "server_token_scopes" in said, said
+    assert "GPUATTACH_TOKEN" in said, said
 
 
 class TestAsItsUser:
@@ -100,7 +101,8 @@ class TestAsItsUser:
         mine = leases.grant(LEASE_USER, "kernel-a")
         theirs = leases.grant("bob", "kernel-b")
         code, answer = await fetch_json(jp_fetch, "gpuattach", "api", "leases")
-        assert code == 200 and answer["admin"] is False
+        assert code == 200
+        assert answer["admin"] is False
         assert [lease["lease_id"] for lease in answer["leases"]] == [mine.lease_id]
         code, answer = await fetch_json(jp_fetch, "gpuattach", "api", "leases", params={"all": "1"})
         assert code == 403
@@ -115,7 +117,8 @@ class TestAsItsUser:
             method="POST",
             body="{}",
         )
-        assert code == 403 and "another user" in answer["message"]
+        assert code == 403
+        assert "another user" in answer["message"]
         assert leases.state(theirs) == "active"
         code, _ = await fetch_json(
             jp_fetch,
@@ -140,5 +143,6 @@ class TestAsItsUser:
             method="PUT",
             body=json.dumps({"seconds": 45}),
         )
-        assert code == 200 and answer["leases"] == 1
+        assert code == 200
+        assert answer["leases"] == 1
         assert leases.client.renew(mine).idle_seconds == 45

@@ -27,7 +27,8 @@ class HubIdentity(IdentityProvider):
     of the Hub looking at alice's server)."""
 
     def generate_anonymous_user(self, handler: Any) -> User:
-        return JupyterHubUser({"name": "carol", "admin": True, "kind": "user"})
+        user: User = JupyterHubUser({"name": "carol", "admin": True, "kind": "user"})
+        return user
 
 
 @pytest.fixture(params=["anonymous", "hub"])
@@ -35,7 +36,7 @@ def identity(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture  # type: ignore[no-redef]  # replaces the conftest's fixture
+@pytest.fixture  # replaces the conftest's fixture
 def jp_server_config(extension_config: dict[str, Any], identity: str) -> dict[str, Any]:
     server: dict[str, Any] = {"jpserver_extensions": {"jupyter_gpuattach": True}}
     if identity == "hub":

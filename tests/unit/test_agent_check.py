@@ -32,14 +32,16 @@ def test_plain_gpu() -> None:
     assert code == 0, text
     assert "NVML: driver 550.54.15, CUDA 12.4" in text
     assert "GPU 0: NVIDIA H100 80GB HBM3, GPU-5b4c3a2e" in text
-    assert "compute capability 9.0" in text and "MIG off" in text
+    assert "compute capability 9.0" in text
+    assert "MIG off" in text
     k = kinds(text)
     assert k["whole GPU"] == "yes: GPU 0"
     assert k["several GPUs"].startswith("no:")
     assert k["MIG instance"].startswith("no: MIG mode is off on GPU 0 (nvidia-smi -i N -mig 1")
     assert k["memory fraction"].startswith("yes:")
     assert k["compute share"] == "time-sliced, not enforced: no MPS control daemon (test)"
-    assert k["per-process SM use"] == "yes" and k["Xid watch"] == "yes"
+    assert k["per-process SM use"] == "yes"
+    assert k["Xid watch"] == "yes"
     assert "warm workers make their CUDA context" in text
     assert "PROBLEM" not in text
 
@@ -47,7 +49,8 @@ def test_plain_gpu() -> None:
 def test_mig_gpu_with_mps() -> None:
     code, text = check(FakeNvml(a100_mig()), mps=MPS)
     assert code == 0, text
-    assert "    MIG 3g.20gb: MIG-11111111" in text and "42 SMs, GPU instance 1" in text
+    assert "    MIG 3g.20gb: MIG-11111111" in text
+    assert "42 SMs, GPU instance 1" in text
     k = kinds(text)
     assert k["MIG instance"] == "yes: GPU 0: 3g.20gb, 2g.10gb, 1g.5gb, 1g.5gb"
     assert k["whole GPU"] == "no: every GPU is in MIG mode"
@@ -61,7 +64,8 @@ def test_two_gpus_one_lost_is_a_problem() -> None:
     gpus[1].lost = True
     code, text = check(FakeNvml(gpus))
     assert code == 1
-    assert "GPU 1: UNREADABLE" in text and "PROBLEM: NVML cannot read GPU 1: GPU is lost" in text
+    assert "GPU 1: UNREADABLE" in text
+    assert "PROBLEM: NVML cannot read GPU 1: GPU is lost" in text
 
 
 def test_two_gpus() -> None:
@@ -82,9 +86,11 @@ def test_not_supported_answers_are_reasons(monkeypatch: pytest.MonkeyPatch) -> N
     code, text = check(fake)
     k = kinds(text)
     assert code == 0
-    assert "NoPermission" in k["memory fraction"] and "cannot end a lease" in k["memory fraction"]
+    assert "NoPermission" in k["memory fraction"]
+    assert "cannot end a lease" in k["memory fraction"]
     assert "NotSupported" in k["per-process SM use"]
-    assert k["Xid watch"].startswith("no on GPU-") and "not supported" in k["Xid watch"]
+    assert k["Xid watch"].startswith("no on GPU-")
+    assert "not supported" in k["Xid watch"]
 
 
 def test_exclusive_process_without_mps_refuses_fractions() -> None:
@@ -99,13 +105,15 @@ def test_mig_on_without_instances_is_a_problem() -> None:
     gpus[0].migs = []
     code, text = check(FakeNvml(gpus))
     assert code == 1
-    assert "create instances" in text and "PROBLEM: no device to offer" in text
+    assert "create instances" in text
+    assert "PROBLEM: no device to offer" in text
 
 
 def test_cpu_torch_is_a_warning() -> None:
     code, text = check(FakeNvml(h100_plain()), torch=TorchInfo("2.13.0+cpu", "", 0))
     assert code == 0
-    assert "is a CPU build" in text and "warning: torch is a CPU build" in text
+    assert "is a CPU build" in text
+    assert "warning: torch is a CPU build" in text
 
 
 def test_broken_driver_exits_non_zero(tmp_path: Path) -> None:
@@ -116,7 +124,8 @@ def test_broken_driver_exits_non_zero(tmp_path: Path) -> None:
     fake = FakeNvml(h100_plain(), init_error=real.NVML_ERROR_DRIVER_NOT_LOADED)
     code, text = run_check("auto", NO_MPS, nvml=fake, pci_root=str(tmp_path))
     assert code == 1
-    assert "driver is broken or not loaded" in text and "BROKEN" in text
+    assert "driver is broken or not loaded" in text
+    assert "BROKEN" in text
 
 
 @pytest.mark.parametrize(
@@ -137,7 +146,8 @@ def test_without_a_gpu(spec: str, code: int, words: str) -> None:
 
 def test_nvml_without_gpus() -> None:
     code, text = run_check("auto", NO_MPS, nvml=FakeNvml([]), pci_root="/nonexistent")
-    assert code == 0 and "NVML works but lists no GPU" in text
+    assert code == 0
+    assert "NVML works but lists no GPU" in text
 
 
 def test_cli_check_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:

@@ -108,6 +108,18 @@ async def start(agent: Agent, lease_id: str, device_ids: list[str], memory: int)
     )
 
 
+async def ended_sent(agent: Agent) -> list[pb.LeaseEnded]:
+    """The lease-ended messages in the agent's outbox, once it has sent any."""
+    messages: list[pb.AgentMessage] = []
+
+    def sent() -> bool:
+        messages.extend(outbox(agent))
+        return any(m.WhichOneof("msg") == "ended" for m in messages)
+
+    await until(sent)
+    return [m.ended for m in messages if m.WhichOneof("msg") == "ended"]
+
+
 async def settle() -> None:
     for _ in range(50):
         await asyncio.sleep(0.01)
@@ -158,9 +170,11 @@ def test_lease_over_its_cap_is_ended_with_the_reason(
         ended = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert [e.lease_id for e in ended] == ["greedy"]
         assert "GPU memory cap exceeded" in ended[0].reason
-        assert "16.0 GiB" in ended[0].reason and "10.0 GiB" in ended[0].reason
-        await settle()
-        assert "greedy" not in agent.live and "polite" in agent.live
+        assert "16.0 GiB" in ended[0].reason
+        assert "10.0 GiB" in ended[0].reason
+        await until(lambda: "greedy" not in agent.live)  # its worker stopped
+        assert "greedy" not in agent.live
+        assert "polite" in agent.live
         assert pools.workers[0].proc.returncode is not None
         assert pools.workers[1].proc.returncode is None
         assert set(agent.gpu.monitor.leases) == {"polite"}
@@ -184,20 +198,24 @@ def test_xid_drains_the_gpu_and_ends_its_leases(
         from gpuattach_broker.agent.xid import XidEvent
 
         await agent.gpu.handle_xid(XidEvent(a, 31), agent._on_fault)  # the program's fault
-        assert outbox(agent) == [] and not agent.drained
+        assert outbox(agent) == []
+        assert not agent.drained
         await agent.gpu.handle_xid(XidEvent(a, 79), agent._on_fault)
         ended = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert [e.lease_id for e in ended] == ["on-a"]
         assert "taken out of service" in ended[0].reason
-        assert "Xid 79" in ended[0].reason and "fallen off the bus" in ended[0].reason
-        assert f"{HOST}/{a}" in agent.drained and pools.removed == [a]
+        assert "Xid 79" in ended[0].reason
+        assert "fallen off the bus" in ended[0].reason
+        assert f"{HOST}/{a}" in agent.drained
+        assert pools.removed == [a]
         assert agent._reannounce.is_set()
         offered = [d.device_id for d in agent.hello().hello.devices]
         assert offered == [f"{HOST}/{b}"]
         await settle()
         await start(agent, "late", [f"{HOST}/{a}"], 80 * GIB)
         (failed,) = [m.failed for m in outbox(agent) if m.WhichOneof("msg") == "failed"]
-        assert "out of service" in failed.error and "Xid 79" in failed.error
+        assert "out of service" in failed.error
+        assert "Xid 79" in failed.error
         await agent.shutdown()
 
     run(scenario)
@@ -217,7 +235,8 @@ def test_reset_soon_xid_drains_without_ending(
 
         await agent.gpu.handle_xid(XidEvent(uuid, 63), agent._on_fault)
         assert outbox(agent) == []
-        assert "runs-on" in agent.live and f"{HOST}/{uuid}" in agent.drained
+        assert "runs-on" in agent.live
+        assert f"{HOST}/{uuid}" in agent.drained
         await agent.shutdown()
 
     run(scenario)
@@ -266,7 +285,8 @@ def test_refresh_follows_hot_plug_loss_and_mig_reconfiguration(
         fake.gpus.pop(1)  # gone from the bus
         await agent.gpu.refresh_once(agent._on_fault, agent._on_inventory, loop)
         (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
-        assert ended.lease_id == "on-b" and "no longer visible to NVML" in ended.reason
+        assert ended.lease_id == "on-b"
+        assert "no longer visible to NVML" in ended.reason
         assert f"{HOST}/{b}" not in agent.devices
 
         fake.gpus[0].mig = 1  # an admin turned MIG on and made one instance
@@ -295,7 +315,8 @@ def test_broken_driver_on_refresh_drains_everything(
             agent._on_fault, agent._on_inventory, asyncio.get_running_loop()
         )
         (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
-        assert "NVML stopped working" in ended.reason and "Driver Not Loaded" in ended.reason
+        assert "NVML stopped working" in ended.reason
+        assert "Driver Not Loaded" in ended.reason
         assert f"{HOST}/{uuid}" in agent.drained
         await agent.shutdown()
 
@@ -329,11 +350,11 @@ def test_worker_that_dies_is_reported_and_frees_its_room(
         await start(agent, "l", [f"{HOST}/{uuid}"], 80 * GIB)
         outbox(agent)
         pools.workers[0].proc.kill()
-        await settle()
-        (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
+        (ended,) = await ended_sent(agent)
         assert ended.reason == "worker process was killed by SIGKILL"
         assert pools.room[-1] == (uuid, True)
-        assert agent.gpu is not None and not agent.gpu.monitor.leases
+        assert agent.gpu is not None
+        assert not agent.gpu.monitor.leases
         await agent.shutdown()
 
     run(scenario)
@@ -343,8 +364,10 @@ def test_cpu_backend_agent_has_no_gpu_watch(tmp_path: Path) -> None:
     from gpuattach_broker.agent.backends import CpuBackend
 
     agent = Agent("127.0.0.1:9", CpuBackend.from_spec("cpu:2x1GiB"), pool_size=1)
-    assert agent.gpu is None and agent.usage() == {}
-    assert agent.pool.shared.size == 1 and agent.pool.devices == {}
+    assert agent.gpu is None
+    assert agent.usage() == {}
+    assert agent.pool.shared.size == 1
+    assert agent.pool.devices == {}
 
 
 def test_gpu_agent_pools_per_device(tmp_path: Path) -> None:
@@ -394,8 +417,8 @@ class FakeBroker(pb_grpc.BrokerServicer):
         ]
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)

@@ -83,7 +83,8 @@ def test_overhead_verdict(lease_ms: float, passed: bool) -> None:
 
 def test_attach_verdict() -> None:
     good = gpu_check.judge_attach([0.09, 0.1, 0.4], [0.02, 0.03, 0.05], 150)
-    assert good.passed and good.measured == "p50 100 ms (attach RPC 30 ms), n=3"
+    assert good.passed
+    assert good.measured == "p50 100 ms (attach RPC 30 ms), n=3"
     assert not gpu_check.judge_attach([0.2, 0.16, 0.1], [0.01] * 3, 150).passed
     assert not gpu_check.judge_attach([], [], 150).passed
 
@@ -100,7 +101,8 @@ def test_table() -> None:
     ]
     lines = gpu_check.table(rows).splitlines()
     assert lines[0].split() == ["check", "measured", "target", "result"]
-    assert lines[2].endswith("PASS") and lines[3].endswith("FAIL")
+    assert lines[2].endswith("PASS")
+    assert lines[3].endswith("FAIL")
     assert set(lines[1].replace(" ", "")) == {"-"}
 
 
@@ -112,7 +114,8 @@ def test_training_loop_runs_and_reports(tmp_path: Any) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     figures = gpu_check.parse_marked(done.stdout)
-    assert figures["steps"] == 12 and figures["median_s"] > 0
+    assert figures["steps"] == 12
+    assert figures["median_s"] > 0
     assert figures["end"] >= figures["start"]
 
 

@@ -16,13 +16,16 @@ def test_detect_a_running_daemon(tmp_path: Path) -> None:
     assert not mps.detect(str(tmp_path)).active
     os.mkfifo(tmp_path / "control")
     state = mps.detect(str(tmp_path))
-    assert state.active and state.pipe_dir == str(tmp_path) and not state.started
+    assert state.active
+    assert state.pipe_dir == str(tmp_path)
+    assert not state.started
     assert str(tmp_path) in state.reason
 
 
 def test_absent_daemon_says_how_to_get_one(tmp_path: Path) -> None:
     reason = mps.detect(str(tmp_path)).reason
-    assert "time-sliced" in reason and "nvidia-cuda-mps-control -d" in reason
+    assert "time-sliced" in reason
+    assert "nvidia-cuda-mps-control -d" in reason
     assert "--mps start" in reason
 
 
@@ -34,7 +37,8 @@ def test_pipe_dir_follows_the_environment() -> None:
 def test_start_without_the_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     state = mps.prepare("start", str(tmp_path / "pipes"))
-    assert not state.active and "not on PATH" in state.reason
+    assert not state.active
+    assert "not on PATH" in state.reason
     mps.stop(state)  # not started by us: nothing to stop
 
 
@@ -51,7 +55,8 @@ def test_start_with_a_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ['PATH']}")
     pipes = tmp_path / "pipes"
     state = mps.prepare("start", str(pipes))
-    assert state.active and state.started
+    assert state.active
+    assert state.started
     assert mps.prepare("start", str(pipes)) == mps.detect(str(pipes))  # already running
     mps.stop(state)
     assert log.read_text().splitlines()[-1].strip() == "quit"
@@ -81,7 +86,8 @@ def test_gpu_options() -> None:
     options = AgentApp.configured(
         ["--cap-margin", "2GiB", "--sample-interval", "250ms"]
     ).gpu_options()
-    assert options.caps.margin_bytes == 2 << 30 and options.sample_interval == 0.25
+    assert options.caps.margin_bytes == 2 << 30
+    assert options.sample_interval == 0.25
     with pytest.raises(ValueError, match="--cap-margin"):
         AgentApp.configured(["--cap-margin", "lots"]).gpu_options()
     with pytest.raises(ValueError, match="more than zero"):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,8 @@ def python(tmp_path: Path) -> str:
     return str(script)
 
 
-async def until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(predicate: object, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():  # type: ignore[operator]
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("pool did not get there")
@@ -120,7 +123,8 @@ def test_no_room_pauses_the_device_pool(python: str) -> None:
         await until(lambda: pools.warm == 4)
         taken = await pools.take(["GPU-a"])
         await pools.set_room("GPU-a", False)  # held whole: no idle context on it
-        assert pools.devices["GPU-a"].warm == 0 and pools.devices["GPU-a"].paused
+        assert pools.devices["GPU-a"].warm == 0
+        assert pools.devices["GPU-a"].paused
         await asyncio.sleep(0.3)
         assert pools.devices["GPU-a"].warm == 0  # and no refill while paused
         assert pools.devices["GPU-b"].warm == 2
@@ -128,7 +132,8 @@ def test_no_room_pauses_the_device_pool(python: str) -> None:
         await until(lambda: pools.devices["GPU-a"].warm == 2)
         await pools.set_room("GPU-unknown", False)  # a device without a pool: nothing
         await pools.remove_device("GPU-b")
-        assert "GPU-b" not in pools.devices and pools.warm == 2
+        assert "GPU-b" not in pools.devices
+        assert pools.warm == 2
         await taken.stop(grace=0.5)
         await pools.close()
 
@@ -139,23 +144,39 @@ def test_no_warm_worker_on_the_device_falls_back_to_shared_then_new(python: str)
     async def scenario() -> None:
         pools = pools_for(python, size=0, shared=0)
         worker = await pools.take(["GPU-a"])  # nothing warm anywhere: a new worker
-        assert worker.device == "" and worker.proc.returncode is None
+        assert worker.device == ""
+        assert worker.proc.returncode is None
         await worker.stop(grace=0.5)
         await pools.close()
 
     run(scenario)
 
 
-def test_ready_line_format_matches_the_worker() -> None:
+def _ready_line(command: list[str]) -> dict[str, Any]:
+    """The first line a worker (or the stand-in) prints, as JSON; then it is stopped."""
+    env = dict(os.environ, GPUATTACH_AGENT_KEY="k", PYTHONUNBUFFERED="1")
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line: dict[str, Any] = json.loads(proc.stdout.readline())
+        finally:
+            proc.kill()
+            proc.wait()
+    return line
+
+
+def test_ready_line_format_matches_the_worker(python: str) -> None:
     """The stand-in prints what gpuattach_broker.worker prints; keep them in step."""
-    import inspect
-
-    from gpuattach_broker.worker import __main__ as worker_main
-
-    source = inspect.getsource(worker_main.main)
-    for key in ("port", "pid", "cuda_ok", "cuda"):
-        assert f'"{key}"' in source
-    assert json.loads('{"port": 1, "pid": 2, "cuda_ok": true, "cuda": "x"}')["cuda_ok"] is True
+    args = ["-m", "gpuattach_broker.worker", "--bind", "127.0.0.1", "--parent-pid", "0"]
+    real = _ready_line([sys.executable, *args])
+    stand_in = _ready_line([python, *args])
+    assert real["pid"] != stand_in["pid"]
+    assert real["cuda_ok"] is False  # not asked to warm CUDA: neither is the stand-in
+    assert {key: type(value) for key, value in stand_in.items()} == {
+        key: type(value) for key, value in real.items()
+    }
 
 
 def test_pausing_while_a_worker_starts_leaves_no_process(

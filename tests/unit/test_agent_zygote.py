@@ -38,12 +38,12 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(main())
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> float:
+async def until(predicate: Callable[[], bool], within: float = 30.0) -> float:
     """Seconds until `predicate` holds (checked every 5 ms)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     while not predicate():
-        if loop.time() - started > timeout:
+        if loop.time() - started > within:
             raise TimeoutError("not there in time")
         await asyncio.sleep(0.005)
     return loop.time() - started
@@ -89,13 +89,13 @@ def test_next_warm_worker_is_ready_within_a_second_of_the_handout() -> None:
     async def scenario() -> None:
         try:
             pools.refill()
-            await until(lambda: pools.warm == 1, timeout=90)  # the zygote's preload
+            await until(lambda: pools.warm == 1, within=90)  # the zygote's preload
             zygote = pools.zygote
             assert zygote is not None
             taken = []
             for _ in range(3):
                 worker = await pools.take()
-                waited = await until(lambda: pools.warm == 1, timeout=10)
+                waited = await until(lambda: pools.warm == 1, within=10)
                 assert waited < 1.5, f"the next warm worker took {waited:.2f} s"
                 taken.append(worker)
             for worker in taken + pools.shared._ready:
@@ -127,7 +127,8 @@ def test_signals_reach_forked_workers_and_their_exit_codes_come_back() -> None:
             assert killed.proc.returncode == -9
             os.kill(outside.pid, signal.SIGKILL)  # as the OOM killer would
             code = await asyncio.wait_for(outside.proc.wait(), 10)
-            assert code == -9 and "SIGKILL" in describe_exit(code)
+            assert code == -9
+            assert "SIGKILL" in describe_exit(code)
             assert await stopped.stop(grace=5.0) == 0  # SIGTERM: the worker shuts down
             assert not any(alive(w.pid) for w in (killed, outside, stopped))
             with pytest.raises(ProcessLookupError):
@@ -159,7 +160,8 @@ def test_warm_cuda_worker_forks_and_the_zygote_stays_without_cuda() -> None:
             assert worker.device == ""  # not warmed: not treated as bound to the device
             assert "no CUDA device" in worker.cuda or "not installed" in worker.cuda
             status = await zygote.status()
-            assert status["cuda_initialized"] is False and status["grpc_objects"] == 0
+            assert status["cuda_initialized"] is False
+            assert status["grpc_objects"] == 0
             assert await worker.stop() == 0
         finally:
             await zygote.close()
@@ -208,7 +210,7 @@ def test_close_leaves_no_zygote_or_worker() -> None:
 
     async def scenario() -> None:
         pools.refill()
-        await until(lambda: pools.warm == 2, timeout=90)
+        await until(lambda: pools.warm == 2, within=90)
         bound = await pools.take()  # as a lease's worker the agent did not stop
         assert pools.zygote is not None
         zygote_pid = pools.zygote.pid
@@ -248,7 +250,8 @@ def test_killed_owner_leaves_no_zygote_or_worker(tmp_path: Path) -> None:
     try:
         assert owner.stdout is not None
         pids = json.loads(owner.stdout.readline())
-        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        assert len(pids) == 3
+        assert all(alive(pid) for pid in pids)
         owner.kill()  # no close: the zygote sees its socket end and stops its workers
         owner.wait()
         deadline = time.monotonic() + 10
@@ -259,6 +262,7 @@ def test_killed_owner_leaves_no_zygote_or_worker(tmp_path: Path) -> None:
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+        owner.stdout.close()  # type: ignore[union-attr]
 
 
 def test_dead_zygote_ends_its_workers_and_comes_back() -> None:
@@ -267,7 +271,7 @@ def test_dead_zygote_ends_its_workers_and_comes_back() -> None:
     async def scenario() -> None:
         try:
             pools.refill()
-            await until(lambda: pools.warm == 1, timeout=90)
+            await until(lambda: pools.warm == 1, within=90)
             zygote = pools.zygote
             assert zygote is not None
             first, worker = zygote.pid, pools.shared._ready[0]
@@ -276,8 +280,9 @@ def test_dead_zygote_ends_its_workers_and_comes_back() -> None:
             # from the worker's pidfd (the exit code died with the zygote).
             assert await asyncio.wait_for(worker.proc.wait(), 10) == UNKNOWN_EXIT
             pools.refill()  # what the agent's next lease or refill does
-            await until(lambda: pools.warm == 1, timeout=90)
-            assert zygote.pid != first and zygote.alive
+            await until(lambda: pools.warm == 1, within=90)
+            assert zygote.pid != first
+            assert zygote.alive
             assert parent_of(pools.shared._ready[0].pid) == zygote.pid
         finally:
             await pools.close()

@@ -58,7 +58,8 @@ def test_room_is_freed_when_the_agent_reports_the_exit(tmp_path: Path) -> None:
         assert "L1" in service.scheduler.allocations
         service._confirm_stop("L1", HOST, "worker process exited with code 0")
         await asyncio.wait_for(waiting, 1)
-        assert "L1" not in service.scheduler.allocations and not service.stopping
+        assert "L1" not in service.scheduler.allocations
+        assert not service.stopping
         service._confirm_stop("L1", HOST, "again")  # a repeated answer changes nothing
 
     asyncio.run(scenario())
@@ -87,7 +88,8 @@ def test_without_a_connected_agent_the_room_is_freed_at_once(tmp_path: Path) -> 
     async def scenario() -> None:
         service, lease = make(tmp_path)
         service._end(lease, "expired", "no heartbeat")
-        assert "L1" not in service.scheduler.allocations and not service.stopping
+        assert "L1" not in service.scheduler.allocations
+        assert not service.stopping
         await asyncio.wait_for(service._stopped("L1"), 0.1)
 
     asyncio.run(scenario())

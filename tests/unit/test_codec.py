@@ -6,6 +6,7 @@ import math
 import random
 import threading
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _keep_global_rng():
+def _keep_global_rng() -> Iterator[None]:
     """decode_namespace restores RNG states globally; leave them as we found them."""
     py, nump, tor = random.getstate(), np.random.get_state(), torch.get_rng_state()
     yield
@@ -75,7 +76,7 @@ def _keep_global_rng():
         lambda: torch.tensor([math.nan, math.inf, -math.inf, -0.0, 1e-45]),
     ],
 )
-def test_tensors_bit_exact(make) -> None:
+def test_tensors_bit_exact(make: Callable[[], torch.Tensor]) -> None:
     tensor = make()
     out = roundtrip({"t": tensor})["t"]
     assert type(out) is torch.Tensor
@@ -162,12 +163,19 @@ def test_parameter_and_grad() -> None:
 
     out = roundtrip({"weight": weight, "frozen": frozen, "plain": plain})
     w2, f2, p2 = out["weight"], out["frozen"], out["plain"]
-    assert isinstance(w2, torch.nn.Parameter) and w2.requires_grad
-    assert isinstance(f2, torch.nn.Parameter) and not f2.requires_grad
-    assert not isinstance(p2, torch.nn.Parameter) and p2.requires_grad
+    assert isinstance(w2, torch.nn.Parameter)
+    assert w2.requires_grad
+    assert isinstance(f2, torch.nn.Parameter)
+    assert not f2.requires_grad
+    assert not isinstance(p2, torch.nn.Parameter)
+    assert p2.requires_grad
     assert same_bits(w2.detach(), weight.detach())
-    assert w2.grad is not None and same_bits(w2.grad, weight.grad)
-    assert p2.grad is not None and same_bits(p2.grad, plain.grad)
+    assert w2.grad is not None
+    assert weight.grad is not None
+    assert same_bits(w2.grad, weight.grad)
+    assert p2.grad is not None
+    assert plain.grad is not None
+    assert same_bits(p2.grad, plain.grad)
     assert f2.grad is None
 
 
@@ -211,7 +219,7 @@ def test_unpicklable_names_reported_rest_encoded(tmp_path: Path) -> None:
 
 def test_unknown_unpicklable_keeps_the_pickle_error() -> None:
     class Holder:
-        def __reduce__(self):
+        def __reduce__(self) -> str:
             raise TypeError("no way")
 
     encoded = encode_namespace({"h": Holder(), "n": [Holder()], "ok": 1})
@@ -226,7 +234,7 @@ def test_unknown_unpicklable_keeps_the_pickle_error() -> None:
 def test_functions_and_lambdas_travel_by_value() -> None:
     factor = 3
 
-    def scale(x):
+    def scale(x: int) -> int:
         return x * factor
 
     out = roundtrip({"f": lambda x: x + 1, "scale": scale})

@@ -274,7 +274,7 @@ def test_bounded_semaphore_keeps_bound_and_value() -> None:
     got = come_home({"s": semaphore})["s"]
     assert type(got) is threading.BoundedSemaphore
     got.release()  # back to 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="too many"):
         got.release()  # the bound is still 2
 
 
@@ -524,7 +524,8 @@ def test_subclass_of_a_rebuilt_type_pickles_as_usual() -> None:
     event = MyEvent()
     event.set()
     got = come_home({"e": event})["e"]  # its inner Condition comes home fresh
-    assert isinstance(got, MyEvent) and got.is_set()
+    assert isinstance(got, MyEvent)
+    assert got.is_set()
 
 
 # ---------------------------------------------------------------- at exit ---
@@ -548,8 +549,10 @@ def test_close_user_files_flushes_and_closes(tmp_path: Path) -> None:
         "n": 1,
     }
     assert close_user_files(namespace) == ["a", "also_a", "b"]
-    assert a.closed and b.closed
+    assert a.closed
+    assert b.closed
     assert (tmp_path / "a.txt").read_text() == "buffered a"
     assert (tmp_path / "b.bin").read_bytes() == b"buffered b"
     assert sys.__stdout__ is not None
-    assert not memory.closed and not sys.__stdout__.closed
+    assert not memory.closed
+    assert not sys.__stdout__.closed

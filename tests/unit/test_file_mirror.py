@@ -164,7 +164,8 @@ def test_policy_list_limits_what_forward_env_may_name() -> None:
     assert set(sent) == {"HF_TOKEN", "MY_SETTING", "GPUATTACH_FORWARD_ENV"}
     assert forwarded_env(env, [])[1] == ["HF_TOKEN", "PGPASSWORD"]  # [] forwards none
     hello = kernel_hello("/x", [], env, forward_policy=["HF_TOKEN"], mirror=(100, 10))
-    assert "PGPASSWORD" not in hello.env and hello.env["HF_TOKEN"] == "h"
+    assert "PGPASSWORD" not in hello.env
+    assert hello.env["HF_TOKEN"] == "h"
     assert (hello.mirror_bytes, hello.mirror_file_bytes) == (100, 10)
 
 

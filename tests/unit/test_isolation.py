@@ -30,13 +30,15 @@ def test_range_map_gives_each_user_a_stable_uid_kept_in_a_private_file(tmp_path:
     users = UserMap("range:300000-300009", tmp_path / "agent")
     alice, bob = users.resolve("alice"), users.resolve("bob")
     assert (alice.uid, alice.gid, alice.source) == (300000, 300000, "range")
-    assert bob.uid == 300001 and alice.name == "alice"
+    assert bob.uid == 300001
+    assert alice.name == "alice"
     assert users.resolve("alice") == alice  # stable within one agent ...
     again = UserMap("range:300000-300009", tmp_path / "agent")
     assert again.resolve("bob") == bob  # ... and across restarts
     assert again.resolve("carol").uid == 300002
     st = os.stat(users.path)
-    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
     assert json.loads(users.path.read_text()) == {"alice": 300000, "bob": 300001, "carol": 300002}
 
 
@@ -109,7 +111,8 @@ def test_worker_env_keeps_the_allow_list_and_no_secret() -> None:
     # One user: the worker is the agent's user (who reads the agent's /proc anyway);
     # it keeps the environment, less the agent's own credentials.
     one_user = worker_env(agent, same_user=True, extra={"GPUATTACH_BROKER_KEY": "never"})
-    assert one_user["HOME"] == "/root" and one_user["SSH_AUTH_SOCK"] == "/tmp/ssh"
+    assert one_user["HOME"] == "/root"
+    assert one_user["SSH_AUTH_SOCK"] == "/tmp/ssh"
     assert not {"GPUATTACH_BROKER_KEY", "GPUATTACH_TOKEN"} & set(one_user)
 
 
@@ -149,12 +152,14 @@ def test_modes_and_the_check_report(tmp_path: Path) -> None:
     key.chmod(0o644)
     code, text = isolation_report("auto", UserMap("system-or-range"), [(str(key), "--key-file")])
     assert code == 1
-    assert "switch users       yes" in text and "mount namespaces" in text
+    assert "switch users       yes" in text
+    assert "mount namespaces" in text
     assert "user map           system-or-range" in text
     assert f"PROBLEM: --key-file {key} is readable by others" in text
     key.chmod(0o600)
     code, text = isolation_report("auto", UserMap("system"), [(str(key), "--key-file")])
-    assert code == 0 and "readable by the agent alone" in text, text
+    assert code == 0, text
+    assert "readable by the agent alone" in text, text
 
 
 def test_closed_folders_above_the_interpreter_are_found() -> None:
@@ -170,6 +175,7 @@ def test_closed_folders_above_the_interpreter_are_found() -> None:
         nested = [str(lib), str(lib / "site"), str(home / "py")]
         assert unreachable(nested) == {str(home): [str(home / "py")]}
         home.chmod(0o711)  # others may pass through: nothing to expose
-        assert closed_ancestor(str(lib)) == "" and unreachable(nested) == {}
+        assert closed_ancestor(str(lib)) == ""
+        assert unreachable(nested) == {}
     finally:
         shutil.rmtree(base)

@@ -95,7 +95,9 @@ def test_lost_gpu_is_kept_with_its_error_and_offers_nothing() -> None:
     gpus[1].lost = True
     inv = inventory_of(FakeNvml(gpus))
     lost = inv.gpus[1]
-    assert lost.lost and "GPU is lost" in lost.error and "GpuIsLost" in lost.error
+    assert lost.lost
+    assert "GPU is lost" in lost.error
+    assert "GpuIsLost" in lost.error
     assert [d.uuid for d in inv.devices()] == [gpus[0].uuid]
 
 
@@ -107,8 +109,10 @@ def test_failing_mig_query_is_an_error_not_a_crash(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(fake, "nvmlDeviceGetMaxMigDeviceCount", unknown)
     (gpu,) = inventory_of(fake).gpus
-    assert "MIG instances" in gpu.error and "Unknown" in gpu.error
-    assert not gpu.lost and gpu.devices() == []
+    assert "MIG instances" in gpu.error
+    assert "Unknown" in gpu.error
+    assert not gpu.lost
+    assert gpu.devices() == []
 
 
 def test_mig_mode_change_pending_reset() -> None:

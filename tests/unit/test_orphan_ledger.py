@@ -74,6 +74,7 @@ def test_a_child_dies_with_its_parent_by_the_parent_death_signal() -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
 
 
 def test_die_with_parent_fires_at_once_when_the_parent_is_already_gone() -> None:
@@ -158,6 +159,7 @@ def test_the_next_agent_kills_what_the_ledger_lists_and_waits_for_its_exit(
         if leader.poll() is None:
             os.killpg(leader.pid, signal.SIGKILL)
             leader.wait()
+        leader.stdout.close()  # type: ignore[union-attr]
 
 
 def test_a_recycled_pid_is_never_killed(tmp_path: Path) -> None:

@@ -52,4 +52,6 @@ def test_bad_values_are_named_with_their_line_and_a_hint(line: str, words: str) 
     with pytest.raises(PolicyErrors) as info:
         parse_policy(f"[defaults]\n{line}\n")
     message = str(info.value)
-    assert "line 2" in message and words in message and "hint" in message
+    assert "line 2" in message
+    assert words in message
+    assert "hint" in message

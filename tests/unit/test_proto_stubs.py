@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,13 @@ from google.protobuf import descriptor_pb2, text_format
 
 from gpuattach_broker.protos import gpuattach_pb2, gpuattach_pb2_grpc
 
+FileDescriptor = descriptor_pb2.FileDescriptorProto
+
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = "gpuattach_broker/protos/gpuattach.proto"
 
 
-def _strip_json_names(messages) -> None:
+def _strip_json_names(messages: Iterable[descriptor_pb2.DescriptorProto]) -> None:
     # protoc's Python generator leaves json_name out of the embedded descriptor
     for message in messages:
         for f in message.field:
@@ -54,7 +57,7 @@ def committed() -> descriptor_pb2.FileDescriptorProto:
     return descriptor_pb2.FileDescriptorProto.FromString(gpuattach_pb2.DESCRIPTOR.serialized_pb)
 
 
-def test_pb2_matches_proto(fresh, committed) -> None:
+def test_pb2_matches_proto(fresh: FileDescriptor, committed: FileDescriptor) -> None:
     assert fresh.name == committed.name == PROTO
     if fresh != committed:
         import difflib
@@ -71,7 +74,7 @@ def test_pb2_matches_proto(fresh, committed) -> None:
         pytest.fail(f"gpuattach_pb2.py is stale: run `make proto`\n{diff}")
 
 
-def test_grpc_module_declares_every_method(fresh) -> None:
+def test_grpc_module_declares_every_method(fresh: FileDescriptor) -> None:
     source = inspect.getsource(gpuattach_pb2_grpc)
     assert fresh.service, "the proto declares no service"
     for service in fresh.service:
@@ -105,6 +108,6 @@ def test_grpc_module_declares_every_method(fresh) -> None:
     assert source.count("_registered_method=True") >= sum(len(s.method) for s in fresh.service)
 
 
-def test_committed_descriptor_has_the_services(committed) -> None:
+def test_committed_descriptor_has_the_services(committed: FileDescriptor) -> None:
     names = {s.name for s in committed.service}
     assert {"Broker", "Worker"} <= names

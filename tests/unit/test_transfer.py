@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_small_parts_are_packed_together() -> None:
 
 def test_non_byte_memoryviews_are_flattened() -> None:
     tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    shaped = memoryview(tensor.numpy())  # format 'f', 2-D
+    shaped = tensor.numpy().data  # a memoryview of format 'f', 2-D
     encoded = Encoded(parts=[shaped], names=["t"])
     _, parts, received = receive_namespace(chunk_namespace(encoded))
     assert received == 48
@@ -178,7 +179,7 @@ def test_max_bytes() -> None:
 
 def test_max_bytes_is_checked_before_any_allocation() -> None:
     # a header announcing a petabyte must fail fast, not try to allocate it
-    def stream():
+    def stream() -> Iterator[pb.NamespaceChunk]:
         yield header(2**50)
         raise AssertionError("read past the header")
 
@@ -189,7 +190,8 @@ def test_max_bytes_is_checked_before_any_allocation() -> None:
 def test_large_parts_land_in_torch_memory_small_ones_in_bytearrays() -> None:
     large = transfer.receive_buffer(transfer.LARGE_PART_BYTES)
     small = transfer.receive_buffer(100)
-    assert isinstance(large.obj, np.ndarray) and isinstance(large.obj.base, torch.Tensor)
+    assert isinstance(large.obj, np.ndarray)
+    assert isinstance(large.obj.base, torch.Tensor)
     assert isinstance(small.obj, bytearray)
     large[:3] = b"abc"  # writable, and a tensor can be built over it without a copy
     assert torch.frombuffer(large, dtype=torch.uint8)[:3].tolist() == [97, 98, 99]

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -43,7 +43,8 @@ def worker() -> Iterator[Worker]:
     assert proc.stdout is not None
     ready = json.loads(proc.stdout.readline())
     stdout = proc.stdout
-    threading.Thread(target=lambda: stdout.read(), daemon=True).start()
+    reader = threading.Thread(target=stdout.read, daemon=True)
+    reader.start()
     address = f"127.0.0.1:{ready['port']}"
     channel = grpc.insecure_channel(address)
     agent = pb_grpc.WorkerStub(channel)
@@ -60,14 +61,17 @@ def worker() -> Iterator[Worker]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    reader.join(10)  # end of file once the worker is gone
+    stdout.close()
 
 
 def revoke(worker: Worker, key: str = AGENT_KEY) -> pb.WorkerRevokeReply:
-    return worker.agent.Revoke(
+    reply: pb.WorkerRevokeReply = worker.agent.Revoke(
         pb.WorkerRevokeRequest(lease_id="L1", reason="released by the kernel", wait_seconds=5),
         metadata=bearer_metadata(key),
         timeout=10,
     )
+    return reply
 
 
 def test_only_the_agent_may_revoke(worker: Worker) -> None:
@@ -82,7 +86,8 @@ def test_only_the_agent_may_revoke(worker: Worker) -> None:
 
 def test_revoke_interrupts_the_running_cell_and_refuses_the_token(worker: Worker) -> None:
     client = WorkerClient(worker.address, TOKEN)
-    started, outcome = threading.Event(), {}
+    started = threading.Event()
+    outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
@@ -92,21 +97,22 @@ def test_revoke_interrupts_the_running_cell_and_refuses_the_token(worker: Worker
                 lambda output: started.set(),
                 lambda request: "",
             )
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the test thread asserts on it
             outcome["error"] = exc
 
     cell = threading.Thread(target=run, daemon=True)
     cell.start()
     assert started.wait(30)
     reply = revoke(worker)
-    assert reply.interrupted and reply.cell_stopped
+    assert reply.interrupted
+    assert reply.cell_stopped
     cell.join(5)
     assert isinstance(outcome.get("error"), LeaseOver), outcome
     assert "lease L1 ended (released by the kernel)" in str(outcome["error"])
 
     md = bearer_metadata(TOKEN)
     execute = pb.ExecuteInput(request=pb.ExecuteRequest(code="x = 1"))
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "Execute": lambda: list(worker.kernel.Execute(iter([execute]), metadata=md, timeout=5)),
         "PullNamespace": lambda: list(
             worker.kernel.PullNamespace(pb.PullRequest(force=True), metadata=md, timeout=5)
@@ -125,7 +131,7 @@ def test_revoke_interrupts_the_running_cell_and_refuses_the_token(worker: Worker
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED, (name, error.code())
         assert "lease L1 ended (released by the kernel)" in (error.details() or ""), name
         assert "no longer accepts its token" in (error.details() or ""), name
-        state, reason = read_end_metadata(error.trailing_metadata())  # type: ignore[attr-defined]
+        state, reason = read_end_metadata(error.trailing_metadata())
         assert (state, reason) == ("ended", "released by the kernel"), name
     # The kernel's client reads that as the lease being over, not a dead worker.
     with pytest.raises(LeaseOver, match="ended"):

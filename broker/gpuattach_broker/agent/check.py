@@ -44,7 +44,7 @@ def probe_torch() -> TorchInfo:
     cuda = str(torch.version.cuda or "")
     try:
         count = int(torch.cuda.device_count()) if cuda else 0
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken driver or CUDA install raises any type; report 0
         count = 0
     return TorchInfo(str(torch.__version__), cuda, count)
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -53,6 +54,8 @@ from gpuattach_broker.rpc import KEY_HEADER, end_metadata
 from gpuattach_broker.units import format_duration, format_size
 
 log = logging.getLogger("gpuattach.broker")
+# What each RPC receives (grpc.aio's context; its message types add nothing here).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 START_TIMEOUT_S = 120.0
@@ -170,7 +173,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     # ------------------------------------------------------------- auth ---
 
-    def _credentials(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    def _credentials(self, context: Context) -> tuple[str, str]:
         key = token = ""
         for name, value in context.invocation_metadata() or ():
             if not isinstance(value, str):
@@ -181,7 +184,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 token = value.split(" ", 1)[1] if " " in value else value
         return key, token
 
-    async def _identify(self, context: grpc.aio.ServicerContext, claimed: str = "") -> Identity:
+    async def _identify(self, context: Context, claimed: str = "") -> Identity:
         """Who calls: a service with the broker key, a user with a token, or (on an
         open loopback broker with neither) whoever it claims to be."""
         key, token = self._credentials(context)
@@ -208,10 +211,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         raise AssertionError("unreachable")
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Identity:
+    async def _authenticate(self, context: Context) -> Identity:
         return await self._identify(context)
 
-    async def _admin(self, context: grpc.aio.ServicerContext) -> Identity:
+    async def _admin(self, context: Context) -> Identity:
         identity = await self._identify(context)
         if not identity.trusted:
             await context.abort(
@@ -223,7 +226,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def _lease_for(
         self,
         ref: pb.LeaseRef,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         identity: Identity,
         owner_without_token: bool = False,
     ) -> LeaseRecord:
@@ -273,7 +276,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     # ----------------------------------------------------------- attach ---
 
     async def Attach(
-        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AttachRequest, context: Context
     ) -> AsyncIterator[pb.AttachEvent]:
         identity = await self._identify(context, request.user)
         self.last_activity = time.monotonic()
@@ -361,7 +364,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self,
         req: SliceRequest,
         wait_seconds: float,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         groups: tuple[str, ...] = (),
     ) -> AsyncIterator[pb.AttachEvent]:
         if wait_seconds == 0:
@@ -484,7 +487,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self,
         req: SliceRequest,
         placement: Placement,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         groups: list[str],
         mirror: tuple[int, int] = (0, 0),
     ) -> tuple[LeaseRecord, str]:
@@ -567,7 +570,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     # ------------------------------------------------ renew and release ---
 
-    async def Renew(self, request: pb.LeaseRef, context: grpc.aio.ServicerContext) -> pb.RenewReply:
+    async def Renew(self, request: pb.LeaseRef, context: Context) -> pb.RenewReply:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
         self.last_activity = time.monotonic()
@@ -599,7 +602,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
 
     async def WatchLease(
-        self, request: pb.LeaseRef, context: grpc.aio.ServicerContext
+        self, request: pb.LeaseRef, context: Context
     ) -> AsyncIterator[pb.LeaseNotice]:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
@@ -631,7 +634,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             notices.put_nowait(self._notice(lease))
 
     async def SetKernelIdle(
-        self, request: pb.KernelIdleRequest, context: grpc.aio.ServicerContext
+        self, request: pb.KernelIdleRequest, context: Context
     ) -> pb.KernelIdleReply:
         """The Jupyter UI changes a kernel's idle timeout; the kernel's next
         heartbeat picks it up."""
@@ -657,9 +660,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             self._notify(lease)
         return pb.KernelIdleReply(leases=len(leases))
 
-    async def Release(
-        self, request: pb.LeaseRef, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseReply:
+    async def Release(self, request: pb.LeaseRef, context: Context) -> pb.ReleaseReply:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity, owner_without_token=True)
         self.last_activity = time.monotonic()
@@ -672,9 +673,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         await self._stopped(lease.lease_id)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
-    async def Revoke(
-        self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseReply:
+    async def Revoke(self, request: pb.RevokeRequest, context: Context) -> pb.ReleaseReply:
         identity = await self._admin(context)
         lease = self.store.get_lease(request.lease_id)
         if lease is None:
@@ -688,9 +687,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         await self._stopped(lease.lease_id)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
-    async def Drain(
-        self, request: pb.DrainRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DrainReply:
+    async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainReply:
         identity = await self._admin(context)
         devices = [d for d in self.scheduler.devices.values() if d.host == request.host]
         if not devices:
@@ -705,9 +702,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             devices=len(devices), active_leases=sum(len(d.leases) for d in devices)
         )
 
-    async def GetEvents(
-        self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EventsReply:
+    async def GetEvents(self, request: pb.EventsRequest, context: Context) -> pb.EventsReply:
         await self._admin(context)
         events = await self.store.events(
             since=request.since, lease_id=request.lease_id, user=request.user
@@ -898,7 +893,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     # ------------------------------------------------------------ views ---
 
     async def ListLeases(
-        self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesReply:
         identity = await self._identify(context)
         user = request.user if identity.trusted else identity.user
@@ -916,9 +911,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             lease.gpu_memory_used_bytes = usage.memory_bytes if usage is not None else used
         return pb.ListLeasesReply(leases=leases)
 
-    async def GetPoolStatus(
-        self, request: pb.PoolStatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PoolStatus:
+    async def GetPoolStatus(self, request: pb.PoolStatusRequest, context: Context) -> pb.PoolStatus:
         identity = await self._authenticate(context)
         status = self.pool_status()
         if not identity.trusted:
@@ -985,7 +978,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     # ----------------------------------------------------------- agents ---
 
     async def AgentChannel(
-        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Context
     ) -> AsyncIterator[pb.BrokerCommand]:
         identity = await self._identify(context)
         if not identity.service:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -47,8 +47,8 @@ class BrokerError(RuntimeError):
 
 
 def _error(exc: grpc.RpcError, what: str, address: str) -> BrokerError:
-    code = exc.code()  # type: ignore[attr-defined]
-    details = exc.details()  # type: ignore[attr-defined]
+    code = exc.code()
+    details = exc.details()
     if code == grpc.StatusCode.UNAVAILABLE:
         return BrokerError(f"cannot reach the GPU broker at {address} ({what})", code)
     trailing = getattr(exc, "trailing_metadata", None)
@@ -89,7 +89,7 @@ class BrokerClient:
             try:
                 for event in call:
                     events.put(event)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, raised there
                 events.put(exc)
             events.put(None)
 
@@ -125,19 +125,22 @@ class BrokerClient:
         memory_used_bytes: int = 0,
     ) -> pb.RenewReply:
         try:
-            return self.stub.Renew(
-                pb.LeaseRef(
-                    lease_id=lease.lease_id,
-                    token=lease.token,
-                    busy_seconds=busy_seconds,
-                    idle_release_in=idle_release_in,
-                    migrating=migrating,
-                    idle_seconds=idle_seconds,
-                    auto_mode=auto_mode,
-                    memory_used_bytes=memory_used_bytes,
+            return cast(
+                "pb.RenewReply",
+                self.stub.Renew(
+                    pb.LeaseRef(
+                        lease_id=lease.lease_id,
+                        token=lease.token,
+                        busy_seconds=busy_seconds,
+                        idle_release_in=idle_release_in,
+                        migrating=migrating,
+                        idle_seconds=idle_seconds,
+                        auto_mode=auto_mode,
+                        memory_used_bytes=memory_used_bytes,
+                    ),
+                    metadata=self.metadata,
+                    timeout=timeout,
                 ),
-                metadata=self.metadata,
-                timeout=timeout,
             )
         except grpc.RpcError as exc:
             raise _error(exc, "renew", self.target.address) from None
@@ -162,10 +165,13 @@ class BrokerClient:
         )
         while True:
             try:
-                return self.stub.Release(
-                    ref,
-                    metadata=self.metadata,
-                    timeout=5,
+                return cast(
+                    "pb.ReleaseReply",
+                    self.stub.Release(
+                        ref,
+                        metadata=self.metadata,
+                        timeout=5,
+                    ),
                 )
             except grpc.RpcError as exc:
                 error = _error(exc, "release", self.target.address)
@@ -176,10 +182,13 @@ class BrokerClient:
     def release_for(self, lease_id: str, user: str, reason: str) -> pb.ReleaseReply:
         """Release a user's lease as a trusted service holding the broker key."""
         try:
-            return self.stub.Release(
-                pb.LeaseRef(lease_id=lease_id, on_behalf_of=user, reason=reason),
-                metadata=self.metadata,
-                timeout=10,
+            return cast(
+                "pb.ReleaseReply",
+                self.stub.Release(
+                    pb.LeaseRef(lease_id=lease_id, on_behalf_of=user, reason=reason),
+                    metadata=self.metadata,
+                    timeout=10,
+                ),
             )
         except grpc.RpcError as exc:
             raise _error(exc, "release", self.target.address) from None
@@ -209,8 +218,9 @@ class BrokerClient:
 
     def pool_status(self) -> pb.PoolStatus:
         try:
-            return self.stub.GetPoolStatus(
-                pb.PoolStatusRequest(), metadata=self.metadata, timeout=10
+            return cast(
+                "pb.PoolStatus",
+                self.stub.GetPoolStatus(pb.PoolStatusRequest(), metadata=self.metadata, timeout=10),
             )
         except grpc.RpcError as exc:
             raise _error(exc, "pool status", self.target.address) from None

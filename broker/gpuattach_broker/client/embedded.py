@@ -18,6 +18,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -148,7 +149,11 @@ def _start(path: Path, environ: Mapping[str, str]) -> BrokerAddress:
             )
         info = _read(path)
         if info and info.get("pid") == proc.pid:
+            # It outlives this call (its own session): a thread reaps it when it ends,
+            # so it leaves no zombie and its Popen is not dropped while it runs.
+            threading.Thread(target=proc.wait, daemon=True, name="gpuattach-reap").start()
             return BrokerAddress(str(info["address"]), key)
         time.sleep(0.05)
     proc.kill()
+    proc.wait()
     raise BrokerError(f"the embedded GPU broker did not start in time; see {log_path}")

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import grpc
@@ -106,7 +106,7 @@ def _clock(wall: float) -> str:
 def _no_answer(exc: grpc.RpcError) -> bool:
     """A stream that failed because the link went silent (keepalive), not
     because the worker's process ended (which resets the connection)."""
-    details = str(exc.details() or "")  # type: ignore[attr-defined]
+    details = str(exc.details() or "")
     return "ping timeout" in details or "keepalive" in details.lower()
 
 
@@ -120,8 +120,8 @@ class VersionMismatch(RuntimeError):
 
 
 def _rpc_error(exc: grpc.RpcError, what: str) -> Exception:
-    code = exc.code()  # type: ignore[attr-defined]
-    details = exc.details()  # type: ignore[attr-defined]
+    code = exc.code()
+    details = exc.details()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return WorkerGone(f"the GPU worker stopped answering during {what}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -262,7 +262,9 @@ class WorkerClient:
 
     def hello(self, request: pb.HelloRequest) -> pb.HelloReply:
         try:
-            return self.stub.Hello(request, metadata=self.metadata, timeout=30)
+            return cast(
+                "pb.HelloReply", self.stub.Hello(request, metadata=self.metadata, timeout=30)
+            )
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "hello") from None
 
@@ -306,7 +308,7 @@ class WorkerClient:
             try:
                 for output in call:
                     outputs.put(output)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, raised there
                 outputs.put(exc)
             outputs.put(None)
 
@@ -394,8 +396,11 @@ class WorkerClient:
     def mirror_files(self, entries: Iterable[pb.FileEntry]) -> pb.MirrorReply:
         """Seed the worker's scratch folder; the reply names the contents it lacks."""
         try:
-            return self.stub.MirrorFiles(
-                pb.MirrorRequest(files=list(entries)), metadata=self.metadata, timeout=120
+            return cast(
+                "pb.MirrorReply",
+                self.stub.MirrorFiles(
+                    pb.MirrorRequest(files=list(entries)), metadata=self.metadata, timeout=120
+                ),
             )
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "mirroring the notebook's folder") from None

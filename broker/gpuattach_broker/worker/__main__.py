@@ -70,13 +70,13 @@ def _preload() -> None:
     for name in PRELOAD:
         try:
             __import__(name)
-        except Exception:  # not installed, or broken: the cell that imports it says so
+        except Exception:  # noqa: BLE001 - not installed, or broken: the cell that imports it says so
             pass
     try:  # the shell's enable_matplotlib("inline") reads the backends' entry points
         from matplotlib.backends.registry import backend_registry
 
         backend_registry.resolve_gui_or_backend("inline")
-    except Exception:
+    except Exception:  # noqa: BLE001 - a warm-up only: a broken matplotlib must not stop the worker
         pass
     from gpuattach_broker import codec
 
@@ -102,7 +102,7 @@ def _warm_cuda() -> tuple[bool, str]:
         del x
         torch.cuda.empty_cache()  # keep no cached block: a fractional cap applies later
         return True, str(torch.cuda.get_device_name(0))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the probe reports any CUDA failure as text
         return False, f"{type(exc).__name__}: {exc}"
 
 

@@ -97,7 +97,7 @@ class MainThreadExecutor:
                 continue
             try:
                 future.set_result(fn())
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - the future re-raises it to its waiter
                 future.set_exception(exc)
 
 
@@ -404,7 +404,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 for item in request_iterator:
                     if item.WhichOneof("msg") == "input_reply":
                         sink.input_replies.put(item.input_reply.value)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the stream ended however it ended: the None follows
                 pass
             sink.input_replies.put(None)
 
@@ -419,7 +419,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     return False  # the lease ended while the cell waited: it never runs
                 self.executor.running_cell = True
             try:
-                result = self.shell.run_cell(
+                result = self.shell.run_cell(  # type: ignore[no-untyped-call]  # IPython's
                     request.code, store_history=not request.silent, silent=request.silent
                 )
             finally:
@@ -439,7 +439,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         ok = False
         try:
             ok = future.result()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the user's cell raised: sent as its error
             yield pb.ExecuteOutput(error=pb.ErrorInfo(ename=type(exc).__name__, evalue=str(exc)))
         self._refuse_if_revoked(context)  # the cell was interrupted because its lease ended
         yield pb.ExecuteOutput(done=pb.ExecuteDone(ok=ok, seconds=time.perf_counter() - started))
@@ -477,7 +477,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             names, problems = self.executor.submit(load).result()
             if self.cache is not None and self.store.received:
                 self.cache.put_in_background(self.store.received)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - unpickling runs user reducers: any type
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"could not load the namespace: {type(exc).__name__}: {exc}",

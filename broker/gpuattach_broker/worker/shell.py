@@ -151,7 +151,7 @@ class SinkDisplayHook(DisplayHook):
 class SinkDisplayPublisher(DisplayPublisher):
     """display(), figures and rich reprs become display_data messages."""
 
-    def publish(  # type: ignore[override]
+    def publish(
         self,
         data: dict[str, Any],
         metadata: dict[str, Any] | None = None,
@@ -185,11 +185,11 @@ class SinkDisplayPublisher(DisplayPublisher):
 class WorkerShell(InteractiveShell):
     """IPython semantics with outputs routed to the running cell's sink."""
 
-    displayhook_class = SinkDisplayHook  # type: ignore[assignment]
-    display_pub_class = SinkDisplayPublisher  # type: ignore[assignment]
+    displayhook_class = SinkDisplayHook
+    display_pub_class = SinkDisplayPublisher
 
     def init_io(self) -> None:
-        super().init_io()
+        super().init_io()  # type: ignore[no-untyped-call]  # IPython's, unannotated
         sys.stdout = SinkStream("stdout", sys.__stdout__)
         sys.stderr = SinkStream("stderr", sys.__stderr__)
 
@@ -217,12 +217,12 @@ def make_shell() -> WorkerShell:
     # The kernel keeps the user's history; the worker must not write it too.
     config.HistoryManager.enabled = False
     shell = WorkerShell.instance(config=config)
-    builtins.input = _remote_input  # type: ignore[assignment]
+    builtins.input = _remote_input
     try:
         import matplotlib  # noqa: F401
 
-        shell.enable_matplotlib("inline")
-    except Exception:
+        shell.enable_matplotlib("inline")  # type: ignore[no-untyped-call]  # IPython's
+    except Exception:  # noqa: BLE001 - inline figures are a nicety: a broken matplotlib still runs
         pass
     return shell
 

@@ -207,7 +207,7 @@ class _Server:
                 self.send({"op": "status", "id": request.get("id"), **_status()})
             else:
                 raise ValueError(f"unknown request {op!r}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure goes back to the requester
             self.send({"op": "error", "id": _request_id(data), "error": f"{exc}"})
         finally:
             for fd in fds:
@@ -271,7 +271,7 @@ class _Server:
             code = worker_main.main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a forked child must reach os._exit, never return
             import traceback
 
             traceback.print_exc()
@@ -307,7 +307,7 @@ class _Server:
 def _request_id(data: bytes) -> Any:
     try:
         return json.loads(data).get("id")
-    except Exception:
+    except (ValueError, AttributeError):  # not JSON, or not an object
         return None
 
 
@@ -428,7 +428,7 @@ class ForkedProcess:
             self._watching = True
             await gone
         else:
-            while _pid_alive(self.pid):
+            while _pid_alive(self.pid):  # noqa: ASYNC110 - no pidfd: no event to wait on
                 await asyncio.sleep(0.2)
         self._set_exit(UNKNOWN_EXIT)
 
@@ -702,6 +702,7 @@ class Zygote:
             )
         finally:
             os.close(write_end)
+        child: ForkedProcess
         child, stdout = await asyncio.wait_for(future, REQUEST_TIMEOUT_S)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(loop=loop)
@@ -726,8 +727,11 @@ class Zygote:
         )
         return result
 
-    async def close(self, timeout: float = STOP_GRACE_S + 5.0) -> None:
-        """Stop the zygote and every worker it forked that still runs."""
+    async def close(self, timeout: float = STOP_GRACE_S + 5.0) -> None:  # noqa: ASYNC109
+        """Stop the zygote and every worker it forked that still runs.
+
+        `timeout` is the grace before the zygote is killed, not a deadline for
+        the caller (a caller's asyncio.timeout would skip the kill)."""
         self._closed = True
         if self._starting is not None and not self._starting.done():
             self._starting.cancel()
