@@ -158,7 +158,7 @@ def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     )
     try:
         init_s = time.perf_counter() - started
-        actor = ray.remote(num_cpus=0)(_Namespace).remote()
+        actor: Any = ray.remote(num_cpus=0)(_Namespace).remote()
         ray.get(actor.noop.remote())
         cold_s = time.perf_counter() - started
         ray.get(actor.execute.remote("import torch, numpy"))
