@@ -267,6 +267,20 @@ def test_schema_version_is_the_newest_migration() -> None:
     assert ScriptDirectory.from_config(config).get_heads() == [SCHEMA_VERSION]
 
 
+def test_brokers_starting_together_on_a_new_postgresql_database(pg_url: str) -> None:
+    """Two replicas' first start: one migrates, the other waits for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: open_store(pg_url), range(4)))
+    try:
+        stores[0].put_lease(full_lease())
+        assert all(s.get_lease("L1") == full_lease() for s in stores)
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_reopening_migrates_nothing_and_keeps_the_data(db_url: str, clock: FakeClock) -> None:
     first = open_store(db_url, clock=clock)
     first.put_lease(full_lease(), event="granted")

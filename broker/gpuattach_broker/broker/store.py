@@ -166,6 +166,12 @@ def migrate(engine: sa.Engine) -> None:
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Brokers starting together on one new database (two replicas):
+            # one migrates, the others wait and then find it done.
+            connection.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": MIGRATIONS}
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
