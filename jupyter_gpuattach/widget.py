@@ -503,7 +503,7 @@ def _escape(text: str) -> str:
 
 # ipywidgets' HTML does not wrap by default and clips what does not fit;
 # here lines wrap between words, never inside one (a lease id, a figure).
-_WRAP = "white-space:normal;word-break:normal;overflow-wrap:normal"
+_WRAP = "white-space:normal;word-break:normal;overflow-wrap:normal;line-height:1.5"
 
 
 def _phrases(text: str) -> str:
