@@ -138,9 +138,17 @@ def run_cell(page: Any, index: int) -> str:
 
 
 def toast(page: Any, text: str) -> Any:
-    found = page.locator(".Toastify__toast", has_text=text)
-    found.first.wait_for(state="visible", timeout=30_000)
-    return found.first
+    """A notification with `text`, once it has slid fully into view (for the screenshot)."""
+    found = page.locator(".Toastify__toast", has_text=text).first
+    found.wait_for(state="visible", timeout=30_000)
+    width = page.viewport_size["width"]
+
+    def in_view() -> bool:
+        box = found.bounding_box()
+        return box is not None and box["x"] + box["width"] <= width
+
+    wait_until(in_view, 10, f"the notification {text!r} in view")
+    return found
 
 
 def palette(page: Any, label: str) -> None:
