@@ -444,6 +444,7 @@ class GPUSession:
                 finally:
                     self.migrating = False
                 self.sync.last_synced_cell = cell
+                self.link.nudge()  # the worker's memory after the sync, to the broker now
                 for line in self._files_home("sync"):
                     self.notify(line)
 
@@ -841,6 +842,7 @@ class GPUSession:
                 line += f" · last lease: {self.last_end.headline()}"
             return line
         memory = memory_text(self.memory_used(), int(self.lease.memory_bytes))
+        self.link.nudge()  # the broker (and the UI) get the same figures now
         # Two lines: a narrow output area wraps neither in the middle of a figure.
         return (
             f"GPU: attached {self._device()} · lease {self.lease.lease_id[:8]}\n     "

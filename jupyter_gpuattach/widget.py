@@ -501,11 +501,16 @@ def _escape(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+# ipywidgets' HTML does not wrap by default and clips what does not fit;
+# here lines wrap between words, never inside one (a lease id, a figure).
+_WRAP = "white-space:normal;word-break:normal;overflow-wrap:normal;line-height:1.5"
+
+
 def _phrases(text: str) -> str:
-    """Escaped HTML that wraps only between the `` · `` separated phrases, never
-    inside one (a lease id or a figure stays whole in a narrow notebook)."""
-    parts = [f"<span style='white-space:nowrap'>{_escape(p)}</span>" for p in text.split(" · ")]
-    return " · ".join(parts)
+    """Escaped HTML that wraps between words in a narrow notebook, the
+    `` · `` separators staying with the phrase before them."""
+    parts = [_escape(p) for p in text.split(" · ")]
+    return f"<span style='{_WRAP}'>" + "&nbsp;· ".join(parts) + "</span>"
 
 
 def show_status(session: Any) -> GPUStatusWidget | None:

@@ -138,9 +138,17 @@ def run_cell(page: Any, index: int) -> str:
 
 
 def toast(page: Any, text: str) -> Any:
-    found = page.locator(".Toastify__toast", has_text=text)
-    found.first.wait_for(state="visible", timeout=30_000)
-    return found.first
+    """A notification with `text`, once it has slid fully into view (for the screenshot)."""
+    found = page.locator(".Toastify__toast", has_text=text).first
+    found.wait_for(state="visible", timeout=30_000)
+    width = page.viewport_size["width"]
+
+    def in_view() -> bool:
+        box = found.bounding_box()
+        return box is not None and box["x"] + box["width"] <= width
+
+    wait_until(in_view, 10, f"the notification {text!r} in view")
+    return found
 
 
 def palette(page: Any, label: str) -> None:
@@ -230,7 +238,8 @@ def one_glance(lab: Lab, page: Any) -> None:
 
     wait_until(lambda: len(set(figures())) == 1, 10, f"one busy figure: {figures()}")
     line_memory = re.search(r"memory (\d+\.\d/4 GiB)", status_line)
-    assert line_memory is not None and line_memory.group(1) in lease_row.inner_text()
+    assert line_memory is not None
+    wait_until(lambda: line_memory.group(1) in lease_row.inner_text(), 10, "one memory figure")
     held_line = float(HELD.search(status_line).group(1))  # type: ignore[union-attr]
     held_panel = float(HELD.search(panel_times.inner_text()).group(1))  # type: ignore[union-attr]
     # Within a second (the panel ticks once a second), plus the time since the line.
@@ -307,8 +316,15 @@ def one_glance(lab: Lab, page: Any) -> None:
     button = widget.locator("button")
     assert button.evaluate("b => b.scrollWidth <= b.clientWidth + 1")
     assert button.inner_text().strip() == "Release"
+    # Nothing clipped: every text part fits its box (lines wrap between words).
     clipped = widget.evaluate(
-        "w => [...w.querySelectorAll('span')].filter(s => s.getClientRects().length > 1).length"
+        "w => [...w.querySelectorAll('.widget-html-content')]"
+        ".filter(h => h.scrollWidth > h.clientWidth + 1).map(h => h.innerText)"
     )
-    assert clipped == 0, "a phrase wrapped inside"
+    assert clipped == [], clipped
+    words = widget.evaluate(
+        "w => [...w.querySelectorAll('.widget-html-content span')]"
+        ".map(s => getComputedStyle(s).wordBreak + '/' + getComputedStyle(s).overflowWrap)"
+    )
+    assert words and set(words) == {"normal/normal"}, words  # never inside a word
     screenshot(page, "glance-10-narrow")
