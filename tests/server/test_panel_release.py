@@ -65,6 +65,18 @@ class InThread:
     async def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    async def close(self) -> None:
+        """Close the event loop the blocking client made on that thread, then the
+        thread: a loop left open leaks its self-pipe sockets into a later test."""
+        await self(_close_thread_loop)
+        self.pool.shutdown(wait=True)
+
+
+def _close_thread_loop() -> None:
+    loop = asyncio.get_event_loop_policy().get_event_loop()
+    if not loop.is_running():
+        loop.close()
+
 
 @pytest.mark.parametrize("mode", ["manual", "auto"])
 async def test_a_panel_release_is_told_in_one_line_and_the_kernel_goes_on(
@@ -121,6 +133,7 @@ async def test_a_panel_release_is_told_in_one_line_and_the_kernel_goes_on(
         0.1,
         "leases to end",
     )
+    await call.close()
 
 
 async def _my_lease(jp_fetch: Any) -> dict[str, Any]:
@@ -181,3 +194,4 @@ async def test_the_idle_deadline_is_on_the_lease_at_once(
         assert mine[0]["end_reason"] == "released by the kernel"
     finally:
         await call(kernel.shutdown)
+        await call.close()
