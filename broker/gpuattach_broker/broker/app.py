@@ -44,7 +44,9 @@ class BrokerApp(ServiceApp):
         config=True
     )
     embedded_agent = Unicode(
-        "", help="Also run an agent in this process: auto, nvml or cpu:NxSIZE."
+        "",
+        help="Also run an agent in this process: auto, nvml, cpu:NxSIZE or another "
+        "installed device backend's NAME[:OPTIONS].",
     ).tag(config=True)
     pool_size = Int(1, help="Warm workers of the embedded agent.").tag(config=True)
     runtime_file = Unicode("", help="Publish the address and key in this file.").tag(config=True)
