@@ -74,6 +74,13 @@ class BrokerApp(ServiceApp):
     allow_plaintext = Bool(
         False, help="Listen without TLS on a non-loopback address (a trusted network only)."
     ).tag(config=True)
+    store_class = Plugin(
+        "sqlite",
+        klass="gpuattach_broker.broker.store.Store",
+        builtins={"sqlite": "gpuattach_broker.broker.store.Store"},
+        help="Where broker state lives: sqlite (the file --db names), or the import path of "
+        "a subclass of gpuattach_broker.broker.store.Store, made with --db as its argument.",
+    ).tag(config=True)
     authenticator_class = Plugin(
         "default",
         klass=f"{BrokerAuthenticator.__module__}.{BrokerAuthenticator.__qualname__}",

@@ -86,7 +86,7 @@ async def serve(options: BrokerApp) -> None:
     authenticator = options.authenticator()
     key = options.key
     db = options.db_path
-    store = Store(db)
+    store: Store = options.store_class(db)
     service = BrokerService(
         store,
         ttl_seconds=options.ttl_seconds,
