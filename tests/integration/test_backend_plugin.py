@@ -117,6 +117,18 @@ def test_agent_serves_a_backend_registered_through_an_entry_point(
         kernel.shutdown()
 
 
+def test_check_reports_what_the_plugin_offers(plugin_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "gpuattach-agent"), "check", "--devices", "dummy:2x3", "--isolation", "none"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "device backend dummy: 2 devices, capabilities none" in done.stdout
+    assert "dummy1: Dummy accelerator, 3.0 GiB" in done.stdout
+
+
 def test_unknown_backend_names_the_installed_ones(plugin_path: Path) -> None:
     done = subprocess.run(
         [str(BIN / "gpuattach-agent"), "--devices", "rocm:0", "--broker", "127.0.0.1:9"],

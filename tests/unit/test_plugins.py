@@ -28,6 +28,7 @@ from gpuattach_broker.broker.identity import (
     StaticTokens,
     TokenFileAuthenticator,
 )
+from gpuattach_broker.broker.store import SqlStore
 from gpuattach_broker.options import OptionError
 
 GIB = 1 << 30
@@ -183,3 +184,15 @@ def test_bare_backend_name_and_unknown_names() -> None:
     assert {"cpu", "nvml"} <= set(installed())
     with pytest.raises(BackendError, match=r"installed device backend \(cpu, .*nvml"):
         open_backend("rocm")
+
+
+def test_store_class_by_short_name_or_import_path() -> None:
+    assert BrokerApp.configured([]).store_class is SqlStore
+    chosen = BrokerApp.configured(["--store-class", f"{__name__}.AuditedStore"]).store_class
+    assert chosen is AuditedStore
+    with pytest.raises(OptionError, match="use one of sql"):
+        BrokerApp.configured(["--store-class", "postgres"])
+
+
+class AuditedStore(SqlStore):
+    """A site's own store: the broker's SQL store with something added."""

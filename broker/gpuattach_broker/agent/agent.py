@@ -339,8 +339,15 @@ class Agent:
             count = f"{len(devices)}x " if len(devices) > 1 else ""
             summary = f"{count}{devices[0].name} on {self.host} ({format_size(start.memory_bytes)})"
             await worker.assign(start.lease_id, start.token, env, summary)
-        except Exception as exc:  # noqa: BLE001 - any failure is the lease's: the broker hears it
-            log.error("could not start lease %s: %s", start.lease_id, exc)
+        except Exception as exc:
+            # Any failure is the lease's: the broker hears it (LeaseFailed). The
+            # agent's own refusals (RuntimeError) need no traceback; others do.
+            log.error(
+                "could not start lease %s: %s",
+                start.lease_id,
+                exc,
+                exc_info=not isinstance(exc, RuntimeError),
+            )
             stop_wanted = start.lease_id in self._stop_wanted
             if worker is not None and not stop_wanted:
                 self._spawn(self._discard(worker))

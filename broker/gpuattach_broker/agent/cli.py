@@ -48,8 +48,10 @@ from gpuattach_broker.paths import state_dir
 from gpuattach_broker.rpc import read_key_file
 from gpuattach_broker.service_app import ServiceApp
 from gpuattach_broker.tls import TLSFiles, WorkerTLS
+from gpuattach_broker.units import format_size
 
 CONFIG_NAME = "gpuattach_agent_config"
+BUILTIN_SPECS = ("auto", "nvml", "cpu")  # checked by agent.check (NVML inventory, slice kinds)
 COMMANDS = ("run", "check")
 
 
@@ -215,8 +217,11 @@ class AgentApp(ServiceApp):
             print(f"gpuattach-agent: {exc}", file=sys.stderr)
             self.exit(2)
         if command == "check":
-            state = mps_control.disabled() if self.mps == "off" else mps_control.detect()
-            code, text = run_check(self.devices, state)
+            if self.devices.partition(":")[0] in BUILTIN_SPECS:
+                state = mps_control.disabled() if self.mps == "off" else mps_control.detect()
+                code, text = run_check(self.devices, state)
+            else:
+                code, text = check_plugin(self.devices, self.backend_settings())
             iso_code, iso_text = check_isolation(self)
             print(text + iso_text, end="")
             code = max(code, iso_code)
@@ -296,6 +301,23 @@ def process_ledger(host: str) -> ProcessLedger:
     next agent of the host kills what is left of them before its hello."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", host).lstrip(".") or "_"
     return ProcessLedger(state_dir() / "agent" / f"processes-{name}")
+
+
+def check_plugin(spec: str, settings: BackendSettings) -> tuple[int, str]:
+    """``gpuattach-agent check`` for a backend another package installed: what it
+    offers and can do (the NVML report is for the built-in backends)."""
+    try:
+        backend = open_backend(spec, settings)
+    except BackendError as exc:
+        return 1, f"backend: {exc}\n"
+    try:
+        lines = [backend.describe()]
+        lines += [
+            f"  {d.local_id}: {d.name}, {format_size(d.memory_bytes)}" for d in backend.devices()
+        ]
+    finally:
+        backend.close()
+    return (0 if backend.devices() else 1), "\n".join(lines) + "\n"
 
 
 def check_isolation(app: AgentApp) -> tuple[int, str]:

@@ -47,7 +47,9 @@ class BrokerApp(ServiceApp):
         config=True
     )
     embedded_agent = Unicode(
-        "", help="Also run an agent in this process: auto, nvml or cpu:NxSIZE."
+        "",
+        help="Also run an agent in this process: auto, nvml, cpu:NxSIZE or another "
+        "installed device backend's NAME[:OPTIONS].",
     ).tag(config=True)
     pool_size = Int(1, help="Warm workers of the embedded agent.").tag(config=True)
     runtime_file = Unicode("", help="Publish the address and key in this file.").tag(config=True)
@@ -74,6 +76,14 @@ class BrokerApp(ServiceApp):
     agent_address = Unicode("", help="host:port for agents, with mutual TLS.").tag(config=True)
     allow_plaintext = Bool(
         False, help="Listen without TLS on a non-loopback address (a trusted network only)."
+    ).tag(config=True)
+    store_class = Plugin(
+        "sql",
+        klass="gpuattach_broker.broker.store.SqlStore",
+        builtins={"sql": "gpuattach_broker.broker.store.SqlStore"},
+        help="Where broker state lives: sql (SQLite or PostgreSQL, as --db-url says), or the "
+        "import path of a subclass of gpuattach_broker.broker.store.SqlStore, made with the "
+        "db_url as its argument.",
     ).tag(config=True)
     authenticator_class = Plugin(
         "default",

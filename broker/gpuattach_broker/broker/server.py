@@ -25,7 +25,7 @@ from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.service import BrokerService
-from gpuattach_broker.broker.store import db_url_for, open_store
+from gpuattach_broker.broker.store import db_url_for
 from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.tls import check_plaintext, server_credentials
@@ -88,7 +88,7 @@ async def serve(options: BrokerApp) -> None:
     authenticator = options.authenticator()
     key = options.key
     db_url = options.db_url or db_url_for(options.db_path)
-    store = WorkingSet(open_store(db_url))
+    store = WorkingSet(options.store_class(db_url))
     service = BrokerService(
         store,
         ttl_seconds=options.ttl_seconds,

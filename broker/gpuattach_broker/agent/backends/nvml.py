@@ -102,12 +102,8 @@ class NvmlBackend(DeviceBackend):
         """`only`: offer just these GPUs (index, GPU UUID or MIG UUID); all when empty."""
         self.nvml = nvml if nvml is not None else load_pynvml(pci_root)
         self.only = frozenset(o.strip() for o in only if o.strip())
-        self.mps = mps if mps is not None else mps_mod.detect()
         self.caps = caps or CapPolicy()
-        self.capabilities = frozenset(
-            {Capability.MONITORING, Capability.MEMORY_CAPS}
-            | ({Capability.COMPUTE_SHARE} if self.mps.active else set())
-        )
+        self._use_mps(mps if mps is not None else mps_mod.detect())
         self.lock = threading.RLock()
         init_nvml(self.nvml, pci_root)
         self.inventory = Inventory()
@@ -125,21 +121,27 @@ class NvmlBackend(DeviceBackend):
     def open(cls, options: str | None, settings: BackendSettings) -> NvmlBackend:
         """``nvml`` (every GPU) or ``nvml:<GPU index, GPU UUID or MIG UUID>,...``
         (only those). ``settings.compute_share`` start: an MPS daemon this
-        backend started is stopped again by `close` (or here, when NVML fails)."""
+        backend starts (once NVML lists GPUs) is stopped again by `close`."""
         only = options.split(",") if options is not None else []
         if options is not None and not any(o.strip() for o in only):
             raise BackendError(
                 f"device spec 'nvml:{options}' names no GPU: write nvml:0,1 or nvml:GPU-..."
             )
-        try:
-            state = mps_mod.prepare(settings.compute_share)
-        except ValueError as exc:
-            raise BackendError(str(exc)) from exc
-        try:
-            return cls(only=only, mps=state, caps=settings.caps)
-        except BaseException:
-            mps_mod.stop(state)
-            raise
+        mode = settings.compute_share
+        if mode not in mps_mod.MODES:
+            raise BackendError(f"--mps must be one of {', '.join(mps_mod.MODES)}, got {mode!r}")
+        state = mps_mod.disabled() if mode == "off" else mps_mod.detect()
+        backend = cls(only=only, mps=state, caps=settings.caps)
+        if mode == "start" and not state.active:  # only once NVML found GPUs to share
+            backend._use_mps(mps_mod.start(state.pipe_dir))
+        return backend
+
+    def _use_mps(self, state: mps_mod.MpsState) -> None:
+        self.mps = state
+        self.capabilities = frozenset(
+            {Capability.MONITORING, Capability.MEMORY_CAPS}
+            | ({Capability.COMPUTE_SHARE} if state.active else set())
+        )
 
     def _read(self) -> Inventory:
         inventory = read_inventory(self.nvml)

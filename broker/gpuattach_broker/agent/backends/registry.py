@@ -47,7 +47,7 @@ def backend_class(name: str) -> type[DeviceBackend]:
         )
     try:
         loaded = entry.load()
-    except Exception as exc:
+    except (ImportError, AttributeError) as exc:  # its module, a dependency, or the class
         raise BackendError(
             f"device backend {name!r} ({entry.value}) cannot be loaded: {type(exc).__name__}: {exc}"
         ) from exc
