@@ -205,6 +205,9 @@ class _Answer:
     positions: tuple[int, ...]
 
 
+_UNKNOWN = _Answer((), ())  # not looked at yet (None: looked at, nothing fits)
+
+
 class Scheduler:
     """Bin packing over devices (best fit or fragmentation-aware), and the
     order in which waiters are granted.
@@ -628,9 +631,18 @@ class Scheduler:
             top: tuple[float, ...] | None = None
             tied: list[tuple[int, _Answer]] = []
             for sig in self._groups:
-                answer = (
-                    answers[sig] if sig in answers else self._answer(sig, request, answers, options)
-                )
+                answer = answers.get(sig, _UNKNOWN)
+                if answer is _UNKNOWN:
+                    # Most states cannot take a given GPU shape at all (a model,
+                    # several free devices): that is known per GPU shape, shared
+                    # by requests asking different host CPU and memory.
+                    found = options.get(sig)
+                    if found is None:
+                        found = options[sig] = self._device_options(*views[sig], request)
+                    if found:
+                        answer = self._answer(sig, request, answers, options)
+                    else:
+                        answer = answers[sig] = None
                 if answer is None or not views[sig][0].host_fits(cpus, memory):
                     continue
                 if top is None or answer.score < top:

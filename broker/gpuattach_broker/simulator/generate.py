@@ -57,7 +57,8 @@ POD_SIZES: tuple[tuple[int, float, float], ...] = (
     (4, 0.0, 0.015),
     (8, 0.0, 0.010),
 )
-CPUS_PER_GPU = (4.0, 8.0, 12.0, 16.0)
+CPUS_PER_GPU = (4.0, 8.0, 12.0, 16.0)  # hosts have 12-16 per GPU: CPU rarely binds
+CPU_HEAVY = (4.0, 8.0, 16.0, 24.0)  # a sensitivity case: CPU binds on many hosts
 MODEL_PINNED = 0.15  # share of pods that ask for one GPU model
 
 
@@ -85,10 +86,10 @@ class PodShape:
     gpu_model: str
 
 
-def _pod(rng: random.Random) -> PodShape:
+def _pod(rng: random.Random, cpus_per_gpu: Sequence[float] = CPUS_PER_GPU) -> PodShape:
     gpus, fraction, _ = rng.choices(POD_SIZES, weights=[p[2] for p in POD_SIZES])[0]
     demand = fraction or float(gpus)
-    cpus = max(1.0, round(rng.choice(CPUS_PER_GPU) * max(demand, 0.5)))
+    cpus = max(1.0, round(rng.choice(cpus_per_gpu) * max(demand, 0.5)))
     memory = int(cpus * rng.choice((4, 6, 8)) * GIB)
     model = ""
     if rng.random() < MODEL_PINNED:
@@ -103,12 +104,14 @@ def generate_pods(
     arrival_rate: float = 0.0,
     mean_duration: float = 3600.0,
     users: int = 100,
+    cpus_per_gpu: Sequence[float] = CPUS_PER_GPU,
 ) -> Workload:
     """`pods` pods, each a kernel of one cell that holds its slice for the
     cell's length (a lognormal duration of mean `mean_duration` seconds: most
     short, a few running for days). With `arrival_rate` (pods per second)
     they arrive as a Poisson process; 0: all at time 0 (for saturation, where
-    only their order matters)."""
+    only their order matters). A pod asks for host CPUs drawn from
+    `cpus_per_gpu` times its GPUs (at least half a GPU's worth)."""
     if pods < 1:
         raise ValueError("generate at least one pod")
     rng = random.Random(seed)
@@ -119,7 +122,7 @@ def generate_pods(
     for i in range(pods):
         if arrival_rate > 0:
             now += rng.expovariate(arrival_rate)
-        shape = _pod(rng)
+        shape = _pod(rng, cpus_per_gpu)
         duration = max(60.0, rng.lognormvariate(mu, sigma))
         kernel = f"pod{i:05d}"
         cell = Cell(

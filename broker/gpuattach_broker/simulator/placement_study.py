@@ -34,7 +34,12 @@ from typing import Any
 
 from gpuattach_broker.broker.scheduler import Backfill, Scheduler
 from gpuattach_broker.simulator.engine import simulate
-from gpuattach_broker.simulator.generate import arrival_rate_for, generate_nodes, generate_pods
+from gpuattach_broker.simulator.generate import (
+    CPU_HEAVY,
+    arrival_rate_for,
+    generate_nodes,
+    generate_pods,
+)
 from gpuattach_broker.simulator.metrics import SIZE_FRACTION, SIZE_MANY, SIZE_ONE, RunResult
 from gpuattach_broker.simulator.metrics import percentile as pct
 from gpuattach_broker.simulator.policies import attach_policy
@@ -113,6 +118,7 @@ class PlacementStudy:
     replay_workload: str
     saturation: list[SaturationResult]
     replay: list[ReplayRow]
+    cpu_heavy: list[SaturationResult] = field(default_factory=list)
     speed: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -163,6 +169,12 @@ def run_placement_study(config: StudyConfig) -> PlacementStudy:
         for seed in config.seeds
         for placement in ("best-fit", "fgd")
     ]
+    heavy = generate_pods(config.pods, seed=0, cpus_per_gpu=CPU_HEAVY)
+    cpu_heavy = [
+        saturate(heavy, big, placement, inflate=config.inflate, seed=seed)
+        for seed in config.seeds
+        for placement in ("best-fit", "fgd")
+    ]
     saturated = time.perf_counter()
     small = generate_nodes(config.replay_gpus, seed=1, prefix="r")
     rate = arrival_rate_for(small, config.load, config.mean_duration)
@@ -196,6 +208,7 @@ def run_placement_study(config: StudyConfig) -> PlacementStudy:
         replay_workload=arriving.name,
         saturation=saturation,
         replay=rows,
+        cpu_heavy=cpu_heavy,
         speed=speed,
         timings={
             "saturation_s": saturated - started,
@@ -208,8 +221,11 @@ def run_placement_study(config: StudyConfig) -> PlacementStudy:
 # ------------------------------------------------------------- report ---
 
 
-def _mean_unallocated(study: PlacementStudy, placement: str, share: float) -> float:
-    values = [r.unallocated_at(share) for r in study.saturation if r.placement == placement]
+def _mean_unallocated(
+    study: PlacementStudy, placement: str, share: float, heavy: bool = False
+) -> float:
+    runs = study.cpu_heavy if heavy else study.saturation
+    values = [r.unallocated_at(share) for r in runs if r.placement == placement]
     return sum(values) / len(values) if values else 0.0
 
 
@@ -233,6 +249,15 @@ def to_json(study: PlacementStudy) -> dict[str, Any]:
             "mean_unallocated_share": {
                 placement: {
                     f"{p:g}": round(_mean_unallocated(study, placement, p), 5)
+                    for p in REPORT_POINTS
+                    if p <= c.inflate
+                }
+                for placement in ("best-fit", "fgd")
+            },
+            "cpu_heavy_runs": [r.summary() for r in study.cpu_heavy],
+            "cpu_heavy_mean_unallocated_share": {
+                placement: {
+                    f"{p:g}": round(_mean_unallocated(study, placement, p, heavy=True), 5)
                     for p in REPORT_POINTS
                     if p <= c.inflate
                 }
@@ -304,6 +329,29 @@ def to_markdown(study: PlacementStudy, plots: Sequence[str] = ()) -> str:
             f"({runs['best-fit'].failed} pods failed), fgd {runs['fgd'].unallocated_end:.2%} "
             f"({runs['fgd'].failed} failed)"
         )
+    if study.cpu_heavy:
+        lines += [
+            "",
+            "Sensitivity: the same pods asking for more host CPUs (4-24 per GPU instead of "
+            "4-16; hosts have 12-16 per GPU, so CPU runs out on many hosts first):",
+            "",
+            "| placement | " + " | ".join(f"{p:.0%} arrived" for p in points) + " |",
+            "| --- |" + " ---: |" * len(points),
+        ]
+        for placement in ("best-fit", "fgd"):
+            cells = " | ".join(
+                f"{_mean_unallocated(study, placement, p, heavy=True):.2%}" for p in points
+            )
+            lines.append(f"| {placement} | {cells} |")
+        heavy_bf = _mean_unallocated(study, "best-fit", c.inflate, heavy=True)
+        heavy_fg = _mean_unallocated(study, "fgd", c.inflate, heavy=True)
+        if heavy_bf > 0:
+            lines += [
+                "",
+                f"Where CPU binds, most stranded GPU capacity is stranded by CPU whatever the "
+                f"placement: fgd leaves {1 - heavy_fg / heavy_bf:.0%} less unallocated there "
+                f"({heavy_fg:.2%} vs {heavy_bf:.2%}).",
+            ]
     lines += [
         "",
         "## Time replay",
