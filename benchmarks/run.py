@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 ray_figures = ray_peer.measure(cfg, log)
             # A peer that cannot start (Ray's node start-up times out on a loaded machine)
             # must not lose our figures: the report says why its columns are empty.
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - Ray's start-up raises bare Exception
                 log(f"ray: not measured: {type(exc).__name__}: {exc}")
                 ray_figures = {"error": f"{type(exc).__name__}: {exc}"}
         log("scheduling decisions at 1,000 devices and 10,000 queued requests")

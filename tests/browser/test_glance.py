@@ -15,7 +15,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -95,7 +94,7 @@ class Holders:
 
 
 @pytest.fixture
-def notebook_page(lab: Lab, page: Any) -> Iterator[Any]:
+def notebook_page(lab: Lab, page: Any) -> Any:
     write_notebook(lab)
     page.goto(lab.page_url(f"lab/tree/{NOTEBOOK}"))
     cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell")
@@ -103,7 +102,7 @@ def notebook_page(lab: Lab, page: Any) -> Iterator[Any]:
     page.locator(".jp-StatusBar-Widget", has_text="| Idle").first.wait_for(timeout=120_000)
     dismiss_popups(page)
     page.wait_for_selector(f"{STATUS}[data-state='free']", timeout=120_000)
-    yield page
+    return page
 
 
 def cell(page: Any, index: int) -> Any:
@@ -326,5 +325,6 @@ def one_glance(lab: Lab, page: Any) -> None:
         "w => [...w.querySelectorAll('.widget-html-content span')]"
         ".map(s => getComputedStyle(s).wordBreak + '/' + getComputedStyle(s).overflowWrap)"
     )
-    assert words and set(words) == {"normal/normal"}, words  # never inside a word
+    assert words, "the widget shows its text in spans"
+    assert set(words) == {"normal/normal"}, words  # never inside a word
     screenshot(page, "glance-10-narrow")

@@ -72,7 +72,7 @@ async def test_starts_the_embedded_broker_and_stops_it_when_unused(
     # The broker started here has the longer idle exit its kernels get in their
     # environment; the server's own environment stays untouched.
     assert "GPUATTACH_EMBEDDED_IDLE_EXIT" not in os.environ
-    argv = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
+    argv = (await asyncio.to_thread(Path(f"/proc/{info['pid']}/cmdline").read_bytes)).split(b"\0")
     assert argv[argv.index(b"--idle-exit") + 1] == b"1h"
     # Server shutdown stops the broker it started, since no lease uses it.
     extension = jp_serverapp.extension_manager.extensions["jupyter_gpuattach"]

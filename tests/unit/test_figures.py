@@ -52,5 +52,6 @@ def test_queue(position: int, length: int, eta: float, text: str) -> None:
 
 
 def test_memory_share_is_unknown_without_a_cap_or_a_sample() -> None:
-    assert figures.memory_share(None, 10) is None and figures.memory_share(5, 0) is None
+    assert figures.memory_share(None, 10) is None
+    assert figures.memory_share(5, 0) is None
     assert figures.memory_share(9, 10) == 0.9

@@ -24,7 +24,8 @@ def test_python_states_mirror_the_proto_enum() -> None:
     assert {s.value: s.pb_value for s in LeaseState} == proto
     assert set(ACTIVE_STATES) | set(ENDED_STATES) == set(LeaseState)
     assert not set(ACTIVE_STATES) & set(ENDED_STATES)
-    assert LeaseState.PREEMPTING.running and not LeaseState.PREEMPTED.running
+    assert LeaseState.PREEMPTING.running
+    assert not LeaseState.PREEMPTED.running
 
 
 def test_every_field_has_a_column_and_a_wire_place_that_exists() -> None:
@@ -39,7 +40,9 @@ def test_every_field_has_a_column_and_a_wire_place_that_exists() -> None:
         head, _, tail = spec.pb_path.partition(".")
         assert head in lease_fields, spec
         if tail:
-            assert tail in lease_fields[head].message_type.fields_by_name, spec
+            message = lease_fields[head].message_type
+            assert message is not None, spec
+            assert tail in message.fields_by_name, spec
 
 
 def test_lease_to_pb_carries_every_sent_field_and_no_secret() -> None:

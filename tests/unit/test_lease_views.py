@@ -32,7 +32,8 @@ def lease(**changes: object) -> pb.Lease:
 def test_lease_carries_the_kernel_figures_as_the_kernel_writes_them() -> None:
     answer = lease_json(lease(), now=1014.0)
     assert answer["slice_label"] == "0.5\u00d7A100"
-    assert answer["idle_seconds"] == 60.0 and answer["auto_mode"] is True
+    assert answer["idle_seconds"] == 60.0
+    assert answer["auto_mode"] is True
     assert answer["memory_used_bytes"] == int(3.1 * GIB)
     assert answer["idle_release_in"] == 28.0
     assert answer["text"] == {
@@ -47,8 +48,10 @@ def test_a_kernel_without_timeout_or_sample_says_so() -> None:
     answer = lease_json(lease(idle_seconds=-1.0, auto_mode=False), now=1014.0)
     bare = pb.Lease(lease_id="l2", state="active", memory_bytes=4 * GIB, idle_seconds=-1.0)
     plain = lease_json(bare, now=10.0)
-    assert plain["idle_seconds"] is None and plain["memory_used_bytes"] is None
-    assert plain["text"]["memory"] == "cap 4 GiB" and plain["text"]["idle"] == ""
+    assert plain["idle_seconds"] is None
+    assert plain["memory_used_bytes"] is None
+    assert plain["text"]["memory"] == "cap 4 GiB"
+    assert plain["text"]["idle"] == ""
     assert answer["idle_seconds"] is None
 
 

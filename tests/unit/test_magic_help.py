@@ -17,13 +17,18 @@ from jupyter_gpuattach.magic_help import (
 
 
 def test_help_for_all_and_for_one_action() -> None:
-    assert wants_help("--help") == "" and wants_help("attach --help") == "attach"
-    assert wants_help("auto -h") == "auto" and wants_help("attach --mem 4GiB") is None
+    assert wants_help("--help") == ""
+    assert wants_help("attach --help") == "attach"
+    assert wants_help("auto -h") == "auto"
+    assert wants_help("attach --mem 4GiB") is None
     general = help_text()
     assert all(f"  {a}" in general for a in ("attach", "auto", "release", "status"))
     attach = help_text("attach")
-    assert attach.startswith("%gpu attach: ") and "--mem SIZE" in attach and "--idle" not in attach
-    assert "--idle DURATION" in help_text("auto") and "%gpu auto off" in help_text("auto")
+    assert attach.startswith("%gpu attach: ")
+    assert "--mem SIZE" in attach
+    assert "--idle" not in attach
+    assert "--idle DURATION" in help_text("auto")
+    assert "%gpu auto off" in help_text("auto")
     assert help_text(cell=True).startswith("%%gpu: ")
 
 
@@ -72,7 +77,8 @@ def test_completions(line: str, offered: list[str]) -> None:
 
 
 def test_other_lines_are_not_ours() -> None:
-    assert completions("%gpu") is None and completions("%gpux a") is None
+    assert completions("%gpu") is None
+    assert completions("%gpux a") is None
     assert completions("x = 1") is None
 
 

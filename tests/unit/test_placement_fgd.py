@@ -14,6 +14,7 @@ from gpuattach_broker.broker.fragmentation import (
 )
 from gpuattach_broker.broker.scheduler import (
     DeviceState,
+    Placement,
     RequestError,
     Scheduler,
     SliceRequest,
@@ -26,7 +27,9 @@ def dev(device_id: str, host: str, gib: int = 16, name: str = "GPU") -> DeviceSt
     return DeviceState(device_id, host, name, "gpu", gib * GIB)
 
 
-def sched(*devices: DeviceState, placement: str = "fgd", mix: list[RequestType] | None = None):
+def sched(
+    *devices: DeviceState, placement: str = "fgd", mix: list[RequestType] | None = None
+) -> Scheduler:
     fixed = RequestMix()
     if mix is not None:
         fixed.set(mix)
@@ -34,6 +37,13 @@ def sched(*devices: DeviceState, placement: str = "fgd", mix: list[RequestType] 
     for device in devices:
         scheduler.add_device(device)
     return scheduler
+
+
+def placed(scheduler: Scheduler, request: SliceRequest) -> Placement:
+    """Where `request` goes; the test's pool always has room for it."""
+    placement = scheduler.try_place(request)
+    assert placement is not None, request
+    return placement
 
 
 def req(request_id: str, **kwargs: object) -> SliceRequest:
@@ -101,24 +111,24 @@ def test_fgd_keeps_a_whole_host_free_where_best_fit_splits_it() -> None:
     mix = [RequestType(gpus=2, weight=0.5), RequestType(gpus=1, share=0.25, weight=0.5)]
     four = req("four", memory_bytes=4 * GIB)
     # best fit: 4 GiB left on an 8 GiB device beats 12 on the 16 GiB one
-    assert sched(*devices(), placement="best-fit").try_place(four).device_ids == ("h1-0",)
+    assert placed(sched(*devices(), placement="best-fit"), four).device_ids == ("h1-0",)
     # fgd: on h1 the 2-GPU type no longer fits (+0.75); on h2 it never did and
     # the quarter type still fits (-0.125)
-    assert sched(*devices(), mix=mix).try_place(four).device_ids == ("h2-0",)
+    assert placed(sched(*devices(), mix=mix), four).device_ids == ("h2-0",)
 
 
 def test_fgd_leaves_room_a_half_can_use() -> None:
     used = req("used", memory_bytes=6 * GIB)
     quarter = req("q", fraction=0.25)
     best_fit = sched(dev("a", "h1"), dev("b", "h2"), placement="best-fit")
-    best_fit.allocate("used", best_fit.try_place(used))
+    best_fit.allocate("used", placed(best_fit, used))
     scheduler = sched(dev("a", "h1"), dev("b", "h2"), mix=[RequestType(gpus=1, share=0.5)])
-    scheduler.allocate("used", scheduler.try_place(used))
+    scheduler.allocate("used", placed(scheduler, used))
     assert scheduler.devices["a"].free_bytes == best_fit.devices["a"].free_bytes == 10 * GIB
     # best fit takes a (6 GiB left there: no half fits any more);
     # fgd takes b (12 GiB left: a half still fits on both devices)
-    assert best_fit.try_place(quarter).device_ids == ("a",)
-    assert scheduler.try_place(quarter).device_ids == ("b",)
+    assert placed(best_fit, quarter).device_ids == ("a",)
+    assert placed(scheduler, quarter).device_ids == ("b",)
 
 
 def test_placement_must_be_known() -> None:
@@ -143,18 +153,20 @@ def test_host_cpu_and_memory_are_limits() -> None:
     scheduler.set_host_resources("h1", 8.0, 64 * GIB)
     scheduler.set_host_resources("h2", 4.0, None)
     first = scheduler.submit(req("a", cpus=6.0, fraction=0.5))
-    assert first is not None and first.host == "h1"
+    assert first is not None
+    assert first.host == "h1"
     assert scheduler.host_usage("h1") == (6.0, 0)
     # 4 more CPUs do not fit on h1 (2 left): h2 has exactly 4
     second = scheduler.submit(req("b", cpus=4.0, fraction=0.5))
-    assert second is not None and second.host == "h2"
+    assert second is not None
+    assert second.host == "h2"
     # nobody has 3 CPUs left now, though GPU room is plenty
     assert scheduler.try_place(req("c", cpus=3.0, fraction=0.1)) is None
     # memory: 64 GiB on h1
     assert scheduler.try_place(req("d", host_memory_bytes=65 * GIB, cpus=1.0)) is None
     scheduler.free("a")
     assert scheduler.host_usage("h1") == (0.0, 0)
-    assert scheduler.try_place(req("c", cpus=3.0, fraction=0.1)) is not None
+    assert placed(scheduler, req("c", cpus=3.0, fraction=0.1)) is not None
     with pytest.raises(RequestError, match="no host has that much"):
         scheduler.submit(req("huge", cpus=9.0))
 
@@ -163,8 +175,8 @@ def test_gpu_model_and_host_constraints() -> None:
     scheduler = sched(
         dev("t4", "h1", 16, "Tesla T4"), dev("a100", "h2", 80, "NVIDIA A100-SXM4-80GB")
     )
-    assert scheduler.try_place(req("m", fraction=0.5, gpu_model="a100")).device_ids == ("a100",)
-    assert scheduler.try_place(req("h", fraction=0.5, hosts=("h1",))).device_ids == ("t4",)
+    assert placed(scheduler, req("m", fraction=0.5, gpu_model="a100")).device_ids == ("a100",)
+    assert placed(scheduler, req("h", fraction=0.5, hosts=("h1",))).device_ids == ("t4",)
     with pytest.raises(RequestError, match="no 'H100' device in the pool"):
         scheduler.submit(req("x", gpu_model="H100"))
     with pytest.raises(RequestError, match="none of the hosts asked for"):
@@ -173,11 +185,11 @@ def test_gpu_model_and_host_constraints() -> None:
 
 def test_a_drained_device_leaves_the_index_at_once() -> None:
     scheduler = sched(dev("a", "h1"), placement="best-fit")
-    assert scheduler.try_place(req("r")) is not None
+    assert placed(scheduler, req("r")) is not None
     scheduler.devices["a"].draining = True  # as the broker's Drain does
     assert scheduler.try_place(req("r")) is None
     scheduler.devices["a"].draining = False
-    assert scheduler.try_place(req("r")) is not None
+    assert placed(scheduler, req("r")) is not None
 
 
 # --------------------------------------------------------------- move plans ---
@@ -185,9 +197,9 @@ def test_a_drained_device_leaves_the_index_at_once() -> None:
 
 def test_move_plan_moves_an_idle_fraction_to_free_a_whole_device() -> None:
     scheduler = sched(dev("a", "h1"), dev("b", "h1"), placement="best-fit")
-    scheduler.allocate("idle", scheduler.try_place(req("idle", fraction=0.5)), "u1")
+    scheduler.allocate("idle", placed(scheduler, req("idle", fraction=0.5)), "u1")
     assert scheduler.devices["a"].leases == {"idle"}
-    busy = scheduler.try_place(req("busy", fraction=0.5))
+    busy = placed(scheduler, req("busy", fraction=0.5))
     assert busy is not None
     busy = type(busy)("busy", "h1", ("b",), 8 * GIB, False)
     scheduler.allocate("busy", busy, "u2")
@@ -204,7 +216,8 @@ def test_move_plan_moves_an_idle_fraction_to_free_a_whole_device() -> None:
     assert scheduler.try_place(whole) is None
     # only leases listed may move: moving the other one empties the other device
     other = scheduler.move_plan(whole, movable={"busy"})
-    assert other is not None and other.moves == (("busy", "b", "a"),)
+    assert other is not None
+    assert other.moves == (("busy", "b", "a"),)
     assert scheduler.move_plan(whole, movable=()) is None
     # a request that fits now needs no plan
     assert scheduler.move_plan(req("small", fraction=0.25), movable={"idle"}) is None
@@ -212,6 +225,6 @@ def test_move_plan_moves_an_idle_fraction_to_free_a_whole_device() -> None:
 
 def test_no_move_plan_when_the_lease_has_nowhere_to_go() -> None:
     scheduler = sched(dev("a", "h1"), placement="best-fit")
-    scheduler.allocate("idle", scheduler.try_place(req("idle", fraction=0.75)), "u1")
+    scheduler.allocate("idle", placed(scheduler, req("idle", fraction=0.75)), "u1")
     assert scheduler.move_plan(req("whole"), movable={"idle"}) is None
     assert scheduler.devices["a"].leases == {"idle"}

@@ -8,6 +8,8 @@ id; fgd: the least rise in the fragmentation measure computed from scratch).
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,7 +144,7 @@ def _request(n: int, shape: tuple[str, float], cpus: float) -> SliceRequest:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=st.lists(st.sampled_from([8, 16]), min_size=1, max_size=4), steps=ops)
-def test_indexed_best_fit_decides_as_a_scan(sizes: list[int], steps: list) -> None:
+def test_indexed_best_fit_decides_as_a_scan(sizes: list[int], steps: list[Any]) -> None:
     sched = _pool("best-fit", sizes)
     held: list[str] = []
     for n, (op, shape, arg) in enumerate(steps):
@@ -165,7 +167,7 @@ def test_indexed_best_fit_decides_as_a_scan(sizes: list[int], steps: list) -> No
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=st.lists(st.sampled_from([8, 16]), min_size=1, max_size=4), steps=ops)
-def test_indexed_fgd_finds_the_least_rise(sizes: list[int], steps: list) -> None:
+def test_indexed_fgd_finds_the_least_rise(sizes: list[int], steps: list[Any]) -> None:
     sched = _pool("fgd", sizes)
     held: list[str] = []
     for n, (op, shape, arg) in enumerate(steps):
@@ -190,6 +192,7 @@ def test_indexed_fgd_finds_the_least_rise(sizes: list[int], steps: list) -> None
         )
         before = fragmentation(_view(sched, placement.host, {}, 0.0), MIX)
         after = fragmentation(_view(sched, placement.host, taken, request.cpus), MIX)
+        assert best is not None
         assert abs((after - before) - best) < 1e-6
         sched.allocate(request.request_id, placement)
         held.append(request.request_id)

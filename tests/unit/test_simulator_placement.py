@@ -191,7 +191,9 @@ def test_arrival_rate_gives_the_offered_load() -> None:
     assert demand / span / pool.gpus == pytest.approx(0.5, rel=0.2)
 
 
-def test_generated_csv_replays_through_the_cli(tmp_path: Path, capsys) -> None:
+def test_generated_csv_replays_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pool = generate_nodes(40, seed=2)
     write_nodes(pool.node_list(), tmp_path / "nodes.csv")
     write_csv(generate_pods(60, seed=2, arrival_rate=0.01), tmp_path / "pods.csv")

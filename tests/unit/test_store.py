@@ -215,7 +215,8 @@ def test_a_lease_and_its_event_commit_together(store: SqlStore, clock: FakeClock
         store.put_lease(lease("L1", state="released", ended_at=5.0), event="released")
     store.clock = clock
     got = store.get_lease("L1")
-    assert got is not None and got.state == "active", "the lease changed without its event"
+    assert got is not None
+    assert got.state == "active", "the lease changed without its event"
     assert [e.kind for e in store.events()] == ["granted"]
 
 

@@ -66,7 +66,8 @@ def test_reads_come_from_memory_and_writes_go_through(store: SqlStore) -> None:
     working.renew("L1", clock.now + 31, busy_seconds=2.0)  # busy time never goes back
     working.record_gpu_busy("L1", 4.0)
     working.set_idle_override("L1", 120.0)
-    assert len(seen) == 4 and all(s.startswith("UPDATE leases") for s in seen)
+    assert len(seen) == 4
+    assert all(s.startswith("UPDATE leases") for s in seen)
     stored = store.get_lease("L1")
     assert stored is not None
     assert (stored.expires_at, stored.busy_seconds, stored.gpu_busy_seconds) == (
