@@ -23,6 +23,13 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from tests.unit.test_nvml_fake import FakeNvml, Proc, a100_mig, h100_plain, two_a100_80gb
 
+
+def host(agent: Agent) -> GpuHost:
+    """The agent's NVML monitor (these agents run the NVML backend)."""
+    assert isinstance(agent.gpu, GpuHost)
+    return agent.gpu
+
+
 GIB = 1 << 30
 HOST = "gpuhost"
 NO_MPS = MpsState(False, "/tmp/nvidia-mps", "test")
@@ -145,7 +152,7 @@ def test_fractional_and_whole_slices(tmp_path: Path, assigned: list[dict[str, st
         # Room for another slice keeps a warm worker on the GPU; a full GPU keeps none.
         assert pools.room[:2] == [(a, True), (b, False)]
         assert agent.gpu is not None
-        caps = {k: v.cap_bytes for k, v in agent.gpu.monitor.leases.items()}
+        caps = {k: v.cap_bytes for k, v in host(agent).monitor.leases.items()}
         assert caps == {"half": 40 * GIB, "whole": 0, "both": 0}
         await agent.shutdown()
 
@@ -166,7 +173,7 @@ def test_lease_over_its_cap_is_ended_with_the_reason(
         outbox(agent)
         assert agent.gpu is not None
         for _ in range(2):  # grace: two samples over the allowance
-            await agent.gpu.sample_once(agent._on_breach, agent._on_fault)
+            await host(agent).sample_once(agent._on_breach, agent._on_fault)
         ended = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert [e.lease_id for e in ended] == ["greedy"]
         assert "GPU memory cap exceeded" in ended[0].reason
@@ -177,7 +184,7 @@ def test_lease_over_its_cap_is_ended_with_the_reason(
         assert "polite" in agent.live
         assert pools.workers[0].proc.returncode is not None
         assert pools.workers[1].proc.returncode is None
-        assert set(agent.gpu.monitor.leases) == {"polite"}
+        assert set(host(agent).monitor.leases) == {"polite"}
         assert outbox(agent) == []  # the worker's exit is not reported a second time
         await agent.shutdown()
 
@@ -197,10 +204,10 @@ def test_xid_drains_the_gpu_and_ends_its_leases(
         assert agent.gpu is not None
         from gpuattach_broker.agent.xid import XidEvent
 
-        await agent.gpu.handle_xid(XidEvent(a, 31), agent._on_fault)  # the program's fault
+        await host(agent).handle_xid(XidEvent(a, 31), agent._on_fault)  # the program's fault
         assert outbox(agent) == []
         assert not agent.drained
-        await agent.gpu.handle_xid(XidEvent(a, 79), agent._on_fault)
+        await host(agent).handle_xid(XidEvent(a, 79), agent._on_fault)
         ended = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert [e.lease_id for e in ended] == ["on-a"]
         assert "taken out of service" in ended[0].reason
@@ -233,7 +240,7 @@ def test_reset_soon_xid_drains_without_ending(
         assert agent.gpu is not None
         from gpuattach_broker.agent.xid import XidEvent
 
-        await agent.gpu.handle_xid(XidEvent(uuid, 63), agent._on_fault)
+        await host(agent).handle_xid(XidEvent(uuid, 63), agent._on_fault)
         assert outbox(agent) == []
         assert "runs-on" in agent.live
         assert f"{HOST}/{uuid}" in agent.drained
@@ -255,7 +262,7 @@ def test_xid_in_one_mig_instance_ends_only_its_lease(
         assert agent.gpu is not None
         from gpuattach_broker.agent.xid import XidEvent
 
-        await agent.gpu.handle_xid(XidEvent(fake.gpus[0].uuid, 94, 5, 0), agent._on_fault)
+        await host(agent).handle_xid(XidEvent(fake.gpus[0].uuid, 94, 5, 0), agent._on_fault)
         ended = [m.ended.lease_id for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert ended == [migs[1].uuid[:12]]  # GPU instance 5 is the 2g.10gb
         assert list(agent.drained) == [f"{HOST}/{migs[1].uuid}"]
@@ -277,13 +284,13 @@ def test_refresh_follows_hot_plug_loss_and_mig_reconfiguration(
         loop = asyncio.get_running_loop()
 
         fake.gpus.extend(h100_plain())  # hot-plugged: seen after NVML is re-initialised
-        await agent.gpu.refresh_once(agent._on_fault, agent._on_inventory, loop)
+        await host(agent).refresh_once(agent._on_fault, agent._on_inventory, loop)
         assert f"{HOST}/{fake.gpus[2].uuid}" in agent.devices
         assert agent._reannounce.is_set()
         agent._reannounce.clear()
 
         fake.gpus.pop(1)  # gone from the bus
-        await agent.gpu.refresh_once(agent._on_fault, agent._on_inventory, loop)
+        await host(agent).refresh_once(agent._on_fault, agent._on_inventory, loop)
         (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert ended.lease_id == "on-b"
         assert "no longer visible to NVML" in ended.reason
@@ -291,7 +298,7 @@ def test_refresh_follows_hot_plug_loss_and_mig_reconfiguration(
 
         fake.gpus[0].mig = 1  # an admin turned MIG on and made one instance
         fake.gpus[0].migs = a100_mig()[0].migs[:1]
-        await agent.gpu.refresh_once(agent._on_fault, agent._on_inventory, loop)
+        await host(agent).refresh_once(agent._on_fault, agent._on_inventory, loop)
         kinds = sorted(d.kind for d in agent.devices.values())
         assert kinds == ["gpu", "mig"]
         assert f"{HOST}/{a}" not in agent.devices
@@ -311,7 +318,7 @@ def test_broken_driver_on_refresh_drains_everything(
         outbox(agent)
         fake.init_error = 9  # NVML_ERROR_DRIVER_NOT_LOADED after the rescan's shutdown
         assert agent.gpu is not None
-        await agent.gpu.refresh_once(
+        await host(agent).refresh_once(
             agent._on_fault, agent._on_inventory, asyncio.get_running_loop()
         )
         (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
@@ -332,7 +339,7 @@ def test_lost_gpu_seen_while_sampling(tmp_path: Path, assigned: list[dict[str, s
         outbox(agent)
         fake.gpus[1].lost = True
         assert agent.gpu is not None
-        await agent.gpu.sample_once(agent._on_breach, agent._on_fault)
+        await host(agent).sample_once(agent._on_breach, agent._on_fault)
         (ended,) = [m.ended for m in outbox(agent) if m.WhichOneof("msg") == "ended"]
         assert "GPU is lost" in ended.reason
         await agent.shutdown()
@@ -354,7 +361,7 @@ def test_worker_that_dies_is_reported_and_frees_its_room(
         assert ended.reason == "worker process was killed by SIGKILL"
         assert pools.room[-1] == (uuid, True)
         assert agent.gpu is not None
-        assert not agent.gpu.monitor.leases
+        assert not host(agent).monitor.leases
         await agent.shutdown()
 
     run(scenario)

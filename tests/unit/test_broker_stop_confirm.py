@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpuattach_broker.broker import service as service_module
+from gpuattach_broker.broker.lease_schema import LeaseState
 from gpuattach_broker.broker.scheduler import DeviceState, Placement
 from gpuattach_broker.broker.service import AgentConnection, BrokerService
 from gpuattach_broker.broker.store import LeaseRecord, open_store
@@ -29,7 +30,7 @@ def make(tmp_path: Path) -> tuple[BrokerService, LeaseRecord]:
         user="alice",
         token_hash="x",
         requested_at=now,
-        state="active",
+        state=LeaseState.ACTIVE,
         host=HOST,
         device_ids=[DEVICE],
         memory_bytes=1 << 30,
@@ -46,7 +47,7 @@ def test_room_is_freed_when_the_agent_reports_the_exit(tmp_path: Path) -> None:
     async def scenario() -> None:
         service, lease = make(tmp_path)
         agent = service.agents[HOST] = AgentConnection(HOST, "a1")
-        service._end(lease, "released", "released by the kernel")
+        service._end(lease, LeaseState.RELEASED, "released by the kernel")
         assert service.store.get_lease("L1").state == "released"  # type: ignore[union-attr]
         command = agent.commands.get_nowait()
         assert command.stop.lease_id == "L1"
@@ -74,7 +75,7 @@ def test_an_unanswered_stop_frees_the_room_after_the_timeout(
         service, lease = make(tmp_path)
         service.agents[HOST] = AgentConnection(HOST, "a1")
         started = time.monotonic()
-        service._end(lease, "revoked", "revoked by root")
+        service._end(lease, LeaseState.REVOKED, "revoked by root")
         await service._stopped("L1")
         assert 0.15 < time.monotonic() - started < 2.0
         assert "L1" not in service.scheduler.allocations
@@ -87,7 +88,7 @@ def test_an_unanswered_stop_frees_the_room_after_the_timeout(
 def test_without_a_connected_agent_the_room_is_freed_at_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         service, lease = make(tmp_path)
-        service._end(lease, "expired", "no heartbeat")
+        service._end(lease, LeaseState.EXPIRED, "no heartbeat")
         assert "L1" not in service.scheduler.allocations
         assert not service.stopping
         await asyncio.wait_for(service._stopped("L1"), 0.1)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from gpuattach_broker.broker.lease_schema import LeaseRecord, LeaseState
 from gpuattach_broker.broker.policy import parse_policy
 from gpuattach_broker.broker.quotas import DAY, QuotaRefusal, check_hours, gpu_hours
-from gpuattach_broker.broker.store import LeaseRecord, Store
+from gpuattach_broker.broker.store import Store, open_store
 
 T0 = 1_800_000_000.0  # any instant: nothing here reads the wall clock
 GIB = 1024**3
@@ -27,7 +28,7 @@ def held(lease_id: str, start: float, seconds: float, memory: int = 8 * GIB) -> 
         user="alice",
         token_hash="",
         requested_at=start,
-        state="released",
+        state=LeaseState.RELEASED,
         device_ids=["GPU-a"],
         memory_bytes=memory,
         granted_at=start,
@@ -44,7 +45,7 @@ def test_the_day_quota_counts_the_ledger_across_restarts_and_forgets_after_a_day
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "broker.sqlite"
-    store = Store(path)
+    store = open_store(path)
     store.put_lease(held("L1", T0, 1.0))
     check(store, T0 + 2.0)  # 1 s of 1.8 s: admitted
     store.put_lease(held("L2", T0 + 2.0, 1.0))
@@ -52,7 +53,7 @@ def test_the_day_quota_counts_the_ledger_across_restarts_and_forgets_after_a_day
         check(store, T0 + 3.5)
     store.close()
 
-    restarted = Store(path)  # a broker restart forgets nothing
+    restarted = open_store(path)  # a broker restart forgets nothing
     with pytest.raises(QuotaRefusal, match=r"of the 0\.0005 GPU-hours per day"):
         check(restarted, T0 + 60.0)
     # A day after the first lease ended, only the second one is in the window.
