@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +21,14 @@ from gpuattach_broker.broker.scheduler import (
 GIB = 1024**3
 
 
-def dev(device_id: str, host: str = "h1", gib: int = 16, **kwargs) -> DeviceState:
+def placed(sched: Scheduler, request: SliceRequest, warm: Sequence[str] = ()) -> Placement:
+    """Where `request` goes; the test's pool has room for it."""
+    placement = sched.try_place(request, list(warm))
+    assert placement is not None, request
+    return placement
+
+
+def dev(device_id: str, host: str = "h1", gib: int = 16, **kwargs: Any) -> DeviceState:
     return DeviceState(
         device_id=device_id, host=host, name="GPU", kind="gpu", memory_bytes=gib * GIB, **kwargs
     )
@@ -162,11 +171,11 @@ def test_memory_requests_never_overcommit() -> None:
 
 def test_warm_host_breaks_ties() -> None:
     sched = pool(dev("a", "h1", 16), dev("b", "h2", 16))
-    assert sched.try_place(req(mem_gib=4)).device_ids == ("a",)  # device id order
-    assert sched.try_place(req(mem_gib=4), ["h2"]).device_ids == ("b",)
+    assert placed(sched, req(mem_gib=4)).device_ids == ("a",)  # device id order
+    assert placed(sched, req(mem_gib=4), ["h2"]).device_ids == ("b",)
     # a tighter fit still beats a warm host
     take(sched, req("x", mem_gib=8))  # lands on a
-    assert sched.try_place(req(mem_gib=4), ["h2"]).device_ids == ("a",)
+    assert placed(sched, req(mem_gib=4), ["h2"]).device_ids == ("a",)
 
 
 def test_free_returns_memory_and_lease() -> None:
@@ -361,13 +370,13 @@ def test_offline_host_not_used() -> None:
     assert sched.try_place(req(mem_gib=4)) is None
     assert sched.why_waiting() == "no device is online yet"
     sched.set_host_online("h1", True)
-    assert sched.try_place(req(mem_gib=4)).device_ids == ("a",)
+    assert placed(sched, req(mem_gib=4)).device_ids == ("a",)
 
 
 def test_draining_device_not_used() -> None:
     sched = pool(dev("a", "h1", 8, draining=True), dev("b", "h1", 16))
-    assert sched.try_place(req(mem_gib=4)).device_ids == ("b",)
-    assert sched.try_place(req()).device_ids == ("b",)
+    assert placed(sched, req(mem_gib=4)).device_ids == ("b",)
+    assert placed(sched, req()).device_ids == ("b",)
     assert sched.try_place(req(gpus=2)) is None  # only one schedulable device on h1
 
 
@@ -463,7 +472,7 @@ def _check_accounting(sched: Scheduler) -> None:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(devices=pools(), ops=operations)
-def test_property_never_overcommits(devices: list[DeviceState], ops: list) -> None:
+def test_property_never_overcommits(devices: list[DeviceState], ops: list[Any]) -> None:
     sched = pool(*devices)
     submitted: list[str] = []
     for n, (op, arg) in enumerate(ops):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -262,7 +263,7 @@ _cell = st.tuples(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(cells=st.lists(_cell, min_size=1, max_size=12), idle=st.sampled_from([0, 30, 300]))
-def test_invariants_on_random_workloads(tmp_path: Path, cells: list, idle: int) -> None:
+def test_invariants_on_random_workloads(tmp_path: Path, cells: list[Any], idle: int) -> None:
     w = csv_workload(tmp_path, *(f"{k},{s},{d},{g},{m}GiB" for k, s, d, g, m in cells))
     gpu_cells = sum(1 for c in cells if c[3])
     for policy in (static_policy(), attach_policy(idle), fractional_policy(idle)):

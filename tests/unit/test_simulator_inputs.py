@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuattach_broker.broker.lease_schema import LeaseState
 from gpuattach_broker.broker.store import LeaseRecord, hash_token, open_store
 from gpuattach_broker.simulator import (
     Admission,
@@ -154,7 +155,7 @@ def _lease(lease_id: str, kernel: str, granted: float, ended: float, **kw: objec
         requested_at=granted - 1,
         granted_at=granted,
         ended_at=ended,
-        state="released" if ended else "active",
+        state=LeaseState.RELEASED if ended else LeaseState.ACTIVE,
         **kw,  # type: ignore[arg-type]
     )
 

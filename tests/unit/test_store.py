@@ -320,7 +320,7 @@ def test_postgresql_column_types(pg_url: str) -> None:
     store = open_store(pg_url)
     try:
         with store.engine.connect() as db:
-            types = dict(
+            types: dict[str, str] = dict(
                 db.execute(
                     sa.text(
                         "SELECT table_name || '.' || column_name, data_type "
