@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 
-from traitlets import Bool, Int, Unicode, default
+from traitlets import Bool, Enum, Int, Unicode, default
 
 from gpuattach_broker.agent.backends import BackendError
 from gpuattach_broker.broker.identity import AUTHENTICATORS, BrokerAuthenticator
@@ -55,6 +55,19 @@ class BrokerApp(ServiceApp):
     runtime_file = Unicode("", help="Publish the address and key in this file.").tag(config=True)
     idle_exit = Duration(
         "0", help="Exit after this long with no lease and no request (0: never)."
+    ).tag(config=True)
+    placement = Enum(
+        ["best-fit", "fgd"],
+        default_value="best-fit",
+        help="How slices are placed: best-fit (the tightest device) or fgd (the placement "
+        "that least reduces the pool's room for the request sizes it sees: fewer stranded "
+        "fractions, whole hosts kept free for multi-GPU requests).",
+    ).tag(config=True)
+    backfill_after = Duration(
+        "0",
+        help="Backfill: requests that fit start even while an earlier one waits; once a request "
+        "has waited this long, the devices it needs are reserved for it so it starts when "
+        "they drain (0: no backfill; the queue's head is never overtaken).",
     ).tag(config=True)
     policy = Unicode("", help="TOML policy file; reloaded on change and on SIGHUP.").tag(
         config=True

@@ -24,6 +24,7 @@ from sqlalchemy import make_url
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
+from gpuattach_broker.broker.scheduler import Backfill
 from gpuattach_broker.broker.service import BrokerService
 from gpuattach_broker.broker.store import db_url_for
 from gpuattach_broker.broker.working_set import WorkingSet
@@ -95,6 +96,8 @@ async def serve(options: BrokerApp) -> None:
         key=key,
         policy=policy,
         authenticator=authenticator if authenticator.enabled else None,
+        placement=options.placement,
+        backfill=Backfill(reserve_after=options.backfill_after) if options.backfill_after else None,
     )
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_BrokerServicer_to_server(service, server)
