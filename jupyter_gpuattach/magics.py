@@ -283,7 +283,7 @@ class GPUMagics(Magics):
             from jupyter_gpuattach.widget import show_status
 
             return show_status(self.session)
-        except Exception:  # a frontend without widgets still gets the text lines
+        except Exception:  # noqa: BLE001 - a frontend without widgets still gets the text lines
             return None
 
     def _status_display(self) -> Any:

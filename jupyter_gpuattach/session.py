@@ -438,7 +438,7 @@ class GPUSession:
                 except WorkerGone:
                     self.lost = "the GPU worker stopped answering"
                     return
-                except Exception as exc:  # keep the kernel usable; say what happened
+                except Exception as exc:  # noqa: BLE001 - keep the kernel usable; say what happened
                     self.notify(f"GPU: background sync after In[{cell}] failed: {exc}")
                     return
                 finally:

@@ -287,7 +287,7 @@ class Refresher:
         while not self._stop.wait(self.interval):
             try:
                 self.refresh()
-            except Exception:  # never let a refresh error reach the user's cell
+            except Exception:  # noqa: BLE001 - never let a refresh error reach the user's cell
                 continue
 
     # --------------------------------------------------------- updates ---
@@ -470,7 +470,7 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
         if self._handle is not None and self.comm is not None:
             try:
                 self._handle.update(self)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a closed frontend must not fail the kernel's cell
                 pass
 
     def _on_release(self, button: Any) -> None:
@@ -489,7 +489,7 @@ class GPUStatusWidget(widgets.VBox if widgets is not None else object):  # type:
         if not self.superseded:
             try:
                 self.refresher.refresh()  # the text is the state at the moment it is written
-            except Exception:
+            except Exception:  # noqa: BLE001 - show the last known state rather than nothing
                 pass
         bundle = super()._repr_mimebundle_(**kwargs)
         if isinstance(bundle, dict):

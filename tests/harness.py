@@ -7,6 +7,7 @@ ipykernels driven through jupyter_client.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import signal
@@ -332,3 +333,13 @@ class Kernel:
     def shutdown(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)
+        if threading.current_thread() is not threading.main_thread():
+            # jupyter_client's blocking calls gave this thread an event loop of its
+            # own (jupyter_core makes one per thread and never closes it): close it
+            # here, or it is left for the garbage collector to warn about.
+            try:
+                loop = asyncio.get_event_loop_policy().get_event_loop()
+            except RuntimeError:  # none was made
+                return
+            if not loop.is_running():
+                loop.close()

@@ -8,6 +8,7 @@ browser sends.
 
 from __future__ import annotations
 
+import queue
 import re
 import time
 from typing import Any
@@ -37,7 +38,7 @@ class WidgetWatch:
     def _pump(self, timeout: float) -> None:
         try:
             msg = self.kernel.kc.get_iopub_msg(timeout=timeout)
-        except Exception:
+        except queue.Empty:
             return
         kind, content = msg["msg_type"], msg["content"]
         parent = msg["parent_header"].get("msg_id", "")
@@ -141,7 +142,8 @@ def test_widget_follows_a_lease_lifecycle(stack_factory: Any, kernel_factory: An
     # Not attached: %gpu status still prints its line, and shows the widget.
     out = a.run("%gpu status")
     assert "GPU: not attached" in out
-    assert a.state() == "detached" and "run %gpu attach" in a.text()
+    assert a.state() == "detached"
+    assert "run %gpu attach" in a.text()
 
     # The attach widget never says "not attached" above the attach line: it says
     # "attaching" until the line is printed, then "attached" at once.
@@ -158,13 +160,16 @@ def test_widget_follows_a_lease_lifecycle(stack_factory: Any, kernel_factory: An
     assert "GPU attached" in out
     a.wait(lambda: a.state() == "attached", what="attached")
     a.wait(lambda: re.search(r"memory \d+\.\d/8 GiB", a.text()), what="memory used of the cap")
-    assert "GPU ● attached" in a.text() and "whole device" in a.text()
-    assert "held since " in a.text() and "busy " in a.text()
+    assert "GPU ● attached" in a.text()
+    assert "whole device" in a.text()
+    assert "held since " in a.text()
+    assert "busy " in a.text()
 
     # Another kernel queues for the only device; its widget says where it stands.
     b_attach = b.kernel.submit("%gpu attach --wait 120s")
     b.wait(lambda: b.state() == "queued", what="b queued")
-    assert "GPU queued #1" in b.text() and "of 1" not in b.text()
+    assert "GPU queued #1" in b.text()
+    assert "of 1" not in b.text()
 
     # While a cell runs the widget counts (the background refresher), and says
     # that the release button waits for the cell.
@@ -179,9 +184,11 @@ def test_widget_follows_a_lease_lifecycle(stack_factory: Any, kernel_factory: An
     # queued kernel gets the device.
     a.run("%gpu auto --idle 3s")
     a.wait(lambda: a.state() == "idle", what="idle deadline")
-    assert "releases at " in a.text() and " if idle" in a.text()
+    assert "releases at " in a.text()
+    assert " if idle" in a.text()
     a.wait(lambda: a.state() == "released", timeout=30, what="idle release")
-    assert "GPU released" in a.text() and "idle for" in a.text()
+    assert "GPU released" in a.text()
+    assert "idle for" in a.text()
     assert "lost" not in a.text()
     b.wait(lambda: b_attach in b.done, timeout=60, what="b granted")
     b.wait(lambda: b.state() == "attached", what="b attached")
@@ -234,7 +241,8 @@ def test_earlier_widgets_follow_the_live_state(stack: Stack, kernel_factory: Any
     assert "GPU released" in out
     a.wait(lambda: a.states() == ["released"] * 3, what="every widget released")
     for box in a.boxes():
-        assert "GPU released" in a.text(box) and "attached" not in a.text(box), a.describe()
+        assert "GPU released" in a.text(box), a.describe()
+        assert "attached" not in a.text(box), a.describe()
     # The text fallback (what nbconvert or a headless run keeps) follows too.
     a.wait(
         lambda: all(a.plain.get(model, "").startswith("GPU released") for model in models),

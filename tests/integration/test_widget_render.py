@@ -49,18 +49,24 @@ def snapshot(**changes: Any) -> dict[str, Any]:
 
 def test_the_real_snapshot_carries_the_lease() -> None:
     real = real_snapshot()
-    assert real["attached"] and real["lease_id"] == "abcd1234ef"
-    assert real["device"] == "NVIDIA A100 on gpu-1" and real["memory_bytes"] == 40 * 1024**3
+    assert real["attached"]
+    assert real["lease_id"] == "abcd1234ef"
+    assert real["device"] == "NVIDIA A100 on gpu-1"
+    assert real["memory_bytes"] == 40 * 1024**3
     assert real["slice"] == {"memory_bytes": 0, "fraction": 0.5, "gpus": 1}
-    assert real["granted_at"] == GRANTED and real["busy_seconds"] == 25.0
-    assert real["held_seconds"] > 100 and real["running_cell"] is None
+    assert real["granted_at"] == GRANTED
+    assert real["busy_seconds"] == 25.0
+    assert real["held_seconds"] > 100
+    assert real["running_cell"] is None
     view = render(real)
     assert view.times == f"held since {clock_text(GRANTED)}, busy 25.0 s"
 
 
 def test_attached_shows_device_slice_memory_and_times() -> None:
     view = render(snapshot(), memory_used=3 * 1024**3)
-    assert view.state == "attached" and view.can_release and not view.running
+    assert view.state == "attached"
+    assert view.can_release
+    assert not view.running
     assert view.headline == "GPU ● attached"
     assert view.detail == "NVIDIA A100 on gpu-1 · 0.5 of the device · memory 3.0/40 GiB"
     # Between cells nothing counts: the grant time as a wall clock, busy as of the last cell.
@@ -70,7 +76,8 @@ def test_attached_shows_device_slice_memory_and_times() -> None:
 
 def test_times_count_only_while_a_cell_runs() -> None:
     running = render(snapshot(running_cell=7))
-    assert running.state == "attached" and running.running
+    assert running.state == "attached"
+    assert running.running
     assert running.times == "held 100.0 s, busy 25.0 s (25 %)"
     # Idle: the same snapshot a second later (held grew) gives the same view, so
     # the widget has nothing to send.
@@ -85,7 +92,8 @@ def test_times_count_only_while_a_cell_runs() -> None:
 def test_idle_deadline_is_a_wall_clock_time_between_cells() -> None:
     at = time.time() + 42
     idle = render(snapshot(auto=True, idle_seconds=60.0, idle_release_in=42.0, idle_release_at=at))
-    assert idle.state == "idle" and idle.can_release
+    assert idle.state == "idle"
+    assert idle.can_release
     assert idle.headline == f"GPU ● attached · releases at {clock_text(at)} if idle"
     assert "auto release after 60.0 s idle" in idle.times
     assert "releasing in" not in idle.text
@@ -106,9 +114,11 @@ def test_a_session_without_the_new_keys_still_renders() -> None:
         del old[key]
     assert render(old).times.startswith("held since ")
     idle = render(dict(old, auto=True, idle_release_in=30.0))
-    assert idle.state == "idle" and "releases at" in idle.headline
+    assert idle.state == "idle"
+    assert "releases at" in idle.headline
     gone = render(dict(old, attached=False), released="lease abcd1234 ended")
-    assert gone.state == "released" and gone.detail == "lease abcd1234 ended · run %gpu attach"
+    assert gone.state == "released"
+    assert gone.detail == "lease abcd1234 ended · run %gpu attach"
 
 
 def test_queued_and_detached() -> None:
@@ -116,14 +126,16 @@ def test_queued_and_detached() -> None:
         position=3, queue_length=5, estimated_wait_seconds=120, reason="1/1 devices in use"
     )
     queued = render(snapshot(attached=False), queued=position)
-    assert queued.state == "queued" and not queued.can_release
+    assert queued.state == "queued"
+    assert not queued.can_release
     assert queued.headline == "GPU queued #3 of 5 · ~2 min"
     unknown = pb.QueuePosition(position=1, queue_length=1, estimated_wait_seconds=-1)
     assert render(snapshot(attached=False), queued=unknown).headline == "GPU queued #1"
     assert queued.detail == "1/1 devices in use"
     assert render(snapshot(attached=False)).text == "GPU not attached · run %gpu attach"
     attaching = render(snapshot(attached=False), attaching=True)
-    assert attaching.state == "attaching" and "not attached" not in attaching.text
+    assert attaching.state == "attaching"
+    assert "not attached" not in attaching.text
     auto = render(snapshot(attached=False, auto=True))
     assert auto.detail == "attaches on the next GPU cell"
 
@@ -134,7 +146,8 @@ def ended(state: str, reason: str, by: str = "") -> dict[str, Any]:
 
 def test_chosen_ends_are_not_failures() -> None:
     panel = render(ended("released", "released from the GPU panel by alice", "alice"))
-    assert panel.state == "released" and panel.headline == "GPU released"
+    assert panel.state == "released"
+    assert panel.headline == "GPU released"
     assert panel.detail == "released from the GPU panel by alice · run %gpu attach"
     own = render(ended("released", "released by the kernel"))
     assert own.text == "GPU released · released by the kernel · run %gpu attach"
@@ -157,14 +170,17 @@ def test_chosen_ends_are_not_failures() -> None:
     expired = render(ended("expired", "reached the maximum lease length of 2.0 h"))
     assert expired.headline == "GPU lease ended: reached the maximum lease length of 2.0 h"
     for view in (panel, own, revoked, preempted, expired):
-        assert "lost" not in view.text and not view.can_release
+        assert "lost" not in view.text
+        assert not view.can_release
 
 
 def test_only_a_dead_worker_or_host_is_lost() -> None:
     lost = render(ended("lost", "the GPU worker stopped answering"))
-    assert lost.state == "lost" and lost.headline == "GPU lost: the GPU worker stopped answering"
+    assert lost.state == "lost"
+    assert lost.headline == "GPU lost: the GPU worker stopped answering"
     still_attached = render(snapshot(lost="the GPU worker stopped answering"))
-    assert still_attached.state == "lost" and not still_attached.can_release
+    assert still_attached.state == "lost"
+    assert not still_attached.can_release
     assert still_attached.headline == "GPU lost: the GPU worker stopped answering"
 
 

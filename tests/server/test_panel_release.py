@@ -105,14 +105,16 @@ async def test_a_panel_release_is_told_in_one_line_and_the_kernel_goes_on(
         notes = [line for line in said.splitlines() if "GPU panel" in line]
         assert len(notes) == 1, said
         assert f"released from the JupyterLab GPU panel by {LEASE_USER}" in notes[0], said
-        assert "lost" not in said.lower() and "%gpu attach to go on" not in said
+        assert "lost" not in said.lower()
+        assert "%gpu attach to go on" not in said
         assert f"synced here {kernel_pid}" in after.stdout, "state intact, cell ran here"
         assert "as of In[" in notes[0], "says which cell the names are from"
         assert await call(kernel.value, "w.tolist()") == (
             [2.0, 2.0, 2.0] if mode == "auto" else [1.0, 1.0, 1.0]
         )
         status = (await call(run, "%gpu status")).stdout
-        assert "not attached" in status and f"by {LEASE_USER}" in status, status
+        assert "not attached" in status, status
+        assert f"by {LEASE_USER}" in status, status
         if mode == "auto":
             # The next GPU cell simply attaches again.
             again = await call(run, "w.mul_(2).to('cpu')")
@@ -154,8 +156,10 @@ async def test_the_idle_deadline_is_on_the_lease_at_once(
     try:
         await call(kernel.ok, "%gpu attach")
         lease = await _my_lease(jp_fetch)
-        assert lease["idle_release_in"] is None and lease["idle_seconds"] is None
-        assert lease["auto_mode"] is False and lease["text"]["held"].startswith("held ")
+        assert lease["idle_release_in"] is None
+        assert lease["idle_seconds"] is None
+        assert lease["auto_mode"] is False
+        assert lease["text"]["held"].startswith("held ")
 
         # The panel's Set on a manual kernel: auto mode, with the new timeout.
         response = await jp_fetch(
@@ -173,7 +177,8 @@ async def test_the_idle_deadline_is_on_the_lease_at_once(
             if lease["idle_release_in"] is not None:
                 break
             await asyncio.sleep(0.05)
-        assert lease["idle_seconds"] == 300 and lease["auto_mode"] is True, lease
+        assert lease["idle_seconds"] == 300, lease
+        assert lease["auto_mode"] is True, lease
         assert 295 < lease["idle_release_in"] <= 300
         assert lease["text"]["idle"] in ("idle 5m 00s", "idle 4m 59s", "idle 4m 58s")
 
@@ -184,7 +189,8 @@ async def test_the_idle_deadline_is_on_the_lease_at_once(
             if lease["idle_seconds"] == 200:
                 break
             await asyncio.sleep(0.05)
-        assert lease["idle_seconds"] == 200 and 195 < lease["idle_release_in"] <= 200, lease
+        assert lease["idle_seconds"] == 200, lease
+        assert 195 < lease["idle_release_in"] <= 200, lease
         await call(kernel.ok, "%gpu auto off")
         await call(kernel.ok, "%gpu release")
         response = await jp_fetch("gpuattach", "api", "leases", params={"recent": "60"})

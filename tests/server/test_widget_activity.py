@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import queue
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -48,11 +49,11 @@ class KernelIO:
         self.done: set[str] = set()
         self.outputs: dict[str, str] = {}
 
-    async def pump(self, timeout: float) -> bool:
-        """Read one message if one comes within `timeout`; whether one came."""
+    async def pump(self, seconds: float) -> bool:
+        """Read one message if one comes within `seconds`; whether one came."""
         try:
-            msg = await self.client.get_iopub_msg(timeout=timeout)
-        except Exception:
+            msg = await self.client.get_iopub_msg(timeout=seconds)
+        except queue.Empty:
             return False
         self.messages.append(msg)
         kind, content = msg["msg_type"], msg["content"]
@@ -69,22 +70,22 @@ class KernelIO:
             self.done.add(parent)
         return True
 
-    async def until(self, predicate: Callable[[], Any], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
+    async def until(self, predicate: Callable[[], Any], seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
         while not predicate():
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}; widgets: {self.describe()}")
             await self.pump(0.2)
 
-    async def run(self, code: str, timeout: float = 120.0) -> str:
+    async def run(self, code: str, seconds: float = 120.0) -> str:
         msg_id = self.client.execute(code)
-        await self.until(lambda: msg_id in self.done, timeout, f"cell {code!r}")
+        await self.until(lambda: msg_id in self.done, seconds, f"cell {code!r}")
         return self.outputs.get(msg_id, "")
 
-    async def settle(self, kernel: Any, timeout: float = 30.0) -> None:
+    async def settle(self, kernel: Any, seconds: float = 30.0) -> None:
         """Until the server has taken in every message seen here and no more
         come for longer than the widget's refresh interval."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if not await self.pump(1.5):
                 last = self.messages[-1]["header"]["date"] if self.messages else None
@@ -142,7 +143,7 @@ async def server_kernel(serverapp: Any, stack: Stack) -> AsyncIterator[tuple[str
         yield kernel_id, kernel, io
     finally:
         with contextlib.suppress(Exception):
-            await io.run("%gpu release", timeout=60)
+            await io.run("%gpu release", seconds=60)
         client.stop_channels()
         await manager.shutdown_kernel(kernel_id)
 
@@ -248,9 +249,12 @@ async def test_release_from_the_panel_is_not_a_loss(
         finally:
             client.close()
         expected = f"{PANEL_REASON} by {USER}"
-        assert ended.state == "released" and ended.end_reason == expected
+        assert ended.state == "released"
+        assert ended.end_reason == expected
         await io.until(lambda: io.states() == ["released", "released"], 60, "widgets released")
         for box in io.boxes():
             text = io.text(box)
-            assert "GPU released" in text and expected in text, text
-            assert "lost" not in text and "<b>GPU lost" not in text
+            assert "GPU released" in text, text
+            assert expected in text, text
+            assert "lost" not in text
+            assert "<b>GPU lost" not in text

@@ -174,7 +174,8 @@ def test_a_recycled_pid_is_never_killed(tmp_path: Path) -> None:
         ledger = ProcessLedger(path)
         assert ledger.leftovers() == {}
         assert ledger.kill_leftovers(timeout=1) == []
-        assert bystander.poll() is None and alive(bystander.pid)
+        assert bystander.poll() is None
+        assert alive(bystander.pid)
     finally:
         bystander.kill()
         bystander.wait()

@@ -365,7 +365,8 @@ def test_offline_host_not_used() -> None:
     sched = pool(dev("a", "h1", 8), dev("b", "h2", 16))
     sched.set_host_online("h1", False)
     placement = sched.try_place(req(mem_gib=4))
-    assert placement is not None and placement.device_ids == ("b",)
+    assert placement is not None
+    assert placement.device_ids == ("b",)
     sched.set_host_online("h2", False)
     assert sched.try_place(req(mem_gib=4)) is None
     assert sched.why_waiting() == "no device is online yet"
@@ -384,7 +385,8 @@ def test_offline_devices_not_used_for_many() -> None:
     sched = pool(dev("a0", "h1"), dev("a1", "h1"), dev("b0", "h2"), dev("b1", "h2"))
     sched.set_host_online("h1", False)
     placement = sched.try_place(req(gpus=2))
-    assert placement is not None and placement.host == "h2"
+    assert placement is not None
+    assert placement.host == "h2"
 
 
 def test_re_registering_a_device_keeps_its_allocation() -> None:
@@ -537,16 +539,19 @@ def test_several_device_request_preempts_the_fewest_lower_priority_leases() -> N
         take(sched, req("low-d")),
     ]
     on = {p.request_id: p.device_ids[0] for p in placements}
-    assert on["low-a"] == on["low-b"] and len({*on.values()}) == 4
+    assert on["low-a"] == on["low-b"]
+    assert len({*on.values()}) == 4
     assert all(device.startswith("h1/") for device in on.values())  # h2 stays empty
     ranks = {lid: (10 if lid == "high" else 0, float(i)) for i, lid in enumerate(on)}
 
     # three devices of one host: h2 has one, so h1's three low-priority devices empty
     three = preemption_victims(sched, SliceRequest("big", "bob", gpus=3, priority=5), ranks)
-    assert three is not None and set(three) == {"low-a", "low-b", "low-c", "low-d"}
+    assert three is not None
+    assert set(three) == {"low-a", "low-b", "low-c", "low-d"}
     # two: the two devices with one lease each, not the one with two
     two = preemption_victims(sched, SliceRequest("two", "bob", gpus=2, priority=5), ranks)
-    assert two is not None and set(two) == {"low-c", "low-d"}
+    assert two is not None
+    assert set(two) == {"low-c", "low-d"}
     # a request that outranks nobody, or wants more devices than a host has: no victims
     assert preemption_victims(sched, SliceRequest("x", "c", gpus=3, priority=0), ranks) is None
     assert preemption_victims(sched, SliceRequest("y", "c", gpus=5, priority=5), ranks) is None

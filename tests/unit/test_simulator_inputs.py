@@ -57,9 +57,9 @@ def test_the_pool_is_a_real_scheduler_of_its_devices() -> None:
 def test_idle_lists() -> None:
     assert parse_idle_list("0,60,300") == (0.0, 60.0, 300.0)
     assert parse_idle_list("0, 1m, 5m") == (0.0, 60.0, 300.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be zero or more seconds"):
         parse_idle_list("-1")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one idle timeout"):
         parse_idle_list(",")
 
 

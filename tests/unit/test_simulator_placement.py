@@ -50,7 +50,8 @@ def test_node_list_with_counts_models_and_host_limits(tmp_path: Path) -> None:
     assert (pool.hosts, pool.gpus, pool.gpus_per_host) == (3, 17, 8)
     nodes = pool.node_list()
     assert [n.host for n in nodes] == ["big-000", "big-001", "t4"]
-    assert nodes[2].cpus is None and nodes[2].memory_bytes is None
+    assert nodes[2].cpus is None
+    assert nodes[2].memory_bytes is None
     scheduler = build_scheduler(pool)
     assert scheduler.devices["t4-gpu00"].name == "T4"
     assert scheduler.devices["big-001-gpu07"].memory_bytes == 80 * GIB
@@ -163,8 +164,10 @@ def test_fgd_strands_less_than_best_fit_on_the_generated_workload() -> None:
 def test_the_workload_mix_is_weighted_by_frequency() -> None:
     cells = [Cell("a", 0, 0, 1, 1, fraction=0.5, cpus=4)] * 3 + [Cell("b", 0, 0, 1, 2, cpus=8)]
     mix = {(t.gpus, t.share): t for t in workload_mix(cells)}
-    assert mix[(1, 0.5)].weight == 3 and mix[(1, 0.5)].cpus == 4
-    assert mix[(2, 1.0)].weight == 1 and mix[(2, 1.0)].cpus == 8
+    assert mix[(1, 0.5)].weight == 3
+    assert mix[(1, 0.5)].cpus == 4
+    assert mix[(2, 1.0)].weight == 1
+    assert mix[(2, 1.0)].cpus == 8
 
 
 # ---------------------------------------------------------------- generator ---
@@ -179,7 +182,8 @@ def test_generated_workload_has_the_published_shape() -> None:
     assert 0.02 < many < 0.08  # a few multi-GPU pods
     pool = generate_nodes(1000, seed=0)
     eight = sum(n.gpus for n in pool.node_list() if n.gpus == 8) / pool.gpus
-    assert eight > 0.7 and {n.gpus for n in pool.node_list()} == {1, 2, 4, 8}
+    assert eight > 0.7
+    assert {n.gpus for n in pool.node_list()} == {1, 2, 4, 8}
 
 
 def test_arrival_rate_gives_the_offered_load() -> None:
@@ -204,7 +208,8 @@ def test_generated_csv_replays_through_the_cli(
         cli_main([*args, "--saturate", "--placement", "fgd", "--seed", "4", "--out", str(out)]) == 0
     )
     saved = json.loads((out / "saturation.json").read_text())
-    assert saved["placement"] == "fgd" and saved["seed"] == 4
+    assert saved["placement"] == "fgd"
+    assert saved["seed"] == 4
     assert "| unallocated |" in capsys.readouterr().out
     assert cli_main([*args, "--backfill", "10m", "--no-search", "--no-plots", "--idle", "0"]) == 0
     assert cli_main([*args, "--saturate", "--inflate", "0"]) == 2

@@ -75,7 +75,8 @@ def test_without_a_policy_file_the_broker_default_applies(tmp_path: Path) -> Non
     r = simulate(w, parse_pool("1x1GPU"), attach_policy(0))
     assert r.gpu_cell_order() == [("h", 0), ("a", 0), ("b", 0), ("c", 0)]
     assert run(w).gpu_cell_order() == r.gpu_cell_order()
-    assert r.refused == [] and r.summary()["refused_cells"] == 0
+    assert r.refused == []
+    assert r.summary()["refused_cells"] == 0
 
 
 def test_a_groups_priority_reorders_the_queue(tmp_path: Path) -> None:
@@ -137,7 +138,7 @@ def test_users_round_robin_share_their_limit(tmp_path: Path) -> None:
     # One user: k2 and k3 both wait for k1, and then for each other.
     r1 = run(one, policy, pool="1x4GPU")
     assert [r1.started(k, 0).started for k in ("k2", "k3")] == [100.0, 110.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need at least one user"):
         with_users(w, 0)
 
 
@@ -200,7 +201,8 @@ def test_slice_limits_refuse_whole_gpus_but_not_small_slices(tmp_path: Path) -> 
     whole = run(w, policy, pool="1x2GPU:80GiB")
     assert len(whole.refused) == 2
     assert "allows slices of at most 24.0 GiB" in whole.refused[0].refused
-    assert whole.attaches == 0 and whole.held_card_seconds == 0.0
+    assert whole.attaches == 0
+    assert whole.held_card_seconds == 0.0
     # Fractional: a asks for 10 GiB (allowed), b for 60 GiB (more than 24 GiB).
     frac = run(w, policy, pool="1x2GPU:80GiB", allocation=fractional_policy(0))
     assert [(c.kernel, c.refused) for c in frac.cell_log] == [
@@ -303,7 +305,8 @@ def test_cli_refuses_a_bad_policy_or_start(
     policy.write_text("[defaults]\nmax_slices = 'lots'\nnonsense = 1\n")
     assert main([str(csv), "--policy", str(policy), "--no-search"]) == 2
     err = capsys.readouterr().err
-    assert "line 2" in err and "line 3" in err
+    assert "line 2" in err
+    assert "line 3" in err
     assert main([str(csv), "--policy", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read policy" in capsys.readouterr().err
     with pytest.raises(SystemExit):

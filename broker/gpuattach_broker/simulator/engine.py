@@ -287,7 +287,8 @@ class Simulation:
         self._next_cell(kernel, cell, now)
 
     def _granted(self, kernel: _Kernel, placement: Placement, now: float) -> None:
-        assert kernel.pending is not None and kernel.pending[0] == placement.request_id
+        assert kernel.pending is not None
+        assert kernel.pending[0] == placement.request_id
         request_id, shape = kernel.pending
         kernel.pending = None
         kernel.lease = _Lease(request_id, shape, placement, granted_at=now)
