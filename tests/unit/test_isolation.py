@@ -7,6 +7,8 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -179,3 +181,33 @@ def test_closed_folders_above_the_interpreter_are_found() -> None:
         assert unreachable(nested) == {}
     finally:
         shutil.rmtree(base)
+
+
+@root_only
+def test_a_private_tmp_keeps_the_interpreter_folders_under_tmp(tmp_path: Path) -> None:
+    """A virtual environment in /tmp stays readable behind the worker's fresh
+    /tmp (its modules not imported yet still load); the rest of /tmp is gone."""
+    assert str(tmp_path).startswith("/tmp/")
+    lib = tmp_path / "venv" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "late_module.py").write_text("VALUE = 42\n")
+    other = tmp_path / "someone-elses-file"
+    other.write_text("private")
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(lib)!r})\n"
+        "from gpuattach_broker.worker.privileges import enter_private_mounts\n"
+        "state = enter_private_mounts()\n"
+        "import late_module\n"
+        f"print(state.problem or 'ok', late_module.VALUE, os.path.exists({str(other)!r}))\n"
+        f"print(sorted(os.listdir('/tmp')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    first, listing = done.stdout.splitlines()
+    assert first == "ok 42 False"
+    # Only the path down to the kept folder exists in the new /tmp.
+    assert listing == repr([tmp_path.relative_to("/tmp").parts[0]])
+    assert not list(Path("/tmp").glob(".gpuattach-tmp-*")), "the staging folder was left behind"

@@ -144,8 +144,8 @@ def enter_private_mounts() -> MountState:
     state.private = True
     problems = []
     try:
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-        state.done.append("tmpfs /tmp")
+        kept = private_tmp(interpreter_paths())
+        state.done.append("tmpfs /tmp" + (f" (keeping {', '.join(kept)})" if kept else ""))
     except OSError as exc:
         problems.append(f"/tmp: {exc.strerror}")
     try:
@@ -163,6 +163,33 @@ def enter_private_mounts() -> MountState:
         problems.append(f"Python files: {exc.strerror or exc}")
     state.problem = "; ".join(problems)
     return state
+
+
+def private_tmp(keep: list[str]) -> list[str]:
+    """Cover /tmp with a fresh tmpfs, except the folders of `keep` under it (a
+    virtual environment in /tmp: its modules not imported yet must stay
+    readable). The new tmpfs is filled beside the old /tmp, then moved over it.
+    Returns the folders kept."""
+    under = [p for p in keep if p.startswith("/tmp/")]
+    outermost = [p for p in under if not any(p.startswith(q + os.sep) for q in under if q != p)]
+    if not outermost:
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        return []
+    old_tmp = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stage = tempfile.mkdtemp(prefix=".gpuattach-tmp-", dir="/tmp")
+        _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        for path in sorted(set(outermost)):
+            target = os.path.join(stage, os.path.relpath(path, "/tmp"))
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            _mount(path, target, "", MS_BIND | MS_REC)
+        _mount(stage, "/tmp", "", MS_MOVE)
+        # The empty staging folder, now under the new /tmp, leaves the host's /tmp.
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.basename(stage), dir_fd=old_tmp)
+    finally:
+        os.close(old_tmp)
+    return sorted(set(outermost))
 
 
 def interpreter_paths() -> list[str]:
