@@ -66,16 +66,8 @@ class InThread:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def close(self) -> None:
-        """Close the event loop the blocking client made on that thread, then the
-        thread: a loop left open leaks its self-pipe sockets into a later test."""
-        await self(_close_thread_loop)
+        """End the thread (Kernel.shutdown, run on it, closed its event loop)."""
         self.pool.shutdown(wait=True)
-
-
-def _close_thread_loop() -> None:
-    loop = asyncio.get_event_loop_policy().get_event_loop()
-    if not loop.is_running():
-        loop.close()
 
 
 @pytest.mark.parametrize("mode", ["manual", "auto"])

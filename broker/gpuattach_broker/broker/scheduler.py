@@ -609,24 +609,13 @@ class Scheduler:
         answers = self._answers.setdefault(shape, {})
         options = self._options.setdefault(self._gpu_shape_id(request), {})
         views, cpus, memory = self._views, request.cpus, request.host_memory_bytes
-        if request.hosts:
-            for name in request.hosts:
-                host = self._hosts.get(name)
-                if (
-                    host is not None
-                    and host.sig >= 0
-                    and views[host.sig][0].host_fits(cpus, memory)
-                ):
-                    consider(name, self._answer(host.sig, request, answers, options))
-        else:
-            for name in prefer | warm:
-                host = self._hosts.get(name)
-                if (
-                    host is not None
-                    and host.sig >= 0
-                    and views[host.sig][0].host_fits(cpus, memory)
-                ):
-                    consider(name, self._answer(host.sig, request, answers, options))
+        # Named hosts first: the only candidates of a request that names hosts,
+        # the preferred and warm ones (ranked first on ties) otherwise.
+        for name in request.hosts or prefer | warm:
+            host = self._hosts.get(name)
+            if host is not None and host.sig >= 0 and views[host.sig][0].host_fits(cpus, memory):
+                consider(name, self._answer(host.sig, request, answers, options))
+        if not request.hosts:
             # Every distinct host state once; the hosts sharing it only for ties.
             top: tuple[float, ...] | None = None
             tied: list[tuple[int, _Answer]] = []
