@@ -159,6 +159,18 @@ class LeaseLink:
         except BrokerError as exc:
             raise GPUError(str(exc)) from None
 
+    def grant_move(self, lease: pb.Lease) -> pb.Lease:
+        """A lease on the device the broker set aside for `lease` (live
+        defragmentation): granted at once; the caller then releases `lease`."""
+        request = self.request(AttachOptions())
+        request.slice.CopyFrom(lease.slice)
+        request.move_from = lease.lease_id
+        request.move_token = lease.token
+        try:
+            return self.client().attach(request)
+        except BrokerError as exc:
+            raise GPUError(str(exc)) from None
+
     def keep(self, lease: pb.Lease, report: Any) -> None:
         """Heartbeat `lease` from now on; `report()` gives each Heartbeat's figures."""
         self.stop_keeping()

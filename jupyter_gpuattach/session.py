@@ -164,6 +164,8 @@ class GPUSession:
         self.notify = self.notes.append
         self.local_running = False  # a kernel cell runs while a slice is held
         self.preempted = ""  # why the broker wants the slice back
+        self.move_to = ""  # the device the broker asks the lease to move to, between cells
+        self.moving = False  # a move runs (under the lock): kernel cells wait for it
         self.migrating = False
         self.pending_end: LeaseEnd | None = None  # seen by the watcher, not yet applied
         self.last_end: LeaseEnd | None = None
@@ -216,31 +218,9 @@ class GPUSession:
                 return f"GPU already attached: {self._device()} (lease {self.lease.lease_id[:8]})"
             started = time.perf_counter()
             broker, lease = self.link.grant(options, show_queue)
-            worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
-            cwd = os.getcwd()
-            files_line = ""
-            self.forward_policy = _lease_forward_policy(lease)
-            budget = Budget.for_lease(lease.mirror_bytes, lease.mirror_file_bytes)
             try:
-                with folder_marker(cwd) as marker:  # does the worker see this folder?
-                    hello = kernel_hello(
-                        cwd,
-                        list(sys.path),
-                        os.environ,
-                        marker,
-                        self.forward_policy,
-                        (budget.total, budget.per_file),
-                    )
-                    self.worker_info = worker.hello(hello)
-                check_compatible(hello, self.worker_info)
-                self.files.reset()
-                if not self.worker_info.shared_folder:
-                    files_line = self.files.seed(worker, cwd, budget)
-                self.sync.connect(self.worker_info)
-                moved = self.sync.push(worker, started)
+                worker, moved, files_line = self._connect(lease, started)
             except (VersionMismatch, WorkerGone, RuntimeError, OSError) as exc:
-                self.files.reset()
-                worker.close()
                 broker.release(lease, reason=f"attach failed: {exc}")
                 raise GPUError(f"attach failed, lease given back: {exc}") from None
             self.lease, self.worker = lease, worker
@@ -290,16 +270,51 @@ class GPUSession:
                 )
             return line
 
+    def _connect(
+        self, lease: pb.Lease, started: float, kind: str = "attach"
+    ) -> tuple[WorkerClient, str, str]:
+        """Open the lease's worker and move the namespace in: (worker, what
+        moved, a line about files or ""). On failure the worker is closed and
+        the error raised; the caller gives the lease back."""
+        worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
+        cwd = os.getcwd()
+        files_line = ""
+        self.forward_policy = _lease_forward_policy(lease)
+        budget = Budget.for_lease(lease.mirror_bytes, lease.mirror_file_bytes)
+        try:
+            with folder_marker(cwd) as marker:  # does the worker see this folder?
+                hello = kernel_hello(
+                    cwd,
+                    list(sys.path),
+                    os.environ,
+                    marker,
+                    self.forward_policy,
+                    (budget.total, budget.per_file),
+                )
+                self.worker_info = worker.hello(hello)
+            check_compatible(hello, self.worker_info)
+            self.files.reset()
+            if not self.worker_info.shared_folder:
+                files_line = self.files.seed(worker, cwd, budget)
+            self.sync.connect(self.worker_info)
+            moved = self.sync.push(worker, started, kind=kind)
+        except (VersionMismatch, WorkerGone, RuntimeError, OSError):
+            self.files.reset()
+            worker.close()
+            raise
+        return worker, moved, files_line
+
     def _heartbeat(self) -> Heartbeat:
         auto = self.auto
         return Heartbeat(
             busy_seconds=self.clock.busy(),
             idle_release_in=self._idle_release_in(),
             migrating=self.migrating,
-            cell_running=self.clock.cell_started is not None,
+            cell_running=self.clock.cell_started is not None or self.local_running,
             idle_seconds=auto.idle.idle_seconds if auto is not None else -1.0,
             auto_mode=auto is not None and not auto.by_policy,
             memory_used_bytes=self.memory_used() or 0,
+            can_move=True,
         )
 
     def memory_used(self) -> int | None:
@@ -335,6 +350,9 @@ class GPUSession:
     def begin_local_cell(self) -> None:
         """A cell runs in the kernel: on the synced copy, which must be current first."""
         self.wait_for_sync()
+        if self.moving:
+            with self.lock:  # a cell never runs while its lease moves
+                pass
         self.local_running = True
         if self.attached:
             self.sync.kernel_ahead = True
@@ -484,6 +502,8 @@ class GPUSession:
                     self.lock.release()
         elif event.kind == "preempt":
             self.preempted = event.reason
+        elif event.kind == "move":
+            self.move_to = event.target
         elif event.kind == "idle":
             self._on_idle_override(event.seconds)
 
@@ -772,6 +792,9 @@ class GPUSession:
         if self.preempted:
             self._when_free(self._preempted_release)
             return
+        if self.move_to and not self.local_running:
+            self._when_free(self._move)
+            return
         auto = self.auto
         if auto is None or not auto.idle.release_due(time.monotonic()):
             return
@@ -802,6 +825,62 @@ class GPUSession:
         self.last_end = LeaseEnd("preempted", reason)
         then = "the next GPU cell queues again" if self.auto else "%gpu attach to queue again"
         self.notify(f"GPU preempted: {reason}. {line}; {then}")
+
+    def _move(self) -> None:
+        """Live defragmentation, between cells: attach on the device the broker
+        set aside, move the namespace there (tensors the host caches go by
+        digest), then release the old lease, as an idle release and re-attach
+        would, without the user doing anything. Cells wait meanwhile. If any
+        step fails before the old lease is given back, the kernel stays where
+        it was (the broker calls the move off)."""
+        target, self.move_to = self.move_to, ""
+        old_lease, old_worker = self.lease, self.worker
+        if not target or old_lease is None or old_worker is None or self.lost:
+            return
+        started = time.perf_counter()
+        old_info = self.worker_info
+        self.moving = True
+        try:
+            if not self.sync.in_sync:  # names the last cell changed, home first
+                self.migrating = True
+                try:
+                    self.sync.pull(old_worker, force=True, kind="sync")
+                finally:
+                    self.migrating = False
+                self.sync.last_synced_cell = self.sync.last_remote_cell
+            file_lines = self._files_home("move")
+            new_lease = self.link.grant_move(old_lease)
+            try:
+                worker, _, files_line = self._connect(new_lease, started, kind="move")
+            except (VersionMismatch, WorkerGone, RuntimeError, OSError) as exc:
+                self.link.release(new_lease, f"move failed: {exc}", 0.0, patience=2.0)
+                raise GPUError(str(exc)) from None
+        except (GPUError, BrokerError, WorkerGone, RuntimeError, OSError) as exc:
+            self.moving = False
+            # The old worker is still ours: back to its hello reply and blob cache.
+            self.worker_info = old_info
+            if old_info is not None:
+                self.sync.connect(old_info)
+            self.notify(f"GPU: could not move to make room ({exc}); the slice stays where it is")
+            return
+        busy = self.clock.busy()
+        self.lease, self.worker = new_lease, worker
+        self.clock = LeaseClock(new_lease.granted_at)
+        self.link.keep(new_lease, self._heartbeat)
+        self.link.nudge()
+        old_worker.close()
+        try:
+            self.link.release(old_lease, f"moved to {new_lease.device_ids[0]} to make room", busy)
+        except BrokerError as exc:
+            file_lines.append(f"GPU: the old slice was not confirmed released: {exc}")
+        finally:
+            self.moving = False
+        ms = (time.perf_counter() - started) * 1000
+        line = f"GPU moved to {new_lease.device_ids[0]} to make room; {ms:.0f} ms"
+        for note in [*file_lines, files_line]:
+            if note:
+                line += f"\n{note}"
+        self.notify(line)
 
     def _idle_release(self, auto: AutoMode) -> None:
         if not auto.idle.release_due(time.monotonic()):

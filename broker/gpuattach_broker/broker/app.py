@@ -69,6 +69,12 @@ class BrokerApp(ServiceApp):
         "has waited this long, the devices it needs are reserved for it so it starts when "
         "they drain (0: no backfill; the queue's head is never overtaken).",
     ).tag(config=True)
+    defragment = Bool(
+        True,
+        help="Live defragmentation: when a waiting request would fit after moving idle "
+        "fractional leases, their kernels are asked to move to another device between cells "
+        "(the user sees one line; state is kept). Only kernels that say they can move are asked.",
+    ).tag(config=True)
     policy = Unicode("", help="TOML policy file; reloaded on change and on SIGHUP.").tag(
         config=True
     )

@@ -884,6 +884,24 @@ class Scheduler:
         """Waiting requests that hold reservations, and the devices reserved."""
         return dict(self._reserved)
 
+    def reserve(self, request_id: str, device_ids: Sequence[str]) -> None:
+        """Hold `device_ids` for the waiting request `request_id` (replacing any
+        reservation it had): nothing else is placed there until it starts or
+        withdraws. Live defragmentation holds the room a moved lease leaves."""
+        self._drop_reservation(request_id)
+        for device_id in device_ids:
+            holder = self._reserved_by.get(device_id)
+            if holder is not None and holder != request_id:
+                self._drop_reservation(holder)
+        self._reserved[request_id] = tuple(device_ids)
+        for device_id in device_ids:
+            self._reserved_by[device_id] = request_id
+            self._touch(self.devices[device_id].host)
+
+    def unreserve(self, request_id: str) -> None:
+        """Give up the request's reservation (backfill may reserve again later)."""
+        self._drop_reservation(request_id)
+
     def _drop_reservation(self, request_id: str) -> None:
         for device_id in self._reserved.pop(request_id, ()):
             self._reserved_by.pop(device_id, None)

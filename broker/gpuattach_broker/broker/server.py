@@ -98,6 +98,7 @@ async def serve(options: BrokerApp) -> None:
         authenticator=authenticator if authenticator.enabled else None,
         placement=options.placement,
         backfill=Backfill(reserve_after=options.backfill_after) if options.backfill_after else None,
+        defragment=options.defragment,
     )
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_BrokerServicer_to_server(service, server)

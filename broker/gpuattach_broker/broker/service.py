@@ -62,6 +62,9 @@ START_TIMEOUT_S = 120.0
 # A lease's room goes back to the pool when its agent reports that the worker
 # exited (LeaseStopped), or after this long without that answer (logged).
 STOP_CONFIRM_TIMEOUT_S = 4.0
+# Live defragmentation: a kernel asked to move its lease has this long to
+# start (attach on the device set aside for it); then the move is called off.
+MOVE_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -88,6 +91,27 @@ class PendingStop:
 
 
 @dataclass
+class Move:
+    """An idle lease asked to move to another device so a waiting request fits.
+
+    `target` is allocated under `new_id` (the id the moved lease will have)
+    from the start, and the room the lease leaves is reserved for
+    `for_request`, so nothing else takes either while the kernel moves.
+    """
+
+    lease_id: str
+    new_id: str
+    target: Placement
+    for_request: str
+    deadline: float  # monotonic: called off if the kernel has not started by then
+    claimed: bool = False  # the kernel is attaching on the target: it finishes
+
+    @property
+    def where(self) -> str:
+        return self.target.device_ids[0]
+
+
+@dataclass
 class Waiter:
     request: SliceRequest
     groups: tuple[str, ...] = ()  # the caller's identity groups, for re-ranking
@@ -106,6 +130,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         authenticator: Authenticator | None = None,
         placement: str = "best-fit",
         backfill: Backfill | None = None,
+        defragment: bool = True,
+        move_timeout: float = MOVE_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.ttl = ttl_seconds
@@ -130,6 +156,13 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.watchers: dict[str, set[asyncio.Queue[pb.LeaseNotice]]] = {}
         # Ended leases waiting for their worker's exit before their room is freed.
         self.stopping: dict[str, PendingStop] = {}
+        # Live defragmentation: ask idle leases (their kernel between cells) to
+        # move when that lets a waiting request fit; lease id -> its move.
+        self.defragment = defragment
+        self.move_timeout = move_timeout
+        self.moves: dict[str, Move] = {}
+        # lease id -> (a cell runs in its kernel, its kernel can move) as last reported
+        self.kernel_cells: dict[str, tuple[bool, bool]] = {}
         self._restore()
 
     # --------------------------------------------------------- recovery ---
@@ -280,6 +313,10 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> AsyncIterator[pb.AttachEvent]:
         identity = await self._identify(context, request.user)
         self.last_activity = time.monotonic()
+        if request.move_from:
+            async for event in self._attach_moved(request, context, identity):
+                yield event
+            return
         user = identity.user
         if not user or len(user) > 256:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach needs a user name")
@@ -346,6 +383,10 @@ class BrokerService(pb_grpc.BrokerServicer):
             groups,
             mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
         )
+        yield pb.AttachEvent(granted=self._granted(lease, token, limits))
+
+    def _granted(self, lease: LeaseRecord, token: str, limits: Any) -> pb.Lease:
+        """The Granted reply: the lease, its token, and the policy's figures the kernel applies."""
         agent = self.agents.get(lease.host)
         tls_root = agent.worker_tls_root if agent is not None else b""
         granted = lease_to_pb(lease, token, tls_root)
@@ -358,7 +399,69 @@ class BrokerService(pb_grpc.BrokerServicer):
         if limits.forward_env is not None:
             granted.forward_env_set = True
             granted.forward_env.extend(limits.forward_env)
-        yield pb.AttachEvent(granted=granted)
+        return granted
+
+    async def _attach_moved(
+        self, request: pb.AttachRequest, context: Context, identity: Identity
+    ) -> AsyncIterator[pb.AttachEvent]:
+        """The kernel of a lease asked to move attaches on the device set aside
+        for it: granted at once (no quota check: it is the same slice, and the
+        old lease ends when the kernel has moved)."""
+        old = self.store.get_lease(request.move_from)
+        move = self.moves.get(request.move_from)
+        if old is None or not hmac.compare_digest(hash_token(request.move_token), old.token_hash):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the token does not belong to lease {request.move_from}",
+            )
+        assert old is not None
+        if not identity.trusted and identity.user != old.user:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"lease {request.move_from} belongs to another user",
+            )
+        if move is None or move.claimed or not old.active:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no move is pending for lease {request.move_from} (it was called off or "
+                "the lease ended); the kernel keeps its lease",
+            )
+        assert move is not None
+        move.claimed = True
+        slice_request = SliceRequest(
+            request_id=move.new_id,
+            user=old.user,
+            kernel_id=old.kernel_id,
+            memory_bytes=old.req_memory_bytes,
+            fraction=old.req_fraction,
+            gpus=old.req_gpus or 1,
+            submitted_at=time.time(),
+            priority=old.priority,
+        )
+        effective = self.policy.effective(old.user, old.groups)
+        limits = effective.limits
+        started = False
+        try:
+            lease, token = await self._start(
+                slice_request,
+                move.target,
+                context,
+                list(old.groups),
+                mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
+            )
+            started = True
+        finally:
+            if not started:  # _start ended the new lease (its room comes back when stopped)
+                self.moves.pop(old.lease_id, None)
+                self.scheduler.unreserve(move.for_request)
+                self._pump_queue()
+        self.store.event(
+            "moving",
+            lease_id=old.lease_id,
+            user=old.user,
+            detail=f"to {move.where} as lease {lease.lease_id}, to make room",
+        )
+        yield pb.AttachEvent(granted=self._granted(lease, token, limits))
 
     async def _wait_in_queue(
         self,
@@ -443,6 +546,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 continue
             waiter.placement = placement
         self._maybe_preempt()
+        self._maybe_defragment()
         self._notify_waiters()
 
     def _maybe_preempt(self) -> None:
@@ -482,6 +586,124 @@ class BrokerService(pb_grpc.BrokerServicer):
             self.store.put_lease(lease, event=lease.state, detail=why)
             self.metrics.preemptions.inc()
             self._notify(lease)
+
+    def _movable(self, lease: LeaseRecord, now: float) -> bool:
+        """An idle lease its kernel can move: active, heartbeating, no cell
+        running, not moving its namespace, not already moving."""
+        running, can_move = self.kernel_cells.get(lease.lease_id, (True, False))
+        said = self.migrating.get(lease.lease_id)
+        return (
+            lease.state == LeaseState.ACTIVE
+            and can_move
+            and not running
+            and lease.lease_id not in self.moves
+            and lease.lease_id in self.scheduler.allocations
+            and lease.expires_at > now
+            and (said is None or time.monotonic() - said > max(2.0, self.ttl / 3))
+        )
+
+    def _maybe_defragment(self) -> None:
+        """A waiting request does not fit, but would after idle leases moved:
+        ask their kernels to move (between cells), setting aside each one's
+        new device and reserving the room they leave for the request.
+
+        One plan at a time; a kernel that has not started moving within
+        `move_timeout` seconds keeps its lease (`_expire_moves`).
+        """
+        if not self.defragment or self.moves or self.stopping:
+            return
+        if any(lease.state == LeaseState.PREEMPTING for lease in self.store.leases()):
+            return  # room is already being made
+        head = self.scheduler.blocked_head()
+        reserved = [
+            r
+            for r in self.scheduler.ordered_queue()
+            if r.request_id in self.scheduler.reservations() and r is not head
+        ]
+        candidates = [
+            r for r in [head, *reserved] if r is not None and r.request_id in self.waiters
+        ]
+        if not candidates:
+            return
+        now = time.time()
+        leases = {lease.lease_id: lease for lease in self.store.leases()}
+        movable = [lid for lid, lease in leases.items() if self._movable(lease, now)]
+        if not movable:
+            return
+        for request in candidates:
+            plan = self.scheduler.move_plan(request, movable)
+            if plan is None:
+                continue
+            deadline = time.monotonic() + self.move_timeout
+            for lease_id, source, target in plan.moves:
+                lease = leases[lease_id]
+                old = self.scheduler.allocations[lease_id]
+                new_id = uuid.uuid4().hex[:16]
+                placement = replace(
+                    old,
+                    request_id=new_id,
+                    host=self.scheduler.devices[target].host,
+                    device_ids=(target,),
+                )
+                self.scheduler.allocate(new_id, placement, lease.user)
+                move = Move(lease_id, new_id, placement, request.request_id, deadline)
+                self.moves[lease_id] = move
+                detail = f"from {source} to {target}, to make room for a waiting request"
+                self.store.event("move-asked", lease_id=lease_id, user=lease.user, detail=detail)
+                log.info("lease %s: asked to move %s", lease_id, detail)
+                self._notify(lease)
+            self.scheduler.reserve(request.request_id, plan.placement.device_ids)
+            self.metrics.refresh(self._metrics_snapshot)
+            return
+
+    def _cancel_move(self, lease_id: str, why: str) -> None:
+        """Call off a move the kernel has not started: its lease stays where it is."""
+        move = self.moves.pop(lease_id, None)
+        if move is None or move.claimed:
+            if move is not None:
+                self.moves[lease_id] = move
+            return
+        self.scheduler.free(move.new_id)
+        if not any(m.for_request == move.for_request for m in self.moves.values()):
+            self.scheduler.unreserve(move.for_request)
+        lease = self.store.get_lease(lease_id)
+        self.store.event("move-called-off", lease_id=lease_id, detail=why)
+        log.info("lease %s: move called off: %s", lease_id, why)
+        if lease is not None:
+            self._notify(lease)
+
+    def _move_ended(self, lease: LeaseRecord) -> None:
+        """The lease asked to move has ended: a move not started frees its target."""
+        move = self.moves.pop(lease.lease_id, None)
+        if move is None:
+            return
+        if not move.claimed:
+            self.scheduler.free(move.new_id)
+        self.store.event(
+            "moved" if move.claimed and lease.state == LeaseState.RELEASED else "move-ended",
+            lease_id=lease.lease_id,
+            user=lease.user,
+            detail=f"to {move.where} as lease {move.new_id}" if move.claimed else lease.state,
+        )
+
+    def _expire_moves(self) -> None:
+        now = time.monotonic()
+        for lease_id, move in list(self.moves.items()):
+            if move.claimed:
+                moved = self.store.get_lease(move.new_id)
+                if moved is not None and not moved.active:
+                    # The kernel gave the new lease back (its move failed): it stays.
+                    del self.moves[lease_id]
+                    self.scheduler.unreserve(move.for_request)
+                    self.store.event("move-failed", lease_id=lease_id, detail=moved.end_reason)
+                    self._pump_queue()
+            elif now > move.deadline:
+                self._cancel_move(
+                    lease_id,
+                    f"the kernel did not move within {format_duration(self.move_timeout)}",
+                )
+                if not self.moves:
+                    self._pump_queue()
 
     async def _start(
         self,
@@ -593,12 +815,20 @@ class BrokerService(pb_grpc.BrokerServicer):
             request.auto_mode,
             request.memory_used_bytes,
         )
+        self.kernel_cells[lease.lease_id] = (request.cell_running, request.can_move)
+        move = self.moves.get(lease.lease_id)
+        if move is not None and request.cell_running and not move.claimed:
+            # A cell started before the kernel began to move: it runs where it is.
+            self._cancel_move(lease.lease_id, "a cell started in the kernel")
         self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
+        move = self.moves.get(lease.lease_id)
         return pb.RenewReply(
             expires_at=lease.expires_at,
             state=lease.state,
             end_reason=lease.end_reason if lease.state == LeaseState.PREEMPTING else "",
             idle_seconds=lease.idle_override,
+            move_to=move.where if move is not None and not move.claimed else "",
+            move_reason=_MOVE_REASON if move is not None else "",
         )
 
     async def WatchLease(
@@ -622,10 +852,12 @@ class BrokerService(pb_grpc.BrokerServicer):
                 if not watching:
                     self.watchers.pop(lease.lease_id, None)
 
-    @staticmethod
-    def _notice(lease: LeaseRecord) -> pb.LeaseNotice:
+    def _notice(self, lease: LeaseRecord) -> pb.LeaseNotice:
         running = (LeaseState.ACTIVE, LeaseState.STARTING)
         reason = lease.end_reason if lease.state not in running else ""
+        move = self.moves.get(lease.lease_id)
+        if move is not None and lease.state == LeaseState.ACTIVE and not move.claimed:
+            return pb.LeaseNotice(state=lease.state, reason=_MOVE_REASON, move_to=move.where)
         return pb.LeaseNotice(state=lease.state, reason=reason)
 
     def _notify(self, lease: LeaseRecord) -> None:
@@ -729,8 +961,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         see `_confirm_stop`, or after STOP_CONFIRM_TIMEOUT_S without that.
         """
         self._end_record(lease, state, reason)
+        self._move_ended(lease)
         self._notify(lease)
         self.migrating.pop(lease.lease_id, None)
+        self.kernel_cells.pop(lease.lease_id, None)
         self.busy_seen.pop(lease.lease_id, None)
         self.kernel_figures.pop(lease.lease_id, None)
         self.gpu_usage.pop(lease.lease_id, None)
@@ -816,6 +1050,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         while True:
             await asyncio.sleep(interval)
             self.tick(time.time())
+            self._expire_moves()
+            if self.moves or self.scheduler.queue:
+                self._maybe_defragment()  # a kernel may have gone idle since
             ticks += 1
             if ticks % 20 == 0:
                 self.refresh_priorities()
@@ -1089,6 +1326,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                     self._end(lease, LeaseState.FAILED, message.ended.reason)
             elif kind == "stopped":
                 self._confirm_stop(message.stopped.lease_id, agent.host, message.stopped.detail)
+
+
+_MOVE_REASON = "to make room for a waiting request"
 
 
 def _describe_request(req: SliceRequest) -> str:

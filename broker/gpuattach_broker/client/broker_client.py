@@ -123,6 +123,8 @@ class BrokerClient:
         idle_seconds: float = -1.0,
         auto_mode: bool = False,
         memory_used_bytes: int = 0,
+        cell_running: bool = False,
+        can_move: bool = False,
     ) -> pb.RenewReply:
         try:
             return cast(
@@ -137,6 +139,8 @@ class BrokerClient:
                         idle_seconds=idle_seconds,
                         auto_mode=auto_mode,
                         memory_used_bytes=memory_used_bytes,
+                        cell_running=cell_running,
+                        can_move=can_move,
                     ),
                     metadata=self.metadata,
                     timeout=timeout,
@@ -232,7 +236,9 @@ class LeaseEvent:
 
     kind ``ended``: the lease is over (`state`, `reason`); ``preempt``: a
     higher-priority request wants it back (`reason`); ``idle``: the Jupyter
-    UI set the idle timeout to `seconds`.
+    UI set the idle timeout to `seconds`; ``move``: the broker asks the
+    kernel to move the lease to device `target` between cells (live
+    defragmentation; `target` "" calls an earlier ask off).
     """
 
     kind: str
@@ -240,6 +246,7 @@ class LeaseEvent:
     state: str = ""
     reason: str = ""
     seconds: float = -1.0
+    target: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,7 @@ class Heartbeat:
     idle_seconds: float = -1.0  # the kernel's idle timeout; < 0: none
     auto_mode: bool = False
     memory_used_bytes: int = 0  # measured by the kernel; 0: not measured
+    can_move: bool = False  # the kernel moves the lease when the broker asks
 
 
 class LeaseKeeper:
@@ -282,6 +290,7 @@ class LeaseKeeper:
         # off from the broker for longer than the TTL knows its lease is over.
         self.renewed_at = time.monotonic()
         self._preempting = False
+        self._move_target = ""  # the device the broker last asked the lease to move to
         self._idle_seen = -1.0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -315,6 +324,7 @@ class LeaseKeeper:
                     if notice.state == LeaseState.PREEMPTING:
                         self._preempt(notice.reason)
                     elif notice.state in (LeaseState.ACTIVE, LeaseState.STARTING):
+                        self._move(notice.move_to, notice.reason)
                         self._wake.set()  # e.g. an idle timeout set from the UI: renew now
                     elif notice.state not in ACTIVE_STATES:
                         self._ended(notice.state, notice.reason)
@@ -352,6 +362,14 @@ class LeaseKeeper:
         self._put("preempt", reason=reason or "preempted by a higher-priority request")
         self._wake.set()  # heartbeat sooner, with the migrating flag
 
+    def _move(self, target: str, reason: str) -> None:
+        """The broker asks for a move (or calls one off): tell the kernel once."""
+        with self._lock:
+            if target == self._move_target:
+                return
+            self._move_target = target
+        self._put("move", reason=reason, target=target)
+
     def nudge(self) -> None:
         """Renew now (a cell started or finished): the broker's figures follow at once."""
         self._wake.set()
@@ -379,6 +397,8 @@ class LeaseKeeper:
                     idle_seconds=beat.idle_seconds,
                     auto_mode=beat.auto_mode,
                     memory_used_bytes=beat.memory_used_bytes,
+                    cell_running=beat.cell_running,
+                    can_move=beat.can_move,
                 )
             except BrokerError as exc:
                 if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -394,11 +414,23 @@ class LeaseKeeper:
             if reply.idle_seconds >= 0 and reply.idle_seconds != self._idle_seen:
                 self._idle_seen = reply.idle_seconds
                 self._put("idle", seconds=reply.idle_seconds)
+            if reply.state == LeaseState.ACTIVE and reply.move_to:
+                # Asks only: a reply sent before an ask must not call it off
+                # (the lease watch says when a move is called off).
+                self._move(reply.move_to, reply.move_reason)
             if reply.state == LeaseState.PREEMPTING:
                 # Keep heartbeating (with the migrating flag) until the release.
                 self._preempt(reply.end_reason)
                 wait = min(wait, self.BUSY_INTERVAL)
 
-    def _put(self, kind: str, *, state: str = "", reason: str = "", seconds: float = -1.0) -> None:
+    def _put(
+        self,
+        kind: str,
+        *,
+        state: str = "",
+        reason: str = "",
+        seconds: float = -1.0,
+        target: str = "",
+    ) -> None:
         if not self._stop.is_set():
-            self.events.put(LeaseEvent(kind, self.lease.lease_id, state, reason, seconds))
+            self.events.put(LeaseEvent(kind, self.lease.lease_id, state, reason, seconds, target))

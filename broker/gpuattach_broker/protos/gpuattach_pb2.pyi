@@ -39,18 +39,22 @@ class SliceSpec(_message.Message):
     def __init__(self, memory_bytes: _Optional[int] = ..., fraction: _Optional[float] = ..., gpus: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("user", "kernel_id", "slice", "wait_seconds", "client_host")
+    __slots__ = ("user", "kernel_id", "slice", "wait_seconds", "client_host", "move_from", "move_token")
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FROM_FIELD_NUMBER: _ClassVar[int]
+    MOVE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     user: str
     kernel_id: str
     slice: SliceSpec
     wait_seconds: float
     client_host: str
-    def __init__(self, user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., client_host: _Optional[str] = ...) -> None: ...
+    move_from: str
+    move_token: str
+    def __init__(self, user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., client_host: _Optional[str] = ..., move_from: _Optional[str] = ..., move_token: _Optional[str] = ...) -> None: ...
 
 class QueuePosition(_message.Message):
     __slots__ = ("position", "queue_length", "estimated_wait_seconds", "reason")
@@ -143,7 +147,7 @@ class AttachEvent(_message.Message):
     def __init__(self, queued: _Optional[_Union[QueuePosition, _Mapping]] = ..., granted: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class LeaseRef(_message.Message):
-    __slots__ = ("lease_id", "token", "reason", "busy_seconds", "idle_release_in", "on_behalf_of", "migrating", "idle_seconds", "auto_mode", "memory_used_bytes")
+    __slots__ = ("lease_id", "token", "reason", "busy_seconds", "idle_release_in", "on_behalf_of", "migrating", "idle_seconds", "auto_mode", "memory_used_bytes", "cell_running", "can_move")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +158,8 @@ class LeaseRef(_message.Message):
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AUTO_MODE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CELL_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CAN_MOVE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     token: str
     reason: str
@@ -164,7 +170,9 @@ class LeaseRef(_message.Message):
     idle_seconds: float
     auto_mode: bool
     memory_used_bytes: int
-    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., idle_release_in: _Optional[float] = ..., on_behalf_of: _Optional[str] = ..., migrating: _Optional[bool] = ..., idle_seconds: _Optional[float] = ..., auto_mode: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+    cell_running: bool
+    can_move: bool
+    def __init__(self, lease_id: _Optional[str] = ..., token: _Optional[str] = ..., reason: _Optional[str] = ..., busy_seconds: _Optional[float] = ..., idle_release_in: _Optional[float] = ..., on_behalf_of: _Optional[str] = ..., migrating: _Optional[bool] = ..., idle_seconds: _Optional[float] = ..., auto_mode: _Optional[bool] = ..., memory_used_bytes: _Optional[int] = ..., cell_running: _Optional[bool] = ..., can_move: _Optional[bool] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
     __slots__ = ("lease_id", "reason")
@@ -237,24 +245,30 @@ class KernelIdleReply(_message.Message):
     def __init__(self, leases: _Optional[int] = ...) -> None: ...
 
 class RenewReply(_message.Message):
-    __slots__ = ("expires_at", "state", "end_reason", "idle_seconds")
+    __slots__ = ("expires_at", "state", "end_reason", "idle_seconds", "move_to", "move_reason")
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MOVE_TO_FIELD_NUMBER: _ClassVar[int]
+    MOVE_REASON_FIELD_NUMBER: _ClassVar[int]
     expires_at: float
     state: str
     end_reason: str
     idle_seconds: float
-    def __init__(self, expires_at: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+    move_to: str
+    move_reason: str
+    def __init__(self, expires_at: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., idle_seconds: _Optional[float] = ..., move_to: _Optional[str] = ..., move_reason: _Optional[str] = ...) -> None: ...
 
 class LeaseNotice(_message.Message):
-    __slots__ = ("state", "reason")
+    __slots__ = ("state", "reason", "move_to")
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    MOVE_TO_FIELD_NUMBER: _ClassVar[int]
     state: str
     reason: str
-    def __init__(self, state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    move_to: str
+    def __init__(self, state: _Optional[str] = ..., reason: _Optional[str] = ..., move_to: _Optional[str] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("held_seconds",)
