@@ -100,7 +100,8 @@ def test_waiting_whole_device_is_granted_because_an_idle_fraction_moved(
     b_lease = next(x for x in leases if x.kernel_id not in (a_lease.kernel_id, "kernel-holder"))
     assert list(b_lease.device_ids) == list(a_lease.device_ids), "B took the device A left"
     moved = _lease_of(stack, a_lease.kernel_id)
-    assert moved is not None and moved.lease_id != a_lease.lease_id
+    assert moved is not None
+    assert moved.lease_id != a_lease.lease_id
     assert list(moved.device_ids) == [holder_device], "A moved next to the holder"
 
     # One line for the user, at the next cell; the state is intact.
@@ -111,7 +112,8 @@ def test_waiting_whole_device_is_granted_because_an_idle_fraction_moved(
     assert a.value("(numbers, float(weights.sum()))") == before
     check = a.ok(CHECK_CELL).stdout.split()
     assert int(check[0]) != old_worker_pid, "the next GPU cell runs on the new worker"
-    assert float(check[1]) == before[1] and int(check[2]) == sum(before[0])
+    assert float(check[1]) == before[1]
+    assert int(check[2]) == sum(before[0])
     print(f"whole device granted {granted_after * 1000:.0f} ms after B asked; {note}")
 
 
@@ -141,17 +143,20 @@ def test_a_kernel_running_a_cell_is_not_moved(
     # The broker has seen several heartbeats saying a cell runs while B waited.
     wait_for(lambda: busy() >= seen + 3.0, timeout=30, what="A's cell to run on")
     lease = _lease_of(stack, a_lease.kernel_id)
-    assert lease is not None and lease.lease_id == a_lease.lease_id, "a running cell was moved"
+    assert lease is not None
+    assert lease.lease_id == a_lease.lease_id, "a running cell was moved"
     assert stack.pool().queue_length == 1, "B must wait while A's cell runs"
     assert "move-asked" not in _event_kinds(stack), "a kernel running a cell was asked to move"
 
     with open(flag, "w"):
         pass
     done = a.collect(running, timeout=60)
-    assert done.status == "ok" and "cell done" in done.stdout
+    assert done.status == "ok"
+    assert "cell done" in done.stdout
     attached = b.collect(attach, timeout=90)
     assert attached.status == "ok", (attached.stdout, attached.error)
     moved = _lease_of(stack, a_lease.kernel_id)
-    assert moved is not None and list(moved.device_ids) == [holder_device]
+    assert moved is not None
+    assert list(moved.device_ids) == [holder_device]
     assert "GPU moved to" in _notes(a.ok("print('next')"))
     assert "moved" in _event_kinds(stack)

@@ -1131,6 +1131,42 @@ def preemption_victims(
     return best
 
 
+def reservation_victims(
+    scheduler: Scheduler, request: SliceRequest, leases: Mapping[str, tuple[int, float]]
+) -> list[str] | None:
+    """The lower-priority leases on the devices reserved for `request` whose
+    end lets it start there (backfill's reservation, preempting instead of
+    only draining). `leases` maps each lease to (priority, granted_at); lowest
+    priority first, then the most recently granted. None when the request
+    holds no reservation, or a lease of its priority or higher stands in the
+    way (then the reservation drains as before).
+    """
+    reserved = scheduler.reservations().get(request.request_id)
+    if not reserved:
+        return None
+    chosen: list[str] = []
+    for device_id in reserved:
+        device = scheduler.devices.get(device_id)
+        if device is None:
+            return None
+        lower = [lid for lid in device.leases if leases.get(lid, (0, 0.0))[0] < request.priority]
+        if request.whole or request.gpus > 1:
+            if len(lower) != len(device.leases):
+                return None  # a whole device needs every lease on it gone
+            chosen.extend(lid for lid in sorted(lower) if lid not in chosen)
+            continue
+        need, freed = request.need_on(device), device.free_bytes
+        for lease_id in sorted(lower, key=lambda lid: (leases[lid][0], -leases[lid][1])):
+            if freed >= need:
+                break
+            if lease_id not in chosen:
+                chosen.append(lease_id)
+            freed += scheduler.held_bytes(lease_id, device_id)
+        if freed < need:
+            return None
+    return chosen or None
+
+
 def _victims_for_many(
     scheduler: Scheduler, request: SliceRequest, leases: Mapping[str, tuple[int, float]]
 ) -> list[str] | None:

@@ -46,6 +46,7 @@ from gpuattach_broker.broker.scheduler import (
     Scheduler,
     SliceRequest,
     preemption_victims,
+    reservation_victims,
 )
 from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.protos import gpuattach_pb2 as pb
@@ -161,6 +162,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.defragment = defragment
         self.move_timeout = move_timeout
         self.moves: dict[str, Move] = {}
+        # lease id -> when (monotonic) it may be asked again: its kernel did not move in time
+        self.move_backoff: dict[str, float] = {}
         # lease id -> (a cell runs in its kernel, its kernel can move) as last reported
         self.kernel_cells: dict[str, tuple[bool, bool]] = {}
         self._restore()
@@ -552,6 +555,11 @@ class BrokerService(pb_grpc.BrokerServicer):
     def _maybe_preempt(self) -> None:
         """A higher-priority request waits: ask lower-priority kernels to move out.
 
+        For the blocked head, the fewest lower-priority leases on any device;
+        for a request holding a backfill reservation (it waited past the
+        bound), the lower-priority leases on its reserved devices, so it
+        starts within the grace period instead of when they drain.
+
         The victims' kernels see it at their next heartbeat, move their
         namespace back and release; a lease still held at the end of the
         grace period is ended then (never while its kernel reports that it is
@@ -559,27 +567,39 @@ class BrokerService(pb_grpc.BrokerServicer):
         """
         if not self.policy.preemption:
             return
-        head = self.scheduler.blocked_head()
-        if head is None or head.request_id not in self.waiters:
-            return
         if self.stopping:
             return  # room is already being made: ended leases' workers are stopping
+        head = self.scheduler.blocked_head()
+        reserved = self.scheduler.reservations()
+        candidates = [head] if head is not None else []
+        candidates += [
+            r for r in self.scheduler.ordered_queue() if r.request_id in reserved and r is not head
+        ]
+        candidates = [r for r in candidates if r.request_id in self.waiters]
+        if not candidates:
+            return
         active = {lease.lease_id: lease for lease in self.store.leases()}
         if any(lease.state == LeaseState.PREEMPTING for lease in active.values()):
             return  # room is already being made
         ranks = {lid: (lease.priority, lease.granted_at) for lid, lease in active.items()}
-        victims = preemption_victims(self.scheduler, head, ranks)
-        if not victims:
-            return
+        for request in candidates:
+            victims = reservation_victims(self.scheduler, request, ranks)
+            if victims is None and request is head:
+                victims = preemption_victims(self.scheduler, request, ranks)
+            if victims:
+                self._preempt(request, [active[lease_id] for lease_id in victims])
+                return
+
+    def _preempt(self, request: SliceRequest, victims: list[LeaseRecord]) -> None:
         deadline = time.time() + self.policy.preemption_grace
-        effective = self.policy.effective(head.user)
+        effective = self.policy.effective(request.user)
         why = (
             f"preempted for a {effective.priority_class}-priority request "
             f"({limit_source(effective)}); moving the namespace back within "
             f"{format_duration(self.policy.preemption_grace)}"
         )
-        for lease_id in victims:
-            lease = active[lease_id]
+        for lease in victims:
+            self._cancel_move(lease.lease_id, "the lease is preempted")
             lease.state = LeaseState.PREEMPTING
             lease.preempt_deadline = deadline
             lease.end_reason = why
@@ -597,6 +617,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             and can_move
             and not running
             and lease.lease_id not in self.moves
+            and self.move_backoff.get(lease.lease_id, 0.0) <= time.monotonic()
             and lease.lease_id in self.scheduler.allocations
             and lease.expires_at > now
             and (said is None or time.monotonic() - said > max(2.0, self.ttl / 3))
@@ -698,6 +719,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                     self.store.event("move-failed", lease_id=lease_id, detail=moved.end_reason)
                     self._pump_queue()
             elif now > move.deadline:
+                self.move_backoff[lease_id] = now + 3 * max(self.move_timeout, 1.0)
                 self._cancel_move(
                     lease_id,
                     f"the kernel did not move within {format_duration(self.move_timeout)}",
@@ -965,6 +987,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self._notify(lease)
         self.migrating.pop(lease.lease_id, None)
         self.kernel_cells.pop(lease.lease_id, None)
+        self.move_backoff.pop(lease.lease_id, None)
         self.busy_seen.pop(lease.lease_id, None)
         self.kernel_figures.pop(lease.lease_id, None)
         self.gpu_usage.pop(lease.lease_id, None)
