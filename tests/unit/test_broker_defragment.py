@@ -194,9 +194,9 @@ def test_a_reserved_request_behind_the_head_preempts_per_policy(tmp_path: Path) 
     wait(service, reserved)
     service.scheduler.grant_waiting(now=time.time())
     assert service.scheduler.reservations() == {"reserved": (D0,)}
-    # A higher-priority whole-device request arrives later and heads the queue;
-    # nobody may be preempted for it (the top lease outranks it, D0 is reserved).
-    head = SliceRequest("head", "carol", priority=20, submitted_at=time.time())
+    # A higher-priority two-device request arrives later and heads the queue;
+    # nobody may be preempted for it (the top lease outranks it).
+    head = SliceRequest("head", "carol", gpus=2, priority=20, submitted_at=time.time())
     wait(service, head)
     assert service.scheduler.blocked_head() is head
     service._pump_queue()
