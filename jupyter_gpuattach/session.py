@@ -314,7 +314,9 @@ class GPUSession:
             idle_seconds=auto.idle.idle_seconds if auto is not None else -1.0,
             auto_mode=auto is not None and not auto.by_policy,
             memory_used_bytes=self.memory_used() or 0,
-            can_move=True,
+            # Names that could not come home live only on this worker: a move
+            # would lose them, so the lease stays put until they are gone.
+            can_move=not self.sync.remote_only,
         )
 
     def memory_used(self) -> int | None:
@@ -848,6 +850,10 @@ class GPUSession:
                 finally:
                     self.migrating = False
                 self.sync.last_synced_cell = self.sync.last_remote_cell
+            if self.sync.remote_only:
+                self.moving = False
+                self.link.nudge()  # can_move is now False: the broker calls the move off
+                return
             file_lines = self._files_home("move")
             new_lease = self.link.grant_move(old_lease)
             try:
@@ -868,19 +874,26 @@ class GPUSession:
         self.clock = LeaseClock(new_lease.granted_at)
         self.link.keep(new_lease, self._heartbeat)
         self.link.nudge()
-        old_worker.close()
-        try:
-            self.link.release(old_lease, f"moved to {new_lease.device_ids[0]} to make room", busy)
-        except BrokerError as exc:
-            file_lines.append(f"GPU: the old slice was not confirmed released: {exc}")
-        finally:
-            self.moving = False
+        self.moving = False
         ms = (time.perf_counter() - started) * 1000
-        line = f"GPU moved to {new_lease.device_ids[0]} to make room; {ms:.0f} ms"
+        where = new_lease.device_ids[0]
+        line = f"GPU moved to {where} to make room; {ms:.0f} ms"
         for note in [*file_lines, files_line]:
             if note:
                 line += f"\n{note}"
         self.notify(line)
+        link = self.link
+
+        def give_back() -> None:
+            # Cells go on on the new slice meanwhile; the waiting request gets
+            # the old one once its worker has exited.
+            old_worker.close()
+            try:
+                link.release(old_lease, f"moved to {where} to make room", busy, patience=5.0)
+            except BrokerError as exc:
+                self.notify(f"GPU: the old slice was not confirmed released ({exc}); it expires")
+
+        threading.Thread(target=give_back, daemon=True, name="gpuattach-moved").start()
 
     def _idle_release(self, auto: AutoMode) -> None:
         if not auto.idle.release_due(time.monotonic()):

@@ -839,9 +839,12 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
         self.kernel_cells[lease.lease_id] = (request.cell_running, request.can_move)
         move = self.moves.get(lease.lease_id)
-        if move is not None and request.cell_running and not move.claimed:
-            # A cell started before the kernel began to move: it runs where it is.
-            self._cancel_move(lease.lease_id, "a cell started in the kernel")
+        if move is not None and not move.claimed:
+            if request.cell_running:
+                # A cell started before the kernel began to move: it runs where it is.
+                self._cancel_move(lease.lease_id, "a cell started in the kernel")
+            elif not request.can_move:
+                self._cancel_move(lease.lease_id, "the kernel cannot move now")
         self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
         move = self.moves.get(lease.lease_id)
         return pb.RenewReply(
