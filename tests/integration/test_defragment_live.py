@@ -23,7 +23,9 @@ GIB = 1024**3
 
 SETUP = "import os, torch\ntorch.manual_seed(0)\nnumbers = list(range(10))\n"
 # Cells auto mode runs on the worker (they name a device), with its 2 GiB slice.
-GPU_CELL = "weights = torch.randn(2048, 2048, device='cpu')\nprint(os.getpid(), float(weights.sum()))"
+GPU_CELL = (
+    "weights = torch.randn(2048, 2048, device='cpu')\nprint(os.getpid(), float(weights.sum()))"
+)
 CHECK_CELL = "torch.zeros(1, device='cpu')\nprint(os.getpid(), float(weights.sum()), sum(numbers))"
 
 

@@ -3,6 +3,7 @@ out by hand in the comments: waits, GPU-seconds held and busy, attaches."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,33 @@ def test_invariants_on_random_workloads(tmp_path: Path, cells: list[Any], idle: 
         # A pool as large as the whole demand never makes anyone wait.
         roomy = simulate(w, parse_pool(f"{len(cells)}x2GPU"), policy)
         assert roomy.wait_p(100) == 0.0
+
+
+def test_defragmentation_moves_an_idle_slice_so_a_whole_card_starts_at_once(
+    tmp_path: Path,
+) -> None:
+    # Two 8 GiB cards, idle timeout 30 s. a (2 GiB, 0..10) lands on card 0 and
+    # f (6 GiB, 0..5) fills it, so b (4 GiB, 1..1000) goes to card 1. f's slice
+    # goes back when its session ends; at 36 c wants a whole card: a's idle slice (held until
+    # 40) stands on card 0 and b runs on card 1. Without defragmentation c
+    # waits 4 s for a's idle release; with it a's slice moves next to b's
+    # (a is between cells) and c starts at once.
+    # (a's second cell at 100 keeps its session open; f's ends with its cell.)
+    rows = (
+        "a,0,10,1,2GiB",
+        "a,100,10,1,2GiB",
+        "f,0,5,1,6GiB",
+        "b,1,1000,1,4GiB",
+        "c,36,10,1,8GiB",
+    )
+    w = csv_workload(tmp_path, *rows)
+    pool = parse_pool("1x2GPU:8GiB")
+    plain = simulate(w, pool, fractional_policy(30))
+    assert waits(plain)[("c", 0)] == 4.0
+    assert plain.moves == 0
+    policy = dataclasses.replace(fractional_policy(30), defragment=True)
+    moved = simulate(w, pool, policy)
+    assert waits(moved)[("c", 0)] == 0.0
+    assert moved.moves == 1
+    assert moved.attaches == plain.attaches + 1  # the move is an attach on the other card
+    assert waits(moved)[("b", 0)] == waits(plain)[("b", 0)] == 0.0  # a running cell never moves

@@ -8,6 +8,7 @@ broker's CLI can mount it as a subcommand unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -185,6 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "this long gets a reservation (default: no backfill, nobody overtakes)",
     )
     parser.add_argument(
+        "--defragment",
+        action="store_true",
+        help="live defragmentation, as the broker's serve --defragment: idle leases (kernels "
+        "between cells) move so that a blocked request fits (default: off)",
+    )
+    parser.add_argument(
         "--saturate",
         action="store_true",
         help="saturation mode instead of a time replay: the GPU cells as pods, shuffled, "
@@ -240,6 +247,13 @@ def run(args: argparse.Namespace) -> int:
         return _saturate(args, workload, pool)
     loaded = time.perf_counter()
     policies = default_policies(args.idle, args.fractional_idle, args.min_slice)
+    if args.defragment:
+        policies = [
+            dataclasses.replace(p, name=f"{p.name}, defragmenting", defragment=True)
+            if p.releases_when_idle
+            else p
+            for p in policies
+        ]
     factory = functools.partial(
         build_scheduler,
         placement=args.placement,

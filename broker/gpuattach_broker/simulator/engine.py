@@ -31,7 +31,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from gpuattach_broker.broker.scheduler import Placement, RequestError, Scheduler, SliceRequest
@@ -41,6 +41,9 @@ from gpuattach_broker.simulator.metrics import Recorder, RunResult
 from gpuattach_broker.simulator.policies import Mode, Policy, SliceShape
 from gpuattach_broker.simulator.pool import PoolSpec, build_scheduler
 from gpuattach_broker.simulator.workload import Cell, Session, Workload
+
+# Defragmentation rounds per pump at most (each moves leases for one request).
+_MAX_MOVE_ROUNDS = 16
 
 
 class SimulationError(RuntimeError):
@@ -276,6 +279,8 @@ class Simulation:
             return str(exc)
         if placement is not None:
             self._granted(kernel, placement, now)
+        elif self.policy.defragment:
+            self._pump(now)  # it waits: idle leases may move to make room, as in the broker
         return ""
 
     def _refuse(
@@ -342,9 +347,41 @@ class Simulation:
         return sorted(self._cached.get(request.user, ()))
 
     def _pump(self, now: float) -> None:
-        """Room was freed: the scheduler grants queued requests in FIFO order."""
-        for placement in self.scheduler.grant_waiting(prefer=self._cache_hosts, now=now):
-            self._granted(self.by_request[placement.request_id], placement, now)
+        """Room was freed: the scheduler grants queued requests in FIFO order;
+        with defragmentation, idle leases move so a blocked head fits."""
+        for _ in range(_MAX_MOVE_ROUNDS):
+            for placement in self.scheduler.grant_waiting(prefer=self._cache_hosts, now=now):
+                self._granted(self.by_request[placement.request_id], placement, now)
+            if not (self.policy.defragment and self._defragment(now)):
+                return
+
+    def _defragment(self, now: float) -> bool:
+        """Move leases of kernels between cells (no cell running) so the blocked
+        head of the queue fits, as the live broker asks their kernels to; the
+        move is instant here and costs a namespace migration (the same host's
+        blob cache makes it cheap there). True when something moved."""
+        head = self.scheduler.blocked_head()
+        if head is None:
+            return False
+        movable = [k.lease.request_id for k in self.kernels if k.lease and k.running is None]
+        plan = self.scheduler.move_plan(head, movable) if movable else None
+        if plan is None:
+            return False
+        for lease_id, _, target in plan.moves:
+            kernel = self.by_request[lease_id]
+            lease = kernel.lease
+            assert lease is not None
+            old = lease.placement
+            user = self.scheduler.owners.get(lease_id, "")
+            self.scheduler.free(lease_id)
+            moved = replace(old, host=self.scheduler.devices[target].host, device_ids=(target,))
+            self.scheduler.allocate(lease_id, moved, user)
+            lease.placement = moved
+            self.recorder.lease_freed(now, old.device_ids, 0.0)
+            self.recorder.lease_granted(now, moved.device_ids)
+            self.recorder.migrated(kernel.namespace_bytes, to_cached_host=moved.host == old.host)
+            self.recorder.moves += 1
+        return True
 
     def _stop(self, kernel: _Kernel, now: float) -> None:
         if kernel.pending is not None:  # a reservation never granted in the session's life

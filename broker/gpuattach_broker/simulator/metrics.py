@@ -57,6 +57,7 @@ class Recorder:
         self.migrations = 0
         self.bytes_migrated = 0
         self.cached_host_attaches = 0  # attaches to a host that caches the user's blobs
+        self.moves = 0  # leases moved by live defragmentation (each also an attach)
         self.refused: list[CellStart] = []  # GPU cells whose slice the policy refused
 
     def _advance(self, now: float) -> None:
@@ -163,6 +164,7 @@ class RunResult:
     refused: list[CellStart] = field(default_factory=list, repr=False)
     wall_seconds: float = 0.0
     gpus_needed: int | None = None  # filled by the capacity search
+    moves: int = 0  # leases moved by live defragmentation
 
     @classmethod
     def from_recorder(
@@ -186,6 +188,7 @@ class RunResult:
             timeline=list(rec.timeline),
             cell_log=list(rec.cell_log),
             refused=list(rec.refused),
+            moves=rec.moves,
         )
 
     @property

@@ -67,6 +67,10 @@ class Policy:
     idle_seconds: float = 0.0
     fractional: bool = False
     min_slice_bytes: int = DEFAULT_MIN_SLICE
+    # Live defragmentation, as the broker does it (`serve --defragment`): a
+    # waiting request that would fit after idle leases moved gets them moved
+    # (kernels between cells only; the move is a namespace migration).
+    defragment: bool = False
 
     def shape_for(self, cell: Cell, device_memory: int) -> SliceShape:
         """The slice a GPU cell asks for under this policy.
