@@ -220,3 +220,15 @@ def test_a_reserved_request_behind_the_head_preempts_per_policy(tmp_path: Path) 
     still = quiet.store.get_lease("low")
     assert still is not None
     assert still.state == LeaseState.ACTIVE
+
+
+def test_a_move_is_called_off_when_its_request_no_longer_waits(tmp_path: Path) -> None:
+    service, whole = fragmented(tmp_path)
+    service.kernel_cells["idle"] = (False, True)
+    service._maybe_defragment()
+    new_id = service.moves["idle"].new_id
+    del service.waiters[whole.request_id]  # the client went away
+    service.scheduler.withdraw(whole.request_id)
+    service._expire_moves()
+    assert not service.moves
+    assert new_id not in service.scheduler.allocations

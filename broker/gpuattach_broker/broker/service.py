@@ -718,6 +718,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                     self.scheduler.unreserve(move.for_request)
                     self.store.event("move-failed", lease_id=lease_id, detail=moved.end_reason)
                     self._pump_queue()
+            elif (waiter := self.waiters.get(move.for_request)) is None or waiter.placement:
+                self._cancel_move(lease_id, "the request it made room for no longer waits")
             elif now > move.deadline:
                 self.move_backoff[lease_id] = now + 3 * max(self.move_timeout, 1.0)
                 self._cancel_move(
