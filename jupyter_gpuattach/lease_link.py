@@ -47,6 +47,11 @@ class GPUError(RuntimeError):
     """Something the user must act on; the message says what to do."""
 
 
+class MoveCalledOff(GPUError):
+    """The broker no longer wants the lease moved (a cell started, it timed out,
+    or the request it made room for went away): nothing to tell the user."""
+
+
 @dataclass
 class AttachOptions:
     memory_bytes: int = 0
@@ -169,6 +174,8 @@ class LeaseLink:
         try:
             return self.client().attach(request)
         except BrokerError as exc:
+            if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise MoveCalledOff(str(exc)) from None
             raise GPUError(str(exc)) from None
 
     def keep(self, lease: pb.Lease, report: Any) -> None:
@@ -260,5 +267,6 @@ __all__ = [
     "GPUError",
     "LeaseEnd",
     "LeaseLink",
+    "MoveCalledOff",
     "current_user",
 ]

@@ -50,6 +50,7 @@ from jupyter_gpuattach.lease_link import (
     GPUError,
     LeaseEnd,
     LeaseLink,
+    MoveCalledOff,
     current_user,
 )
 from jupyter_gpuattach.namespace_sync import (
@@ -352,10 +353,10 @@ class GPUSession:
     def begin_local_cell(self) -> None:
         """A cell runs in the kernel: on the synced copy, which must be current first."""
         self.wait_for_sync()
+        self.local_running = True  # first: a move that has not begun sees it and waits
         if self.moving:
             with self.lock:  # a cell never runs while its lease moves
                 pass
-        self.local_running = True
         if self.attached:
             self.sync.kernel_ahead = True
 
@@ -842,6 +843,10 @@ class GPUSession:
         started = time.perf_counter()
         old_info = self.worker_info
         self.moving = True
+        if self.local_running:  # a kernel cell began meanwhile: it goes first
+            self.moving = False
+            self.move_to = target
+            return
         try:
             if not self.sync.in_sync:  # names the last cell changed, home first
                 self.migrating = True
@@ -867,7 +872,8 @@ class GPUSession:
             self.worker_info = old_info
             if old_info is not None:
                 self.sync.connect(old_info)
-            self.notify(f"GPU: could not move to make room ({exc}); the slice stays where it is")
+            if not isinstance(exc, MoveCalledOff):
+                self.notify(f"GPU: could not move to make room ({exc}); the slice stays put")
             return
         busy = self.clock.busy()
         self.lease, self.worker = new_lease, worker
