@@ -4,6 +4,7 @@ mode, generator and placement study."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from pathlib import Path
 
@@ -16,11 +17,18 @@ from gpuattach_broker.simulator.generate import (
     POD_SIZES,
     arrival_rate_for,
     generate_nodes,
+    generate_notebooks,
     generate_pods,
     write_csv,
 )
 from gpuattach_broker.simulator.metrics import SIZE_FRACTION, SIZE_MANY, SIZE_ONE
-from gpuattach_broker.simulator.placement_study import StudyConfig, run_placement_study, to_json
+from gpuattach_broker.simulator.placement_study import (
+    StudyConfig,
+    Variant,
+    run_placement_study,
+    to_json,
+    to_markdown,
+)
 from gpuattach_broker.simulator.policies import attach_policy
 from gpuattach_broker.simulator.pool import build_scheduler, load_nodes, write_nodes
 from gpuattach_broker.simulator.saturation import arrivals, demand_of, saturate, workload_mix
@@ -220,7 +228,14 @@ def test_generated_csv_replays_through_the_cli(
 
 def test_placement_study_reports_every_variant() -> None:
     config = StudyConfig(
-        gpus=64, pods=80, seeds=(0,), replay_gpus=32, replay_pods=120, search=False, speed=False
+        gpus=64,
+        pods=80,
+        seeds=(0,),
+        replay_gpus=32,
+        replay_pods=120,
+        search=False,
+        speed=False,
+        notebook=False,
     )
     report = to_json(run_placement_study(config))
     assert [row["variant"] for row in report["replay"]["rows"]] == [
@@ -232,6 +247,80 @@ def test_placement_study_reports_every_variant() -> None:
     for row in report["replay"]["rows"]:
         assert set(row["waits_by_size"]) == {SIZE_FRACTION, SIZE_ONE, SIZE_MANY}
     assert set(report["saturation"]["mean_unallocated_share"]) == {"best-fit", "fgd"}
+
+
+def test_notebook_replay_compares_defragmentation_and_states_the_checks() -> None:
+    config = StudyConfig(
+        gpus=64,
+        pods=80,
+        seeds=(0,),
+        replay_gpus=32,
+        replay_pods=120,
+        search=False,
+        speed=False,
+        notebook_gpus=24,
+        notebook_sessions=100,
+        notebook_seeds=(4, 5),
+    )
+    study = run_placement_study(config)
+    report = to_json(study)
+    rows = report["notebook_replay"]["rows"]
+    assert [row["variant"] for row in rows] == [
+        "best-fit",
+        "best-fit + defragmentation",
+        "fgd + backfill",
+        "fgd + backfill + defragmentation",
+    ]
+    assert [row["moves"] for row in rows if "defragmentation" not in row["variant"]] == [0, 0]
+    assert sum(row["moves"] for row in rows) > 0  # idle holds exist, and some were moved
+    assert all(row["cpu_seconds"] > 0 for row in rows)
+    assert set(report["notebook_replay"]["by_seed"]) == {"4", "5"}
+    assert [check["check"] for check in report["acceptance"]] == ["saturation", "time replay"]
+    text = to_markdown(study)
+    for check in report["acceptance"]:
+        verdict = "PASS" if check["passed"] else "FAIL"
+        assert f"- {verdict}: {check['check']}: " in text
+    assert "defragmentation does not apply in saturation" in text
+
+
+def test_generated_notebooks_hold_idle_slices_between_cells() -> None:
+    pool = generate_nodes(100, seed=0)
+    notebooks = generate_notebooks(400, seed=1, pool=pool, load=0.9, idle_seconds=600.0)
+    assert len(notebooks.sessions) == 400
+    counts = sorted(len(s.cells) for s in notebooks.sessions)
+    assert counts[0] >= 1
+    assert counts[len(counts) // 2] >= 2  # most run several cells
+    for session in notebooks.sessions:
+        first = session.cells[0]
+        assert all(  # one kernel, one request shape, cells in order without overlap
+            (c.gpus, c.fraction) == (first.gpus, first.fraction) for c in session.cells
+        )
+        assert all(a.start + a.duration <= b.start for a, b in itertools.pairwise(session.cells))
+        last = session.cells[-1]
+        assert session.stop == pytest.approx(last.start + last.duration + 600.0)
+    # With a 600 s idle timeout some gaps are held idle and some are released.
+    gaps = [
+        b.start - (a.start + a.duration)
+        for s in notebooks.sessions
+        for a, b in itertools.pairwise(s.cells)
+    ]
+    assert any(g < 600 for g in gaps)
+    assert any(g > 600 for g in gaps)
+    # Idle holds lift the offered load: the arrival rate is lower than without them.
+    busy = generate_notebooks(400, seed=1, pool=pool, load=0.9, idle_seconds=0.0)
+    assert notebooks.sessions[-1].start > busy.sessions[-1].start
+    with pytest.raises(ValueError, match="at least one session"):
+        generate_notebooks(0)
+
+
+def test_the_notebook_replay_moves_idle_leases_only_when_defragmenting() -> None:
+    pool = generate_nodes(24, seed=3, prefix="b")
+    notebooks = generate_notebooks(100, seed=4, pool=pool, load=0.95, idle_seconds=600.0)
+    plain, moving = Variant("best-fit"), Variant("best-fit", defragment=True)
+    assert moving.name == "best-fit + defragmentation"
+    assert simulate(notebooks, pool, plain.policy(600.0), plain.factory).moves == 0
+    moved = simulate(notebooks, pool, moving.policy(600.0), moving.factory)
+    assert moved.moves > 0
 
 
 def test_backfill_in_the_engine_lets_small_pods_pass(tmp_path: Path) -> None:

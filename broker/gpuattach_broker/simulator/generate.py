@@ -147,6 +147,94 @@ def generate_pods(
     return Workload(name=name, sessions=tuple(sessions), source_format="generated", notes=notes)
 
 
+# Notebook sessions, shaped like an interactive notebook trace (the Adobe
+# Sensei trace published with NotebookOS: a median of 3 GPU cells a session,
+# mean ~9; cells of median ~11 min, mean ~40 min; gaps between GPU cells of
+# median ~3 min with a long tail, mean ~36 min). The numbers are drawn, not copied.
+NOTEBOOK_MEAN_CELLS = 6.0
+NOTEBOOK_MAX_CELLS = 40
+NOTEBOOK_CELL_MEAN = 1800.0  # seconds; lognormal, sigma 1.2 (median ~15 min)
+NOTEBOOK_GAP_MEDIAN = 180.0  # seconds of think time between cells
+NOTEBOOK_GAP_SIGMA = 1.9  # mean gap ~6x the median: most short, some hours
+
+
+def generate_notebooks(
+    sessions: int,
+    seed: int = 0,
+    *,
+    pool: PoolSpec | None = None,
+    load: float = 0.0,
+    idle_seconds: float = 0.0,
+    users: int = 100,
+) -> Workload:
+    """`sessions` notebook kernels, each running a few GPU cells of one shape
+    (a pod's size, as `generate_pods` draws it) separated by think time: a
+    kernel that keeps its slice for `idle_seconds` after a cell holds it idle
+    through the short gaps, as notebooks do between bursts, so idle
+    fractional leases exist (what live defragmentation may move).
+
+    With `pool` and `load`, sessions arrive as a Poisson process whose rate
+    keeps `load` of the pool's GPUs *held* on average (busy cells plus the
+    idle hold of gaps up to `idle_seconds`, Little's law over the drawn
+    sessions); otherwise all start at time 0."""
+    if sessions < 1:
+        raise ValueError("generate at least one session")
+    if load < 0 or idle_seconds < 0:
+        raise ValueError("load and idle_seconds must be >= 0")
+    rng = random.Random(seed)
+    cell_mu = _lognormal_mu(NOTEBOOK_CELL_MEAN, 1.2)
+    gap_mu = math.log(NOTEBOOK_GAP_MEDIAN)
+    bodies: list[tuple[PodShape, list[tuple[float, float]]]] = []
+    held = 0.0  # GPU-seconds held over all sessions (cells + idle holds)
+    for _ in range(sessions):
+        shape = _pod(rng)
+        count = min(NOTEBOOK_MAX_CELLS, 1 + int(rng.expovariate(1 / (NOTEBOOK_MEAN_CELLS - 1))))
+        offset, timings = 0.0, list[tuple[float, float]]()
+        for j in range(count):
+            if j:
+                gap = rng.lognormvariate(gap_mu, NOTEBOOK_GAP_SIGMA)
+                held += (shape.fraction or shape.gpus) * min(gap, idle_seconds)
+                offset += gap
+            duration = max(30.0, rng.lognormvariate(cell_mu, 1.2))
+            timings.append((offset, duration))
+            held += (shape.fraction or shape.gpus) * duration
+            offset += duration
+        held += (shape.fraction or shape.gpus) * idle_seconds  # idle after the last cell
+        bodies.append((shape, timings))
+    rate = 0.0
+    if pool is not None and load > 0:
+        rate = load * pool.gpus / (held / sessions)
+    arrivals = random.Random(seed + 1_000_003)
+    out: list[Session] = []
+    now = 0.0
+    for i, (shape, drawn) in enumerate(bodies):
+        if rate > 0:
+            now += arrivals.expovariate(rate)
+        kernel = f"nb{i:05d}"
+        cells = tuple(
+            Cell(
+                kernel=kernel,
+                index=j,
+                start=now + offset,
+                duration=duration,
+                gpus=shape.gpus,
+                fraction=shape.fraction,
+                gpu_model=shape.gpu_model,
+                cpus=shape.cpus,
+                host_memory_bytes=shape.host_memory_bytes,
+            )
+            for j, (offset, duration) in enumerate(drawn)
+        )
+        stop = cells[-1].start + cells[-1].duration + idle_seconds  # idle until it times out
+        out.append(Session(kernel, f"user{i % users + 1}", now, stop, cells, shape.gpus))
+    name = f"generated {sessions} notebook sessions (seed {seed})"
+    notes = (
+        "generated: notebook kernels of a few GPU cells of one pod shape with think time "
+        "between them (see gpuattach_broker.simulator.generate.generate_notebooks)",
+    )
+    return Workload(name=name, sessions=tuple(out), source_format="generated", notes=notes)
+
+
 def _lognormal_mu(mean: float, sigma: float) -> float:
     return math.log(mean) - sigma**2 / 2
 
