@@ -678,7 +678,11 @@ def _notebook_section(study: PlacementStudy) -> list[str]:
         "Defragmentation only helps a request for one device (a fraction or one GPU) that "
         "would fit once idle single-device leases left the device it wants; a request for "
         "several GPUs is not served by moves (the scheduler's `move_plan` plans one "
-        "device), and a kernel running a cell is never moved.",
+        "device), and a kernel running a cell is never moved. Without backfill, waits are "
+        "dominated by head-of-line blocking behind the first request that does not fit, so "
+        "a move that changes which request stands first, or where a lease sits when a "
+        "multi-GPU request comes to the head, can change later waits a lot in either "
+        "direction: read the per-seed table, not one run.",
     ]
     return lines
 
