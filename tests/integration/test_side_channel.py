@@ -129,6 +129,12 @@ def test_wrong_token_is_refused_and_an_unreachable_channel_falls_back(stack: Sta
         assert sorted(reply.names) == sorted(values)
         assert worker.side is None
         assert run(worker, "print(float(w.sum()))").strip() == repr(float(values["w"].sum()))
+        # and so does a pull, once the worker offered its bytes on the side channel
+        worker.side = sidechannel.Peer(side.host, port)
+        header, parts, _ = worker.pull(skip=[], force=True)
+        assert not header.side_channel_token
+        assert worker.side is None
+        assert torch.equal(codec.decode_namespace(parts)["w"], values["w"])
 
 
 def test_a_push_cut_mid_tensor_applies_nothing(stack: Stack) -> None:

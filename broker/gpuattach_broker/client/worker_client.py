@@ -274,7 +274,10 @@ class WorkerClient:
         enabled = os.environ.get("GPUATTACH_SIDE_CHANNEL", "1").strip().lower()
         if reply.side_channel_port and enabled not in ("0", "off", "false", "no"):
             host = sidechannel.endpoint_host(self.endpoint)
-            self.side = sidechannel.Peer(host, reply.side_channel_port, self.tls_root)
+            # A link silent for the liveness bound mid-transfer counts as dead.
+            self.side = sidechannel.Peer(
+                host, reply.side_channel_port, self.tls_root, timeout=self.bound
+            )
         return reply
 
     def interrupt(self) -> bool:
