@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import mmap
 import secrets
 import socket
 import ssl
@@ -137,11 +138,33 @@ def send_parts(sock: socket.socket, parts: Sequence[Any]) -> int:
     return sent
 
 
+def receive_buffer(size: int) -> memoryview:
+    """A writable buffer for one incoming part, its pages already in place.
+
+    Received bytes land in fresh memory, and the first touch of each page
+    is what costs (0.35-2.5 s per GiB on this project's VMs when the socket
+    copy faults them in one at a time). An anonymous mapping made with
+    MAP_POPULATE gets all its pages in one call: measured 1.0-1.3 s against
+    3.7-4.3 s for torch.empty plus the copy, for 1 GiB on a loaded 2-core
+    VM. Tensors are then built over it without a copy (torch.frombuffer
+    keeps the mapping alive); it is unmapped when the last one goes.
+    Small parts, and systems without MAP_POPULATE, use `transfer.receive_buffer`.
+    """
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if size < transfer.LARGE_PART_BYTES or not populate:
+        return transfer.receive_buffer(size)
+    try:
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    except OSError:
+        return transfer.receive_buffer(size)
+    return memoryview(region)
+
+
 def receive_parts(
     sock: socket.socket, sizes: Sequence[int], buffers: Sequence[memoryview] | None = None
 ) -> list[memoryview]:
     """Frames of the announced sizes, into `buffers` (or fresh ones)."""
-    parts = list(buffers) if buffers is not None else [transfer.receive_buffer(s) for s in sizes]
+    parts = list(buffers) if buffers is not None else [receive_buffer(s) for s in sizes]
     total = sum(sizes)
     done = 0
     for index, size in enumerate(sizes):

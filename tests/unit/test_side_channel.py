@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import mmap
 import os
 import socket
 import ssl
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -81,6 +83,16 @@ def test_pull_writes_into_the_buffers_given(server: SideChannelServer) -> None:
     back = peer_of(server).pull(token, [4096, 8192], mine)
     assert back[0].obj is mine[0].obj
     assert bytes(mine[1]) == bytes(parts[1])
+
+
+def test_large_parts_land_in_populated_mappings_that_tensors_share() -> None:
+    large = sidechannel.receive_buffer(transfer.LARGE_PART_BYTES)
+    assert isinstance(large.obj, mmap.mmap)
+    large[:3] = b"abc"
+    tensor = torch.frombuffer(large, dtype=torch.uint8)
+    del large  # the tensor keeps the mapping alive
+    assert tensor[:3].tolist() == [97, 98, 99]
+    assert isinstance(sidechannel.receive_buffer(100).obj, bytearray)
 
 
 def test_wrong_token_is_refused_with_a_clear_error(server: SideChannelServer) -> None:
