@@ -286,7 +286,7 @@ class SideChannelServer:
             ticket = self._tickets.get(key)
         if ticket is None or ticket.parts is not None:
             raise SideChannelError("no such side-channel transfer (unknown, used or expired token)")
-        if not hmac.compare_digest(token[TOKEN_ID_CHARS:], ticket.secret):
+        if not hmac.compare_digest(token[TOKEN_ID_CHARS:].encode(), ticket.secret.encode()):
             raise SideChannelError("wrong side-channel token for this transfer")
         finished = ticket.done.wait(timeout)
         self._drop(token)

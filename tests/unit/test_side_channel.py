@@ -107,6 +107,11 @@ def test_wrong_token_is_refused_with_a_clear_error(server: SideChannelServer) ->
     assert bytes(server.take(token, [10], timeout=5)[0]) == b"y" * 10
     with pytest.raises(SideChannelError, match="wrong side-channel token"):
         peer_of(server).push(token, [b"y" * 10])
+    # a forged header on the gRPC side is refused the same way, whatever it holds
+    other = server.expect([10])
+    for bad in (other[: sidechannel.TOKEN_ID_CHARS] + "é" * 48, token, "x"):
+        with pytest.raises(SideChannelError, match="side-channel"):
+            server.take(bad, [10], timeout=1)
 
 
 def test_a_push_cut_mid_part_is_never_handed_out(server: SideChannelServer) -> None:
