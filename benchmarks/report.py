@@ -459,7 +459,10 @@ NOTES = [
     "Migration in: encode (the kernel's way: digests and MissingBlobs first where the worker "
     "caches blobs) + WorkerClient.push, which returns once the worker has received and decoded "
     "the namespace. Out: WorkerClient.pull (the worker encodes) + codec.decode_namespace here. "
-    "Four float32 tensors with new content every repetition, so every byte travels (cold).",
+    "Four float32 tensors with new content every repetition, so every byte travels (cold). "
+    "The tensor bytes go on the worker's side channel (a raw TCP stream; gRPC carries the "
+    "header), as for a kernel on another host; `python benchmarks/migration.py` also times "
+    "the gRPC-only fallback in the same run.",
     "Cold attach: a first half slice takes the warm worker, a second one asked for at once "
     "waits for a new worker process (Python, import torch, the IPython shell), then Hello.",
     "Re-attach: auto mode through the kernel's own GPUSession, 1 s idle timeout; the idle "

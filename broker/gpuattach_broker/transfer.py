@@ -14,7 +14,7 @@ for them).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from gpuattach_broker.codec import Encoded
 from gpuattach_broker.protos import gpuattach_pb2 as pb
@@ -41,8 +41,10 @@ def chunk_namespace(
     imports: Mapping[str, str] | None = None,
     problems: Mapping[str, str] | None = None,
     names: Iterable[str] = (),
+    side_channel_token: str = "",
 ) -> Iterator[pb.NamespaceChunk]:
-    """Header first, then every part's bytes in chunks."""
+    """Header first, then every part's bytes in chunks; only the header when
+    the bytes travel on the side channel (`side_channel_token`)."""
     parts = encoded.parts if encoded is not None else []
     all_problems = dict(encoded.problems if encoded is not None else {})
     all_problems.update(problems or {})
@@ -51,8 +53,11 @@ def chunk_namespace(
         imports=dict(imports or {}),
         problems=[pb.NameProblem(name=n, reason=r) for n, r in sorted(all_problems.items())],
         names=list(names),
+        side_channel_token=side_channel_token,
     )
     yield pb.NamespaceChunk(header=header)
+    if side_channel_token:
+        return
     pending: list[memoryview] = []
     pending_bytes = 0
     for part in parts:
@@ -86,9 +91,17 @@ class ProtocolError(ValueError):
 
 
 def receive_namespace(
-    chunks: Iterable[pb.NamespaceChunk], *, max_bytes: int | None = None
+    chunks: Iterable[pb.NamespaceChunk],
+    *,
+    max_bytes: int | None = None,
+    side_parts: Callable[[pb.NamespaceHeader], list[memoryview]] | None = None,
 ) -> tuple[pb.NamespaceHeader, list[memoryview], int]:
-    """Reassemble the parts of a chunked namespace. Returns header, parts, bytes."""
+    """Reassemble the parts of a chunked namespace. Returns header, parts, bytes.
+
+    A header with a ``side_channel_token`` announces parts that travel on the
+    side channel: `side_parts` fetches them (after the size check), and the
+    stream must then end without data chunks.
+    """
     iterator = iter(chunks)
     first = next(iterator, None)
     if first is None or first.WhichOneof("msg") != "header":
@@ -98,6 +111,13 @@ def receive_namespace(
     total = sum(sizes)
     if max_bytes is not None and total > max_bytes:
         raise ProtocolError(f"namespace of {total} bytes exceeds the limit of {max_bytes} bytes")
+    if header.side_channel_token:
+        if side_parts is None:
+            raise ProtocolError("this side takes no side-channel transfer")
+        parts = side_parts(header)
+        for _ in iterator:
+            raise ProtocolError("data chunks follow a header whose bytes are on the side channel")
+        return header, parts, total
     parts = [receive_buffer(size) for size in sizes]
     index, offset, received = 0, 0, 0
     for chunk in iterator:

@@ -36,7 +36,7 @@ from typing import Any, cast
 import cloudpickle
 import grpc
 
-from gpuattach_broker import codec, transfer
+from gpuattach_broker import codec, sidechannel, transfer
 from gpuattach_broker.memory import keep_message_buffers
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
@@ -256,17 +256,29 @@ class WorkerClient:
         self.channel = worker_channel(endpoint, tls_root, options)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.metadata = bearer_metadata(token)
+        self.tls_root = tls_root
+        # The worker's side channel for tensor bytes, learnt at Hello (None:
+        # none, switched off by GPUATTACH_SIDE_CHANNEL=0, or unreachable).
+        self.side: sidechannel.Peer | None = None
 
     def close(self) -> None:
         self.channel.close()
 
     def hello(self, request: pb.HelloRequest) -> pb.HelloReply:
         try:
-            return cast(
+            reply = cast(
                 "pb.HelloReply", self.stub.Hello(request, metadata=self.metadata, timeout=30)
             )
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "hello") from None
+        enabled = os.environ.get("GPUATTACH_SIDE_CHANNEL", "1").strip().lower()
+        if reply.side_channel_port and enabled not in ("0", "off", "false", "no"):
+            host = sidechannel.endpoint_host(self.endpoint)
+            # A link silent for the liveness bound mid-transfer counts as dead.
+            self.side = sidechannel.Peer(
+                host, reply.side_channel_port, self.tls_root, timeout=self.bound
+            )
+        return reply
 
     def interrupt(self) -> bool:
         try:
@@ -363,12 +375,22 @@ class WorkerClient:
         encoded: codec.Encoded,
         imports: Mapping[str, str],
     ) -> tuple[pb.PushReply, int]:
-        """Send the namespace; returns the worker's reply and the bytes sent."""
-        sent = 0
+        """Send the namespace; returns the worker's reply and the bytes sent.
+
+        Large namespaces send their bytes on the side channel first, then the
+        header on gRPC: the worker applies nothing unless every byte arrived.
+        A side channel that cannot be reached means the gRPC path, quietly."""
+        token, side_sent = "", 0
+        if self.side is not None and encoded.nbytes >= sidechannel.MIN_BYTES:
+            token, side_sent = self._push_side(self.side, encoded)
+        sent = side_sent
 
         def counted() -> Iterator[pb.NamespaceChunk]:
             nonlocal sent
-            for chunk in transfer.chunk_namespace(encoded, imports=imports, names=encoded.names):
+            chunks = transfer.chunk_namespace(
+                encoded, imports=imports, names=encoded.names, side_channel_token=token
+            )
+            for chunk in chunks:
                 sent += chunk.ByteSize()
                 yield chunk
 
@@ -378,20 +400,66 @@ class WorkerClient:
             raise _rpc_error(exc, "moving the namespace to the GPU") from None
         return reply, sent
 
+    def _push_side(self, side: sidechannel.Peer, encoded: codec.Encoded) -> tuple[str, int]:
+        """(token, bytes) of the parts sent on the side channel; ("", 0) when
+        it cannot be reached (then gRPC carries them)."""
+        try:
+            ticket = self.stub.OpenSideChannel(
+                pb.SideChannelRequest(part_sizes=[p.nbytes for p in encoded.parts]),
+                metadata=self.metadata,
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self.side = None
+                return "", 0
+            raise _rpc_error(exc, "moving the namespace to the GPU") from None
+        try:
+            return ticket.token, side.push(ticket.token, encoded.parts)
+        except sidechannel.SideChannelUnavailable:
+            self.side = None
+            return "", 0
+        except sidechannel.SideChannelError as exc:
+            raise sidechannel.SideChannelError(
+                f"moving the namespace to the GPU failed; the worker kept its namespace: {exc}"
+            ) from None
+
     def pull(
         self, skip: list[str], force: bool, have: Iterable[str] = (), via_cache: bool = False
     ) -> tuple[pb.NamespaceHeader, list[memoryview], int]:
         """The worker's namespace; blobs in `have` (and, `via_cache`, those the
-        worker puts in the shared host cache) come by reference."""
+        worker puts in the shared host cache) come by reference. Large ones
+        come on the side channel when the worker has one (else on gRPC);
+        a transfer that fails midway raises `SideChannelError` and nothing of
+        it is returned."""
+        side = self.side
+        request = pb.PullRequest(
+            skip=skip,
+            force=force,
+            have=sorted(have),
+            via_cache=via_cache,
+            side_channel=side is not None,
+        )
+
+        def side_parts(header: pb.NamespaceHeader) -> list[memoryview]:
+            if side is None:
+                raise transfer.ProtocolError("the worker sent on a side channel it never announced")
+            return side.pull(header.side_channel_token, header.part_sizes)
+
+        call = self.stub.PullNamespace(request, metadata=self.metadata)
         try:
-            return transfer.receive_namespace(
-                self.stub.PullNamespace(
-                    pb.PullRequest(skip=skip, force=force, have=sorted(have), via_cache=via_cache),
-                    metadata=self.metadata,
-                )
-            )
+            return transfer.receive_namespace(call, side_parts=side_parts)
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "moving the namespace back") from None
+        except sidechannel.SideChannelUnavailable:
+            call.cancel()
+            self.side = None
+            return self.pull(skip, force, have, via_cache)
+        except sidechannel.SideChannelError as exc:
+            call.cancel()
+            raise sidechannel.SideChannelError(
+                f"moving the namespace back failed; the kernel kept its own copy: {exc}"
+            ) from None
 
     def mirror_files(self, entries: Iterable[pb.FileEntry]) -> pb.MirrorReply:
         """Seed the worker's scratch folder; the reply names the contents it lacks."""

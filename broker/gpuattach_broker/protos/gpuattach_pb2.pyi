@@ -534,7 +534,7 @@ class HelloRequest(_message.Message):
     def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., marker_path: _Optional[str] = ..., marker_content: _Optional[str] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder", "side_channel_port")
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -548,6 +548,7 @@ class HelloReply(_message.Message):
     BLOB_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     SHARED_FOLDER_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_PORT_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -561,7 +562,8 @@ class HelloReply(_message.Message):
     blob_cache_bytes: int
     note: str
     shared_folder: bool
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ...) -> None: ...
+    side_channel_port: int
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ..., side_channel_port: _Optional[int] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("path", "size", "digest", "mode", "deleted", "over_limit")
@@ -722,7 +724,7 @@ class InterruptReply(_message.Message):
     def __init__(self, interrupted: _Optional[bool] = ...) -> None: ...
 
 class NamespaceHeader(_message.Message):
-    __slots__ = ("part_sizes", "imports", "problems", "names")
+    __slots__ = ("part_sizes", "imports", "problems", "names", "side_channel_token")
     class ImportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -734,11 +736,13 @@ class NamespaceHeader(_message.Message):
     IMPORTS_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     part_sizes: _containers.RepeatedScalarFieldContainer[int]
     imports: _containers.ScalarMap[str, str]
     problems: _containers.RepeatedCompositeFieldContainer[NameProblem]
     names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, part_sizes: _Optional[_Iterable[int]] = ..., imports: _Optional[_Mapping[str, str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+    side_channel_token: str
+    def __init__(self, part_sizes: _Optional[_Iterable[int]] = ..., imports: _Optional[_Mapping[str, str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., names: _Optional[_Iterable[str]] = ..., side_channel_token: _Optional[str] = ...) -> None: ...
 
 class NameProblem(_message.Message):
     __slots__ = ("name", "reason")
@@ -767,16 +771,32 @@ class PushReply(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("skip", "force", "have", "via_cache")
+    __slots__ = ("skip", "force", "have", "via_cache", "side_channel")
     SKIP_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
     VIA_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     skip: _containers.RepeatedScalarFieldContainer[str]
     force: bool
     have: _containers.RepeatedScalarFieldContainer[str]
     via_cache: bool
-    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., via_cache: _Optional[bool] = ...) -> None: ...
+    side_channel: bool
+    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., via_cache: _Optional[bool] = ..., side_channel: _Optional[bool] = ...) -> None: ...
+
+class SideChannelRequest(_message.Message):
+    __slots__ = ("part_sizes",)
+    PART_SIZES_FIELD_NUMBER: _ClassVar[int]
+    part_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, part_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SideChannelTicket(_message.Message):
+    __slots__ = ("token", "port")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    port: int
+    def __init__(self, token: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class BlobList(_message.Message):
     __slots__ = ("digests",)

@@ -570,6 +570,11 @@ class WorkerStub:
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
                 response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
                 _registered_method=True)
+        self.OpenSideChannel = channel.unary_unary(
+                '/gpuattach.v1.Worker/OpenSideChannel',
+                request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.SideChannelRequest.SerializeToString,
+                response_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.SideChannelTicket.FromString,
+                _registered_method=True)
         self.MirrorFiles = channel.unary_unary(
                 '/gpuattach.v1.Worker/MirrorFiles',
                 request_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.MirrorRequest.SerializeToString,
@@ -633,6 +638,13 @@ class WorkerServicer:
     def MissingBlobs(self, request, context):
         """Which of these blobs the worker has neither in memory nor in the host's
         blob cache (the kernel sends only those).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSideChannel(self, request, context):
+        """Open a side-channel transfer for a push (gpuattach_broker.sidechannel).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -706,6 +718,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.MissingBlobs,
                     request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
                     response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
+            ),
+            'OpenSideChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSideChannel,
+                    request_deserializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.SideChannelRequest.FromString,
+                    response_serializer=gpuattach__broker_dot_protos_dot_gpuattach__pb2.SideChannelTicket.SerializeToString,
             ),
             'MirrorFiles': grpc.unary_unary_rpc_method_handler(
                     servicer.MirrorFiles,
@@ -895,6 +912,33 @@ class Worker:
             '/gpuattach.v1.Worker/MissingBlobs',
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.SerializeToString,
             gpuattach__broker_dot_protos_dot_gpuattach__pb2.BlobList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSideChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuattach.v1.Worker/OpenSideChannel',
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.SideChannelRequest.SerializeToString,
+            gpuattach__broker_dot_protos_dot_gpuattach__pb2.SideChannelTicket.FromString,
             options,
             channel_credentials,
             insecure,

@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         concurrent.futures.ThreadPoolExecutor(max_workers=8), options=transfer.GRPC_OPTIONS
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
+    # Tensor bytes of namespace moves: a raw TCP listener next to the gRPC
+    # port, TLS with the same certificate (the key read before privileges drop).
+    from gpuattach_broker import sidechannel
+
+    side_tls = sidechannel.server_context(tls_pair[1], tls_pair[0]) if tls_pair else None
+    service.side = sidechannel.SideChannelServer(args.bind, side_tls)
     if tls_pair is not None:
         credentials = grpc.ssl_server_credentials([tls_pair])
         port = server.add_secure_port(f"{args.bind}:0", credentials)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import cloudpickle
 import grpc
 
-from gpuattach_broker import codec, transfer
+from gpuattach_broker import codec, sidechannel, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import end_metadata
@@ -130,6 +130,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         # The notebook folder's copy when the kernel's folder is not here (Hello).
         self.scratch: Scratch | None = None
         self.assigned_mirror = (0, 0)  # the policy's files budget, from Assign
+        # Tensor bytes of namespace moves travel here when the kernel can reach it.
+        self.side: sidechannel.SideChannelServer | None = None
 
     # ------------------------------------------------------------ auth ---
 
@@ -255,6 +257,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             lease_id=self.lease_id,
             note=getattr(self, "context_note", ""),
             shared_folder=shared_folder,
+            side_channel_port=self.side.port if self.side is not None else 0,
         )
 
     def _adopt_kernel_context(
@@ -457,11 +460,18 @@ class WorkerService(pb_grpc.WorkerServicer):
         self, request_iterator: Iterator[pb.NamespaceChunk], context: grpc.ServicerContext
     ) -> pb.PushReply:
         self._check_lease_token(context)
+        side = self.side
+
+        def side_parts(header: pb.NamespaceHeader) -> list[memoryview]:
+            if side is None:
+                raise transfer.ProtocolError("this worker has no side channel")
+            return side.take(header.side_channel_token, header.part_sizes, timeout=30.0)
+
         try:
             header, parts, received = transfer.receive_namespace(
-                request_iterator, max_bytes=self.max_namespace_bytes
+                request_iterator, max_bytes=self.max_namespace_bytes, side_parts=side_parts
             )
-        except transfer.ProtocolError as exc:
+        except (transfer.ProtocolError, sidechannel.SideChannelError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         def load() -> tuple[list[str], dict[str, str]]:
@@ -488,6 +498,23 @@ class WorkerService(pb_grpc.WorkerServicer):
             problems=[pb.NameProblem(name=n, reason=r) for n, r in sorted(problems.items())],
             bytes_received=received,
         )
+
+    def OpenSideChannel(
+        self, request: pb.SideChannelRequest, context: grpc.ServicerContext
+    ) -> pb.SideChannelTicket:
+        """A push whose bytes go on the side channel: a one-time token for it."""
+        self._check_lease_token(context)
+        if self.side is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this worker has no side channel")
+        total = sum(request.part_sizes)
+        limit = self.max_namespace_bytes
+        if limit is not None and total > limit:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"namespace of {total} bytes exceeds the limit of {limit} bytes",
+            )
+        token = self.side.expect(list(request.part_sizes))
+        return pb.SideChannelTicket(token=token, port=self.side.port)
 
     def PullNamespace(
         self, request: pb.PullRequest, context: grpc.ServicerContext
@@ -518,11 +545,29 @@ class WorkerService(pb_grpc.WorkerServicer):
             chunks = transfer.chunk_namespace(None, problems=encoded.problems, names=every_name)
             yield from self._unless_revoked(chunks, context)
             return
+        cache_after = self.cache if encoded.sent_blobs else None
+
+        def remember() -> None:
+            if cache_after is not None:
+                # The kernel now holds these: a later lease on this host need not get them again.
+                cache_after.put_in_background(encoded.sent_blobs)
+
+        side = self.side
+        if request.side_channel and side is not None and encoded.nbytes >= sidechannel.MIN_BYTES:
+            # Only the header on gRPC; the stream stays open until the kernel
+            # confirmed every byte on the side channel, and fails if it did not.
+            token = side.offer(encoded.parts, on_sent=remember)
+            chunks = transfer.chunk_namespace(
+                encoded, imports=imports, names=every_name, side_channel_token=token
+            )
+            yield from self._unless_revoked(chunks, context)
+            failed = side.wait_sent(token, alive=context.is_active)
+            if failed:
+                context.abort(grpc.StatusCode.ABORTED, failed)
+            return
         chunks = transfer.chunk_namespace(encoded, imports=imports, names=every_name)
         yield from self._unless_revoked(chunks, context)
-        if self.cache is not None and encoded.sent_blobs:
-            # The kernel now holds these: a later lease on this host need not get them again.
-            self.cache.put_in_background(encoded.sent_blobs)
+        remember()
 
     def _unless_revoked(self, chunks: Iterator[T], context: grpc.ServicerContext) -> Iterator[T]:
         """A namespace moving out stops, refused, when its lease ends midway."""
