@@ -63,10 +63,16 @@ def _noop(*_: Any) -> None:
 
 def open_worker(lease: pb.Lease) -> WorkerClient:
     """A client of the lease's worker, after the Hello a kernel makes first."""
+    return open_worker_reply(lease)[0]
+
+
+def open_worker_reply(lease: pb.Lease) -> tuple[WorkerClient, pb.HelloReply]:
+    """`open_worker`, with the worker's Hello reply (how it was bound)."""
     worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
     hello = hello_request()
-    check_compatible(hello, worker.hello(hello))
-    return worker
+    reply = worker.hello(hello)
+    check_compatible(hello, reply)
+    return worker, reply
 
 
 def kernel_session(broker: BrokerClient, notify: Callable[[str], None]) -> tuple[Any, Any]:
@@ -110,6 +116,12 @@ def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict
     ends with a release (timed too).
     """
     attach_s, hello_s, total_s, push_s, release_s, refill_s = [], [], [], [], [], []
+    # Where the attach's time goes: the broker's decision (policy, placement),
+    # the agent's start of the worker (StartLease -> LeaseStarted), the rest of
+    # the broker's work (store writes, signing), and the grant's delivery (the
+    # Attach call as the client saw it, less the broker's part).
+    decision_s, start_s, broker_rest_s, delivery_s = [], [], [], []
+    by_token = before_assign = 0
     empty = codec.encode_namespace({})
     not_warm = 0
     for i in range(n + 1):  # the first iteration warms the client's channel up
@@ -124,7 +136,7 @@ def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict
         started = time.perf_counter()
         lease = broker.attach(attach_request())
         granted = time.perf_counter()
-        worker = open_worker(lease)
+        worker, reply = open_worker_reply(lease)
         ready = time.perf_counter()
         worker.push(empty, {})  # what %gpu attach also does with an empty namespace
         pushed = time.perf_counter()
@@ -140,7 +152,20 @@ def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict
         push_s.append(pushed - ready)
         release_s.append(released - released_at)
         refill_s.append(refill)
-        log(f"  attach {i}/{n}: {(ready - started) * 1e3:.1f} ms")
+        decision_s.append(lease.broker_decision_s)
+        start_s.append(lease.worker_start_s)
+        broker_rest_s.append(
+            max(0.0, lease.broker_total_s - lease.broker_decision_s - lease.worker_start_s)
+        )
+        delivery_s.append(max(0.0, (granted - started) - lease.broker_total_s))
+        by_token += reply.bound_by == "token"
+        before_assign += not reply.assigned
+        log(
+            f"  attach {i}/{n}: {(ready - started) * 1e3:.1f} ms (decision "
+            f"{lease.broker_decision_s * 1e3:.2f}, worker start {lease.worker_start_s * 1e3:.2f}, "
+            f"broker rest {broker_rest_s[-1] * 1e3:.2f}, delivery {delivery_s[-1] * 1e3:.2f}, "
+            f"Hello {(ready - granted) * 1e3:.2f} ms; bound by {reply.bound_by or '?'})"
+        )
     try:
         stack.wait_pool_warm(timeout=45)
     except TimeoutError as exc:
@@ -155,6 +180,16 @@ def measure_attach(stack: Stack, broker: BrokerClient, n: int, log: Any) -> dict
         "release": latency(release_s),
         "pool_refill_wait": latency(refill_s),
         "attaches_without_warm_pool": not_warm,
+        "attach_steps": {
+            "broker_decision": latency(decision_s),
+            "worker_start": latency(start_s),
+            "broker_rest": latency(broker_rest_s),
+            "grant_delivery": latency(delivery_s),
+            "first_hello": latency(hello_s),
+            "bound_by_token": by_token,
+            "hello_before_assign": before_assign,
+            "n": len(total_s),
+        },
     }
 
 

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # After the signal handler: importing torch takes seconds.
     import control_plane
+    import fresh_host
     import limits
     import ours
     import peer
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
         our_figures["back_to_back_reattach"] = reattach.measure(
             workdir / "reattach", 3 if cfg.mode == "quick" else 10, log
+        )
+        log("fresh host: import torch alone vs load_ext -> first remote cell")
+        our_figures["fresh_host"] = fresh_host.measure(
+            workdir / "fresh", 1 if cfg.mode == "quick" else 3, log
         )
         log("broker control plane: attach+release pairs with 50 and 200 concurrent clients")
         control = Stack(workdir / "control", ttl="60s")

@@ -31,6 +31,10 @@ def load_ipython_extension(ipython: Any) -> None:
     session.router = router  # type: ignore[attr-defined]
     _add_custom_exception(ipython, RemoteCellError, show_remote_traceback)
     atexit.register(session.shutdown)
+    # No broker configured: the embedded one starts now, in the background,
+    # while the notebook's first cells run (``import torch``), not at the
+    # first attach.
+    session.link.prestart()
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:

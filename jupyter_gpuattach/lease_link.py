@@ -11,10 +11,12 @@ in auto mode simply attaches again. Only a worker or host that died is
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,8 +132,47 @@ class LeaseLink:
         self.broker: BrokerClient | None = None
         self.keeper: LeaseKeeper | None = None
         self.events: queue.Queue[LeaseEvent] = queue.Queue()
+        self._prestart: concurrent.futures.Future[BrokerClient] | None = None
+
+    def prestart(self) -> bool:
+        """With no broker configured, find or start this user's embedded broker
+        (its agent and zygote with it) in the background now, so that a first
+        attach finds it ready instead of waiting for it; True when started.
+
+        A fresh embedded broker costs about as much as ``import torch`` (its
+        zygote imports torch), which the notebook's first cells usually do
+        meanwhile. It exits by itself when unused (GPUATTACH_EMBEDDED_IDLE_EXIT),
+        as one that an attach started does, so a kernel that never attaches
+        leaves nothing running for long. GPUATTACH_PRESTART=0 turns this off."""
+        if (
+            os.environ.get("GPUATTACH_BROKER")
+            or os.environ.get("GPUATTACH_PRESTART", "1") == "0"
+            or self.broker is not None
+            or self._prestart is not None
+        ):
+            return False
+        future: concurrent.futures.Future[BrokerClient] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                client = broker_from_environment()
+                client.connect_now()
+                future.set_result(client)
+            except Exception as exc:  # noqa: BLE001 - the first attach re-raises it, or retries
+                future.set_exception(exc)
+
+        self._prestart = future
+        threading.Thread(target=run, daemon=True, name="gpuattach-prestart").start()
+        return True
 
     def client(self) -> BrokerClient:
+        if self.broker is None:
+            prestart, self._prestart = self._prestart, None
+            if prestart is not None and not os.environ.get("GPUATTACH_BROKER"):
+                try:
+                    self.broker = prestart.result()
+                except (BrokerError, OSError):
+                    self.broker = None  # try once more below, where its error reaches the user
         if self.broker is None:
             self.broker = broker_from_environment()
         return self.broker

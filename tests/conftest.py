@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,15 @@ import pytest
 
 from tests.harness import Kernel, KernelFactory, Stack, StackFactory
 from tests.pg import PostgresServer, PostgresUnavailable
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A kernel that loads the extension with no broker configured starts the
+    # user's embedded broker in the background (GPUATTACH_PRESTART); in tests
+    # that would leave a broker, agent and zygote running for their idle time
+    # behind every such kernel. The tests of that start build their own
+    # environment (tests/integration/test_embedded_broker.py).
+    os.environ.setdefault("GPUATTACH_PRESTART", "0")
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import signal
 import socket
 import uuid
@@ -120,6 +121,9 @@ class Agent:
             f"{self.host}/{d.local_id}": d for d in backend.devices()
         }
         self.zygote = zygote
+        # Signs this host's lease tokens (the broker's, from our hello); each
+        # worker verifies with a key derived for it alone.
+        self.lease_key = secrets.token_bytes(32)
         self.pool = self._make_pools(pool_size)
         self.live: dict[str, WorkerProcess] = {}
         self.lease_devices: dict[str, dict[str, int]] = {}  # lease -> device id -> bytes held
@@ -156,6 +160,7 @@ class Agent:
             tls_name=self.advertise,
             zygote=self.zygote,
         )
+        pools.set_signing(self.lease_key, (str(self.blob_cache), self.blob_cache_bytes))
         for device_id, env in by_device.items():
             pools.add_device(device_id, env)
         return pools
@@ -194,6 +199,7 @@ class Agent:
                 warm_workers=self.pool.warm,
                 version=__version__,
                 worker_tls_root=self.worker_tls.trust_root(),
+                lease_key=self.lease_key,
             )
         )
 
@@ -315,6 +321,7 @@ class Agent:
         self._starting += 1
         self._starting_leases.add(start.lease_id)
         worker: WorkerProcess | None = None
+        early = False  # LeaseStarted went out before Assign
         try:
             unknown = [d for d in start.device_ids if d not in self.devices]
             if unknown:
@@ -338,6 +345,14 @@ class Agent:
             self.pool.refill()  # replacements only where another slice still fits
             count = f"{len(devices)}x " if len(devices) > 1 else ""
             summary = f"{count}{devices[0].name} on {self.host} ({format_size(start.memory_bytes)})"
+            if not worker.isolation.enabled and not start.token:
+                # The broker signs the kernel's token for this worker, which
+                # binds itself on the kernel's Hello: the agent's Assign runs
+                # while the grant travels, off the attach path. (An isolated
+                # worker becomes its user at Assign first: then Assign, then
+                # LeaseStarted, as with a plain token.)
+                self._send_started(start.lease_id, worker)
+                early = True
             await worker.assign(start.lease_id, start.token, env, summary)
         except Exception as exc:
             # Any failure is the lease's: the broker hears it (LeaseFailed). The
@@ -353,6 +368,10 @@ class Agent:
                 self._spawn(self._discard(worker))
             await self._unhold(start.lease_id)
             self.pool.refill()
+            if early and not stop_wanted:  # the broker granted it already: it ends
+                reason = f"the worker could not be set up for the lease: {exc}"
+                ended = pb.LeaseEnded(lease_id=start.lease_id, reason=reason)
+                self._send(pb.AgentMessage(ended=ended))
             self._send(
                 pb.AgentMessage(failed=pb.LeaseFailed(lease_id=start.lease_id, error=str(exc)))
             )
@@ -380,10 +399,17 @@ class Agent:
             cap = start.memory_bytes if single else 0
             self.gpu.track(start.lease_id, worker.pid, devices, cap)
         self._spawn(self._watch(start.lease_id, worker))
+        if not early:
+            self._send_started(start.lease_id, worker)
+
+    def _send_started(self, lease_id: str, worker: WorkerProcess) -> None:
         self._send(
             pb.AgentMessage(
                 started=pb.LeaseStarted(
-                    lease_id=start.lease_id, worker_endpoint=self._endpoint(worker), pid=worker.pid
+                    lease_id=lease_id,
+                    worker_endpoint=self._endpoint(worker),
+                    pid=worker.pid,
+                    worker_id=worker.worker_id,
                 )
             )
         )

@@ -51,6 +51,7 @@ from typing import Protocol
 import grpc
 
 from gpuattach_broker.agent.isolation import Isolation
+from gpuattach_broker.lease_token import worker_key
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.tls import WorkerTLS, agent_worker_channel
@@ -260,6 +261,7 @@ class WorkerProcess:
     channel: grpc.aio.Channel | None = field(default=None, repr=False)
     isolation: Isolation = field(default_factory=Isolation)
     mounts: str = ""  # what its private mount namespace holds, or why it has none
+    worker_id: str = ""  # names its signing key (lease_token.worker_key) to the broker
 
     @property
     def pid(self) -> int:
@@ -355,6 +357,10 @@ class WorkerPool:
         self.device = device
         self.paused = False
         self.ledger: ProcessLedger | None = None  # notes every process it starts
+        # The agent's signing key: each worker gets a key derived for it alone,
+        # and the folder of the users' blob caches (see WorkerService).
+        self.lease_key = b""
+        self.blob_cache: tuple[str, int] = ("", 0)
         self._ready: list[WorkerProcess] = []
         self._starting: set[asyncio.Task[WorkerProcess]] = set()
         self._stopping: set[asyncio.Task[int | None]] = set()
@@ -407,6 +413,12 @@ class WorkerPool:
         # An allow-list of the agent's environment: none of its secrets.
         env = self.isolation.env(extra=self.env)
         env["GPUATTACH_AGENT_KEY"] = key  # per worker, random; the worker pops it at start
+        worker_id = secrets.token_hex(8)
+        if self.lease_key:
+            env["GPUATTACH_LEASE_KEY"] = worker_key(self.lease_key, worker_id).hex()
+        if self.blob_cache[0]:
+            env["GPUATTACH_BLOB_CACHE_ROOT"] = self.blob_cache[0]
+            env["GPUATTACH_BLOB_CACHE_ROOT_BYTES"] = str(self.blob_cache[1])
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = await self._start_process(env)
         self._note(proc.pid)
@@ -433,6 +445,7 @@ class WorkerPool:
             tls_name=self.tls_name,
             isolation=self.isolation,
             mounts=str(ready.get("mounts", "")),
+            worker_id=worker_id,
         )
         if self.isolation.enabled and not ready.get("mounts_private"):
             _warn_once(f"workers run without a private mount namespace: {worker.mounts}")
@@ -588,8 +601,15 @@ class WarmPools:
             isolation=self.isolation,
         )
         pool.ledger = self.ledger
+        pool.lease_key, pool.blob_cache = self.shared.lease_key, self.shared.blob_cache
         self.devices[device_id] = pool
         return pool
+
+    def set_signing(self, lease_key: bytes, blob_cache: tuple[str, int]) -> None:
+        """Give every worker started from now on a key derived from `lease_key`
+        (it then verifies signed lease tokens itself) and the blob cache folder."""
+        for pool in (self.shared, *self.devices.values()):
+            pool.lease_key, pool.blob_cache = lease_key, blob_cache
 
     def set_ledger(self, ledger: ProcessLedger | None) -> None:
         """Note every process the pools start in `ledger` (see `kill_leftovers`)."""

@@ -85,9 +85,16 @@ class PolicyWatcher:
 async def serve(options: BrokerApp) -> None:
     """Serve until SIGTERM/SIGINT; `options` is the configured ``gpuattach-broker
     serve`` application (its traits are the options, declared once there)."""
+    key = options.key
+    agent: Agent | None = None
+    if options.embedded_agent:
+        # First: its zygote (Python, import torch: the longest step of a fresh
+        # host's first attach) starts now, while the broker opens its store.
+        backend = open_backend(options.embedded_agent)
+        agent = Agent("", backend, pool_size=options.pool_size, key=key)
+        _start_zygote_early(agent)
     policy = load_policy(options.policy) if options.policy else None
     authenticator = options.authenticator()
-    key = options.key
     db_url = options.db_url or db_url_for(options.db_path)
     store = WorkingSet(options.store_class(db_url))
     service = BrokerService(
@@ -140,10 +147,8 @@ async def serve(options: BrokerApp) -> None:
             options.metrics_address.rpartition(":")[0] or "127.0.0.1",
             metrics_port,
         )
-    agent: Agent | None = None
-    if options.embedded_agent:
-        backend = open_backend(options.embedded_agent)
-        agent = Agent(address, backend, pool_size=options.pool_size, key=key)
+    if agent is not None:
+        agent.broker_address = address
         tasks.append(asyncio.create_task(agent.run(stop)))
     if options.idle_exit_seconds > 0:
         tasks.append(asyncio.create_task(_exit_when_idle(service, options.idle_exit_seconds, stop)))
@@ -162,6 +167,26 @@ async def serve(options: BrokerApp) -> None:
             task.cancel()
         await server.stop(grace=1.0)
         store.close()
+
+
+def _start_zygote_early(agent: Agent) -> None:
+    """Start the agent's zygote in the background (its first worker's wait
+    then finds it started, or starts a worker directly if it failed)."""
+    zygote = agent.pool.zygote
+    if zygote is None:
+        return
+    task = asyncio.ensure_future(zygote.ready())
+    _early.add(task)
+
+    def done(finished: asyncio.Future[int]) -> None:
+        _early.discard(finished)
+        if not finished.cancelled() and finished.exception() is not None:
+            log.warning("the zygote did not start early: %s", finished.exception())
+
+    task.add_done_callback(done)
+
+
+_early: set[asyncio.Future[int]] = set()
 
 
 def _without_password(db_url: str) -> str:

@@ -49,6 +49,7 @@ from gpuattach_broker.broker.scheduler import (
     reservation_victims,
 )
 from gpuattach_broker.broker.working_set import WorkingSet
+from gpuattach_broker.lease_token import BIND_WINDOW_S, LeaseClaims, sign, worker_key
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import KEY_HEADER, end_metadata
@@ -77,6 +78,7 @@ class AgentConnection:
     commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
     pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
     worker_tls_root: bytes = b""  # its workers serve TLS chained to this PEM
+    lease_key: bytes = b""  # signs its leases' tokens (empty: plain random tokens)
 
 
 @dataclass
@@ -315,7 +317,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.AttachRequest, context: Context
     ) -> AsyncIterator[pb.AttachEvent]:
         identity = await self._identify(context, request.user)
-        self.last_activity = time.monotonic()
+        entered = time.monotonic()
+        self.last_activity = entered
         if request.move_from:
             async for event in self._attach_moved(request, context, identity):
                 yield event
@@ -378,15 +381,20 @@ class BrokerService(pb_grpc.BrokerServicer):
                 raise
             placement = self.waiters.pop(slice_request.request_id).placement
         assert placement is not None
+        decided = time.monotonic()
         groups = sorted(set(identity.groups) | set(effective.groups))
-        lease, token = await self._start(
+        lease, token, start_s = await self._start(
             slice_request,
             placement,
             context,
             groups,
             mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
         )
-        yield pb.AttachEvent(granted=self._granted(lease, token, limits))
+        granted = self._granted(lease, token, limits)
+        granted.broker_decision_s = decided - entered
+        granted.worker_start_s = start_s
+        granted.broker_total_s = time.monotonic() - entered
+        yield pb.AttachEvent(granted=granted)
 
     def _granted(self, lease: LeaseRecord, token: str, limits: Any) -> pb.Lease:
         """The Granted reply: the lease, its token, and the policy's figures the kernel applies."""
@@ -445,7 +453,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         limits = effective.limits
         started = False
         try:
-            lease, token = await self._start(
+            lease, token, _ = await self._start(
                 slice_request,
                 move.target,
                 context,
@@ -736,7 +744,13 @@ class BrokerService(pb_grpc.BrokerServicer):
         context: Context,
         groups: list[str],
         mirror: tuple[int, int] = (0, 0),
-    ) -> tuple[LeaseRecord, str]:
+    ) -> tuple[LeaseRecord, str, float]:
+        """Start the lease's worker: (lease, its token, seconds the agent took).
+
+        With an agent that signs (its hello gave a key), the token is signed
+        for the very worker the agent names in LeaseStarted, which that worker
+        verifies itself (gpuattach_broker.lease_token); else a random one the
+        agent hands the worker at Assign."""
         token = secrets.token_urlsafe(32)
         device_names = {self.scheduler.devices[d].name for d in placement.device_ids}
         lease = LeaseRecord(
@@ -766,11 +780,12 @@ class BrokerService(pb_grpc.BrokerServicer):
                 raise RuntimeError(f"the agent of host {placement.host} is not connected")
             future: asyncio.Future[pb.LeaseStarted] = asyncio.get_running_loop().create_future()
             agent.pending_starts[lease.lease_id] = future
+            signing = agent.lease_key
             await agent.commands.put(
                 pb.BrokerCommand(
                     start=pb.StartLease(
                         lease_id=lease.lease_id,
-                        token=token,
+                        token="" if signing else token,
                         device_ids=lease.device_ids,
                         user=lease.user,
                         memory_bytes=lease.memory_bytes,
@@ -781,6 +796,25 @@ class BrokerService(pb_grpc.BrokerServicer):
                 )
             )
             started = await asyncio.wait_for(future, START_TIMEOUT_S)
+            start_s = time.monotonic() - start_clock
+            if signing:
+                if not started.worker_id:
+                    raise RuntimeError("the agent did not name the lease's worker")
+                summary = ", ".join(sorted(device_names)) or "device"
+                token = sign(
+                    worker_key(signing, started.worker_id),
+                    LeaseClaims(
+                        lease_id=lease.lease_id,
+                        endpoint=started.worker_endpoint,
+                        user=lease.user,
+                        expires_at=time.time() + BIND_WINDOW_S,
+                        mirror_bytes=mirror[0],
+                        mirror_file_bytes=mirror[1],
+                        device_summary=f"{summary} on {lease.host} "
+                        f"({format_size(lease.memory_bytes)})",
+                    ),
+                )
+                lease.token_hash = hash_token(token)
         except (RuntimeError, TimeoutError, asyncio.CancelledError) as exc:
             if agent is not None:
                 agent.pending_starts.pop(lease.lease_id, None)
@@ -812,7 +846,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
         self.metrics.attach_latency.observe(time.monotonic() - start_clock)
         self.metrics.queue_wait.observe(max(0.0, lease.granted_at - lease.requested_at))
-        return lease, token
+        return lease, token, start_s
 
     # ------------------------------------------------ renew and release ---
 
@@ -1259,7 +1293,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         assert first is not None
         hello = first.hello
         agent = AgentConnection(
-            hello.host, hello.agent_id, hello.warm_workers, worker_tls_root=hello.worker_tls_root
+            hello.host,
+            hello.agent_id,
+            hello.warm_workers,
+            worker_tls_root=hello.worker_tls_root,
+            lease_key=hello.lease_key,
         )
         previous = self.agents.get(hello.host)
         if previous is not None:

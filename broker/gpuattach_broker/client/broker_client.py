@@ -76,6 +76,16 @@ class BrokerClient:
     def close(self) -> None:
         self.channel.close()
 
+    def connect_now(self, timeout: float = 10.0) -> bool:
+        """Open the connection to the broker ahead of the first call (TCP, TLS,
+        HTTP/2 settings), off the attach path; False when it did not within
+        `timeout` (the first call then connects, or says why it cannot)."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
     def attach(
         self,
         request: pb.AttachRequest,

@@ -69,7 +69,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds", "mirror_bytes", "mirror_file_bytes", "forward_env", "forward_env_set", "idle_seconds", "auto_mode")
+    __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds", "mirror_bytes", "mirror_file_bytes", "forward_env", "forward_env_set", "idle_seconds", "auto_mode", "broker_decision_s", "worker_start_s", "broker_total_s")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,9 @@ class Lease(_message.Message):
     FORWARD_ENV_SET_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AUTO_MODE_FIELD_NUMBER: _ClassVar[int]
+    BROKER_DECISION_S_FIELD_NUMBER: _ClassVar[int]
+    WORKER_START_S_FIELD_NUMBER: _ClassVar[int]
+    BROKER_TOTAL_S_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     user: str
     kernel_id: str
@@ -136,7 +139,10 @@ class Lease(_message.Message):
     forward_env_set: bool
     idle_seconds: float
     auto_mode: bool
-    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., worker_tls_root: _Optional[bytes] = ..., default_idle_seconds: _Optional[float] = ..., max_idle_seconds: _Optional[float] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ..., forward_env: _Optional[_Iterable[str]] = ..., forward_env_set: _Optional[bool] = ..., idle_seconds: _Optional[float] = ..., auto_mode: _Optional[bool] = ...) -> None: ...
+    broker_decision_s: float
+    worker_start_s: float
+    broker_total_s: float
+    def __init__(self, lease_id: _Optional[str] = ..., user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., token: _Optional[str] = ..., host: _Optional[str] = ..., device_ids: _Optional[_Iterable[str]] = ..., device_name: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., memory_bytes: _Optional[int] = ..., worker_endpoint: _Optional[str] = ..., requested_at: _Optional[float] = ..., granted_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_seconds: _Optional[float] = ..., state: _Optional[str] = ..., end_reason: _Optional[str] = ..., ended_at: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., idle_release_at: _Optional[float] = ..., priority: _Optional[int] = ..., preempt_deadline: _Optional[float] = ..., gpu_busy_seconds: _Optional[float] = ..., gpu_memory_used_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., worker_tls_root: _Optional[bytes] = ..., default_idle_seconds: _Optional[float] = ..., max_idle_seconds: _Optional[float] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ..., forward_env: _Optional[_Iterable[str]] = ..., forward_env_set: _Optional[bool] = ..., idle_seconds: _Optional[float] = ..., auto_mode: _Optional[bool] = ..., broker_decision_s: _Optional[float] = ..., worker_start_s: _Optional[float] = ..., broker_total_s: _Optional[float] = ...) -> None: ...
 
 class AttachEvent(_message.Message):
     __slots__ = ("queued", "granted")
@@ -371,7 +377,7 @@ class LiveLease(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class AgentHello(_message.Message):
-    __slots__ = ("host", "agent_id", "devices", "live_leases", "warm_workers", "version", "worker_tls_root")
+    __slots__ = ("host", "agent_id", "devices", "live_leases", "warm_workers", "version", "worker_tls_root", "lease_key")
     HOST_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +385,7 @@ class AgentHello(_message.Message):
     WARM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_TLS_ROOT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEY_FIELD_NUMBER: _ClassVar[int]
     host: str
     agent_id: str
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
@@ -386,7 +393,8 @@ class AgentHello(_message.Message):
     warm_workers: int
     version: str
     worker_tls_root: bytes
-    def __init__(self, host: _Optional[str] = ..., agent_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., live_leases: _Optional[_Iterable[_Union[LiveLease, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., version: _Optional[str] = ..., worker_tls_root: _Optional[bytes] = ...) -> None: ...
+    lease_key: bytes
+    def __init__(self, host: _Optional[str] = ..., agent_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., live_leases: _Optional[_Iterable[_Union[LiveLease, _Mapping]]] = ..., warm_workers: _Optional[int] = ..., version: _Optional[str] = ..., worker_tls_root: _Optional[bytes] = ..., lease_key: _Optional[bytes] = ...) -> None: ...
 
 class AgentHeartbeat(_message.Message):
     __slots__ = ("warm_workers", "cached_users", "usage")
@@ -415,14 +423,16 @@ class LeaseUsage(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., sm_percent: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_seconds: _Optional[float] = ..., sampled_at: _Optional[float] = ...) -> None: ...
 
 class LeaseStarted(_message.Message):
-    __slots__ = ("lease_id", "worker_endpoint", "pid")
+    __slots__ = ("lease_id", "worker_endpoint", "pid", "worker_id")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     worker_endpoint: str
     pid: int
-    def __init__(self, lease_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, lease_id: _Optional[str] = ..., worker_endpoint: _Optional[str] = ..., pid: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class LeaseFailed(_message.Message):
     __slots__ = ("lease_id", "error")
@@ -534,7 +544,7 @@ class HelloRequest(_message.Message):
     def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., marker_path: _Optional[str] = ..., marker_content: _Optional[str] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder", "side_channel_port")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder", "side_channel_port", "bound_by", "assigned")
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -549,6 +559,8 @@ class HelloReply(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     SHARED_FOLDER_FIELD_NUMBER: _ClassVar[int]
     SIDE_CHANNEL_PORT_FIELD_NUMBER: _ClassVar[int]
+    BOUND_BY_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -563,7 +575,9 @@ class HelloReply(_message.Message):
     note: str
     shared_folder: bool
     side_channel_port: int
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ..., side_channel_port: _Optional[int] = ...) -> None: ...
+    bound_by: str
+    assigned: bool
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ..., side_channel_port: _Optional[int] = ..., bound_by: _Optional[str] = ..., assigned: _Optional[bool] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("path", "size", "digest", "mode", "deleted", "over_limit")

@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         mounts = enter_private_mounts()
 
     agent_key = os.environ.pop("GPUATTACH_AGENT_KEY", "")
+    # The agent's key for signed lease tokens (hex); no cell ever sees it.
+    lease_key = bytes.fromhex(os.environ.pop("GPUATTACH_LEASE_KEY", ""))
+    blob_root = os.environ.pop("GPUATTACH_BLOB_CACHE_ROOT", "")
+    blob_bytes = int(os.environ.pop("GPUATTACH_BLOB_CACHE_ROOT_BYTES", "0") or 0) or 8 << 30
     if not agent_key:
         print(
             "gpuattach-worker: GPUATTACH_AGENT_KEY is not set; start workers through the agent",
@@ -286,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     shell = make_shell()
     executor = MainThreadExecutor()
     service = WorkerService(
-        shell, executor, agent_key, max_namespace_bytes=args.max_namespace_bytes or None
+        shell,
+        executor,
+        agent_key,
+        max_namespace_bytes=args.max_namespace_bytes or None,
+        lease_key=lease_key,
+        self_bind=not args.private_mounts,  # isolated: its user first, at Assign
+        blob_cache_root=blob_root,
+        blob_cache_bytes=blob_bytes,
     )
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=8), options=transfer.GRPC_OPTIONS
@@ -303,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         port = server.add_secure_port(f"{args.bind}:0", credentials)
     else:
         port = server.add_insecure_port(f"{args.bind}:0")
+    service.port = port  # the endpoint a signed token must name
     server.start()
 
     stopper = Stopper(server, executor, lambda: shell.user_ns)

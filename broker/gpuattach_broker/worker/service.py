@@ -14,6 +14,7 @@ import importlib
 import os
 import platform
 import queue
+import re
 import signal
 import socket
 import sys
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import cloudpickle
 import grpc
 
-from gpuattach_broker import codec, sidechannel, transfer
+from gpuattach_broker import codec, lease_token, sidechannel, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import end_metadata
@@ -35,6 +36,12 @@ from gpuattach_broker.worker.scratch import Scratch
 from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
 
 T = TypeVar("T")
+
+# How long a call that needs the slice's settings (a cell, a namespace) waits
+# for the agent's Assign after the worker bound itself with a signed token:
+# the agent sends it as it reports the lease started, so it is normally there
+# before the kernel's Hello is.
+ASSIGN_WAIT_S = 30.0
 
 # Set by the slice, never taken from the kernel's environment.
 SLICE_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "NVIDIA_VISIBLE_DEVICES")
@@ -108,7 +115,20 @@ class WorkerService(pb_grpc.WorkerServicer):
         executor: MainThreadExecutor,
         agent_key: str,
         max_namespace_bytes: int | None = None,
+        *,
+        lease_key: bytes = b"",
+        port: int = 0,
+        self_bind: bool = True,
+        blob_cache_root: str = "",
+        blob_cache_bytes: int = 8 << 30,
     ) -> None:
+        """`lease_key`: the agent's signing key; with it, and `self_bind`, a
+        kernel's signed token naming this worker (`port`) binds it on the
+        first Hello, before the agent's Assign. Without `self_bind` (an
+        isolated worker, which must become its user first) a signed token
+        is accepted only for the lease Assign bound. `blob_cache_root`: the
+        folder of the users' blob caches, so a token-bound worker finds its
+        user's before Assign says so."""
         self.shell = shell
         self.executor = executor
         self.agent_key = agent_key
@@ -132,6 +152,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.assigned_mirror = (0, 0)  # the policy's files budget, from Assign
         # Tensor bytes of namespace moves travel here when the kernel can reach it.
         self.side: sidechannel.SideChannelServer | None = None
+        self.lease_key = lease_key
+        self.port = port
+        self.self_bind = self_bind
+        self.blob_cache_root = blob_cache_root
+        self.blob_cache_bytes = blob_cache_bytes
+        self.bound_by = ""  # "token" or "assign": what bound this worker to its lease
+        self.user = ""
+        self._bind_lock = threading.Lock()
 
     # ------------------------------------------------------------ auth ---
 
@@ -141,15 +169,84 @@ class WorkerService(pb_grpc.WorkerServicer):
                 return value[len("Bearer ") :]
         return ""
 
-    def _check_lease_token(self, context: grpc.ServicerContext) -> None:
-        if not self._token:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker is not bound to a lease yet")
-        if not hmac.compare_digest(self._bearer(context), self._token):
+    def _check_lease_token(self, context: grpc.ServicerContext, need_assign: bool = True) -> None:
+        """The caller presents this worker's lease token; a signed one binds an
+        unbound worker (the first valid token wins). With `need_assign`, wait
+        for the agent's Assign too: the slice's settings (devices, memory cap,
+        the user's identity) must be in place before a cell or a namespace."""
+        bearer = self._bearer(context)
+        if not self._token or not hmac.compare_digest(bearer, self._token):
+            self._bind_with(bearer, context)
+        self._refuse_if_revoked(context)
+        if need_assign and not self.assigned.is_set():
+            if not self.assigned.wait(ASSIGN_WAIT_S):
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the agent has not set up this worker for lease {self.lease_id} "
+                    f"within {ASSIGN_WAIT_S:.0f} s; release and attach again",
+                )
+            self._refuse_if_revoked(context)
+
+    def _bind_with(self, bearer: str, context: grpc.ServicerContext) -> None:
+        """Bind to the lease of a signed token, or abort saying why not."""
+        if not lease_token.is_signed(bearer) or not self.lease_key:
+            if not self._token and not self.lease_id:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, "worker is not bound to a lease yet"
+                )
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"this worker serves lease {self.lease_id}; present that lease's token",
             )
-        self._refuse_if_revoked(context)
+        try:
+            claims = lease_token.verify(self.lease_key, bearer)
+        except lease_token.TokenError as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # unreachable: abort raises
+        if lease_token.endpoint_port(claims.endpoint) != self.port:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the token of lease {claims.lease_id} is for the worker at {claims.endpoint}, "
+                f"not this one (port {self.port})",
+            )
+        if not self.self_bind and not self.assigned.is_set():
+            # Isolated: the worker becomes the lease's user at Assign, first.
+            self.assigned.wait(ASSIGN_WAIT_S)
+        with self._bind_lock:
+            if self._token and not hmac.compare_digest(bearer, self._token):
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"this worker serves lease {self.lease_id}; the token of lease "
+                    f"{claims.lease_id} is refused",
+                )
+            if self.lease_id and self.lease_id != claims.lease_id:
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"this worker serves lease {self.lease_id}; the token of lease "
+                    f"{claims.lease_id} is refused",
+                )
+            if not self.self_bind and not self.lease_id:
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the agent has not set up this worker for lease {claims.lease_id} yet",
+                )
+            if self._token:
+                return
+            self._token = bearer
+            # Bound: only this very token is accepted from now on, and the key
+            # leaves the process before any cell of the user's runs in it.
+            self.lease_key = b""
+            if not self.lease_id:
+                self.lease_id = claims.lease_id
+                self.bound_by = "token"
+                self.user = claims.user
+                self.assigned_mirror = (claims.mirror_bytes, claims.mirror_file_bytes)
+                if claims.device_summary:
+                    self.device_summary = claims.device_summary
+                if self.blob_cache_root and self.cache is None:
+                    folder = os.path.join(self.blob_cache_root, safe_name(claims.user))
+                    self.cache = BlobCache(folder, self.blob_cache_bytes)
+                    self.store.fallback = self.cache.load
 
     def _refuse_if_revoked(self, context: grpc.ServicerContext) -> None:
         """An ended lease's token dies with it: refuse, saying why."""
@@ -166,8 +263,14 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignReply:
         if not hmac.compare_digest(self._bearer(context), self.agent_key):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "only the agent may assign this worker")
-        if self._token:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker already serves a lease")
+        with self._bind_lock:
+            if self.assigned.is_set() or (self.lease_id and self.lease_id != request.lease_id):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker already serves a lease")
+            # A kernel's signed token may have bound this worker already (the
+            # same lease): the agent's settings follow.
+            self.lease_id = request.lease_id
+            if not self.bound_by:
+                self.bound_by = "assign"
         conflict = _context_conflict(request.env)
         if conflict:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, conflict)
@@ -185,16 +288,19 @@ class WorkerService(pb_grpc.WorkerServicer):
             _env_size("GPUATTACH_MIRROR_FILE_BYTES"),
         )
         folder = request.env.get("GPUATTACH_BLOB_CACHE", "")
-        if folder:
+        if folder and (self.cache is None or str(self.cache.folder) != folder):
             budget = int(request.env.get("GPUATTACH_BLOB_CACHE_BYTES", str(8 << 30)))
             self.cache = BlobCache(folder, budget)
             self.store.fallback = self.cache.load
         fraction = request.env.get("GPUATTACH_MEMORY_FRACTION", "")
         if fraction:
             self.executor.submit(lambda: _cap_memory(float(fraction))).result()
-        self.lease_id = request.lease_id
-        self._token = request.token
-        self.device_summary = request.device_summary
+        if self.scratch is not None:  # a Hello came first: the policy's budget holds now
+            self.scratch.limit(*self.assigned_mirror)
+        with self._bind_lock:
+            if request.token and not self._token:
+                self._token = request.token
+            self.device_summary = request.device_summary
         self.assigned.set()
         return pb.AssignReply(pid=os.getpid())
 
@@ -232,7 +338,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     # ----------------------------------------------------------- kernel ---
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
-        self._check_lease_token(context)
+        self._check_lease_token(context, need_assign=False)
         same_host = request.client_host == socket.gethostname()
         shared_folder = _marker_matches(request.marker_path, request.marker_content, request.cwd)
         self.executor.submit(
@@ -258,6 +364,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             note=getattr(self, "context_note", ""),
             shared_folder=shared_folder,
             side_channel_port=self.side.port if self.side is not None else 0,
+            bound_by=self.bound_by,
+            assigned=self.assigned.is_set(),
         )
 
     def _adopt_kernel_context(
@@ -750,3 +858,8 @@ def _env_size(name: str) -> int:
         return int(text) if text.isdigit() else parse_size(text) if text else 0
     except ValueError:
         return 0
+
+
+def safe_name(user: str) -> str:
+    """A user name as one path component (the agent names blob caches so)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", user).lstrip(".") or "_"
