@@ -228,3 +228,33 @@ def test_no_move_plan_when_the_lease_has_nowhere_to_go() -> None:
     scheduler.allocate("idle", placed(scheduler, req("idle", fraction=0.75)), "u1")
     assert scheduler.move_plan(req("whole"), movable={"idle"}) is None
     assert scheduler.devices["a"].leases == {"idle"}
+
+
+def test_a_move_keeps_the_gpu_model_its_request_named() -> None:
+    # a: A100 with an idle half slice that asked for an A100; b: an empty T4,
+    # c: an A100 with a quarter in use. Freeing a for a whole A100 may move the
+    # idle slice to c only, never to the T4.
+    scheduler = sched(
+        dev("a", "h1", name="A100"),
+        dev("b", "h1", name="T4"),
+        dev("c", "h2", name="A100"),
+        placement="best-fit",
+    )
+    pinned = req("idle", fraction=0.5, gpu_model="a100")
+    scheduler.submit(pinned)
+    assert scheduler.allocations["idle"].device_ids in (("a",), ("c",))
+    home = scheduler.allocations["idle"].device_ids[0]
+    other = "c" if home == "a" else "a"
+    scheduler.submit(req("user", fraction=0.25, hosts=(scheduler.devices[other].host,)))
+    assert scheduler.allocations["user"].device_ids == (other,)
+    whole = req("whole", gpu_model="a100")
+    assert scheduler.try_place(whole) is None
+    plan = scheduler.move_plan(whole, movable={"idle"})
+    assert plan is not None
+    assert plan.moves == (("idle", home, other),), "moved onto the T4"
+    # with its A100 sibling full, the only room left is the T4: no plan
+    scheduler.submit(req("filler", fraction=0.75, hosts=(scheduler.devices[other].host,)))
+    assert scheduler.move_plan(whole, movable={"idle"}) is None
+    # once the lease ends, its pin goes with it
+    scheduler.free("idle", held_seconds=1.0)
+    assert "idle" not in scheduler.pins

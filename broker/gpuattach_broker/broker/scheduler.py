@@ -242,6 +242,8 @@ class Scheduler:
         self.queue: list[SliceRequest] = []
         self.allocations: dict[str, Placement] = {}
         self.owners: dict[str, str] = {}  # lease id -> user
+        # lease id -> the (gpu model, hosts) its request named: a move keeps them.
+        self.pins: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._held_by_user: dict[str, int] = {}
         self._arrival: dict[str, int] = {}  # request id -> order of submission
         # Each user's waiting requests, best first: a user's own requests keep
@@ -694,10 +696,20 @@ class Scheduler:
         self._grants += 1
         self._last_grant[user] = self._grants
 
-    def free(self, lease_id: str, held_seconds: float | None = None) -> Placement | None:
+    def _pin(self, request: SliceRequest) -> None:
+        if request.gpu_model or request.hosts:
+            self.pins[request.request_id] = (request.gpu_model, request.hosts)
+
+    def free(
+        self, lease_id: str, held_seconds: float | None = None, *, moving: bool = False
+    ) -> Placement | None:
+        """Give a lease's room back; `moving`: it is allocated again elsewhere
+        at once (a move), so what its request named stays pinned to it."""
         placement = self.allocations.pop(lease_id, None)
         if placement is None:
             return None
+        if not moving:
+            self.pins.pop(lease_id, None)
         owner = self.owners.pop(lease_id, "")
         self._held_by_user[owner] = self._held_by_user.get(owner, 1) - 1
         if not self._held_by_user[owner]:
@@ -756,6 +768,7 @@ class Scheduler:
         else:
             self._arrival.pop(request.request_id, None)
             self.allocate(request.request_id, placement, request.user)
+            self._pin(request)
         return placement
 
     def _own_order(self, request: SliceRequest) -> tuple[int, float, int]:
@@ -847,6 +860,7 @@ class Scheduler:
                 break
             self._dequeue(best)
             self.allocate(placement.request_id, placement, best.user)
+            self._pin(best)
             granted.append(placement)
         return granted
 
@@ -875,6 +889,7 @@ class Scheduler:
                 continue
             self._dequeue(request)
             self.allocate(placement.request_id, placement, request.user)
+            self._pin(request)
             granted.append(placement)
         return granted
 
@@ -1048,14 +1063,17 @@ class Scheduler:
             for lease in leases:
                 old = self.allocations[lease]
                 user = self.owners.get(lease, "")
-                self.free(lease)
+                self.free(lease, moving=True)
                 device.draining = True  # nothing moves back onto it
+                model, hosts = self.pins.get(lease, ("", ()))
                 shape = SliceRequest(
                     request_id=lease,
                     user=user,
                     memory_bytes=0 if old.exclusive else old.memory_bytes,
                     cpus=old.cpus,
                     host_memory_bytes=old.host_memory_bytes,
+                    gpu_model=model,  # a move keeps what the request asked for
+                    hosts=hosts,
                 )
                 target = self.try_place(shape)
                 device.draining = was_draining
@@ -1072,7 +1090,7 @@ class Scheduler:
         finally:
             device.draining = was_draining
             for lease, old, user in reversed(undo):
-                self.free(lease)
+                self.free(lease, moving=True)
                 self.allocate(lease, old, user)
         return result
 

@@ -373,7 +373,7 @@ class Simulation:
             assert lease is not None
             old = lease.placement
             user = self.scheduler.owners.get(lease_id, "")
-            self.scheduler.free(lease_id)
+            self.scheduler.free(lease_id, moving=True)
             moved = replace(old, host=self.scheduler.devices[target].host, device_ids=(target,))
             self.scheduler.allocate(lease_id, moved, user)
             lease.placement = moved
