@@ -288,14 +288,18 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "ask for either a memory size or a fraction"
             )
+        request_id, submitted_at = uuid.uuid4().hex[:16], time.time()
+        resumed = await self._resumable(request.resume_request_id, user)
+        if resumed is not None:
+            request_id, submitted_at = request.resume_request_id, resumed
         slice_request = SliceRequest(
-            request_id=uuid.uuid4().hex[:16],
+            request_id=request_id,
             user=user,
             kernel_id=request.kernel_id,
             memory_bytes=spec.memory_bytes,
             fraction=spec.fraction,
             gpus=spec.gpus or 1,
-            submitted_at=time.time(),
+            submitted_at=submitted_at,
         )
         try:
             effective = admit(
@@ -317,7 +321,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         self.store.event(
-            "requested",
+            "requested" if resumed is None else "resumed",
             lease_id=slice_request.request_id,
             user=user,
             detail=f"{_describe_request(slice_request)}, priority {effective.priority_class} "
@@ -360,6 +364,23 @@ class BrokerService(pb_grpc.BrokerServicer):
             granted.forward_env.extend(limits.forward_env)
         yield pb.AttachEvent(granted=granted)
 
+    async def _resumable(self, request_id: str, user: str) -> float | None:
+        """The arrival time of `user`'s queued request `request_id` that a former
+        active broker took (a failover cut its attach stream, and the kernel
+        resubmits): the request keeps its place in the queue. None when there
+        is no such request still waiting (then it is a new one). The time
+        comes from the audit log, not from the client, so no one can jump the
+        queue by claiming an early arrival."""
+        if not request_id or len(request_id) > 64:
+            return None
+        if request_id in self.waiters or self.store.get_lease(request_id) is not None:
+            return None
+        events = await self.store.events(lease_id=request_id)
+        if any(e.kind not in ("requested", "queued", "resumed") for e in events):
+            return None  # granted, refused, withdrawn or given up: not waiting any more
+        arrivals = [e.ts for e in events if e.kind == "requested" and e.user == user]
+        return arrivals[0] if arrivals and all(e.user == user for e in events) else None
+
     async def _wait_in_queue(
         self,
         req: SliceRequest,
@@ -388,6 +409,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                         queue_length=len(self.scheduler.queue),
                         estimated_wait_seconds=self._known_wait(position),
                         reason=self._why_waiting(req),
+                        request_id=req.request_id,
                     )
                 )
                 waiter.changed.clear()
