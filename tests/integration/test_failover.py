@@ -107,7 +107,8 @@ def failover(tmp_path: Path, postgres: PostgresServer) -> Iterator[tuple[Failove
     url = postgres.database("failover")
     stack = FailoverStack(workdir=tmp_path / "stack", db_url=url, ttl="10s")
     try:
-        yield stack.start(), url
+        stack.start()
+        yield stack, url
     finally:
         stack.stop()
         postgres.drop(url)
