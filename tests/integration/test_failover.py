@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class FailoverStack(Stack):
     """A Stack with two brokers on one PostgreSQL database; `address` lists both."""
 
     ports: list[int] = field(default_factory=lambda: [free_port(), free_port()])
+    metrics_ports: list[int] = field(default_factory=lambda: [free_port(), free_port()])
     brokers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -63,6 +65,8 @@ class FailoverStack(Stack):
                     *self.db_args(),
                     "--ttl",
                     self.ttl,
+                    "--metrics-address",
+                    f"127.0.0.1:{self.metrics_ports[index]}",
                     *self.serve_args,
                 ],
                 log,
@@ -82,6 +86,11 @@ class FailoverStack(Stack):
         finally:
             client.close()
         return True
+
+    def metrics(self, index: int) -> str:
+        url = f"http://127.0.0.1:{self.metrics_ports[index]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return str(reply.read().decode())
 
     def log(self, index: int) -> str:
         return (self.workdir / f"broker{index}.log").read_text(errors="replace")
@@ -140,6 +149,8 @@ def test_sigkill_of_the_active_broker_while_a_cell_runs(
 ) -> None:
     stack, _ = failover
     assert not stack.answers(1), "the standby must not serve while the first broker is active"
+    # A standby still answers liveness probes and scrapes, on its metrics address.
+    assert "gpuattach_broker_active 0" in stack.metrics(1)
     kernel: Kernel = kernel_factory(stack)
     kernel.ok("%gpu attach")
     (lease,) = stack.leases()
@@ -164,6 +175,7 @@ def test_sigkill_of_the_active_broker_while_a_cell_runs(
     stack.brokers[0].wait()
     wait_for(lambda: stack.answers(1), timeout=15, interval=0.02, what="the standby to take over")
     takeover = time.monotonic() - killed
+    print(f"takeover after SIGKILL: {takeover:.2f} s")
     assert takeover < 5.0, f"the standby took {takeover:.1f} s to take over"
 
     result = kernel.collect(msg_id, into=result)
@@ -190,6 +202,7 @@ def test_sigkill_of_the_active_broker_while_a_cell_runs(
     ended = {x.lease_id: x.state for x in stack.leases(include_ended=True)}
     assert ended[lease.lease_id] == "released"
     assert "active broker (leader epoch 2)" in stack.log(1)
+    assert "gpuattach_active_leases" in stack.metrics(1)  # its real metrics now
 
 
 def test_a_paused_active_that_comes_back_does_not_act(

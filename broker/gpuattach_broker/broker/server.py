@@ -193,11 +193,42 @@ async def _become_active(
     halt = threading.Event()
     relay = asyncio.create_task(stop.wait())
     relay.add_done_callback(lambda _: halt.set())
+    health = await _standby_health(options.metrics_address)
     try:
         active = await asyncio.to_thread(leadership.wait_until_active, halt)
     finally:
         relay.cancel()
+        if health is not None:
+            health.close()
+            await health.wait_closed()
     return leadership if active else None
+
+
+STANDBY_REPLY = (
+    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\r\n"
+    b"# HELP gpuattach_broker_active Whether this broker is the active one.\n"
+    b"# TYPE gpuattach_broker_active gauge\ngpuattach_broker_active 0\n"
+)
+
+
+async def _standby_health(metrics_address: str) -> asyncio.Server | None:
+    """While standing by, answer on the metrics address (liveness probes,
+    scrapes: ``gpuattach_broker_active 0``); the gRPC port stays closed so
+    that clients connect to the active broker. None without a metrics address."""
+    if not metrics_address:
+        return None
+    host, _, port = metrics_address.rpartition(":")
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(
+            OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
+        ):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(STANDBY_REPLY)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(reply, host or "127.0.0.1", int(port), reuse_address=True)
 
 
 def _without_password(db_url: str) -> str:
