@@ -124,10 +124,11 @@ def broker_target(address: str) -> tuple[str, list[tuple[str, Any]]]:
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1000),
         # A paused broker keeps its connections open: pings notice it within
-        # about 4 s (a ping already in flight waits no longer either).
-        ("grpc.keepalive_time_ms", 2000),
-        ("grpc.keepalive_timeout_ms", 2000),
-        ("grpc.http2.ping_timeout_ms", 2000),
+        # about 10 s (a ping already in flight waits no longer either). Not
+        # less: a busy client's or broker's event loop answers pings late.
+        ("grpc.keepalive_time_ms", 5000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.ping_timeout_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.ssl_target_name_override", first_host),

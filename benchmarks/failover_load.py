@@ -1,0 +1,363 @@
+"""Load with a failover: many protocol-level kernels against two brokers on
+one PostgreSQL database, the active broker killed (SIGKILL) half-way.
+
+Each kernel loops Attach (waiting in the queue) → Renew → Release, as the
+kernel side does, following the comma-separated broker list: on
+UNAVAILABLE it retries, and an attach that waited in the queue resubmits
+with its request id. The host is a protocol-level agent (`FollowingAgent`)
+that answers StartLease at once without a worker process, reconnects to
+the new active broker and says hello with the leases it runs, as the real
+agent does. Afterwards the ledger must account for every lease (granted =
+released + expired + revoked), no capacity may stay allocated, and every
+error a kernel saw must be explained by the failover (UNAVAILABLE while no
+broker was active).
+
+`tests/integration/test_load.py` runs it briefly; `make bench` for 60 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+from gpuattach_broker.protos import gpuattach_pb2 as pb
+from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
+from gpuattach_broker.rpc import key_metadata
+from gpuattach_broker.tls import broker_target
+
+BIN = Path(sys.executable).parent
+HOST = "loadhost"
+KEY = "load-key"
+GiB = 1 << 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FollowingAgent:
+    """A protocol-level agent that follows the active broker of a list."""
+
+    def __init__(self, address: str, devices: int, device_bytes: int) -> None:
+        self.address = address
+        self.devices = devices
+        self.device_bytes = device_bytes
+        self.metadata = key_metadata(KEY)
+        self.live: dict[str, str] = {}
+        self.sessions = 0
+
+    def _hello(self) -> pb.AgentMessage:
+        return pb.AgentMessage(
+            hello=pb.AgentHello(
+                host=HOST,
+                agent_id="load",
+                version="load",
+                devices=[
+                    pb.DeviceInfo(
+                        device_id=f"{HOST}/d{i}",
+                        name="stand-in device",
+                        kind="cpu",
+                        memory_bytes=self.device_bytes,
+                    )
+                    for i in range(self.devices)
+                ],
+                live_leases=[
+                    pb.LiveLease(lease_id=lease_id, worker_endpoint=endpoint, pid=0)
+                    for lease_id, endpoint in self.live.items()
+                ],
+            )
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._session()
+            except grpc.aio.AioRpcError:
+                pass  # the broker went away: say hello to the next active one
+            await asyncio.sleep(0.2)
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
+        outbox.put_nowait(self._hello())
+
+        async def requests() -> Any:
+            while True:
+                yield await outbox.get()
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                outbox.put_nowait(pb.AgentMessage(heartbeat=pb.AgentHeartbeat()))
+
+        target, options = broker_target(self.address)
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            call = pb_grpc.BrokerStub(channel).AgentChannel(requests(), metadata=self.metadata)
+            beat = asyncio.create_task(heartbeat())
+            self.sessions += 1
+            try:
+                async for command in call:
+                    kind = command.WhichOneof("cmd")
+                    if kind == "start":
+                        lease_id = command.start.lease_id
+                        self.live[lease_id] = "127.0.0.1:9"
+                        started = pb.LeaseStarted(lease_id=lease_id, worker_endpoint="127.0.0.1:9")
+                        outbox.put_nowait(pb.AgentMessage(started=started))
+                    elif kind == "stop":
+                        lease_id = command.stop.lease_id
+                        self.live.pop(lease_id, None)
+                        stopped = pb.LeaseStopped(lease_id=lease_id, detail="stand-in")
+                        outbox.put_nowait(pb.AgentMessage(stopped=stopped))
+            finally:
+                beat.cancel()
+
+
+@dataclass
+class Tally:
+    pairs: int = 0
+    renewals: int = 0
+    retried: Counter[str] = field(default_factory=Counter)  # explained: during the failover
+    unexplained: list[str] = field(default_factory=list)
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0])  # no active broker
+
+    def error(self, exc: grpc.aio.AioRpcError, what: str) -> bool:
+        """Record an error; True when the kernel should retry (failover)."""
+        now = time.monotonic()
+        start, end = self.window
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and start and (not end or now < end + 10):
+            self.retried[what] += 1
+            return True
+        self.unexplained.append(f"{what}: {exc.code().name} {exc.details()}")
+        return False
+
+
+async def _kernel(index: int, stub: pb_grpc.BrokerStub, stop_at: float, tally: Tally) -> None:
+    metadata = key_metadata(KEY)
+    while time.monotonic() < stop_at:
+        request = pb.AttachRequest(
+            user=f"user{index}",
+            kernel_id=f"k{index}",
+            wait_seconds=-1,
+            slice=pb.SliceSpec(memory_bytes=GiB),
+        )
+        lease: pb.Lease | None = None
+        while lease is None:
+            try:
+                async for event in stub.Attach(request, metadata=metadata, timeout=120):
+                    if event.HasField("granted"):
+                        lease = event.granted
+                    elif event.queued.request_id:
+                        request.resume_request_id = event.queued.request_id
+            except grpc.aio.AioRpcError as exc:
+                if not tally.error(exc, "attach"):
+                    return
+                await asyncio.sleep(0.25)
+                continue
+            if lease is None:
+                tally.unexplained.append("attach: the stream ended without a grant")
+                return
+        ref = pb.LeaseRef(lease_id=lease.lease_id, token=lease.token)
+        for call, what in ((stub.Renew, "renew"), (stub.Release, "release")):
+            while True:
+                try:
+                    await call(ref, metadata=metadata, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    if not tally.error(exc, what):
+                        return
+                    await asyncio.sleep(0.25)
+                    continue
+                break
+            tally.renewals += what == "renew"
+        tally.pairs += 1
+
+
+@dataclass
+class Brokers:
+    workdir: Path
+    db_url: str
+    ttl: str = "5s"
+    ports: list[int] = field(default_factory=lambda: [_free_port(), _free_port()])
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self, index: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, GPUATTACH_BROKER_KEY=KEY)
+        with open(self.workdir / f"broker{index}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    str(BIN / "gpuattach-broker"),
+                    "serve",
+                    "--address",
+                    f"127.0.0.1:{self.ports[index]}",
+                    "--db-url",
+                    self.db_url,
+                    "--ttl",
+                    self.ttl,
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+async def _answers(port: int) -> bool:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            await pb_grpc.BrokerStub(channel).GetPoolStatus(
+                pb.PoolStatusRequest(), metadata=key_metadata(KEY), timeout=2
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return True
+
+
+async def _wait(predicate: Any, limit: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + limit
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def _run(
+    brokers: Brokers, kernels: int, seconds: float, devices: int, failover_at: float
+) -> dict[str, Any]:
+    first = brokers.start(0)
+    await _wait(lambda: _answers(brokers.ports[0]), 60, "the first broker")
+    brokers.start(1)
+    log1 = brokers.workdir / "broker1.log"
+
+    async def standing_by() -> bool:
+        return log1.exists() and "standby:" in log1.read_text(errors="replace")
+
+    await _wait(standing_by, 60, "the second broker to stand by")
+    stop = asyncio.Event()
+    agent = FollowingAgent(brokers.address, devices, 64 * GiB)
+    agent_task = asyncio.create_task(agent.run(stop))
+    target, options = broker_target(brokers.address)
+    tally = Tally()
+    # A few channels shared by the kernels, as kernels on a few hosts would.
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(8)]
+    stubs = [pb_grpc.BrokerStub(c) for c in channels]
+
+    async def agent_online() -> bool:
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            try:
+                status = await pb_grpc.BrokerStub(channel).GetPoolStatus(
+                    pb.PoolStatusRequest(), metadata=key_metadata(KEY), timeout=5
+                )
+            except grpc.aio.AioRpcError:
+                return False
+        return status.agents_online == 1
+
+    await _wait(agent_online, 30, "the stand-in agent")
+    started = time.monotonic()
+    stop_at = started + seconds
+    tasks = [
+        asyncio.create_task(_kernel(i, stubs[i % len(stubs)], stop_at, tally))
+        for i in range(kernels)
+    ]
+    await asyncio.sleep(failover_at)
+    pairs_before = tally.pairs
+    tally.window[0] = time.monotonic()
+    first.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(first.wait)
+    await _wait(lambda: _answers(brokers.ports[1]), 30, "the standby to take over", 0.02)
+    tally.window[1] = time.monotonic()
+    takeover = tally.window[1] - tally.window[0]
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - started
+
+    # Leases whose grant the killed broker sent but no kernel received run
+    # out after the TTL (expired): wait until nothing is held.
+    async def drained() -> bool:
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            status = await pb_grpc.BrokerStub(channel).GetPoolStatus(
+                pb.PoolStatusRequest(), metadata=key_metadata(KEY), timeout=5
+            )
+        return status.active_leases == 0 and not status.queue_length
+
+    await _wait(drained, 60, "every lease to end", 0.2)
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        status = await pb_grpc.BrokerStub(channel).GetPoolStatus(
+            pb.PoolStatusRequest(), metadata=key_metadata(KEY), timeout=5
+        )
+    stop.set()
+    agent_task.cancel()
+    for channel in channels:
+        await channel.close()
+    return {
+        "kernels": kernels,
+        "seconds": elapsed,
+        "pairs": tally.pairs,
+        "pairs_per_second": tally.pairs / elapsed,
+        "pairs_before_failover": pairs_before,
+        "takeover_seconds": takeover,
+        "retried_during_failover": dict(tally.retried),
+        "unexplained_errors": tally.unexplained,
+        "allocated_bytes": sum(d.allocated_bytes for d in status.devices),
+        "agent_sessions": agent.sessions,
+    }
+
+
+def ledger(db_url: str) -> dict[str, int]:
+    """Leases granted, and how each granted one ended, from the database."""
+    engine = sa.create_engine(sa.make_url(db_url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as db:
+            rows = db.execute(
+                sa.text("SELECT state, count(*) FROM leases WHERE granted_at > 0 GROUP BY state")
+            ).all()
+    finally:
+        engine.dispose()
+    counts = {str(state): int(n) for state, n in rows}
+    counts["granted"] = sum(counts.values())
+    return counts
+
+
+def run(
+    workdir: Path,
+    db_url: str,
+    *,
+    kernels: int = 500,
+    seconds: float = 60.0,
+    devices: int = 2,
+    failover_at: float | None = None,
+) -> dict[str, Any]:
+    """The load, with one failover at `failover_at` s (default: half-way)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    brokers = Brokers(workdir, db_url)
+    try:
+        result = asyncio.run(_run(brokers, kernels, seconds, devices, failover_at or seconds / 2))
+    finally:
+        brokers.stop()
+    result["ledger"] = ledger(db_url)
+    return result
