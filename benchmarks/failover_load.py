@@ -18,6 +18,7 @@ broker was active).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -276,7 +277,7 @@ async def _run(
                 )
             except grpc.aio.AioRpcError:
                 return False
-        return status.agents_online == 1
+        return bool(status.agents_online == 1)
 
     await _wait(agent_online, 30, "the stand-in agent")
     started = time.monotonic()
@@ -312,8 +313,10 @@ async def _run(
         )
     stop.set()
     agent_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent_task
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     return {
         "kernels": kernels,
         "seconds": elapsed,
