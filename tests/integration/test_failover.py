@@ -247,3 +247,14 @@ def test_a_paused_active_that_comes_back_does_not_act(
         client.release(granted)
     finally:
         client.close()
+    # Restarted (as a supervisor would), the old broker stands by; SIGTERM
+    # ends a standby at once, and the active one is untouched.
+    stack.start_one(0)
+    wait_for(
+        lambda: stack.log(0).count("standby: the active broker is") == 1,
+        what="the restarted broker to stand by",
+    )
+    assert not stack.answers(0)
+    stack.brokers[0].terminate()
+    assert stack.brokers[0].wait(timeout=15) == 0
+    assert stack.answers(1)
