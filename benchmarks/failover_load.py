@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,23 @@ BIN = Path(sys.executable).parent
 HOST = "loadhost"
 KEY = "load-key"
 GiB = 1 << 30
+# Protocol-level kernels take 32 GiB slices of 2 TiB stand-in devices (64
+# each); real kernels take 1 GiB of the real agent's 16 GiB device. A stand-in
+# device's free room is a multiple of 32 GiB, so best-fit places every real
+# kernel on the real device, and no protocol-level slice fits there.
+SLICE_BYTES = 32 * GiB
+STAND_IN_BYTES = 2048 * GiB
+REAL_DEVICES = "cpu:1x16GiB"
+REAL_CELL = """
+import time
+_ip = get_ipython()
+_deadline = time.monotonic() + {seconds}
+_cycles = 0
+while time.monotonic() < _deadline:
+    _ip.run_cell_magic("gpu", "--mem 1GiB --wait 120s", "y = sum(range(10000))")
+    _cycles += 1
+print("cycles", _cycles)
+"""
 
 
 def _free_port() -> int:
@@ -152,7 +170,7 @@ async def _kernel(index: int, stub: pb_grpc.BrokerStub, stop_at: float, tally: T
             user=f"user{index}",
             kernel_id=f"k{index}",
             wait_seconds=-1,
-            slice=pb.SliceSpec(memory_bytes=GiB),
+            slice=pb.SliceSpec(memory_bytes=SLICE_BYTES),
         )
         lease: pb.Lease | None = None
         while lease is None:
@@ -189,7 +207,7 @@ async def _kernel(index: int, stub: pb_grpc.BrokerStub, stop_at: float, tally: T
 class Brokers:
     workdir: Path
     db_url: str
-    ttl: str = "5s"
+    ttl: str = "15s"  # kernels give a lease up after a TTL without an answer
     ports: list[int] = field(default_factory=lambda: [_free_port(), _free_port()])
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -229,6 +247,103 @@ class Brokers:
                     proc.wait()
 
 
+class RealKernels:
+    """`count` real ipykernels (tests/harness.py) that loop ``%%gpu`` cells on
+    a real agent's workers for `seconds`, through the same broker list."""
+
+    def __init__(self, brokers: Brokers, count: int, seconds: float) -> None:
+        self.brokers = brokers
+        self.count = count
+        self.seconds = seconds
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.kernels: list[Any] = []
+        self.results: list[dict[str, Any]] = []
+        self.ready = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def env(self) -> dict[str, str]:
+        workdir = self.brokers.workdir
+        return dict(
+            os.environ,
+            GPUATTACH_BROKER=self.brokers.address,
+            GPUATTACH_BROKER_KEY=KEY,
+            GPUATTACH_STATE_DIR=str(workdir / "state"),
+            JUPYTER_RUNTIME_DIR=str(workdir / "runtime"),
+        )
+
+    def start_agent(self) -> None:
+        with open(self.brokers.workdir / "agent.log", "ab") as log:
+            self.agent = subprocess.Popen(
+                [
+                    str(BIN / "gpuattach-agent"),
+                    "--broker",
+                    self.brokers.address,
+                    "--devices",
+                    REAL_DEVICES,
+                    "--pool-size",
+                    "2",
+                    "--host",
+                    "realhost",
+                    "--isolation",
+                    "none",
+                ],
+                env=self.env(),
+                stdout=log,
+                stderr=log,
+            )
+
+    def begin(self) -> None:
+        """Start the kernels and their loops in a thread of their own, which
+        also shuts them down (jupyter_client gives each thread an event loop
+        that only that thread can close)."""
+        self.thread = threading.Thread(target=self._life, name="real-kernels")
+        self.thread.start()
+
+    def _life(self) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.harness import Kernel
+
+        try:
+            cells = []
+            for index in range(self.count):
+                cwd = self.brokers.workdir / f"notebook{index}"
+                cwd.mkdir(parents=True, exist_ok=True)
+                kernel = Kernel(self.env(), cwd)
+                self.kernels.append(kernel)
+                kernel.ok("%load_ext jupyter_gpuattach")
+            for kernel in self.kernels:
+                cells.append(kernel.submit(REAL_CELL.format(seconds=self.seconds)))
+            self.ready.set()
+            for kernel, msg_id in zip(self.kernels, cells, strict=True):
+                result = kernel.collect(msg_id, timeout=self.seconds + 300)
+                cycles = [x for x in result.stdout.splitlines() if x.startswith("cycles")]
+                self.results.append(
+                    {
+                        "status": result.status,
+                        "cycles": int(cycles[-1].split()[1]) if cycles else 0,
+                        "error": result.error,
+                        "stderr": result.stderr[-2000:],
+                    }
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported in the results, not lost in a thread
+            self.results.append({"status": "harness", "error": repr(exc), "cycles": 0})
+        finally:
+            self.ready.set()
+            for kernel in self.kernels:
+                kernel.shutdown()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.thread.join(self.seconds + 400)
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.terminate()
+            try:
+                self.agent.wait(15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+
+
 async def _answers(port: int) -> bool:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
@@ -249,7 +364,12 @@ async def _wait(predicate: Any, limit: float, what: str, interval: float = 0.05)
 
 
 async def _run(
-    brokers: Brokers, kernels: int, seconds: float, devices: int, failover_at: float
+    brokers: Brokers,
+    kernels: int,
+    seconds: float,
+    devices: int,
+    failover_at: float,
+    real: RealKernels | None,
 ) -> dict[str, Any]:
     first = brokers.start(0)
     await _wait(lambda: _answers(brokers.ports[0]), 60, "the first broker")
@@ -261,7 +381,7 @@ async def _run(
 
     await _wait(standing_by, 60, "the second broker to stand by")
     stop = asyncio.Event()
-    agent = FollowingAgent(brokers.address, devices, 64 * GiB)
+    agent = FollowingAgent(brokers.address, devices, STAND_IN_BYTES)
     agent_task = asyncio.create_task(agent.run(stop))
     target, options = broker_target(brokers.address)
     tally = Tally()
@@ -280,6 +400,19 @@ async def _run(
         return bool(status.agents_online == 1)
 
     await _wait(agent_online, 30, "the stand-in agent")
+    if real is not None:
+        real.start_agent()
+
+        async def both_agents() -> bool:
+            async with grpc.aio.insecure_channel(target, options=options) as channel:
+                status = await pb_grpc.BrokerStub(channel).GetPoolStatus(
+                    pb.PoolStatusRequest(), metadata=key_metadata(KEY), timeout=5
+                )
+            return bool(status.agents_online == 2)
+
+        await _wait(both_agents, 60, "the real agent")
+        real.begin()
+        await asyncio.to_thread(real.ready.wait)
     started = time.monotonic()
     stop_at = started + seconds
     tasks = [
@@ -295,6 +428,9 @@ async def _run(
     tally.window[1] = time.monotonic()
     takeover = tally.window[1] - tally.window[0]
     await asyncio.gather(*tasks)
+    if real is not None and real.thread is not None:
+        await asyncio.to_thread(real.thread.join)
+    real_results = real.results if real is not None else []
     elapsed = time.monotonic() - started
 
     # Leases whose grant the killed broker sent but no kernel received run
@@ -328,6 +464,7 @@ async def _run(
         "unexplained_errors": tally.unexplained,
         "allocated_bytes": sum(d.allocated_bytes for d in status.devices),
         "agent_sessions": agent.sessions,
+        "real_kernels": real_results,
     }
 
 
@@ -354,13 +491,21 @@ def run(
     seconds: float = 60.0,
     devices: int = 2,
     failover_at: float | None = None,
+    real_kernels: int = 0,
 ) -> dict[str, Any]:
-    """The load, with one failover at `failover_at` s (default: half-way)."""
+    """The load, with one failover at `failover_at` s (default: half-way):
+    `kernels` protocol-level kernels on `devices` stand-in devices (64
+    slices each), and `real_kernels` real ipykernels on a real agent."""
     workdir.mkdir(parents=True, exist_ok=True)
     brokers = Brokers(workdir, db_url)
+    real = RealKernels(brokers, real_kernels, seconds) if real_kernels else None
     try:
-        result = asyncio.run(_run(brokers, kernels, seconds, devices, failover_at or seconds / 2))
+        result = asyncio.run(
+            _run(brokers, kernels, seconds, devices, failover_at or seconds / 2, real)
+        )
     finally:
+        if real is not None:
+            real.stop()
         brokers.stop()
     result["ledger"] = ledger(db_url)
     return result

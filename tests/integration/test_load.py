@@ -15,7 +15,7 @@ from tests.pg import PostgresServer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import failover_load  # found on the path just set
 
-SECONDS = float(os.environ.get("GPUATTACH_LOAD_SECONDS", "12"))
+SECONDS = float(os.environ.get("GPUATTACH_LOAD_SECONDS", "20"))
 
 
 def test_load_with_a_failover_accounts_for_every_lease(
@@ -23,12 +23,20 @@ def test_load_with_a_failover_accounts_for_every_lease(
 ) -> None:
     url = postgres.database("load")
     try:
-        result = failover_load.run(tmp_path / "load", url, kernels=500, seconds=SECONDS, devices=8)
+        result = failover_load.run(
+            tmp_path / "load", url, kernels=500, seconds=SECONDS, devices=8, real_kernels=10
+        )
     finally:
         ledger = failover_load.ledger(url)
         postgres.drop(url)
     print({k: v for k, v in result.items() if k != "unexplained_errors"})
     assert result["unexplained_errors"] == []
+    # The real kernels' cells ran on their workers through the failover.
+    real = result["real_kernels"]
+    assert len(real) == 10
+    for kernel in real:
+        assert kernel["status"] == "ok", kernel
+        assert kernel["cycles"] > 0, kernel
     assert result["takeover_seconds"] < 5.0
     assert result["pairs_before_failover"] > 0
     assert result["pairs"] > result["pairs_before_failover"], "work went on after the failover"

@@ -141,6 +141,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 DeviceState(device_id, host, name, kind, memory, device_uuid, online=False)
             )
         now = time.time()
+        extended = []
         for lease in self.store.leases():
             if lease.state == LeaseState.STARTING:
                 self._end_record(
@@ -148,9 +149,10 @@ class BrokerService(pb_grpc.BrokerServicer):
                 )
                 continue
             self._allocate_record(lease)
-            # Kernels could not renew while the broker was down: give them a TTL.
-            lease.expires_at = max(lease.expires_at, now + self.ttl)
-            self.store.renew(lease.lease_id, lease.expires_at)
+            # Kernels could not renew while the broker was down: give them a TTL
+            # (one transaction for all: a broker taking over serves sooner).
+            extended.append((lease.lease_id, max(lease.expires_at, now + self.ttl)))
+        self.store.extend(extended)
         self.store.event("broker-started", detail=f"{len(self.scheduler.allocations)} leases kept")
 
     def _allocate_record(self, lease: LeaseRecord) -> None:

@@ -68,6 +68,9 @@ class Store(Protocol):
     def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
         """Write only these fields of the lease (heartbeats: a few columns)."""
 
+    def update_leases(self, leases: Sequence[LeaseRecord], names: Sequence[str]) -> None:
+        """`update_lease` for many leases in one transaction (a broker taking over)."""
+
     def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
 
     def leases(
@@ -267,6 +270,16 @@ class SqlStore:
         values = {name: getattr(lease, name) for name in names}
         with self._write() as db:
             db.execute(self._update_lease, {**values, "where_lease_id": lease.lease_id})
+
+    def update_leases(self, leases: Sequence[LeaseRecord], names: Sequence[str]) -> None:
+        rows = [
+            {**{name: getattr(lease, name) for name in names}, "where_lease_id": lease.lease_id}
+            for lease in leases
+        ]
+        if not rows:
+            return
+        with self._write() as db:
+            db.execute(self._update_lease, rows)
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None:
         with self.engine.connect() as db:
