@@ -114,7 +114,7 @@ class FailoverStack(Stack):
 @pytest.fixture
 def failover(tmp_path: Path, postgres: PostgresServer) -> Iterator[tuple[FailoverStack, str]]:
     url = postgres.database("failover")
-    stack = FailoverStack(workdir=tmp_path / "stack", db_url=url, ttl="10s")
+    stack = FailoverStack(workdir=tmp_path / "stack", db_url=url, ttl="30s")
     try:
         stack.start()
         yield stack, url
