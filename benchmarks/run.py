@@ -129,7 +129,9 @@ def _failover_load(workdir: Path, seconds: float, log: Any) -> dict[str, Any]:
         return {"error": str(exc)}
     try:
         url = server.database("load")
-        return failover_load.run(workdir, url, kernels=500, seconds=seconds, devices=8)
+        return failover_load.run(
+            workdir, url, kernels=500, seconds=seconds, devices=8, real_kernels=10
+        )
     finally:
         server.stop()
 
