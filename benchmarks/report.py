@@ -427,6 +427,25 @@ def build_rows(
                 "ratio": None,
             }
         rows.append(row)
+    load = ours.get("failover_load")
+    if load is not None:
+        name = (
+            f"broker attach+release pairs/s, {load.get('kernels', 500)} kernels, "
+            "PostgreSQL, two brokers, the active one killed half-way"
+        )
+        if "error" in load:
+            cell = f"not measured: {load['error']}"
+        else:
+            ledger = load["ledger"]
+            cell = (
+                f"{load['pairs_per_second']:.0f}/s over {load['seconds']:.0f} s "
+                f"(takeover {load['takeover_seconds']:.1f} s; {ledger['granted']} granted = "
+                f"{ledger.get('released', 0)} released + {ledger.get('expired', 0)} expired + "
+                f"{ledger.get('revoked', 0)} revoked; "
+                f"{len(load['unexplained_errors'])} unexplained errors)"
+            )
+        cells = [name, cell, "—", "—", "—", "—"]
+        rows.append({"figure": name, "kind": "rate", "ours": load, "cells": cells})
     same_host = ours.get("migration_same_host", {})
     largest_same = list(same_host)[-1] if same_host else None
     for label, fig in same_host.items():

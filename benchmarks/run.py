@@ -42,6 +42,7 @@ class Config:
     memcpy_reps: int
     control_seconds: float
     attach_n: int
+    load_seconds: float  # failover_load: 500 kernels, two brokers on PostgreSQL
     cold_n: int
     cell_n: int
     stream_n: int
@@ -61,6 +62,7 @@ class Config:
             memcpy_reps=3,
             control_seconds=3.0,
             attach_n=3,
+            load_seconds=10.0,
             cold_n=2,
             cell_n=50,
             stream_n=5,
@@ -81,6 +83,7 @@ class Config:
             memcpy_reps=5,
             control_seconds=8.0,
             attach_n=15,
+            load_seconds=60.0,
             cold_n=5,
             cell_n=300,
             stream_n=20,
@@ -110,6 +113,27 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def _failover_load(workdir: Path, seconds: float, log: Any) -> dict[str, Any]:
+    """benchmarks/failover_load.py on a PostgreSQL server of its own (tests/pg.py)."""
+    import failover_load
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.pg import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        log(f"failover load: not measured: {exc}")
+        return {"error": str(exc)}
+    try:
+        url = server.database("load")
+        return failover_load.run(
+            workdir, url, kernels=500, seconds=seconds, devices=8, real_kernels=10
+        )
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             control.stop()
+        log(f"failover load: 500 kernels, two brokers on PostgreSQL, {cfg.load_seconds:.0f} s")
+        our_figures["failover_load"] = _failover_load(workdir / "load", cfg.load_seconds, log)
         peer_figures = None if args.no_peer else peer.measure(cfg, log)
         ray_figures = None
         if not args.no_ray:

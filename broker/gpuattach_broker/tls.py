@@ -17,6 +17,7 @@ kernel's own TLS channel; the kernel then pins exactly that root.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,70 @@ def server_credentials(
     )
 
 
+def broker_target(address: str) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target and channel options for a broker address, or for a
+    comma-separated list of them (several brokers on one PostgreSQL
+    database, one active: standbys do not listen).
+
+    A list becomes one channel over all the addresses with gRPC's
+    pick_first policy: it connects to the first that accepts, and when that
+    connection drops, tries them again in order, so every RPC after a
+    failover reaches the new active broker. Host names are resolved here,
+    once; reconnect backoff is kept short (a standby may take over a few
+    seconds later), and keepalive pings notice a paused broker. With TLS,
+    every broker's certificate must name the first address's host (a
+    shared certificate naming all of them does)."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if len(parts) <= 1:
+        return (parts[0] if parts else address), []
+    resolved: list[str] = []
+    families: set[int] = set()
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"broker address {part!r} in {address!r}: use host:port")
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ValueError(f"broker address {part!r}: cannot resolve {host!r} ({exc})") from exc
+        family, _, _, _, sockaddr = infos[0]
+        families.add(family)
+        ip = str(sockaddr[0])
+        resolved.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    if len(families) > 1:
+        raise ValueError(f"broker addresses {address!r}: give all IPv4 or all IPv6 addresses")
+    scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
+    first_host = parts[0].rpartition(":")[0].strip("[]")
+    options: list[tuple[str, Any]] = [
+        ("grpc.lb_policy_name", "pick_first"),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        # A paused broker keeps its connections open: pings notice it within
+        # about 10 s (a ping already in flight waits no longer either). Not
+        # less: a busy client's or broker's event loop answers pings late.
+        ("grpc.keepalive_time_ms", 5000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.ping_timeout_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.ssl_target_name_override", first_host),
+        ("grpc.default_authority", parts[0]),
+    ]
+    return f"{scheme}:{','.join(resolved)}", options
+
+
 def broker_channel(address: str, tls_ca: str = "") -> grpc.Channel:
-    """A kernel's or admin's channel to the broker: TLS verified against
-    `tls_ca` when given, else plaintext (loopback, or a trusted network)."""
+    """A kernel's or admin's channel to the broker (or to the active one of a
+    comma-separated list, `broker_target`): TLS verified against `tls_ca`
+    when given, else plaintext (loopback, or a trusted network)."""
+    target, options = broker_target(address)
     if tls_ca:
-        return grpc.secure_channel(address, channel_credentials(TLSFiles(ca=tls_ca)))
-    return grpc.insecure_channel(address)
+        return grpc.secure_channel(
+            target, channel_credentials(TLSFiles(ca=tls_ca)), options=options
+        )
+    return grpc.insecure_channel(target, options=options)
 
 
 def worker_channel(

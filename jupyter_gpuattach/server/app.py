@@ -71,7 +71,8 @@ class GPUAttachApp(ExtensionApp):
     load_other_extensions = True
 
     broker_address = Unicode(
-        help="host:port of a shared GPU broker. Empty: the user's embedded broker "
+        help="host:port of a shared GPU broker (several, comma-separated: brokers with "
+        "failover). Empty: the user's embedded broker "
         "(started by this server, found by the kernels through the runtime file). "
         "Default: $GPUATTACH_BROKER."
     ).tag(config=True)

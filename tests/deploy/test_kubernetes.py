@@ -84,6 +84,11 @@ def test_validation_catches_a_misspelt_field(
 def test_the_broker_deployment(objects: dict[tuple[str, str, str], dict[str, Any]]) -> None:
     deployment = one(objects, "Deployment", "gpuattach-broker")
     assert deployment["spec"]["replicas"] == 2
+    # Only the active broker listens for gRPC: readiness on it routes the
+    # Service to the active one; a standby stays alive on its metrics port.
+    (probed,) = pod_spec(deployment)["containers"]
+    assert probed["readinessProbe"]["tcpSocket"]["port"] == "grpc"
+    assert probed["livenessProbe"]["tcpSocket"]["port"] == "metrics"
     pod = pod_spec(deployment)
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/jupyter-gpuattach/jupyter-gpuattach:0.1.0"

@@ -40,7 +40,13 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata, key_metadata
 from gpuattach_broker.shared.blobcache import cached_users, default_root
-from gpuattach_broker.tls import TLSFiles, WorkerTLS, channel_credentials, is_loopback
+from gpuattach_broker.tls import (
+    TLSFiles,
+    WorkerTLS,
+    broker_target,
+    channel_credentials,
+    is_loopback,
+)
 from gpuattach_broker.units import format_size
 
 log = logging.getLogger("gpuattach.agent")
@@ -268,10 +274,14 @@ class Agent:
         while not undelivered.empty():  # after the hello: the broker needs that first
             self._send(undelivered.get_nowait())
         metadata = key_metadata(self.key)
+        # A list of brokers (failover): the channel connects to the active one.
+        target, options = broker_target(self.broker_address)
         if self.tls.ca:
-            channel = grpc.aio.secure_channel(self.broker_address, channel_credentials(self.tls))
+            channel = grpc.aio.secure_channel(
+                target, channel_credentials(self.tls), options=options
+            )
         else:
-            channel = grpc.aio.insecure_channel(self.broker_address)
+            channel = grpc.aio.insecure_channel(target, options=options)
         async with channel:
             stub = pb_grpc.BrokerStub(channel)
             call = stub.AgentChannel(self._requests(), metadata=metadata)

@@ -60,9 +60,10 @@ class AgentApp(ServiceApp):
     config_name = CONFIG_NAME
     description = "Run the workers of GPU leases on this host (gpuattach-agent [run|check])."
 
-    broker = Unicode(help="Broker address host:port (the agent port when it uses mTLS).").tag(
-        config=True
-    )
+    broker = Unicode(
+        help="Broker address host:port (the agent port when it uses mTLS), or several "
+        "comma-separated: brokers with failover, the agent follows the active one."
+    ).tag(config=True)
     devices = Unicode(
         "auto",
         help="auto (NVML if a GPU is present, else CPU), nvml, nvml:<index|UUID>,... "

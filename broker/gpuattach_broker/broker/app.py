@@ -43,6 +43,14 @@ class BrokerApp(ServiceApp):
         exclusive=True,
         help="A lease ends this long after its kernel's last heartbeat.",
     ).tag(config=True)
+    leader_ttl = Duration(
+        "2s",
+        minimum=0,
+        exclusive=True,
+        help="On PostgreSQL, brokers sharing the database elect one active broker with a "
+        "lease this long, renewed every quarter of it: a standby takes over within about "
+        "this long after the active one dies.",
+    ).tag(config=True)
     key_file = Unicode("", help="File whose first line agents and services present.").tag(
         config=True
     )

@@ -34,7 +34,7 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=os.environ.get("GPUATTACH_BROKER", "127.0.0.1:50051"),
-        help="broker address host:port (GPUATTACH_BROKER)",
+        help="broker address host:port, or several comma-separated (failover) (GPUATTACH_BROKER)",
     )
     parser.add_argument(
         "--tls-ca",

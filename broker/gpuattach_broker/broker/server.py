@@ -14,15 +14,18 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import sqlalchemy as sa
 from sqlalchemy import make_url
 
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
+from gpuattach_broker.broker.leader import LeaderGuard, Leadership
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.scheduler import Backfill
 from gpuattach_broker.broker.service import BrokerService
@@ -96,7 +99,25 @@ async def serve(options: BrokerApp) -> None:
     policy = load_policy(options.policy) if options.policy else None
     authenticator = options.authenticator()
     db_url = options.db_url or db_url_for(options.db_path)
-    store = WorkingSet(options.store_class(db_url))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    sql_store = options.store_class(db_url)
+    leadership: Leadership | None = None
+    if sql_store.dialect == "postgresql":
+        leadership = await _become_active(sql_store.engine, options, stop)
+        if leadership is None:  # stopped while standing by
+            sql_store.close()
+            return
+        sql_store.fence = leadership.fence
+
+        def step_down() -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        leadership.start(on_lost=step_down)
+    store = WorkingSet(sql_store)
     service = BrokerService(
         store,
         ttl_seconds=options.ttl_seconds,
@@ -107,7 +128,8 @@ async def serve(options: BrokerApp) -> None:
         backfill=Backfill(reserve_after=options.backfill_after) if options.backfill_after else None,
         defragment=options.defragment,
     )
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    interceptors = [LeaderGuard(leadership)] if leadership is not None else []
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     pb_grpc.add_BrokerServicer_to_server(service, server)
     if options.tls.enabled:
         port = server.add_secure_port(options.address, server_credentials(options.tls))
@@ -127,12 +149,6 @@ async def serve(options: BrokerApp) -> None:
     address = f"{host}:{port}"
     await server.start()
     log.info("broker listening on %s (state in %s)", address, _without_password(db_url))
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
 
     tasks = [asyncio.create_task(service.expire_loop())]
     if options.policy:
@@ -166,7 +182,59 @@ async def serve(options: BrokerApp) -> None:
         for task in tasks:
             task.cancel()
         await server.stop(grace=1.0)
+        if leadership is not None:
+            leadership.close(resign=not leadership.lost)
         store.close()
+    if leadership is not None and leadership.lost:
+        raise SystemExit(3)  # another broker is active: a supervisor restarts this one as standby
+
+
+async def _become_active(
+    engine: sa.Engine, options: BrokerApp, stop: asyncio.Event
+) -> Leadership | None:
+    """Stand by until this broker holds the leader lease of the shared
+    database (a standby does not listen: clients and agents given several
+    addresses connect to the active one); None when stopped first."""
+    leadership = Leadership(engine, options.address, ttl=options.leader_ttl)
+    halt = threading.Event()
+    relay = asyncio.create_task(stop.wait())
+    relay.add_done_callback(lambda _: halt.set())
+    health = await _standby_health(options.metrics_address)
+    try:
+        active = await asyncio.to_thread(leadership.wait_until_active, halt)
+    finally:
+        relay.cancel()
+        if health is not None:
+            health.close()
+            await health.wait_closed()
+    return leadership if active else None
+
+
+STANDBY_REPLY = (
+    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\r\n"
+    b"# HELP gpuattach_broker_active Whether this broker is the active one.\n"
+    b"# TYPE gpuattach_broker_active gauge\ngpuattach_broker_active 0\n"
+)
+
+
+async def _standby_health(metrics_address: str) -> asyncio.Server | None:
+    """While standing by, answer on the metrics address (liveness probes,
+    scrapes: ``gpuattach_broker_active 0``); the gRPC port stays closed so
+    that clients connect to the active broker. None without a metrics address."""
+    if not metrics_address:
+        return None
+    host, _, port = metrics_address.rpartition(":")
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(
+            OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
+        ):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(STANDBY_REPLY)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(reply, host or "127.0.0.1", int(port), reuse_address=True)
 
 
 def _start_zygote_early(agent: Agent) -> None:

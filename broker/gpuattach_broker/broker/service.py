@@ -179,6 +179,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 DeviceState(device_id, host, name, kind, memory, device_uuid, online=False)
             )
         now = time.time()
+        extended = []
         for lease in self.store.leases():
             if lease.state == LeaseState.STARTING:
                 self._end_record(
@@ -186,9 +187,10 @@ class BrokerService(pb_grpc.BrokerServicer):
                 )
                 continue
             self._allocate_record(lease)
-            # Kernels could not renew while the broker was down: give them a TTL.
-            lease.expires_at = max(lease.expires_at, now + self.ttl)
-            self.store.renew(lease.lease_id, lease.expires_at)
+            # Kernels could not renew while the broker was down: give them a TTL
+            # (one transaction for all: a broker taking over serves sooner).
+            extended.append((lease.lease_id, max(lease.expires_at, now + self.ttl)))
+        self.store.extend(extended)
         self.store.event("broker-started", detail=f"{len(self.scheduler.allocations)} leases kept")
 
     def _allocate_record(self, lease: LeaseRecord) -> None:
@@ -331,14 +333,18 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "ask for either a memory size or a fraction"
             )
+        request_id, submitted_at = uuid.uuid4().hex[:16], time.time()
+        resumed = await self._resumable(request.resume_request_id, user)
+        if resumed is not None:
+            request_id, submitted_at = request.resume_request_id, resumed
         slice_request = SliceRequest(
-            request_id=uuid.uuid4().hex[:16],
+            request_id=request_id,
             user=user,
             kernel_id=request.kernel_id,
             memory_bytes=spec.memory_bytes,
             fraction=spec.fraction,
             gpus=spec.gpus or 1,
-            submitted_at=time.time(),
+            submitted_at=submitted_at,
         )
         try:
             effective = admit(
@@ -360,7 +366,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         self.store.event(
-            "requested",
+            "requested" if resumed is None else "resumed",
             lease_id=slice_request.request_id,
             user=user,
             detail=f"{_describe_request(slice_request)}, priority {effective.priority_class} "
@@ -474,6 +480,23 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
         yield pb.AttachEvent(granted=self._granted(lease, token, limits))
 
+    async def _resumable(self, request_id: str, user: str) -> float | None:
+        """The arrival time of `user`'s queued request `request_id` that a former
+        active broker took (a failover cut its attach stream, and the kernel
+        resubmits): the request keeps its place in the queue. None when there
+        is no such request still waiting (then it is a new one). The time
+        comes from the audit log, not from the client, so no one can jump the
+        queue by claiming an early arrival."""
+        if not request_id or len(request_id) > 64:
+            return None
+        if request_id in self.waiters or self.store.get_lease(request_id) is not None:
+            return None
+        events = await self.store.events(lease_id=request_id)
+        if any(e.kind not in ("requested", "queued", "resumed") for e in events):
+            return None  # granted, refused, withdrawn or given up: not waiting any more
+        arrivals = [e.ts for e in events if e.kind == "requested" and e.user == user]
+        return arrivals[0] if arrivals and all(e.user == user for e in events) else None
+
     async def _wait_in_queue(
         self,
         req: SliceRequest,
@@ -502,6 +525,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                         queue_length=len(self.scheduler.queue),
                         estimated_wait_seconds=self._known_wait(position),
                         reason=self._why_waiting(req),
+                        request_id=req.request_id,
                     )
                 )
                 waiter.changed.clear()

@@ -19,9 +19,10 @@ the simulator's ledger input and the examples read through `open_store`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +67,9 @@ class Store(Protocol):
 
     def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
         """Write only these fields of the lease (heartbeats: a few columns)."""
+
+    def update_leases(self, leases: Sequence[LeaseRecord], names: Sequence[str]) -> None:
+        """`update_lease` for many leases in one transaction (a broker taking over)."""
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
 
@@ -196,6 +200,9 @@ class SqlStore:
     def __init__(self, db_url: str, *, readonly: bool = False, clock: Clock = time.time) -> None:
         self.db_url = db_url
         self.clock = clock
+        # Run first in every write transaction: the leader fence of a broker
+        # that shares a PostgreSQL database with standbys (leader.py).
+        self.fence: Callable[[sa.Connection], None] | None = None
         url = _engine_url(db_url, readonly)
         self.dialect = url.get_backend_name()
         options: dict[str, Any] = {}
@@ -222,6 +229,14 @@ class SqlStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One write transaction, fenced when a fence is set."""
+        with self.engine.begin() as db:
+            if self.fence is not None:
+                self.fence(db)
+            yield db
+
     # ----------------------------------------------------------- leases ---
 
     def _upsert(self, table: sa.Table, key: str) -> Any:
@@ -243,7 +258,7 @@ class SqlStore:
         }
 
     def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(self._put_lease, lease.values())
             if event:
                 db.execute(
@@ -253,8 +268,18 @@ class SqlStore:
 
     def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
         values = {name: getattr(lease, name) for name in names}
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(self._update_lease, {**values, "where_lease_id": lease.lease_id})
+
+    def update_leases(self, leases: Sequence[LeaseRecord], names: Sequence[str]) -> None:
+        rows = [
+            {**{name: getattr(lease, name) for name in names}, "where_lease_id": lease.lease_id}
+            for lease in leases
+        ]
+        if not rows:
+            return
+        with self._write() as db:
+            db.execute(self._update_lease, rows)
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None:
         with self.engine.connect() as db:
@@ -297,7 +322,7 @@ class SqlStore:
 
     def put_device(self, device: DeviceRecord) -> None:
         values = {**device._asdict(), "last_seen": self.clock()}
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(self._put_device, values)
 
     def devices(self) -> list[DeviceRecord]:
@@ -308,7 +333,7 @@ class SqlStore:
     # ----------------------------------------------------------- events ---
 
     def event(self, kind: str, *, lease_id: str = "", user: str = "", detail: str = "") -> None:
-        with self.engine.begin() as db:
+        with self._write() as db:
             db.execute(schema.events.insert(), self._event_row(kind, lease_id, user, detail))
 
     def events(

@@ -112,6 +112,17 @@ class WorkingSet:
             names += ["busy_seconds", "idle_release_at"]
         self.store.update_lease(lease, names)
 
+    def extend(self, leases: list[tuple[str, float]]) -> None:
+        """Move these leases' expiry to the given times, in one transaction:
+        a broker that starts (or takes over) gives every kernel a TTL to renew."""
+        changed = []
+        for lease_id, expires_at in leases:
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.expires_at = expires_at
+                changed.append(lease)
+        self.store.update_leases(changed, ["expires_at"])
+
     def record_gpu_busy(self, lease_id: str, busy_seconds: float) -> None:
         lease = self._leases.get(lease_id)
         if lease is None or busy_seconds <= lease.gpu_busy_seconds:

@@ -90,8 +90,36 @@ class BrokerClient:
         self,
         request: pb.AttachRequest,
         on_queued: Callable[[pb.QueuePosition], None] = lambda position: None,
+        patience: float = 30.0,
     ) -> pb.Lease:
-        """Wait for a grant, reporting queue positions. Ctrl-C withdraws the request."""
+        """Wait for a grant, reporting queue positions. Ctrl-C withdraws the request.
+
+        When the broker cannot be reached (a failover to a standby, a
+        restart) while the request waits in the queue, or at all when several
+        broker addresses are given, the request is sent again for up to
+        `patience` seconds, with the id of its place in the queue once it has
+        one: the next active broker keeps that place. (A single address that
+        answers nothing fails at once, as it always did.)"""
+        current = pb.AttachRequest()
+        current.CopyFrom(request)
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return self._attach_once(current, on_queued)
+            except BrokerError as exc:
+                failover = "," in self.target.address or bool(current.resume_request_id)
+                if (
+                    exc.code != grpc.StatusCode.UNAVAILABLE
+                    or not failover
+                    or time.monotonic() > deadline
+                ):
+                    raise
+                log.info("attach interrupted (%s); sending it again", exc)
+                time.sleep(0.25)
+
+    def _attach_once(
+        self, request: pb.AttachRequest, on_queued: Callable[[pb.QueuePosition], None]
+    ) -> pb.Lease:
         events: queue.Queue[pb.AttachEvent | BaseException | None] = queue.Queue()
         call = self.stub.Attach(request, metadata=self.metadata)
 
@@ -118,6 +146,8 @@ class BrokerClient:
                     raise item
                 if item.WhichOneof("event") == "granted":
                     return item.granted
+                if item.queued.request_id:
+                    request.resume_request_id = item.queued.request_id
                 on_queued(item.queued)
         except KeyboardInterrupt:
             call.cancel()

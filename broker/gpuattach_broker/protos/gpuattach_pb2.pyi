@@ -39,7 +39,7 @@ class SliceSpec(_message.Message):
     def __init__(self, memory_bytes: _Optional[int] = ..., fraction: _Optional[float] = ..., gpus: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("user", "kernel_id", "slice", "wait_seconds", "client_host", "move_from", "move_token")
+    __slots__ = ("user", "kernel_id", "slice", "wait_seconds", "client_host", "move_from", "move_token", "resume_request_id")
     USER_FIELD_NUMBER: _ClassVar[int]
     KERNEL_ID_FIELD_NUMBER: _ClassVar[int]
     SLICE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class AttachRequest(_message.Message):
     CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
     MOVE_FROM_FIELD_NUMBER: _ClassVar[int]
     MOVE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUME_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user: str
     kernel_id: str
     slice: SliceSpec
@@ -54,19 +55,22 @@ class AttachRequest(_message.Message):
     client_host: str
     move_from: str
     move_token: str
-    def __init__(self, user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., client_host: _Optional[str] = ..., move_from: _Optional[str] = ..., move_token: _Optional[str] = ...) -> None: ...
+    resume_request_id: str
+    def __init__(self, user: _Optional[str] = ..., kernel_id: _Optional[str] = ..., slice: _Optional[_Union[SliceSpec, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., client_host: _Optional[str] = ..., move_from: _Optional[str] = ..., move_token: _Optional[str] = ..., resume_request_id: _Optional[str] = ...) -> None: ...
 
 class QueuePosition(_message.Message):
-    __slots__ = ("position", "queue_length", "estimated_wait_seconds", "reason")
+    __slots__ = ("position", "queue_length", "estimated_wait_seconds", "reason", "request_id")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     position: int
     queue_length: int
     estimated_wait_seconds: float
     reason: str
-    def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ..., estimated_wait_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("lease_id", "user", "kernel_id", "token", "host", "device_ids", "device_name", "slice", "memory_bytes", "worker_endpoint", "requested_at", "granted_at", "expires_at", "ttl_seconds", "state", "end_reason", "ended_at", "busy_seconds", "idle_release_at", "priority", "preempt_deadline", "gpu_busy_seconds", "gpu_memory_used_bytes", "sm_percent", "worker_tls_root", "default_idle_seconds", "max_idle_seconds", "mirror_bytes", "mirror_file_bytes", "forward_env", "forward_env_set", "idle_seconds", "auto_mode", "broker_decision_s", "worker_start_s", "broker_total_s")
