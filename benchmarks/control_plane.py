@@ -4,8 +4,8 @@ A real ``gpuattach-broker serve`` (SQLite in WAL mode on disk, the default
 policy) and N concurrent clients, each with its own channel, looping
 Attach → Granted → Release as fast as the broker answers. The host's agent
 is a protocol-level stand-in (`StandInAgent`): it speaks the real
-AgentChannel and answers each StartLease at once, without starting a
-worker process, so the figure is the broker's own work per lease (RPC
+AgentChannel and answers each StartLease and StopLease at once, without
+starting a worker process, so the figure is the broker's own work per lease (RPC
 handling, policy admission, placement, the ledger writes, the agent round
 trip), not worker start-up, which the warm-attach row measures.
 
@@ -82,12 +82,18 @@ class StandInAgent:
             self.online.set()
             try:
                 async for command in call:
-                    if command.WhichOneof("cmd") == "start":
+                    kind = command.WhichOneof("cmd")
+                    if kind == "start":
                         self.started += 1
                         started = pb.LeaseStarted(
                             lease_id=command.start.lease_id, worker_endpoint="127.0.0.1:9", pid=0
                         )
                         self._outbox.put_nowait(pb.AgentMessage(started=started))
+                    elif kind == "stop":
+                        # The broker hands a lease's room on once its worker exited:
+                        # a stand-in without workers says so at once.
+                        stopped = pb.LeaseStopped(lease_id=command.stop.lease_id, detail="stand-in")
+                        self._outbox.put_nowait(pb.AgentMessage(stopped=stopped))
             finally:
                 beat.cancel()
 

@@ -115,6 +115,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _control_plane_pg(workdir: Path, seconds: float, log: Any) -> dict[str, Any]:
+    """control_plane.py against a broker on a PostgreSQL server of its own (tests/pg.py)."""
+    import control_plane
+    from stack import Stack
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.pg import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        log(f"control plane on PostgreSQL: not measured: {exc}")
+        return {"error": str(exc)}
+    control = Stack(workdir, ttl="60s", db_url=server.database("control"))
+    try:
+        control.start_broker()
+        return control_plane.measure(control, seconds=seconds)
+    finally:
+        control.stop()
+        server.stop()
+
+
 def _failover_load(workdir: Path, seconds: float, log: Any) -> dict[str, Any]:
     """benchmarks/failover_load.py on a PostgreSQL server of its own (tests/pg.py)."""
     import failover_load
@@ -197,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             control.stop()
+        log("broker control plane on PostgreSQL: the same clients")
+        our_figures["control_plane_pg"] = _control_plane_pg(
+            workdir / "control-pg", cfg.control_seconds, log
+        )
         log(f"failover load: 500 kernels, two brokers on PostgreSQL, {cfg.load_seconds:.0f} s")
         our_figures["failover_load"] = _failover_load(workdir / "load", cfg.load_seconds, log)
         peer_figures = None if args.no_peer else peer.measure(cfg, log)

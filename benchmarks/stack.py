@@ -67,6 +67,8 @@ class Stack:
     # isolation comparison); run as root, the agent would otherwise drop each worker to a
     # mapped uid that cannot read this scratch blob cache.
     isolation: str = "none"
+    # The broker's store: "" is its SQLite file in `workdir`; else a postgresql:// URL.
+    db_url: str = ""
 
     @property
     def address(self) -> str:
@@ -115,8 +117,11 @@ class Stack:
                 "serve",
                 "--address",
                 self.address,
-                "--db",
-                str(self.workdir / "broker.sqlite"),
+                *(
+                    ["--db-url", self.db_url]
+                    if self.db_url
+                    else ["--db", str(self.workdir / "broker.sqlite")]
+                ),
                 "--ttl",
                 self.ttl,
                 "--log-level",
