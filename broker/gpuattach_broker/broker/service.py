@@ -12,7 +12,6 @@ import contextlib
 import hmac
 import logging
 import secrets
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gpuattach_broker.broker.clock import SYSTEM_CLOCK, Clock
 from gpuattach_broker.broker.identity import TOKEN_HEADER, Authenticator, AuthError, Identity
 from gpuattach_broker.broker.lease_schema import (
     ACTIVE_STATES,
@@ -88,7 +88,7 @@ class PendingStop:
     lease_id: str
     host: str
     held_seconds: float
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # the clock's monotonic time when the stop was asked
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
 
@@ -135,13 +135,18 @@ class BrokerService(pb_grpc.BrokerServicer):
         backfill: Backfill | None = None,
         defragment: bool = True,
         move_timeout: float = MOVE_TIMEOUT_S,
+        scheduler: Scheduler | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.store = store
         self.ttl = ttl_seconds
         self.key = key
         self.policy = policy or Policy()
         self.authenticator = authenticator
-        self.scheduler = Scheduler(fair_share=True, placement=placement, backfill=backfill)
+        self.scheduler = scheduler or Scheduler(
+            fair_share=True, placement=placement, backfill=backfill
+        )
         self.metrics = BrokerMetrics()
         self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
@@ -154,7 +159,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.gpu_usage: dict[str, pb.LeaseUsage] = {}
         # With an mTLS agent port, agents must come with a verified certificate.
         self.agents_need_certificate = False
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock.monotonic()
         # lease id -> queues of the kernels watching it (WatchLease)
         self.watchers: dict[str, set[asyncio.Queue[pb.LeaseNotice]]] = {}
         # Ended leases waiting for their worker's exit before their room is freed.
@@ -178,7 +183,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             self.scheduler.add_device(
                 DeviceState(device_id, host, name, kind, memory, device_uuid, online=False)
             )
-        now = time.time()
+        now = self.clock.time()
         for lease in self.store.leases():
             if lease.state == LeaseState.STARTING:
                 self._end_record(
@@ -317,7 +322,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.AttachRequest, context: Context
     ) -> AsyncIterator[pb.AttachEvent]:
         identity = await self._identify(context, request.user)
-        entered = time.monotonic()
+        entered = self.clock.monotonic()
         self.last_activity = entered
         if request.move_from:
             async for event in self._attach_moved(request, context, identity):
@@ -338,7 +343,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             memory_bytes=spec.memory_bytes,
             fraction=spec.fraction,
             gpus=spec.gpus or 1,
-            submitted_at=time.time(),
+            submitted_at=self.clock.time(),
         )
         try:
             effective = admit(
@@ -346,7 +351,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
             limits = effective.limits
             if limits.gpu_hours_per_day is not None or limits.gpu_hours_per_week is not None:
-                since = time.time() - 7 * 24 * 3600
+                since = self.clock.time() - 7 * 24 * 3600
                 check_hours(effective, self.store.leases_since(user, since), self._device_memory())
         except QuotaRefusal as exc:
             self.store.event("refused", user=user, detail=str(exc))
@@ -381,7 +386,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 raise
             placement = self.waiters.pop(slice_request.request_id).placement
         assert placement is not None
-        decided = time.monotonic()
+        decided = self.clock.monotonic()
         groups = sorted(set(identity.groups) | set(effective.groups))
         lease, token, start_s = await self._start(
             slice_request,
@@ -393,7 +398,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         granted = self._granted(lease, token, limits)
         granted.broker_decision_s = decided - entered
         granted.worker_start_s = start_s
-        granted.broker_total_s = time.monotonic() - entered
+        granted.broker_total_s = self.clock.monotonic() - entered
         yield pb.AttachEvent(granted=granted)
 
     def _granted(self, lease: LeaseRecord, token: str, limits: Any) -> pb.Lease:
@@ -446,7 +451,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             memory_bytes=old.req_memory_bytes,
             fraction=old.req_fraction,
             gpus=old.req_gpus or 1,
-            submitted_at=time.time(),
+            submitted_at=self.clock.time(),
             priority=old.priority,
         )
         effective = self.policy.effective(old.user, old.groups)
@@ -490,7 +495,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 "retry with --wait 60s to queue",
             )
         waiter = self.waiters[req.request_id] = Waiter(req, groups)
-        deadline = None if wait_seconds < 0 else time.monotonic() + wait_seconds
+        deadline = None if wait_seconds < 0 else self.clock.monotonic() + wait_seconds
         self.store.event("queued", lease_id=req.request_id, user=req.user)
         self._maybe_preempt()
         try:
@@ -505,7 +510,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                     )
                 )
                 waiter.changed.clear()
-                timeout = None if deadline is None else deadline - time.monotonic()
+                timeout = None if deadline is None else deadline - self.clock.monotonic()
                 if timeout is not None and timeout <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
@@ -548,7 +553,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     def _pump_queue(self) -> None:
         """Grant queued requests that fit now, by standing; preempt for the blocked head."""
         granted = self.scheduler.grant_waiting(
-            self._warm_hosts(), self._cache_hosts, now=time.time()
+            self._warm_hosts(), self._cache_hosts, now=self.clock.time()
         )
         for placement in granted:
             waiter = self.waiters.get(placement.request_id)
@@ -599,7 +604,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 return
 
     def _preempt(self, request: SliceRequest, victims: list[LeaseRecord]) -> None:
-        deadline = time.time() + self.policy.preemption_grace
+        deadline = self.clock.time() + self.policy.preemption_grace
         effective = self.policy.effective(request.user)
         why = (
             f"preempted for a {effective.priority_class}-priority request "
@@ -625,10 +630,10 @@ class BrokerService(pb_grpc.BrokerServicer):
             and can_move
             and not running
             and lease.lease_id not in self.moves
-            and self.move_backoff.get(lease.lease_id, 0.0) <= time.monotonic()
+            and self.move_backoff.get(lease.lease_id, 0.0) <= self.clock.monotonic()
             and lease.lease_id in self.scheduler.allocations
             and lease.expires_at > now
-            and (said is None or time.monotonic() - said > max(2.0, self.ttl / 3))
+            and (said is None or self.clock.monotonic() - said > max(2.0, self.ttl / 3))
         )
 
     def _maybe_defragment(self) -> None:
@@ -654,7 +659,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         ]
         if not candidates:
             return
-        now = time.time()
+        now = self.clock.time()
         leases = {lease.lease_id: lease for lease in self.store.leases()}
         movable = [lid for lid, lease in leases.items() if self._movable(lease, now)]
         if not movable:
@@ -663,7 +668,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             plan = self.scheduler.move_plan(request, movable)
             if plan is None:
                 continue
-            deadline = time.monotonic() + self.move_timeout
+            deadline = self.clock.monotonic() + self.move_timeout
             for lease_id, source, target in plan.moves:
                 lease = leases[lease_id]
                 old = self.scheduler.allocations[lease_id]
@@ -716,7 +721,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
 
     def _expire_moves(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for lease_id, move in list(self.moves.items()):
             if move.claimed:
                 moved = self.store.get_lease(move.new_id)
@@ -773,7 +778,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             groups=groups,
         )
         self.store.put_lease(lease)
-        start_clock = time.monotonic()
+        start_clock = self.clock.monotonic()
         agent = self.agents.get(placement.host)
         try:
             if agent is None:
@@ -796,7 +801,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 )
             )
             started = await asyncio.wait_for(future, START_TIMEOUT_S)
-            start_s = time.monotonic() - start_clock
+            start_s = self.clock.monotonic() - start_clock
             if signing:
                 if not started.worker_id:
                     raise RuntimeError("the agent did not name the lease's worker")
@@ -807,7 +812,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                         lease_id=lease.lease_id,
                         endpoint=started.worker_endpoint,
                         user=lease.user,
-                        expires_at=time.time() + BIND_WINDOW_S,
+                        expires_at=self.clock.time() + BIND_WINDOW_S,
                         mirror_bytes=mirror[0],
                         mirror_file_bytes=mirror[1],
                         device_summary=f"{summary} on {lease.host} "
@@ -836,7 +841,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             raise
         lease.state = LeaseState.ACTIVE
         lease.worker_endpoint = started.worker_endpoint
-        lease.granted_at = time.time()
+        lease.granted_at = self.clock.time()
         lease.expires_at = lease.granted_at + self.ttl
         self.store.put_lease(
             lease,
@@ -844,7 +849,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             detail=f"{lease.device_name} on {lease.host}, {format_size(lease.memory_bytes)}, "
             f"waited {format_duration(lease.granted_at - lease.requested_at)}",
         )
-        self.metrics.attach_latency.observe(time.monotonic() - start_clock)
+        self.metrics.attach_latency.observe(self.clock.monotonic() - start_clock)
         self.metrics.queue_wait.observe(max(0.0, lease.granted_at - lease.requested_at))
         return lease, token, start_s
 
@@ -853,16 +858,16 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Renew(self, request: pb.LeaseRef, context: Context) -> pb.RenewReply:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock.monotonic()
         if not lease.active:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"lease {lease.lease_id} has ended ({lease.state}: {lease.end_reason})",
                 trailing_metadata=end_metadata(lease.state, lease.end_reason),
             )
-        now = time.time()
+        now = self.clock.time()
         if request.migrating:
-            self.migrating[lease.lease_id] = time.monotonic()
+            self.migrating[lease.lease_id] = self.clock.monotonic()
         lease.expires_at = now + self.ttl
         seen = self.busy_seen.get(lease.lease_id)
         if seen is None or request.busy_seconds > seen[0] + 1e-6:
@@ -956,7 +961,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Release(self, request: pb.LeaseRef, context: Context) -> pb.ReleaseReply:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity, owner_without_token=True)
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock.monotonic()
         if lease.active:
             lease.busy_seconds = max(lease.busy_seconds, request.busy_seconds)
             if lease.state == LeaseState.PREEMPTING:
@@ -1010,7 +1015,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     def _end_record(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
         lease.state = state
         lease.end_reason = reason
-        lease.ended_at = time.time()
+        lease.ended_at = self.clock.time()
         self.store.put_lease(lease, event=state, detail=reason)
 
     def _end(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
@@ -1054,7 +1059,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 )
             self._free(lease.lease_id, held)
             return
-        pending = PendingStop(lease.lease_id, lease.host, held)
+        pending = PendingStop(lease.lease_id, lease.host, held, self.clock.monotonic())
         pending.timer = loop.call_later(
             STOP_CONFIRM_TIMEOUT_S, self._stop_timed_out, lease.lease_id
         )
@@ -1080,7 +1085,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             "lease %s: worker stopped (%s) %.0f ms after the end",
             lease_id,
             detail,
-            (time.monotonic() - pending.started) * 1000,
+            (self.clock.monotonic() - pending.started) * 1000,
         )
         self._free(lease_id, pending.held_seconds)
         pending.done.set()
@@ -1111,7 +1116,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         ticks = 0
         while True:
             await asyncio.sleep(interval)
-            self.tick(time.time())
+            self.tick(self.clock.time())
             self._expire_moves()
             if self.moves or self.scheduler.queue:
                 self._maybe_defragment()  # a kernel may have gone idle since
@@ -1131,7 +1136,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 )
             elif lease.state == LeaseState.PREEMPTING and lease.preempt_deadline < now:
                 said = self.migrating.get(lease.lease_id)
-                if said is not None and time.monotonic() - said < max(2.0, self.ttl):
+                if said is not None and self.clock.monotonic() - said < max(2.0, self.ttl):
                     continue  # never cut a kernel off in the middle of moving its namespace
                 self._end(lease, LeaseState.PREEMPTED, lease.end_reason + " (grace period over)")
             elif lease.state == LeaseState.ACTIVE and lease.granted_at:
@@ -1262,7 +1267,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         when a holder has no deadline, rather than a guess from past leases."""
         if position <= 0:
             return -1.0
-        now = time.time()
+        now = self.clock.time()
         deadlines = sorted(
             max(0.0, lease.idle_release_at - now)
             for lease in self.store.leases()
