@@ -15,12 +15,13 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
+from gpuattach_broker.broker.auth import BrokerAuth, Context
 from gpuattach_broker.broker.clock import SYSTEM_CLOCK, Clock
-from gpuattach_broker.broker.identity import TOKEN_HEADER, Authenticator, AuthError, Identity
+from gpuattach_broker.broker.identity import Authenticator, Identity
 from gpuattach_broker.broker.lease_schema import (
     ACTIVE_STATES,
     SERVING_STATES,
@@ -52,12 +53,10 @@ from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.lease_token import BIND_WINDOW_S, LeaseClaims, sign, worker_key
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import KEY_HEADER, end_metadata
+from gpuattach_broker.rpc import end_metadata
 from gpuattach_broker.units import format_duration, format_size
 
 log = logging.getLogger("gpuattach.broker")
-# What each RPC receives (grpc.aio's context; its message types add nothing here).
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 START_TIMEOUT_S = 120.0
@@ -141,9 +140,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.clock = clock
         self.store = store
         self.ttl = ttl_seconds
-        self.key = key
         self.policy = policy or Policy()
-        self.authenticator = authenticator
+        self.auth = BrokerAuth(
+            store, key=key, authenticator=authenticator, policy=lambda: self.policy
+        )
         self.scheduler = scheduler or Scheduler(
             fair_share=True, placement=placement, backfill=backfill
         )
@@ -216,55 +216,14 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     # ------------------------------------------------------------- auth ---
 
-    def _credentials(self, context: Context) -> tuple[str, str]:
-        key = token = ""
-        for name, value in context.invocation_metadata() or ():
-            if not isinstance(value, str):
-                continue
-            if name == KEY_HEADER:
-                key = value
-            elif name == TOKEN_HEADER:
-                token = value.split(" ", 1)[1] if " " in value else value
-        return key, token
-
     async def _identify(self, context: Context, claimed: str = "") -> Identity:
-        """Who calls: a service with the broker key, a user with a token, or (on an
-        open loopback broker with neither) whoever it claims to be."""
-        key, token = self._credentials(context)
-        if self.key and key and hmac.compare_digest(key, self.key):
-            return Identity(claimed or "service", service=True)
-        if token and self.authenticator is not None:
-            try:
-                identity = await self.authenticator.authenticate(token)
-            except AuthError as exc:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-                raise
-            if identity.user in self.policy.admins():
-                identity = replace(identity, admin=True)
-            return identity
-        if not self.key and self.authenticator is None:
-            return Identity(claimed or "anonymous", service=True)
-        if key:
-            message = "wrong broker key: set GPUATTACH_BROKER_KEY to the broker's key"
-        else:
-            message = (
-                "no credentials: set GPUATTACH_TOKEN to the token your GPU admin gave you "
-                "(under JupyterHub the kernel's JUPYTERHUB_API_TOKEN is used)"
-            )
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        raise AssertionError("unreachable")
+        return await self.auth.identify(context, claimed)
 
     async def _authenticate(self, context: Context) -> Identity:
-        return await self._identify(context)
+        return await self.auth.authenticate(context)
 
     async def _admin(self, context: Context) -> Identity:
-        identity = await self._identify(context)
-        if not identity.trusted:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{identity.user} is not a GPU admin (admin = true in the policy's [users])",
-            )
-        return identity
+        return await self.auth.admin(context)
 
     async def _lease_for(
         self,
@@ -273,48 +232,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity: Identity,
         owner_without_token: bool = False,
     ) -> LeaseRecord:
-        """The lease `ref` names, if `identity` may act on it: with the lease's
-        own token, or as a key holder acting for its user; with
-        `owner_without_token`, also as its owner by the owner's own credential
-        (the Jupyter server extension releasing its user's lease with the
-        user's token: the user may end what is theirs)."""
-        lease = self.store.get_lease(ref.lease_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {ref.lease_id!r}")
-        assert lease is not None
-        if not identity.trusted and identity.user != lease.user:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"lease {ref.lease_id} belongs to another user",
-            )
-        if owner_without_token and not ref.token and not ref.on_behalf_of:
-            if identity.service or identity.user != lease.user:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"lease {ref.lease_id} belongs to another user",
-                )
-            return lease
-        if ref.on_behalf_of and not ref.token:
-            # A trusted service (the Jupyter server extension) acting for a user
-            # it authenticated itself: it must hold the broker key, and the
-            # lease must be that user's.
-            if not (self.key and identity.service):
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "acting on behalf of a user needs the broker key",
-                )
-            if ref.on_behalf_of != lease.user:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"lease {ref.lease_id} belongs to another user",
-                )
-            return lease
-        if not hmac.compare_digest(hash_token(ref.token), lease.token_hash):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"the token does not belong to lease {ref.lease_id}",
-            )
-        return lease
+        return await self.auth.lease_for(ref, context, identity, owner_without_token)
 
     # ----------------------------------------------------------- attach ---
 
