@@ -272,3 +272,22 @@ def test_auth_checks_the_lease_token(tmp_path: Path) -> None:
             await auth.lease_for(pb.LeaseRef(lease_id="L2", token=TOKEN), context, identity)  # type: ignore[arg-type] # a fake call context
 
     asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------- views ---
+
+
+def test_the_wait_estimate_follows_the_holders_idle_deadlines(tmp_path: Path) -> None:
+    clock = FakeClock()
+    service = make(tmp_path, clock, devices=2)
+    hold(service, "L1", "alice", f"{HOST}/d0")
+    hold(service, "L2", "bob", f"{HOST}/d1")
+    assert service.views.known_wait(1) == -1.0, "no holder has an idle deadline yet"
+    service.store.renew("L1", clock.time() + TTL, 0.0, clock.time() + 100.0)
+    service.store.renew("L2", clock.time() + TTL, 0.0, clock.time() + 50.0)
+    assert [service.views.known_wait(p) for p in (1, 2, 3)] == [50.0, 100.0, -1.0]
+    clock.advance(20.0)
+    assert service.views.known_wait(1) == 30.0
+    status = service.views.pool_status()
+    assert [d.allocated_bytes for d in status.devices] == [8 * GIB, 8 * GIB]
+    assert status.active_leases == 2

@@ -49,6 +49,7 @@ from gpuattach_broker.broker.scheduler import (
     preemption_victims,
     reservation_victims,
 )
+from gpuattach_broker.broker.views import BrokerViews
 from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.lease_token import BIND_WINDOW_S, LeaseClaims, sign, worker_key
 from gpuattach_broker.protos import gpuattach_pb2 as pb
@@ -173,6 +174,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.move_backoff: dict[str, float] = {}
         # lease id -> (a cell runs in its kernel, its kernel can move) as last reported
         self.kernel_cells: dict[str, tuple[bool, bool]] = {}
+        self.views = BrokerViews(
+            store,
+            self.scheduler,
+            clock=clock,
+            agents=self.agents,
+            gpu_usage=self.gpu_usage,
+            kernel_figures=self.kernel_figures,
+        )
         self._restore()
 
     # --------------------------------------------------------- recovery ---
@@ -920,15 +929,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     async def GetEvents(self, request: pb.EventsRequest, context: Context) -> pb.EventsReply:
         await self._admin(context)
-        events = await self.store.events(
-            since=request.since, lease_id=request.lease_id, user=request.user
-        )
-        return pb.EventsReply(
-            events=[
-                pb.Event(ts=e.ts, lease_id=e.lease_id, user=e.user, kind=e.kind, detail=e.detail)
-                for e in events
-            ]
-        )
+        return await self.views.events(request)
 
     def _end_record(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
         lease.state = state
@@ -1118,20 +1119,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesReply:
         identity = await self._identify(context)
-        user = request.user if identity.trusted else identity.user
-        records = (
-            await self.store.history(user=user)
-            if request.include_ended
-            else self.store.leases(user=user)
-        )
-        leases = [lease_to_pb(x) for x in records]
-        for lease in leases:
-            usage = self.gpu_usage.get(lease.lease_id)
-            lease.sm_percent = usage.sm_percent if usage is not None else -1.0
-            idle, auto, used = self.kernel_figures.get(lease.lease_id, (-1.0, False, 0))
-            lease.idle_seconds, lease.auto_mode = idle, auto
-            lease.gpu_memory_used_bytes = usage.memory_bytes if usage is not None else used
-        return pb.ListLeasesReply(leases=leases)
+        return await self.views.list_leases(request, identity)
 
     async def GetPoolStatus(self, request: pb.PoolStatusRequest, context: Context) -> pb.PoolStatus:
         identity = await self._authenticate(context)
@@ -1143,55 +1131,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         return status
 
     def pool_status(self) -> pb.PoolStatus:
-        devices = [
-            pb.DeviceStatus(
-                device_id=d.device_id,
-                host=d.host,
-                name=d.name,
-                kind=d.kind,
-                memory_bytes=d.memory_bytes,
-                allocated_bytes=d.allocated_bytes,
-                allocated_fraction=d.allocated_bytes / d.memory_bytes if d.memory_bytes else 0.0,
-                leases=len(d.leases),
-                online=d.online,
-                draining=d.draining,
-                exclusive=any(
-                    self.scheduler.allocations[lease_id].exclusive
-                    for lease_id in d.leases
-                    if lease_id in self.scheduler.allocations
-                ),
-            )
-            for d in sorted(self.scheduler.devices.values(), key=lambda d: d.device_id)
-        ]
-        return pb.PoolStatus(
-            devices=devices,
-            queue_length=len(self.scheduler.queue),
-            active_leases=len(self.scheduler.allocations),
-            agents_online=len(self.agents),
-            queue=[
-                pb.QueuedRequest(
-                    user=request.user,
-                    kernel_id=request.kernel_id,
-                    position=position,
-                    estimated_wait_seconds=self._known_wait(position),
-                )
-                for position, request in enumerate(self.scheduler.ordered_queue(), 1)
-            ],
-        )
+        return self.views.pool_status()
 
     def _known_wait(self, position: int) -> float:
-        """Seconds until the request at `position` is granted, when the holders'
-        idle deadlines say so (the slice comes back at the latest then); -1
-        when a holder has no deadline, rather than a guess from past leases."""
-        if position <= 0:
-            return -1.0
-        now = self.clock.time()
-        deadlines = sorted(
-            max(0.0, lease.idle_release_at - now)
-            for lease in self.store.leases()
-            if lease.active and lease.idle_release_at > 0
-        )
-        return deadlines[position - 1] if len(deadlines) >= position else -1.0
+        return self.views.known_wait(position)
 
     @property
     def idle(self) -> bool:
