@@ -10,6 +10,7 @@ identity checks are each checked on their own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -291,3 +292,48 @@ def test_the_wait_estimate_follows_the_holders_idle_deadlines(tmp_path: Path) ->
     status = service.views.pool_status()
     assert [d.allocated_bytes for d in status.devices] == [8 * GIB, 8 * GIB]
     assert status.active_leases == 2
+
+
+# ------------------------------------------------------------- agent hub ---
+
+
+def test_the_agent_hub_reconciles_an_agents_hello_with_the_store(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        service = make(tmp_path, clock, devices=2)
+        hold(service, "gone", "alice", f"{HOST}/d0")
+        hold(service, "kept", "bob", f"{HOST}/d1")
+        hub = service.agent_hub
+        agent = hub.agents[HOST] = AgentConnection(HOST, "a2")
+        hello = pb.AgentHello(
+            host=HOST,
+            agent_id="a2",
+            devices=[
+                pb.DeviceInfo(device_id=f"{HOST}/d{i}", name="cpu", memory_bytes=8 * GIB)
+                for i in range(2)
+            ],
+            live_leases=[pb.LiveLease(lease_id="kept"), pb.LiveLease(lease_id="ghost")],
+        )
+        hub.register_devices(hello)
+        hub.reconcile(agent, hello)
+        assert state(service, "gone") == LeaseState.FAILED, "its worker did not survive"
+        assert state(service, "kept") == LeaseState.ACTIVE
+        stops = {}
+        while not agent.commands.empty():
+            command = agent.commands.get_nowait()
+            stops[command.stop.lease_id] = command.stop.reason
+        assert set(stops) == {"gone", "ghost"}
+        assert stops["ghost"] == "unknown lease"
+
+        async def reports() -> AsyncIterator[pb.AgentMessage]:
+            usage = pb.LeaseUsage(lease_id="kept", sm_percent=40.0, busy_seconds=3.0)
+            yield pb.AgentMessage(heartbeat=pb.AgentHeartbeat(warm_workers=2, usage=[usage]))
+            yield pb.AgentMessage(stopped=pb.LeaseStopped(lease_id="gone", detail="exited"))
+
+        await hub.read_agent(agent, reports())
+        assert hub.warm_hosts() == [HOST]
+        assert hub.gpu_usage["kept"].sm_percent == 40.0
+        assert "gone" not in service.scheduler.allocations, "the confirmed stop frees the room"
+        assert "gone" not in service.stopping
+
+    asyncio.run(scenario())

@@ -19,12 +19,14 @@ from typing import Any
 
 import grpc
 
+# AgentConnection stays importable from here (tests and tools use it).
+from gpuattach_broker.broker.agent_hub import AgentConnection as AgentConnection
+from gpuattach_broker.broker.agent_hub import AgentHub
 from gpuattach_broker.broker.auth import BrokerAuth, Context
 from gpuattach_broker.broker.clock import SYSTEM_CLOCK, Clock
 from gpuattach_broker.broker.identity import Authenticator, Identity
 from gpuattach_broker.broker.lease_schema import (
     ACTIVE_STATES,
-    SERVING_STATES,
     LeaseRecord,
     LeaseState,
     hash_token,
@@ -67,18 +69,6 @@ STOP_CONFIRM_TIMEOUT_S = 4.0
 # Live defragmentation: a kernel asked to move its lease has this long to
 # start (attach on the device set aside for it); then the move is called off.
 MOVE_TIMEOUT_S = 20.0
-
-
-@dataclass
-class AgentConnection:
-    host: str
-    agent_id: str
-    warm_workers: int = 0
-    cached_users: frozenset[str] = frozenset()
-    commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
-    pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
-    worker_tls_root: bytes = b""  # its workers serve TLS chained to this PEM
-    lease_key: bytes = b""  # signs its leases' tokens (empty: plain random tokens)
 
 
 @dataclass
@@ -149,7 +139,6 @@ class BrokerService(pb_grpc.BrokerServicer):
             fair_share=True, placement=placement, backfill=backfill
         )
         self.metrics = BrokerMetrics()
-        self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
         self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
         # lease id -> (busy seconds the kernel reported, when that figure last grew)
@@ -158,8 +147,6 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.kernel_figures: dict[str, tuple[float, bool, int]] = {}
         # Latest NVML sample per lease, from the agents' heartbeats.
         self.gpu_usage: dict[str, pb.LeaseUsage] = {}
-        # With an mTLS agent port, agents must come with a verified certificate.
-        self.agents_need_certificate = False
         self.last_activity = self.clock.monotonic()
         # lease id -> queues of the kernels watching it (WatchLease)
         self.watchers: dict[str, set[asyncio.Queue[pb.LeaseNotice]]] = {}
@@ -174,6 +161,17 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.move_backoff: dict[str, float] = {}
         # lease id -> (a cell runs in its kernel, its kernel can move) as last reported
         self.kernel_cells: dict[str, tuple[bool, bool]] = {}
+        self.agent_hub = AgentHub(
+            store,
+            self.scheduler,
+            gpu_usage=self.gpu_usage,
+            stopping=self.stopping,
+            end=lambda lease, state, reason: self._end(lease, state, reason),
+            confirm_stop=lambda lease_id, host, detail: self._confirm_stop(lease_id, host, detail),
+            pump_queue=lambda: self._pump_queue(),
+        )
+        # The connected agents by host (the hub's own dict).
+        self.agents: dict[str, AgentConnection] = self.agent_hub.agents
         self.views = BrokerViews(
             store,
             self.scheduler,
@@ -467,11 +465,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         return {d.device_id: d.memory_bytes for d in self.scheduler.devices.values()}
 
     def _warm_hosts(self) -> list[str]:
-        return [a.host for a in self.agents.values() if a.warm_workers > 0]
+        return self.agent_hub.warm_hosts()
 
     def _cache_hosts(self, request: SliceRequest) -> list[str]:
-        """Hosts that cache this user's tensor blobs: a re-attach there is cheap."""
-        return [a.host for a in self.agents.values() if request.user in a.cached_users]
+        return self.agent_hub.cache_hosts(request)
 
     def _notify_waiters(self) -> None:
         for waiter in self.waiters.values():
@@ -1146,118 +1143,17 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: Context
     ) -> AsyncIterator[pb.BrokerCommand]:
         identity = await self._identify(context)
-        if not identity.service:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agents need the broker key")
-        if self.agents_need_certificate and not context.auth_context().get("x509_common_name"):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "agents connect to the agent port with a client certificate (mutual TLS)",
-            )
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("msg") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an agent must say hello first")
-        assert first is not None
-        hello = first.hello
-        agent = AgentConnection(
-            hello.host,
-            hello.agent_id,
-            hello.warm_workers,
-            worker_tls_root=hello.worker_tls_root,
-            lease_key=hello.lease_key,
-        )
-        previous = self.agents.get(hello.host)
-        if previous is not None:
-            for future in previous.pending_starts.values():
-                future.cancel()
-        self.agents[hello.host] = agent
-        self._register_devices(hello)
-        self._reconcile(agent, hello)
-        log.info(
-            "agent %s on %s connected with %d devices",
-            hello.agent_id,
-            hello.host,
-            len(hello.devices),
-        )
-        reader = asyncio.create_task(self._read_agent(agent, request_iterator))
-        try:
-            self._pump_queue()
-            while not reader.done():
-                get = asyncio.create_task(agent.commands.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    yield get.result()
-                else:
-                    get.cancel()
-        finally:
-            reader.cancel()
-            if self.agents.get(hello.host) is agent:
-                del self.agents[hello.host]
-                self.scheduler.set_host_online(hello.host, False)
-                for future in agent.pending_starts.values():
-                    future.cancel()
-                self.store.event("agent-gone", detail=hello.host)
+        async for command in self.agent_hub.channel(request_iterator, context, identity):
+            yield command
 
-    def _register_devices(self, hello: pb.AgentHello) -> None:
-        # Only the devices the agent offers now: one it drained stays out.
-        self.scheduler.set_host_online(hello.host, False)
-        for info in hello.devices:
-            self.scheduler.add_device(
-                DeviceState(
-                    info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
-                )
-            )
-            self.store.put_device(
-                info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
-            )
-        self.store.event("agent-connected", detail=f"{hello.host}: {len(hello.devices)} devices")
+    @property
+    def agents_need_certificate(self) -> bool:
+        """With an mTLS agent port, agents must come with a verified certificate."""
+        return self.agent_hub.need_certificate
 
-    def _reconcile(self, agent: AgentConnection, hello: pb.AgentHello) -> None:
-        """Match the agent's live workers with the leases the store holds."""
-        live = {w.lease_id for w in hello.live_leases}
-        for pending in self.stopping.values():
-            if pending.host == hello.host:  # ask again: the answer may have been lost
-                agent.commands.put_nowait(
-                    pb.BrokerCommand(stop=pb.StopLease(lease_id=pending.lease_id))
-                )
-        for lease in self.store.leases():
-            if lease.host != hello.host or lease.state not in SERVING_STATES:
-                continue
-            if lease.lease_id not in live:
-                self._end(lease, LeaseState.FAILED, "its worker is gone (the agent restarted)")
-        for lease_id in live:
-            record = self.store.get_lease(lease_id)
-            if lease_id in self.stopping:
-                continue  # asked above
-            if record is None or not record.active:
-                agent.commands.put_nowait(
-                    pb.BrokerCommand(stop=pb.StopLease(lease_id=lease_id, reason="unknown lease"))
-                )
-
-    async def _read_agent(
-        self, agent: AgentConnection, request_iterator: AsyncIterator[pb.AgentMessage]
-    ) -> None:
-        async for message in request_iterator:
-            kind = message.WhichOneof("msg")
-            if kind == "heartbeat":
-                agent.warm_workers = message.heartbeat.warm_workers
-                agent.cached_users = frozenset(message.heartbeat.cached_users)
-                for usage in message.heartbeat.usage:
-                    self.gpu_usage[usage.lease_id] = usage
-                    self.store.record_gpu_busy(usage.lease_id, usage.busy_seconds)
-            elif kind == "started":
-                future = agent.pending_starts.pop(message.started.lease_id, None)
-                if future is not None and not future.done():
-                    future.set_result(message.started)
-            elif kind == "failed":
-                future = agent.pending_starts.pop(message.failed.lease_id, None)
-                if future is not None and not future.done():
-                    future.set_exception(RuntimeError(message.failed.error))
-            elif kind == "ended":
-                lease = self.store.get_lease(message.ended.lease_id)
-                if lease is not None and lease.active:
-                    self._end(lease, LeaseState.FAILED, message.ended.reason)
-            elif kind == "stopped":
-                self._confirm_stop(message.stopped.lease_id, agent.host, message.stopped.detail)
+    @agents_need_certificate.setter
+    def agents_need_certificate(self, value: bool) -> None:
+        self.agent_hub.need_certificate = value
 
 
 _MOVE_REASON = "to make room for a waiting request"
