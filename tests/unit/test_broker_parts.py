@@ -337,3 +337,46 @@ def test_the_agent_hub_reconciles_an_agents_hello_with_the_store(tmp_path: Path)
         assert "gone" not in service.stopping
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------ defragment ---
+
+
+def test_a_move_not_started_in_time_is_called_off_and_not_asked_again_at_once(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    store = WorkingSet(open_store(tmp_path / "broker.sqlite", clock=clock.time), clock=clock.time)
+    service = BrokerService(store, ttl_seconds=TTL, move_timeout=20.0, clock=clock)
+    for index in range(2):
+        service.scheduler.add_device(DeviceState(f"{HOST}/d{index}", HOST, "cpu", "cpu", 8 * GIB))
+    for lease_id, index in (("idle", 0), ("other", 1)):
+        lease = hold(service, lease_id, lease_id, f"{HOST}/d{index}")
+        service.scheduler.free(lease_id)  # hold it as a 2 GiB shared slice instead
+        lease.memory_bytes = 2 * GIB
+        service.store.put_lease(lease)
+        placement = Placement(lease_id, HOST, (f"{HOST}/d{index}",), 2 * GIB, False)
+        service.scheduler.allocate(lease_id, placement, lease_id)
+    whole = SliceRequest("whole", "bob", submitted_at=clock.time())
+    assert service.scheduler.submit(whole) is None
+    service.waiters["whole"] = Waiter(whole)
+    service.kernel_cells["idle"] = (False, True)  # between cells, can move
+
+    defrag = service.defragmenter
+    defrag.maybe_defragment()
+    assert set(defrag.moves) == {"idle"}, "the idle kernel is asked to move"
+    clock.advance(19.0)
+    defrag.expire_moves()
+    assert "idle" in defrag.moves, "called off before its deadline"
+    clock.advance(2.0)
+    defrag.expire_moves()
+    assert not defrag.moves, "the kernel did not move in time"
+    assert defrag.move_backoff["idle"] == clock.monotonic() + 60.0
+    defrag.maybe_defragment()
+    assert not defrag.moves, "asked again during its backoff"
+    clock.advance(61.0)
+    service.kernel_cells["idle"] = (False, True)
+    for lease_id in ("idle", "other"):  # the kernels kept renewing meanwhile
+        service.store.renew(lease_id, clock.time() + TTL)
+    defrag.maybe_defragment()
+    assert set(defrag.moves) == {"idle"}, "asked again once the backoff is over"
