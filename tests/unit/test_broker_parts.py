@@ -380,3 +380,44 @@ def test_a_move_not_started_in_time_is_called_off_and_not_asked_again_at_once(
         service.store.renew(lease_id, clock.time() + TTL)
     defrag.maybe_defragment()
     assert set(defrag.moves) == {"idle"}, "asked again once the backoff is over"
+
+
+# ------------------------------------------------------------- admission ---
+
+
+def test_an_attach_waits_in_the_queue_then_starts_through_the_agent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        service = make(tmp_path, clock)
+        agent = service.agents[HOST] = AgentConnection(HOST, "a1")
+        holder = hold(service, "L0", "zed", f"{HOST}/d0")
+        attach = service.Attach(
+            pb.AttachRequest(user="bob", kernel_id="k1", wait_seconds=-1),
+            FakeContext(),  # type: ignore[arg-type] # a fake call context
+        )
+        first = await anext(attach)
+        assert first.queued.position == 1, "the pool is full: bob waits first in line"
+        assert len(service.admission.waiters) == 1
+        next_event = asyncio.ensure_future(anext(attach))
+        # Let the caller's wait begin (a turn of the loop, not a timed sleep): a
+        # grant between the Queued event and the wait would be missed (see
+        # Admission.wait_in_queue, which clears `changed` after yielding).
+        for _ in range(3):
+            await asyncio.sleep(0)
+        service._end(holder, LeaseState.RELEASED, "released by the kernel")
+        assert agent.commands.get_nowait().stop.lease_id == "L0"
+        service._confirm_stop("L0", HOST, "exited")  # the room frees: bob is granted
+        command = await asyncio.wait_for(agent.commands.get(), 5)
+        lease_id = command.start.lease_id
+        assert command.start.user == "bob"
+        assert command.start.token, "an agent that does not sign hands the worker the token"
+        started = pb.LeaseStarted(lease_id=lease_id, worker_endpoint="127.0.0.1:1")
+        agent.pending_starts[lease_id].set_result(started)
+        event = await asyncio.wait_for(next_event, 5)
+        assert event.granted.lease_id == lease_id
+        assert event.granted.expires_at == clock.time() + TTL
+        assert state(service, lease_id) == LeaseState.ACTIVE
+        assert not service.admission.waiters
+        assert await anext(attach, None) is None, "the stream ends after Granted"
+
+    asyncio.run(scenario())
