@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuattach_broker.broker import service as service_module
+from gpuattach_broker.broker import leases as leases_module
 from gpuattach_broker.broker.lease_schema import LeaseState
 from gpuattach_broker.broker.scheduler import DeviceState, Placement
 from gpuattach_broker.broker.service import AgentConnection, BrokerService
@@ -69,7 +69,7 @@ def test_room_is_freed_when_the_agent_reports_the_exit(tmp_path: Path) -> None:
 def test_an_unanswered_stop_frees_the_room_after_the_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "STOP_CONFIRM_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(leases_module, "STOP_CONFIRM_TIMEOUT_S", 0.2)
 
     async def scenario() -> None:
         service, lease = make(tmp_path)

@@ -56,7 +56,7 @@ HEARTBEAT_S = 2.0
 ANNOUNCE_GRACE_S = 0.5
 # A lease's end: how long a revoked worker may take to stop its running cell
 # (interrupted), then to exit after SIGTERM before it is killed. The broker
-# waits for the exit (gpuattach_broker.broker.service.STOP_CONFIRM_TIMEOUT_S).
+# waits for the exit (gpuattach_broker.broker.leases.STOP_CONFIRM_TIMEOUT_S).
 REVOKE_WAIT_S = 1.0
 STOP_GRACE_S = 2.0
 

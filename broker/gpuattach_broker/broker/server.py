@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -274,6 +273,6 @@ def _remove_runtime_file(path: str) -> None:
 async def _exit_when_idle(service: BrokerService, idle_seconds: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         await asyncio.sleep(min(1.0, idle_seconds / 2))
-        if service.idle and time.monotonic() - service.last_activity > idle_seconds:
+        if service.idle and service.clock.monotonic() - service.last_activity > idle_seconds:
             log.info("no kernel used the embedded broker for %.0f s; exiting", idle_seconds)
             stop.set()

@@ -8,118 +8,45 @@ no tensor passes through it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
 import logging
-import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeAlias
 
 import grpc
 
-from gpuattach_broker.broker.identity import TOKEN_HEADER, Authenticator, AuthError, Identity
+# Waiter and AgentConnection stay importable from here (tests use them).
+from gpuattach_broker.broker.admission import Admission
+from gpuattach_broker.broker.admission import Waiter as Waiter
+from gpuattach_broker.broker.agent_hub import AgentConnection as AgentConnection
+from gpuattach_broker.broker.agent_hub import AgentHub
+from gpuattach_broker.broker.auth import BrokerAuth, Context
+from gpuattach_broker.broker.clock import SYSTEM_CLOCK, Clock
+from gpuattach_broker.broker.defragment import Defragmenter, Move
+from gpuattach_broker.broker.identity import Authenticator, Identity
 from gpuattach_broker.broker.lease_schema import (
-    ACTIVE_STATES,
-    SERVING_STATES,
     LeaseRecord,
     LeaseState,
-    hash_token,
-    lease_to_pb,
 )
+from gpuattach_broker.broker.leases import LeaseLifecycle, PendingStop
 from gpuattach_broker.broker.metrics import BrokerMetrics
 from gpuattach_broker.broker.policy import Policy
-from gpuattach_broker.broker.quotas import (
-    QuotaRefusal,
-    admit,
-    check_hours,
-    concurrent_refusal,
-    limit_source,
-)
 from gpuattach_broker.broker.scheduler import (
     Backfill,
     DeviceState,
     Placement,
-    RequestError,
     Scheduler,
     SliceRequest,
-    preemption_victims,
-    reservation_victims,
 )
+from gpuattach_broker.broker.views import BrokerViews
 from gpuattach_broker.broker.working_set import WorkingSet
-from gpuattach_broker.lease_token import BIND_WINDOW_S, LeaseClaims, sign, worker_key
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
-from gpuattach_broker.rpc import KEY_HEADER, end_metadata
-from gpuattach_broker.units import format_duration, format_size
 
 log = logging.getLogger("gpuattach.broker")
-# What each RPC receives (grpc.aio's context; its message types add nothing here).
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
-START_TIMEOUT_S = 120.0
-# A lease's room goes back to the pool when its agent reports that the worker
-# exited (LeaseStopped), or after this long without that answer (logged).
-STOP_CONFIRM_TIMEOUT_S = 4.0
 # Live defragmentation: a kernel asked to move its lease has this long to
 # start (attach on the device set aside for it); then the move is called off.
 MOVE_TIMEOUT_S = 20.0
-
-
-@dataclass
-class AgentConnection:
-    host: str
-    agent_id: str
-    warm_workers: int = 0
-    cached_users: frozenset[str] = frozenset()
-    commands: asyncio.Queue[pb.BrokerCommand] = field(default_factory=asyncio.Queue)
-    pending_starts: dict[str, asyncio.Future[pb.LeaseStarted]] = field(default_factory=dict)
-    worker_tls_root: bytes = b""  # its workers serve TLS chained to this PEM
-    lease_key: bytes = b""  # signs its leases' tokens (empty: plain random tokens)
-
-
-@dataclass
-class PendingStop:
-    """An ended lease whose worker may still run: its room stays allocated."""
-
-    lease_id: str
-    host: str
-    held_seconds: float
-    started: float = field(default_factory=time.monotonic)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    timer: asyncio.TimerHandle | None = None
-
-
-@dataclass
-class Move:
-    """An idle lease asked to move to another device so a waiting request fits.
-
-    `target` is allocated under `new_id` (the id the moved lease will have)
-    from the start, and the room the lease leaves is reserved for
-    `for_request`, so nothing else takes either while the kernel moves.
-    """
-
-    lease_id: str
-    new_id: str
-    target: Placement
-    for_request: str
-    deadline: float  # monotonic: called off if the kernel has not started by then
-    claimed: bool = False  # the kernel is attaching on the target: it finishes
-
-    @property
-    def where(self) -> str:
-        return self.target.device_ids[0]
-
-
-@dataclass
-class Waiter:
-    request: SliceRequest
-    groups: tuple[str, ...] = ()  # the caller's identity groups, for re-ranking
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    placement: Placement | None = None
 
 
 class BrokerService(pb_grpc.BrokerServicer):
@@ -135,15 +62,20 @@ class BrokerService(pb_grpc.BrokerServicer):
         backfill: Backfill | None = None,
         defragment: bool = True,
         move_timeout: float = MOVE_TIMEOUT_S,
+        scheduler: Scheduler | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.store = store
         self.ttl = ttl_seconds
-        self.key = key
         self.policy = policy or Policy()
-        self.authenticator = authenticator
-        self.scheduler = Scheduler(fair_share=True, placement=placement, backfill=backfill)
+        self.auth = BrokerAuth(
+            store, key=key, authenticator=authenticator, policy=lambda: self.policy
+        )
+        self.scheduler = scheduler or Scheduler(
+            fair_share=True, placement=placement, backfill=backfill
+        )
         self.metrics = BrokerMetrics()
-        self.agents: dict[str, AgentConnection] = {}
         self.waiters: dict[str, Waiter] = {}
         self.migrating: dict[str, float] = {}  # lease id -> when the kernel last said so
         # lease id -> (busy seconds the kernel reported, when that figure last grew)
@@ -152,22 +84,83 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.kernel_figures: dict[str, tuple[float, bool, int]] = {}
         # Latest NVML sample per lease, from the agents' heartbeats.
         self.gpu_usage: dict[str, pb.LeaseUsage] = {}
-        # With an mTLS agent port, agents must come with a verified certificate.
-        self.agents_need_certificate = False
-        self.last_activity = time.monotonic()
-        # lease id -> queues of the kernels watching it (WatchLease)
-        self.watchers: dict[str, set[asyncio.Queue[pb.LeaseNotice]]] = {}
+        self.last_activity = self.clock.monotonic()
         # Ended leases waiting for their worker's exit before their room is freed.
         self.stopping: dict[str, PendingStop] = {}
-        # Live defragmentation: ask idle leases (their kernel between cells) to
-        # move when that lets a waiting request fit; lease id -> its move.
-        self.defragment = defragment
-        self.move_timeout = move_timeout
-        self.moves: dict[str, Move] = {}
-        # lease id -> when (monotonic) it may be asked again: its kernel did not move in time
-        self.move_backoff: dict[str, float] = {}
         # lease id -> (a cell runs in its kernel, its kernel can move) as last reported
         self.kernel_cells: dict[str, tuple[bool, bool]] = {}
+        # Live defragmentation: ask idle leases (their kernel between cells) to
+        # move when that lets a waiting request fit; lease id -> its move.
+        self.defragmenter = Defragmenter(
+            store,
+            self.scheduler,
+            clock=clock,
+            metrics=self.metrics,
+            enabled=defragment,
+            move_timeout=move_timeout,
+            ttl=ttl_seconds,
+            waiters=self.waiters,
+            stopping=self.stopping,
+            kernel_cells=self.kernel_cells,
+            migrating=self.migrating,
+            notify=lambda lease: self._notify(lease),
+            pump_queue=lambda: self._pump_queue(),
+            metrics_snapshot=lambda: self._metrics_snapshot(),
+        )
+        self.moves: dict[str, Move] = self.defragmenter.moves
+        self.move_backoff: dict[str, float] = self.defragmenter.move_backoff
+        self.agent_hub = AgentHub(
+            store,
+            self.scheduler,
+            gpu_usage=self.gpu_usage,
+            stopping=self.stopping,
+            end=lambda lease, state, reason: self._end(lease, state, reason),
+            confirm_stop=lambda lease_id, host, detail: self._confirm_stop(lease_id, host, detail),
+            pump_queue=lambda: self._pump_queue(),
+        )
+        # The connected agents by host (the hub's own dict).
+        self.agents: dict[str, AgentConnection] = self.agent_hub.agents
+        self.leases = LeaseLifecycle(
+            store,
+            self.scheduler,
+            clock=clock,
+            metrics=self.metrics,
+            ttl=ttl_seconds,
+            policy=lambda: self.policy,
+            agents=self.agents,
+            defragmenter=self.defragmenter,
+            stopping=self.stopping,
+            migrating=self.migrating,
+            busy_seen=self.busy_seen,
+            kernel_figures=self.kernel_figures,
+            kernel_cells=self.kernel_cells,
+            gpu_usage=self.gpu_usage,
+            pump_queue=lambda: self._pump_queue(),
+            metrics_snapshot=lambda: self._metrics_snapshot(),
+        )
+        # lease id -> queues of the kernels watching it (WatchLease)
+        self.watchers = self.leases.watchers
+        self.views = BrokerViews(
+            store,
+            self.scheduler,
+            clock=clock,
+            agents=self.agents,
+            gpu_usage=self.gpu_usage,
+            kernel_figures=self.kernel_figures,
+        )
+        self.admission = Admission(
+            store,
+            self.scheduler,
+            clock=clock,
+            metrics=self.metrics,
+            policy=lambda: self.policy,
+            waiters=self.waiters,
+            stopping=self.stopping,
+            agent_hub=self.agent_hub,
+            leases=self.leases,
+            defragmenter=self.defragmenter,
+            views=self.views,
+        )
         self._restore()
 
     # --------------------------------------------------------- recovery ---
@@ -178,7 +171,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             self.scheduler.add_device(
                 DeviceState(device_id, host, name, kind, memory, device_uuid, online=False)
             )
-        now = time.time()
+        now = self.clock.time()
         extended = []
         for lease in self.store.leases():
             if lease.state == LeaseState.STARTING:
@@ -213,55 +206,14 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     # ------------------------------------------------------------- auth ---
 
-    def _credentials(self, context: Context) -> tuple[str, str]:
-        key = token = ""
-        for name, value in context.invocation_metadata() or ():
-            if not isinstance(value, str):
-                continue
-            if name == KEY_HEADER:
-                key = value
-            elif name == TOKEN_HEADER:
-                token = value.split(" ", 1)[1] if " " in value else value
-        return key, token
-
     async def _identify(self, context: Context, claimed: str = "") -> Identity:
-        """Who calls: a service with the broker key, a user with a token, or (on an
-        open loopback broker with neither) whoever it claims to be."""
-        key, token = self._credentials(context)
-        if self.key and key and hmac.compare_digest(key, self.key):
-            return Identity(claimed or "service", service=True)
-        if token and self.authenticator is not None:
-            try:
-                identity = await self.authenticator.authenticate(token)
-            except AuthError as exc:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-                raise
-            if identity.user in self.policy.admins():
-                identity = replace(identity, admin=True)
-            return identity
-        if not self.key and self.authenticator is None:
-            return Identity(claimed or "anonymous", service=True)
-        if key:
-            message = "wrong broker key: set GPUATTACH_BROKER_KEY to the broker's key"
-        else:
-            message = (
-                "no credentials: set GPUATTACH_TOKEN to the token your GPU admin gave you "
-                "(under JupyterHub the kernel's JUPYTERHUB_API_TOKEN is used)"
-            )
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        raise AssertionError("unreachable")
+        return await self.auth.identify(context, claimed)
 
     async def _authenticate(self, context: Context) -> Identity:
-        return await self._identify(context)
+        return await self.auth.authenticate(context)
 
     async def _admin(self, context: Context) -> Identity:
-        identity = await self._identify(context)
-        if not identity.trusted:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{identity.user} is not a GPU admin (admin = true in the policy's [users])",
-            )
-        return identity
+        return await self.auth.admin(context)
 
     async def _lease_for(
         self,
@@ -270,48 +222,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity: Identity,
         owner_without_token: bool = False,
     ) -> LeaseRecord:
-        """The lease `ref` names, if `identity` may act on it: with the lease's
-        own token, or as a key holder acting for its user; with
-        `owner_without_token`, also as its owner by the owner's own credential
-        (the Jupyter server extension releasing its user's lease with the
-        user's token: the user may end what is theirs)."""
-        lease = self.store.get_lease(ref.lease_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown lease {ref.lease_id!r}")
-        assert lease is not None
-        if not identity.trusted and identity.user != lease.user:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"lease {ref.lease_id} belongs to another user",
-            )
-        if owner_without_token and not ref.token and not ref.on_behalf_of:
-            if identity.service or identity.user != lease.user:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"lease {ref.lease_id} belongs to another user",
-                )
-            return lease
-        if ref.on_behalf_of and not ref.token:
-            # A trusted service (the Jupyter server extension) acting for a user
-            # it authenticated itself: it must hold the broker key, and the
-            # lease must be that user's.
-            if not (self.key and identity.service):
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "acting on behalf of a user needs the broker key",
-                )
-            if ref.on_behalf_of != lease.user:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"lease {ref.lease_id} belongs to another user",
-                )
-            return lease
-        if not hmac.compare_digest(hash_token(ref.token), lease.token_hash):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"the token does not belong to lease {ref.lease_id}",
-            )
-        return lease
+        return await self.auth.lease_for(ref, context, identity, owner_without_token)
 
     # ----------------------------------------------------------- attach ---
 
@@ -319,447 +230,36 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.AttachRequest, context: Context
     ) -> AsyncIterator[pb.AttachEvent]:
         identity = await self._identify(context, request.user)
-        entered = time.monotonic()
-        self.last_activity = entered
-        if request.move_from:
-            async for event in self._attach_moved(request, context, identity):
-                yield event
-            return
-        user = identity.user
-        if not user or len(user) > 256:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach needs a user name")
-        spec = request.slice
-        if spec.memory_bytes and spec.fraction:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "ask for either a memory size or a fraction"
-            )
-        request_id, submitted_at = uuid.uuid4().hex[:16], time.time()
-        resumed = await self._resumable(request.resume_request_id, user)
-        if resumed is not None:
-            request_id, submitted_at = request.resume_request_id, resumed
-        slice_request = SliceRequest(
-            request_id=request_id,
-            user=user,
-            kernel_id=request.kernel_id,
-            memory_bytes=spec.memory_bytes,
-            fraction=spec.fraction,
-            gpus=spec.gpus or 1,
-            submitted_at=submitted_at,
-        )
-        try:
-            effective = admit(
-                self.policy, slice_request, self.scheduler.held_by(user), identity.groups
-            )
-            limits = effective.limits
-            if limits.gpu_hours_per_day is not None or limits.gpu_hours_per_week is not None:
-                since = time.time() - 7 * 24 * 3600
-                check_hours(effective, self.store.leases_since(user, since), self._device_memory())
-        except QuotaRefusal as exc:
-            self.store.event("refused", user=user, detail=str(exc))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            return
-        try:
-            placement = self.scheduler.submit(
-                slice_request, self._warm_hosts(), self._cache_hosts(slice_request)
-            )
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
-        self.store.event(
-            "requested" if resumed is None else "resumed",
-            lease_id=slice_request.request_id,
-            user=user,
-            detail=f"{_describe_request(slice_request)}, priority {effective.priority_class} "
-            f"({limit_source(effective)})",
-        )
-        if placement is None:
-            try:
-                async for event in self._wait_in_queue(
-                    slice_request, request.wait_seconds, context, identity.groups
-                ):
-                    yield event
-            except BaseException:
-                # Granted just as the client went away: give the room back.
-                waiter = self.waiters.pop(slice_request.request_id, None)
-                if waiter is not None and waiter.placement is not None:
-                    self.scheduler.free(slice_request.request_id)
-                    self._pump_queue()
-                raise
-            placement = self.waiters.pop(slice_request.request_id).placement
-        assert placement is not None
-        decided = time.monotonic()
-        groups = sorted(set(identity.groups) | set(effective.groups))
-        lease, token, start_s = await self._start(
-            slice_request,
-            placement,
-            context,
-            groups,
-            mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
-        )
-        granted = self._granted(lease, token, limits)
-        granted.broker_decision_s = decided - entered
-        granted.worker_start_s = start_s
-        granted.broker_total_s = time.monotonic() - entered
-        yield pb.AttachEvent(granted=granted)
-
-    def _granted(self, lease: LeaseRecord, token: str, limits: Any) -> pb.Lease:
-        """The Granted reply: the lease, its token, and the policy's figures the kernel applies."""
-        agent = self.agents.get(lease.host)
-        tls_root = agent.worker_tls_root if agent is not None else b""
-        granted = lease_to_pb(lease, token, tls_root)
-        # The kernel applies the policy's idle timeouts itself (see GPUSession).
-        granted.default_idle_seconds = limits.default_idle
-        granted.max_idle_seconds = limits.max_idle or 0.0
-        # ... and its files budget and credential list (the worker enforces the budget).
-        granted.mirror_bytes = limits.mirror_bytes
-        granted.mirror_file_bytes = limits.mirror_file_bytes
-        if limits.forward_env is not None:
-            granted.forward_env_set = True
-            granted.forward_env.extend(limits.forward_env)
-        return granted
-
-    async def _attach_moved(
-        self, request: pb.AttachRequest, context: Context, identity: Identity
-    ) -> AsyncIterator[pb.AttachEvent]:
-        """The kernel of a lease asked to move attaches on the device set aside
-        for it: granted at once (no quota check: it is the same slice, and the
-        old lease ends when the kernel has moved)."""
-        old = self.store.get_lease(request.move_from)
-        move = self.moves.get(request.move_from)
-        if old is None or not hmac.compare_digest(hash_token(request.move_token), old.token_hash):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"the token does not belong to lease {request.move_from}",
-            )
-        assert old is not None
-        if not identity.trusted and identity.user != old.user:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"lease {request.move_from} belongs to another user",
-            )
-        if move is None or move.claimed or not old.active:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"no move is pending for lease {request.move_from} (it was called off or "
-                "the lease ended); the kernel keeps its lease",
-            )
-        assert move is not None
-        move.claimed = True
-        slice_request = SliceRequest(
-            request_id=move.new_id,
-            user=old.user,
-            kernel_id=old.kernel_id,
-            memory_bytes=old.req_memory_bytes,
-            fraction=old.req_fraction,
-            gpus=old.req_gpus or 1,
-            submitted_at=time.time(),
-            priority=old.priority,
-        )
-        effective = self.policy.effective(old.user, old.groups)
-        limits = effective.limits
-        started = False
-        try:
-            lease, token, _ = await self._start(
-                slice_request,
-                move.target,
-                context,
-                list(old.groups),
-                mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
-            )
-            started = True
-        finally:
-            if not started:  # _start ended the new lease (its room comes back when stopped)
-                self.moves.pop(old.lease_id, None)
-                self.scheduler.unreserve(move.for_request)
-                self._pump_queue()
-        self.store.event(
-            "moving",
-            lease_id=old.lease_id,
-            user=old.user,
-            detail=f"to {move.where} as lease {lease.lease_id}, to make room",
-        )
-        yield pb.AttachEvent(granted=self._granted(lease, token, limits))
-
-    async def _resumable(self, request_id: str, user: str) -> float | None:
-        """The arrival time of `user`'s queued request `request_id` that a former
-        active broker took (a failover cut its attach stream, and the kernel
-        resubmits): the request keeps its place in the queue. None when there
-        is no such request still waiting (then it is a new one). The time
-        comes from the audit log, not from the client, so no one can jump the
-        queue by claiming an early arrival."""
-        if not request_id or len(request_id) > 64:
-            return None
-        if request_id in self.waiters or self.store.get_lease(request_id) is not None:
-            return None
-        events = await self.store.events(lease_id=request_id)
-        if any(e.kind not in ("requested", "queued", "resumed") for e in events):
-            return None  # granted, refused, withdrawn or given up: not waiting any more
-        arrivals = [e.ts for e in events if e.kind == "requested" and e.user == user]
-        return arrivals[0] if arrivals and all(e.user == user for e in events) else None
-
-    async def _wait_in_queue(
-        self,
-        req: SliceRequest,
-        wait_seconds: float,
-        context: Context,
-        groups: tuple[str, ...] = (),
-    ) -> AsyncIterator[pb.AttachEvent]:
-        if wait_seconds == 0:
-            self.scheduler.withdraw(req.request_id)
-            self.store.event("refused", lease_id=req.request_id, user=req.user, detail="pool full")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no room in the pool ({self.scheduler.why_waiting()}) and --wait 0 was given; "
-                "retry with --wait 60s to queue",
-            )
-        waiter = self.waiters[req.request_id] = Waiter(req, groups)
-        deadline = None if wait_seconds < 0 else time.monotonic() + wait_seconds
-        self.store.event("queued", lease_id=req.request_id, user=req.user)
-        self._maybe_preempt()
-        try:
-            while waiter.placement is None:
-                position = self.scheduler.position(req.request_id)
-                yield pb.AttachEvent(
-                    queued=pb.QueuePosition(
-                        position=position,
-                        queue_length=len(self.scheduler.queue),
-                        estimated_wait_seconds=self._known_wait(position),
-                        reason=self._why_waiting(req),
-                        request_id=req.request_id,
-                    )
-                )
-                waiter.changed.clear()
-                timeout = None if deadline is None else deadline - time.monotonic()
-                if timeout is not None and timeout <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.changed.wait(), timeout)
-            if waiter.placement is None:
-                position = self.scheduler.position(req.request_id)
-                self.store.event("gave-up", lease_id=req.request_id, user=req.user)
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"waited {format_duration(wait_seconds)} and still #{position} in the queue; "
-                    "retry with a longer --wait",
-                )
-        finally:
-            if waiter.placement is None:
-                self.waiters.pop(req.request_id, None)
-                if self.scheduler.withdraw(req.request_id):
-                    # Requests behind it may fit now.
-                    self._pump_queue()
-
-    def _why_waiting(self, req: SliceRequest) -> str:
-        if req.max_slices is not None and self.scheduler.held_by(req.user) >= req.max_slices:
-            effective = self.policy.effective(req.user)
-            return concurrent_refusal(effective, self.scheduler.held_by(req.user)).split(":")[0]
-        return self.scheduler.why_waiting()
-
-    def _device_memory(self) -> dict[str, int]:
-        return {d.device_id: d.memory_bytes for d in self.scheduler.devices.values()}
+        self.last_activity = self.clock.monotonic()
+        async for event in self.admission.attach(request, context, identity):
+            yield event
 
     def _warm_hosts(self) -> list[str]:
-        return [a.host for a in self.agents.values() if a.warm_workers > 0]
+        return self.agent_hub.warm_hosts()
 
     def _cache_hosts(self, request: SliceRequest) -> list[str]:
-        """Hosts that cache this user's tensor blobs: a re-attach there is cheap."""
-        return [a.host for a in self.agents.values() if request.user in a.cached_users]
-
-    def _notify_waiters(self) -> None:
-        for waiter in self.waiters.values():
-            waiter.changed.set()
+        return self.agent_hub.cache_hosts(request)
 
     def _pump_queue(self) -> None:
-        """Grant queued requests that fit now, by standing; preempt for the blocked head."""
-        granted = self.scheduler.grant_waiting(
-            self._warm_hosts(), self._cache_hosts, now=time.time()
-        )
-        for placement in granted:
-            waiter = self.waiters.get(placement.request_id)
-            if waiter is None:  # the client went away in the meantime
-                self.scheduler.free(placement.request_id)
-                continue
-            waiter.placement = placement
-        self._maybe_preempt()
-        self._maybe_defragment()
-        self._notify_waiters()
+        self.admission.pump_queue()
 
     def _maybe_preempt(self) -> None:
-        """A higher-priority request waits: ask lower-priority kernels to move out.
-
-        For the blocked head, the fewest lower-priority leases on any device;
-        for a request holding a backfill reservation (it waited past the
-        bound), the lower-priority leases on its reserved devices, so it
-        starts within the grace period instead of when they drain.
-
-        The victims' kernels see it at their next heartbeat, move their
-        namespace back and release; a lease still held at the end of the
-        grace period is ended then (never while its kernel reports that it is
-        migrating).
-        """
-        if not self.policy.preemption:
-            return
-        if self.stopping:
-            return  # room is already being made: ended leases' workers are stopping
-        head = self.scheduler.blocked_head()
-        reserved = self.scheduler.reservations()
-        candidates = [head] if head is not None else []
-        candidates += [
-            r for r in self.scheduler.ordered_queue() if r.request_id in reserved and r is not head
-        ]
-        candidates = [r for r in candidates if r.request_id in self.waiters]
-        if not candidates:
-            return
-        active = {lease.lease_id: lease for lease in self.store.leases()}
-        if any(lease.state == LeaseState.PREEMPTING for lease in active.values()):
-            return  # room is already being made
-        ranks = {lid: (lease.priority, lease.granted_at) for lid, lease in active.items()}
-        for request in candidates:
-            victims = reservation_victims(self.scheduler, request, ranks)
-            if victims is None and request is head:
-                victims = preemption_victims(self.scheduler, request, ranks)
-            if victims:
-                self._preempt(request, [active[lease_id] for lease_id in victims])
-                return
-
-    def _preempt(self, request: SliceRequest, victims: list[LeaseRecord]) -> None:
-        deadline = time.time() + self.policy.preemption_grace
-        effective = self.policy.effective(request.user)
-        why = (
-            f"preempted for a {effective.priority_class}-priority request "
-            f"({limit_source(effective)}); moving the namespace back within "
-            f"{format_duration(self.policy.preemption_grace)}"
-        )
-        for lease in victims:
-            self._cancel_move(lease.lease_id, "the lease is preempted")
-            lease.state = LeaseState.PREEMPTING
-            lease.preempt_deadline = deadline
-            lease.end_reason = why
-            self.store.put_lease(lease, event=lease.state, detail=why)
-            self.metrics.preemptions.inc()
-            self._notify(lease)
+        self.admission.maybe_preempt()
 
     def _movable(self, lease: LeaseRecord, now: float) -> bool:
-        """An idle lease its kernel can move: active, heartbeating, no cell
-        running, not moving its namespace, not already moving."""
-        running, can_move = self.kernel_cells.get(lease.lease_id, (True, False))
-        said = self.migrating.get(lease.lease_id)
-        return (
-            lease.state == LeaseState.ACTIVE
-            and can_move
-            and not running
-            and lease.lease_id not in self.moves
-            and self.move_backoff.get(lease.lease_id, 0.0) <= time.monotonic()
-            and lease.lease_id in self.scheduler.allocations
-            and lease.expires_at > now
-            and (said is None or time.monotonic() - said > max(2.0, self.ttl / 3))
-        )
+        return self.defragmenter.movable(lease, now)
 
     def _maybe_defragment(self) -> None:
-        """A waiting request does not fit, but would after idle leases moved:
-        ask their kernels to move (between cells), setting aside each one's
-        new device and reserving the room they leave for the request.
-
-        One plan at a time; a kernel that has not started moving within
-        `move_timeout` seconds keeps its lease (`_expire_moves`).
-        """
-        if not self.defragment or self.moves or self.stopping:
-            return
-        if any(lease.state == LeaseState.PREEMPTING for lease in self.store.leases()):
-            return  # room is already being made
-        head = self.scheduler.blocked_head()
-        reserved = [
-            r
-            for r in self.scheduler.ordered_queue()
-            if r.request_id in self.scheduler.reservations() and r is not head
-        ]
-        candidates = [
-            r for r in [head, *reserved] if r is not None and r.request_id in self.waiters
-        ]
-        if not candidates:
-            return
-        now = time.time()
-        leases = {lease.lease_id: lease for lease in self.store.leases()}
-        movable = [lid for lid, lease in leases.items() if self._movable(lease, now)]
-        if not movable:
-            return
-        for request in candidates:
-            plan = self.scheduler.move_plan(request, movable)
-            if plan is None:
-                continue
-            deadline = time.monotonic() + self.move_timeout
-            for lease_id, source, target in plan.moves:
-                lease = leases[lease_id]
-                old = self.scheduler.allocations[lease_id]
-                new_id = uuid.uuid4().hex[:16]
-                placement = replace(
-                    old,
-                    request_id=new_id,
-                    host=self.scheduler.devices[target].host,
-                    device_ids=(target,),
-                )
-                self.scheduler.allocate(new_id, placement, lease.user)
-                move = Move(lease_id, new_id, placement, request.request_id, deadline)
-                self.moves[lease_id] = move
-                detail = f"from {source} to {target}, to make room for a waiting request"
-                self.store.event("move-asked", lease_id=lease_id, user=lease.user, detail=detail)
-                log.info("lease %s: asked to move %s", lease_id, detail)
-                self._notify(lease)
-            self.scheduler.reserve(request.request_id, plan.placement.device_ids)
-            self.metrics.refresh(self._metrics_snapshot)
-            return
+        self.defragmenter.maybe_defragment()
 
     def _cancel_move(self, lease_id: str, why: str) -> None:
-        """Call off a move the kernel has not started: its lease stays where it is."""
-        move = self.moves.pop(lease_id, None)
-        if move is None or move.claimed:
-            if move is not None:
-                self.moves[lease_id] = move
-            return
-        self.scheduler.free(move.new_id)
-        if not any(m.for_request == move.for_request for m in self.moves.values()):
-            self.scheduler.unreserve(move.for_request)
-        lease = self.store.get_lease(lease_id)
-        self.store.event("move-called-off", lease_id=lease_id, detail=why)
-        log.info("lease %s: move called off: %s", lease_id, why)
-        if lease is not None:
-            self._notify(lease)
+        self.defragmenter.cancel_move(lease_id, why)
 
     def _move_ended(self, lease: LeaseRecord) -> None:
-        """The lease asked to move has ended: a move not started frees its target."""
-        move = self.moves.pop(lease.lease_id, None)
-        if move is None:
-            return
-        if not move.claimed:
-            self.scheduler.free(move.new_id)
-        self.store.event(
-            "moved" if move.claimed and lease.state == LeaseState.RELEASED else "move-ended",
-            lease_id=lease.lease_id,
-            user=lease.user,
-            detail=f"to {move.where} as lease {move.new_id}" if move.claimed else lease.state,
-        )
+        self.defragmenter.move_ended(lease)
 
     def _expire_moves(self) -> None:
-        now = time.monotonic()
-        for lease_id, move in list(self.moves.items()):
-            if move.claimed:
-                moved = self.store.get_lease(move.new_id)
-                if moved is not None and not moved.active:
-                    # The kernel gave the new lease back (its move failed): it stays.
-                    del self.moves[lease_id]
-                    self.scheduler.unreserve(move.for_request)
-                    self.store.event("move-failed", lease_id=lease_id, detail=moved.end_reason)
-                    self._pump_queue()
-            elif (waiter := self.waiters.get(move.for_request)) is None or waiter.placement:
-                self._cancel_move(lease_id, "the request it made room for no longer waits")
-            elif now > move.deadline:
-                self.move_backoff[lease_id] = now + 3 * max(self.move_timeout, 1.0)
-                self._cancel_move(
-                    lease_id,
-                    f"the kernel did not move within {format_duration(self.move_timeout)}",
-                )
-                if not self.moves:
-                    self._pump_queue()
+        self.defragmenter.expire_moves()
 
     async def _start(
         self,
@@ -769,186 +269,29 @@ class BrokerService(pb_grpc.BrokerServicer):
         groups: list[str],
         mirror: tuple[int, int] = (0, 0),
     ) -> tuple[LeaseRecord, str, float]:
-        """Start the lease's worker: (lease, its token, seconds the agent took).
-
-        With an agent that signs (its hello gave a key), the token is signed
-        for the very worker the agent names in LeaseStarted, which that worker
-        verifies itself (gpuattach_broker.lease_token); else a random one the
-        agent hands the worker at Assign."""
-        token = secrets.token_urlsafe(32)
-        device_names = {self.scheduler.devices[d].name for d in placement.device_ids}
-        lease = LeaseRecord(
-            lease_id=req.request_id,
-            user=req.user,
-            kernel_id=req.kernel_id,
-            token_hash=hash_token(token),
-            requested_at=req.submitted_at,
-            state=LeaseState.STARTING,
-            host=placement.host,
-            device_ids=list(placement.device_ids),
-            device_name=", ".join(sorted(device_names)),
-            memory_bytes=placement.memory_bytes,
-            req_memory_bytes=req.memory_bytes,
-            req_fraction=req.fraction,
-            req_gpus=req.gpus,
-            exclusive=placement.exclusive,
-            ttl_seconds=self.ttl,
-            priority=req.priority,
-            groups=groups,
-        )
-        self.store.put_lease(lease)
-        start_clock = time.monotonic()
-        agent = self.agents.get(placement.host)
-        try:
-            if agent is None:
-                raise RuntimeError(f"the agent of host {placement.host} is not connected")
-            future: asyncio.Future[pb.LeaseStarted] = asyncio.get_running_loop().create_future()
-            agent.pending_starts[lease.lease_id] = future
-            signing = agent.lease_key
-            await agent.commands.put(
-                pb.BrokerCommand(
-                    start=pb.StartLease(
-                        lease_id=lease.lease_id,
-                        token="" if signing else token,
-                        device_ids=lease.device_ids,
-                        user=lease.user,
-                        memory_bytes=lease.memory_bytes,
-                        fraction=req.fraction,
-                        mirror_bytes=mirror[0],
-                        mirror_file_bytes=mirror[1],
-                    )
-                )
-            )
-            started = await asyncio.wait_for(future, START_TIMEOUT_S)
-            start_s = time.monotonic() - start_clock
-            if signing:
-                if not started.worker_id:
-                    raise RuntimeError("the agent did not name the lease's worker")
-                summary = ", ".join(sorted(device_names)) or "device"
-                token = sign(
-                    worker_key(signing, started.worker_id),
-                    LeaseClaims(
-                        lease_id=lease.lease_id,
-                        endpoint=started.worker_endpoint,
-                        user=lease.user,
-                        expires_at=time.time() + BIND_WINDOW_S,
-                        mirror_bytes=mirror[0],
-                        mirror_file_bytes=mirror[1],
-                        device_summary=f"{summary} on {lease.host} "
-                        f"({format_size(lease.memory_bytes)})",
-                    ),
-                )
-                lease.token_hash = hash_token(token)
-        except (RuntimeError, TimeoutError, asyncio.CancelledError) as exc:
-            if agent is not None:
-                agent.pending_starts.pop(lease.lease_id, None)
-            self._end(
-                lease, LeaseState.FAILED, f"worker did not start: {exc or type(exc).__name__}"
-            )
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            # A refusal with a reason (a system account, say) is the user's to
-            # read; only a start that timed out is worth retrying.
-            code = (
-                grpc.StatusCode.UNAVAILABLE
-                if isinstance(exc, TimeoutError)
-                else grpc.StatusCode.FAILED_PRECONDITION
-            )
-            await context.abort(
-                code, f"the agent on {placement.host} could not start a worker: {exc}"
-            )
-            raise
-        lease.state = LeaseState.ACTIVE
-        lease.worker_endpoint = started.worker_endpoint
-        lease.granted_at = time.time()
-        lease.expires_at = lease.granted_at + self.ttl
-        self.store.put_lease(
-            lease,
-            event="granted",
-            detail=f"{lease.device_name} on {lease.host}, {format_size(lease.memory_bytes)}, "
-            f"waited {format_duration(lease.granted_at - lease.requested_at)}",
-        )
-        self.metrics.attach_latency.observe(time.monotonic() - start_clock)
-        self.metrics.queue_wait.observe(max(0.0, lease.granted_at - lease.requested_at))
-        return lease, token, start_s
+        return await self.leases.start(req, placement, context, groups, mirror)
 
     # ------------------------------------------------ renew and release ---
 
     async def Renew(self, request: pb.LeaseRef, context: Context) -> pb.RenewReply:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
-        self.last_activity = time.monotonic()
-        if not lease.active:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"lease {lease.lease_id} has ended ({lease.state}: {lease.end_reason})",
-                trailing_metadata=end_metadata(lease.state, lease.end_reason),
-            )
-        now = time.time()
-        if request.migrating:
-            self.migrating[lease.lease_id] = time.monotonic()
-        lease.expires_at = now + self.ttl
-        seen = self.busy_seen.get(lease.lease_id)
-        if seen is None or request.busy_seconds > seen[0] + 1e-6:
-            self.busy_seen[lease.lease_id] = (request.busy_seconds, now)
-        idle_at = now + request.idle_release_in if request.idle_release_in >= 0 else 0.0
-        self.kernel_figures[lease.lease_id] = (
-            request.idle_seconds,
-            request.auto_mode,
-            request.memory_used_bytes,
-        )
-        self.kernel_cells[lease.lease_id] = (request.cell_running, request.can_move)
-        move = self.moves.get(lease.lease_id)
-        if move is not None and not move.claimed:
-            if request.cell_running:
-                # A cell started before the kernel began to move: it runs where it is.
-                self._cancel_move(lease.lease_id, "a cell started in the kernel")
-            elif not request.can_move:
-                self._cancel_move(lease.lease_id, "the kernel cannot move now")
-        self.store.renew(lease.lease_id, lease.expires_at, request.busy_seconds, idle_at)
-        move = self.moves.get(lease.lease_id)
-        return pb.RenewReply(
-            expires_at=lease.expires_at,
-            state=lease.state,
-            end_reason=lease.end_reason if lease.state == LeaseState.PREEMPTING else "",
-            idle_seconds=lease.idle_override,
-            move_to=move.where if move is not None and not move.claimed else "",
-            move_reason=_MOVE_REASON if move is not None else "",
-        )
+        self.last_activity = self.clock.monotonic()
+        return await self.leases.renew(lease, request, context)
 
     async def WatchLease(
         self, request: pb.LeaseRef, context: Context
     ) -> AsyncIterator[pb.LeaseNotice]:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
-        notices: asyncio.Queue[pb.LeaseNotice] = asyncio.Queue()
-        self.watchers.setdefault(lease.lease_id, set()).add(notices)
-        try:
-            notice = self._notice(lease)
-            while True:
-                yield notice
-                if notice.state not in ACTIVE_STATES:
-                    return
-                notice = await notices.get()
-        finally:
-            watching = self.watchers.get(lease.lease_id)
-            if watching is not None:
-                watching.discard(notices)
-                if not watching:
-                    self.watchers.pop(lease.lease_id, None)
+        async for notice in self.leases.watch(lease):
+            yield notice
 
     def _notice(self, lease: LeaseRecord) -> pb.LeaseNotice:
-        running = (LeaseState.ACTIVE, LeaseState.STARTING)
-        reason = lease.end_reason if lease.state not in running else ""
-        move = self.moves.get(lease.lease_id)
-        if move is not None and lease.state == LeaseState.ACTIVE and not move.claimed:
-            return pb.LeaseNotice(state=lease.state, reason=_MOVE_REASON, move_to=move.where)
-        return pb.LeaseNotice(state=lease.state, reason=reason)
+        return self.leases.notice(lease)
 
     def _notify(self, lease: LeaseRecord) -> None:
-        """Tell the kernels watching `lease` its new state."""
-        for notices in self.watchers.get(lease.lease_id, ()):
-            notices.put_nowait(self._notice(lease))
+        self.leases.notify(lease)
 
     async def SetKernelIdle(
         self, request: pb.KernelIdleRequest, context: Context
@@ -980,7 +323,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Release(self, request: pb.LeaseRef, context: Context) -> pb.ReleaseReply:
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity, owner_without_token=True)
-        self.last_activity = time.monotonic()
+        self.last_activity = self.clock.monotonic()
         if lease.active:
             lease.busy_seconds = max(lease.busy_seconds, request.busy_seconds)
             if lease.state == LeaseState.PREEMPTING:
@@ -1021,121 +364,32 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     async def GetEvents(self, request: pb.EventsRequest, context: Context) -> pb.EventsReply:
         await self._admin(context)
-        events = await self.store.events(
-            since=request.since, lease_id=request.lease_id, user=request.user
-        )
-        return pb.EventsReply(
-            events=[
-                pb.Event(ts=e.ts, lease_id=e.lease_id, user=e.user, kind=e.kind, detail=e.detail)
-                for e in events
-            ]
-        )
+        return await self.views.events(request)
 
     def _end_record(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
-        lease.state = state
-        lease.end_reason = reason
-        lease.ended_at = time.time()
-        self.store.put_lease(lease, event=state, detail=reason)
+        self.leases.end_record(lease, state, reason)
 
     def _end(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
-        """End a lease: record why, stop its worker, give its room to the queue.
-
-        The lease ends (and its watchers hear it) at once; its room goes back
-        to the pool only when the agent reports that the worker, revoked
-        first (its token refused, its running cell interrupted), has exited:
-        see `_confirm_stop`, or after STOP_CONFIRM_TIMEOUT_S without that.
-        """
-        self._end_record(lease, state, reason)
-        self._move_ended(lease)
-        self._notify(lease)
-        self.migrating.pop(lease.lease_id, None)
-        self.kernel_cells.pop(lease.lease_id, None)
-        self.move_backoff.pop(lease.lease_id, None)
-        self.busy_seen.pop(lease.lease_id, None)
-        self.kernel_figures.pop(lease.lease_id, None)
-        self.gpu_usage.pop(lease.lease_id, None)
-        placement = self.scheduler.allocations.get(lease.lease_id)
-        devices = len(placement.device_ids) if placement else 1
-        held = lease.held_seconds()
-        self.metrics.held_device_seconds.inc(held * devices)
-        self.metrics.busy_device_seconds.inc(min(lease.busy_seconds, held) * devices)
-        self.metrics.gpu_busy_device_seconds.inc(lease.gpu_busy_seconds * devices)
-        self.metrics.leases_ended.labels(state).inc()
-        if lease.lease_id in self.stopping:
-            return  # already waiting for its worker
-        agent = self.agents.get(lease.host)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if agent is None or loop is None or placement is None:
-            if placement is not None and lease.state != LeaseState.FAILED:
-                log.warning(
-                    "lease %s ended while the agent of %s is not connected; its room goes "
-                    "back to the pool without word that its worker stopped",
-                    lease.lease_id,
-                    lease.host,
-                )
-            self._free(lease.lease_id, held)
-            return
-        pending = PendingStop(lease.lease_id, lease.host, held)
-        pending.timer = loop.call_later(
-            STOP_CONFIRM_TIMEOUT_S, self._stop_timed_out, lease.lease_id
-        )
-        self.stopping[lease.lease_id] = pending
-        agent.commands.put_nowait(
-            pb.BrokerCommand(stop=pb.StopLease(lease_id=lease.lease_id, reason=reason))
-        )
+        self.leases.end(lease, state, reason)
 
     def _free(self, lease_id: str, held_seconds: float | None = None) -> None:
-        """Give an ended lease's room to the queue."""
-        self.scheduler.free(lease_id, held_seconds=held_seconds)
-        self._pump_queue()
+        self.leases.free(lease_id, held_seconds)
 
     def _confirm_stop(self, lease_id: str, host: str, detail: str) -> None:
-        """The agent says the lease's worker has exited: free its room now."""
-        pending = self.stopping.get(lease_id)
-        if pending is None or pending.host != host:
-            return
-        del self.stopping[lease_id]
-        if pending.timer is not None:
-            pending.timer.cancel()
-        log.debug(
-            "lease %s: worker stopped (%s) %.0f ms after the end",
-            lease_id,
-            detail,
-            (time.monotonic() - pending.started) * 1000,
-        )
-        self._free(lease_id, pending.held_seconds)
-        pending.done.set()
+        self.leases.confirm_stop(lease_id, host, detail)
 
     def _stop_timed_out(self, lease_id: str) -> None:
-        pending = self.stopping.pop(lease_id, None)
-        if pending is None:
-            return
-        detail = (
-            f"the agent of {pending.host} did not report within "
-            f"{format_duration(STOP_CONFIRM_TIMEOUT_S)} that the worker of lease {lease_id} "
-            "exited; its room goes back to the pool anyway"
-        )
-        log.warning("%s", detail)
-        self.store.event("stop-unconfirmed", lease_id=lease_id, detail=detail)
-        self._free(lease_id, pending.held_seconds)
-        pending.done.set()
+        self.leases.stop_timed_out(lease_id)
 
     async def _stopped(self, lease_id: str) -> None:
-        """Wait (bounded) until an ended lease's worker has exited, or its wait timed out."""
-        pending = self.stopping.get(lease_id)
-        if pending is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pending.done.wait(), STOP_CONFIRM_TIMEOUT_S + 0.5)
+        await self.leases.stopped(lease_id)
 
     async def expire_loop(self, interval: float = 0.5) -> None:
         """Timers: heartbeats missed, preemption grace over, maximum lease length."""
         ticks = 0
         while True:
             await asyncio.sleep(interval)
-            self.tick(time.time())
+            self.tick(self.clock.time())
             self._expire_moves()
             if self.moves or self.scheduler.queue:
                 self._maybe_defragment()  # a kernel may have gone idle since
@@ -1144,58 +398,13 @@ class BrokerService(pb_grpc.BrokerServicer):
                 self.refresh_priorities()
 
     def tick(self, now: float) -> None:
-        for lease in self.store.leases():
-            if lease.state == LeaseState.STARTING:
-                continue  # its worker is being started; _start times that out
-            if lease.expires_at < now:
-                self._end(
-                    lease,
-                    LeaseState.EXPIRED,
-                    f"no heartbeat from the kernel for {format_duration(self.ttl)}",
-                )
-            elif lease.state == LeaseState.PREEMPTING and lease.preempt_deadline < now:
-                said = self.migrating.get(lease.lease_id)
-                if said is not None and time.monotonic() - said < max(2.0, self.ttl):
-                    continue  # never cut a kernel off in the middle of moving its namespace
-                self._end(lease, LeaseState.PREEMPTED, lease.end_reason + " (grace period over)")
-            elif lease.state == LeaseState.ACTIVE and lease.granted_at:
-                limits = self.policy.effective(lease.user, lease.groups).limits
-                if limits.max_lease is not None and now - lease.granted_at > limits.max_lease:
-                    self._end(
-                        lease,
-                        LeaseState.EXPIRED,
-                        f"reached the maximum lease length of {format_duration(limits.max_lease)}",
-                    )
-                elif limits.max_idle is not None:
-                    self._check_idle(lease, limits.max_idle, now)
-        self.metrics.refresh(self._metrics_snapshot)
+        self.leases.tick(now)
 
     def _check_idle(self, lease: LeaseRecord, max_idle: float, now: float) -> None:
-        """The broker's backstop for the policy's max_idle: kernels release on
-        their own at max_idle (moving the namespace back first); a lease whose
-        kernel reports no GPU work for max_idle plus a TTL ends here. Its
-        kernel synced every name back after its last cell, so nothing is lost."""
-        seen = self.busy_seen.get(lease.lease_id)
-        if seen is None:  # first look (or a restarted broker): start timing now
-            self.busy_seen[lease.lease_id] = (lease.busy_seconds, now)
-            return
-        if now - seen[1] > max_idle + self.ttl:
-            self._end(
-                lease,
-                LeaseState.EXPIRED,
-                f"idle for {format_duration(now - seen[1])}, over the policy's "
-                f"max_idle of {format_duration(max_idle)}",
-            )
+        self.leases.check_idle(lease, max_idle, now)
 
     def refresh_priorities(self) -> None:
-        """Time windows open and close: re-rank the waiting requests."""
-        for request in self.scheduler.queue:
-            waiter = self.waiters.get(request.request_id)
-            effective = self.policy.effective(request.user, waiter.groups if waiter else ())
-            request.priority = effective.priority
-            request.max_slices = effective.limits.max_slices
-        self.scheduler.reprioritize()
-        self._pump_queue()
+        self.admission.refresh_priorities()
 
     def set_policy(self, policy: Policy) -> None:
         """A new policy applies to waiting requests at once, to leases at their next check."""
@@ -1219,20 +428,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.ListLeasesRequest, context: Context
     ) -> pb.ListLeasesReply:
         identity = await self._identify(context)
-        user = request.user if identity.trusted else identity.user
-        records = (
-            await self.store.history(user=user)
-            if request.include_ended
-            else self.store.leases(user=user)
-        )
-        leases = [lease_to_pb(x) for x in records]
-        for lease in leases:
-            usage = self.gpu_usage.get(lease.lease_id)
-            lease.sm_percent = usage.sm_percent if usage is not None else -1.0
-            idle, auto, used = self.kernel_figures.get(lease.lease_id, (-1.0, False, 0))
-            lease.idle_seconds, lease.auto_mode = idle, auto
-            lease.gpu_memory_used_bytes = usage.memory_bytes if usage is not None else used
-        return pb.ListLeasesReply(leases=leases)
+        return await self.views.list_leases(request, identity)
 
     async def GetPoolStatus(self, request: pb.PoolStatusRequest, context: Context) -> pb.PoolStatus:
         identity = await self._authenticate(context)
@@ -1244,55 +440,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         return status
 
     def pool_status(self) -> pb.PoolStatus:
-        devices = [
-            pb.DeviceStatus(
-                device_id=d.device_id,
-                host=d.host,
-                name=d.name,
-                kind=d.kind,
-                memory_bytes=d.memory_bytes,
-                allocated_bytes=d.allocated_bytes,
-                allocated_fraction=d.allocated_bytes / d.memory_bytes if d.memory_bytes else 0.0,
-                leases=len(d.leases),
-                online=d.online,
-                draining=d.draining,
-                exclusive=any(
-                    self.scheduler.allocations[lease_id].exclusive
-                    for lease_id in d.leases
-                    if lease_id in self.scheduler.allocations
-                ),
-            )
-            for d in sorted(self.scheduler.devices.values(), key=lambda d: d.device_id)
-        ]
-        return pb.PoolStatus(
-            devices=devices,
-            queue_length=len(self.scheduler.queue),
-            active_leases=len(self.scheduler.allocations),
-            agents_online=len(self.agents),
-            queue=[
-                pb.QueuedRequest(
-                    user=request.user,
-                    kernel_id=request.kernel_id,
-                    position=position,
-                    estimated_wait_seconds=self._known_wait(position),
-                )
-                for position, request in enumerate(self.scheduler.ordered_queue(), 1)
-            ],
-        )
+        return self.views.pool_status()
 
     def _known_wait(self, position: int) -> float:
-        """Seconds until the request at `position` is granted, when the holders'
-        idle deadlines say so (the slice comes back at the latest then); -1
-        when a holder has no deadline, rather than a guess from past leases."""
-        if position <= 0:
-            return -1.0
-        now = time.time()
-        deadlines = sorted(
-            max(0.0, lease.idle_release_at - now)
-            for lease in self.store.leases()
-            if lease.active and lease.idle_release_at > 0
-        )
-        return deadlines[position - 1] if len(deadlines) >= position else -1.0
+        return self.views.known_wait(position)
 
     @property
     def idle(self) -> bool:
@@ -1304,128 +455,14 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: Context
     ) -> AsyncIterator[pb.BrokerCommand]:
         identity = await self._identify(context)
-        if not identity.service:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "agents need the broker key")
-        if self.agents_need_certificate and not context.auth_context().get("x509_common_name"):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "agents connect to the agent port with a client certificate (mutual TLS)",
-            )
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("msg") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an agent must say hello first")
-        assert first is not None
-        hello = first.hello
-        agent = AgentConnection(
-            hello.host,
-            hello.agent_id,
-            hello.warm_workers,
-            worker_tls_root=hello.worker_tls_root,
-            lease_key=hello.lease_key,
-        )
-        previous = self.agents.get(hello.host)
-        if previous is not None:
-            for future in previous.pending_starts.values():
-                future.cancel()
-        self.agents[hello.host] = agent
-        self._register_devices(hello)
-        self._reconcile(agent, hello)
-        log.info(
-            "agent %s on %s connected with %d devices",
-            hello.agent_id,
-            hello.host,
-            len(hello.devices),
-        )
-        reader = asyncio.create_task(self._read_agent(agent, request_iterator))
-        try:
-            self._pump_queue()
-            while not reader.done():
-                get = asyncio.create_task(agent.commands.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    yield get.result()
-                else:
-                    get.cancel()
-        finally:
-            reader.cancel()
-            if self.agents.get(hello.host) is agent:
-                del self.agents[hello.host]
-                self.scheduler.set_host_online(hello.host, False)
-                for future in agent.pending_starts.values():
-                    future.cancel()
-                self.store.event("agent-gone", detail=hello.host)
+        async for command in self.agent_hub.channel(request_iterator, context, identity):
+            yield command
 
-    def _register_devices(self, hello: pb.AgentHello) -> None:
-        # Only the devices the agent offers now: one it drained stays out.
-        self.scheduler.set_host_online(hello.host, False)
-        for info in hello.devices:
-            self.scheduler.add_device(
-                DeviceState(
-                    info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
-                )
-            )
-            self.store.put_device(
-                info.device_id, hello.host, info.name, info.kind, info.memory_bytes, info.uuid
-            )
-        self.store.event("agent-connected", detail=f"{hello.host}: {len(hello.devices)} devices")
+    @property
+    def agents_need_certificate(self) -> bool:
+        """With an mTLS agent port, agents must come with a verified certificate."""
+        return self.agent_hub.need_certificate
 
-    def _reconcile(self, agent: AgentConnection, hello: pb.AgentHello) -> None:
-        """Match the agent's live workers with the leases the store holds."""
-        live = {w.lease_id for w in hello.live_leases}
-        for pending in self.stopping.values():
-            if pending.host == hello.host:  # ask again: the answer may have been lost
-                agent.commands.put_nowait(
-                    pb.BrokerCommand(stop=pb.StopLease(lease_id=pending.lease_id))
-                )
-        for lease in self.store.leases():
-            if lease.host != hello.host or lease.state not in SERVING_STATES:
-                continue
-            if lease.lease_id not in live:
-                self._end(lease, LeaseState.FAILED, "its worker is gone (the agent restarted)")
-        for lease_id in live:
-            record = self.store.get_lease(lease_id)
-            if lease_id in self.stopping:
-                continue  # asked above
-            if record is None or not record.active:
-                agent.commands.put_nowait(
-                    pb.BrokerCommand(stop=pb.StopLease(lease_id=lease_id, reason="unknown lease"))
-                )
-
-    async def _read_agent(
-        self, agent: AgentConnection, request_iterator: AsyncIterator[pb.AgentMessage]
-    ) -> None:
-        async for message in request_iterator:
-            kind = message.WhichOneof("msg")
-            if kind == "heartbeat":
-                agent.warm_workers = message.heartbeat.warm_workers
-                agent.cached_users = frozenset(message.heartbeat.cached_users)
-                for usage in message.heartbeat.usage:
-                    self.gpu_usage[usage.lease_id] = usage
-                    self.store.record_gpu_busy(usage.lease_id, usage.busy_seconds)
-            elif kind == "started":
-                future = agent.pending_starts.pop(message.started.lease_id, None)
-                if future is not None and not future.done():
-                    future.set_result(message.started)
-            elif kind == "failed":
-                future = agent.pending_starts.pop(message.failed.lease_id, None)
-                if future is not None and not future.done():
-                    future.set_exception(RuntimeError(message.failed.error))
-            elif kind == "ended":
-                lease = self.store.get_lease(message.ended.lease_id)
-                if lease is not None and lease.active:
-                    self._end(lease, LeaseState.FAILED, message.ended.reason)
-            elif kind == "stopped":
-                self._confirm_stop(message.stopped.lease_id, agent.host, message.stopped.detail)
-
-
-_MOVE_REASON = "to make room for a waiting request"
-
-
-def _describe_request(req: SliceRequest) -> str:
-    if req.gpus > 1:
-        return f"{req.gpus} whole devices"
-    if req.whole:
-        return "whole device"
-    if req.fraction:
-        return f"fraction {req.fraction:g}"
-    return f"memory {format_size(req.memory_bytes)}"
+    @agents_need_certificate.setter
+    def agents_need_certificate(self, value: bool) -> None:
+        self.agent_hub.need_certificate = value
