@@ -26,8 +26,8 @@ from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.sidechannel import SideChannelError
 from jupyter_gpuattach.namespace_sync import NamespaceSync
+from tests.certs import make_certs
 from tests.harness import Stack, StackFactory
-from tests.unit.test_side_channel import make_certs
 
 pytestmark = pytest.mark.integration
 

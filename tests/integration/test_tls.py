@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient, BrokerError
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
+from tests.certs import write_cert
 from tests.harness import free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -26,44 +21,9 @@ BROKER = str(Path(sys.executable).parent / "gpuattach-broker")
 AGENT = str(Path(sys.executable).parent / "gpuattach-agent")
 
 
-def _write_cert(
-    folder: Path, name: str, issuer_key: object, issuer: x509.Name | None
-) -> tuple[object, x509.Name]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer or subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-    )
-    if issuer is None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-    else:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            False,
-        )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())  # type: ignore[arg-type]
-    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (folder / f"{name}.key").chmod(0o600)  # as an admin keeps a private key
-    return key, subject
-
-
 def test_broker_speaks_tls_and_refuses_plaintext_off_loopback(tmp_path: Path) -> None:
-    ca_key, ca_name = _write_cert(tmp_path, "ca", None, None)
-    _write_cert(tmp_path, "broker", ca_key, ca_name)
+    ca_key, ca_name = write_cert(tmp_path, "ca", None, None)
+    write_cert(tmp_path, "broker", ca_key, ca_name)
     port = free_port()
     log = open(tmp_path / "broker.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -112,9 +72,9 @@ def test_broker_speaks_tls_and_refuses_plaintext_off_loopback(tmp_path: Path) ->
 
 
 def test_agents_need_a_client_certificate_on_the_agent_port(tmp_path: Path) -> None:
-    ca_key, ca_name = _write_cert(tmp_path, "ca", None, None)
-    _write_cert(tmp_path, "broker", ca_key, ca_name)
-    _write_cert(tmp_path, "agent", ca_key, ca_name)
+    ca_key, ca_name = write_cert(tmp_path, "ca", None, None)
+    write_cert(tmp_path, "broker", ca_key, ca_name)
+    write_cert(tmp_path, "agent", ca_key, ca_name)
     port, agent_port = free_port(), free_port()
     env = {**os.environ, "GPUATTACH_BROKER_KEY": "k"}
     env.pop("GPUATTACH_BROKER", None)
@@ -194,10 +154,10 @@ def test_agents_need_a_client_certificate_on_the_agent_port(tmp_path: Path) -> N
 def test_workers_serve_tls_that_kernels_verify_with_the_root_from_their_lease(
     tmp_path: Path,
 ) -> None:
-    ca_key, ca_name = _write_cert(tmp_path, "ca", None, None)
+    ca_key, ca_name = write_cert(tmp_path, "ca", None, None)
     for name in ("broker", "agent", "worker"):
-        _write_cert(tmp_path, name, ca_key, ca_name)
-    other_ca_key, other_ca_name = _write_cert(tmp_path, "other-ca", None, None)
+        write_cert(tmp_path, name, ca_key, ca_name)
+    other_ca_key, other_ca_name = write_cert(tmp_path, "other-ca", None, None)
     port, agent_port = free_port(), free_port()
     env = {**os.environ, "GPUATTACH_BROKER_KEY": "k"}
     env.pop("GPUATTACH_BROKER", None)

@@ -7,8 +7,6 @@ the side that waits, and hand out no parts.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import mmap
 import os
 import socket
@@ -19,10 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gpuattach_broker import sidechannel, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
@@ -34,6 +28,7 @@ from gpuattach_broker.sidechannel import (
     SideChannelServer,
     SideChannelUnavailable,
 )
+from tests.certs import make_certs
 
 SIZES = [1000, 0, 3 << 20, 17]
 
@@ -199,44 +194,6 @@ def test_receive_namespace_fetches_side_parts_after_the_size_check() -> None:
 
 
 # ------------------------------------------------------------------ TLS ---
-
-
-def make_certs(folder: Path) -> tuple[bytes, bytes, bytes]:
-    """(CA PEM, worker certificate PEM, worker key PEM) naming 127.0.0.1."""
-    now = dt.datetime.now(dt.UTC)
-
-    def cert(
-        subject: str,
-        key: ec.EllipticCurvePrivateKey,
-        issuer: x509.Name | None,
-        signer: ec.EllipticCurvePrivateKey,
-    ) -> x509.Certificate:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(issuer or name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=1))
-        )
-        if issuer is None:
-            builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        else:
-            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-            builder = builder.add_extension(san, False)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = cert("ca", ca_key, None, ca_key)
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = cert("worker", key, ca.subject, ca_key)
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return ca.public_bytes(pem), leaf.public_bytes(pem), key_pem
 
 
 def test_tls_lease_moves_bytes_encrypted_and_verified(tmp_path: Path) -> None:

@@ -234,12 +234,6 @@ class BrokerService(pb_grpc.BrokerServicer):
         async for event in self.admission.attach(request, context, identity):
             yield event
 
-    def _warm_hosts(self) -> list[str]:
-        return self.agent_hub.warm_hosts()
-
-    def _cache_hosts(self, request: SliceRequest) -> list[str]:
-        return self.agent_hub.cache_hosts(request)
-
     def _pump_queue(self) -> None:
         self.admission.pump_queue()
 
