@@ -27,6 +27,15 @@ class RemoteCellError(Exception):
     def __str__(self) -> str:
         return self.evalue
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython's hook for an exception that renders its own traceback.
+
+        Besides showing it, IPython 9 formats every cell's error again for its
+        history; without this it would format the kernel's own frames (our
+        magic's), parsing their source files: seconds on a busy machine, added
+        to every remote error, and a traceback the user never sees."""
+        return self.remote_traceback or [f"{self.ename}: {self.evalue}"]
+
 
 _ERROR_TYPES: dict[str, type[RemoteCellError]] = {}
 
@@ -49,8 +58,7 @@ def show_remote_traceback(
     itself, through the same path as any error (``error`` message in ipykernel).
     """
     assert isinstance(value, RemoteCellError)
-    stb = value.remote_traceback or [f"{value.ename}: {value.evalue}"]
-    shell._showtraceback(etype, value, stb)
+    shell._showtraceback(etype, value, value._render_traceback_())
     return None
 
 

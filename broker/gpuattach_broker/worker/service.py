@@ -33,7 +33,7 @@ from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import end_metadata
 from gpuattach_broker.shared.blobcache import BlobCache
 from gpuattach_broker.worker.scratch import Scratch
-from gpuattach_broker.worker.shell import CellSink, WorkerShell, run_in_sink
+from gpuattach_broker.worker.shell import CellSink, WorkerShell, hide_from_tracebacks, run_in_sink
 
 T = TypeVar("T")
 
@@ -846,6 +846,7 @@ def install_interrupt_handler(executor: MainThreadExecutor) -> None:
         if executor.running_cell:
             raise KeyboardInterrupt
 
+    hide_from_tracebacks(handler)
     signal.signal(signal.SIGINT, handler)
 
 

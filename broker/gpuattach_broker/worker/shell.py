@@ -15,6 +15,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
+from types import CodeType, TracebackType
 from typing import Any
 
 from IPython.core.displayhook import DisplayHook
@@ -182,6 +183,30 @@ class SinkDisplayPublisher(DisplayPublisher):
             sink.put(pb.ExecuteOutput(clear_output=pb.ClearOutput(wait=wait)))
 
 
+# Code that raises into a cell on the worker's behalf (the interrupt handler):
+# not the user's, so not in their traceback.
+_HIDDEN_CODE: set[CodeType] = set()
+
+
+def hide_from_tracebacks(fn: Callable[..., Any]) -> None:
+    """Leave `fn`'s frame out of the tracebacks cells show."""
+    _HIDDEN_CODE.add(fn.__code__)
+
+
+def _drop_hidden_tail(tb: TracebackType | None) -> None:
+    """Cut the innermost frames that are ours, in place (the exception's own
+    `__traceback__` is the same chain, so IPython's history copy agrees)."""
+    last_kept = None
+    entry = tb
+    while entry is not None:
+        if entry.tb_frame.f_code in _HIDDEN_CODE:
+            if last_kept is not None:
+                last_kept.tb_next = None
+            return
+        last_kept = entry
+        entry = entry.tb_next
+
+
 class WorkerShell(InteractiveShell):
     """IPython semantics with outputs routed to the running cell's sink."""
 
@@ -192,6 +217,14 @@ class WorkerShell(InteractiveShell):
         super().init_io()  # type: ignore[no-untyped-call]  # IPython's, unannotated
         sys.stdout = SinkStream("stdout", sys.__stdout__)
         sys.stderr = SinkStream("stderr", sys.__stderr__)
+
+    def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
+        """As IPython's, without the interrupt handler's frame: a local Ctrl-C
+        shows only the cell's frames, and formatting ours would parse this
+        package's source (a second on a busy host) before the error reaches
+        the notebook."""
+        _drop_hidden_tail(exc_tuple[2] if exc_tuple is not None else sys.exc_info()[2])
+        super().showtraceback(exc_tuple, *args, **kwargs)
 
     def _showtraceback(self, etype: Any, evalue: Any, stb: list[str]) -> None:
         sink = ROUTER.sink
