@@ -6,7 +6,7 @@
 - raw TCP 1-byte ping-pong between two processes;
 - loopback TCP throughput between two processes, both ends reusing touched
   buffers (first touch of fresh memory costs 1-2.5 s per GiB here);
-- memcpy into a touched buffer.
+- memcpy into a touched buffer, and into fresh pages (first touch).
 
 The servers run in processes started with ``spawn`` so they import nothing
 of the benchmark's state (no torch).
@@ -228,6 +228,20 @@ def memcpy(nbytes: int, reps: int) -> dict[str, Any]:
     return throughput(nbytes, samples)
 
 
+def memcpy_fresh(nbytes: int, reps: int) -> dict[str, Any]:
+    """Copy into newly allocated pages: what a receiver pays when its bytes
+    land in fresh memory (the kernel's page faults and zeroing come with the
+    first touch), next to `memcpy` into a touched buffer."""
+    src = np.ones(nbytes, dtype=np.uint8)
+
+    def copy_into_fresh() -> None:
+        dst = np.empty(nbytes, dtype=np.uint8)
+        np.copyto(dst, src)
+        del dst
+
+    return throughput(nbytes, time_calls(copy_into_fresh, reps, warmup=1))
+
+
 def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     log("limits: gRPC round trips and server-streaming throughput")
     rpc = grpc_figures(cfg.grpc_n, cfg.tcp_bytes, cfg.tcp_reps)
@@ -237,6 +251,8 @@ def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     tcp = tcp_throughput(cfg.tcp_bytes, cfg.tcp_reps)
     log(f"limits: memcpy ({cfg.memcpy_bytes / 2**20:.0f} MiB)")
     copy = memcpy(cfg.memcpy_bytes, cfg.memcpy_reps)
+    log(f"limits: copy into fresh pages ({cfg.memcpy_bytes / 2**20:.0f} MiB)")
+    fresh = memcpy_fresh(cfg.memcpy_bytes, cfg.memcpy_reps)
     return {
         "grpc_unary_rtt": rpc["unary"],
         "grpc_bidi_call": rpc["bidi_stream"],
@@ -245,4 +261,5 @@ def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
         "tcp_pingpong": pingpong,
         "tcp_throughput": tcp,
         "memcpy": copy,
+        "memcpy_fresh_pages": fresh,
     }

@@ -246,6 +246,21 @@ def build_rows(
                     "ratio": None,
                 }
             rows.append(row)
+            floor = fresh[variant].get("cpu_floor")
+            if variant == "prestart" and floor:
+                name = "· CPU used until that cell: notebook + embedded stack, over the cores"
+                used = (
+                    f"{fresh[variant]['kernel_cpu']['p50'] / 1000:.2f} + "
+                    f"{fresh[variant]['stack_cpu']['p50'] / 1000:.2f} CPU-s"
+                )
+                rows.append(
+                    {
+                        "figure": name,
+                        "kind": "latency",
+                        "ours": floor,
+                        "cells": [name, f"{used} → floor {_lat(floor)}", "—", "—", "—", "—"],
+                    }
+                )
     if ours.get("cold_attach"):
         latency_row(
             "cold attach (no warm worker: process start-up)",
@@ -473,6 +488,17 @@ def limits_rows(limits: dict[str, Any]) -> list[list[str]]:
             f"memcpy, {limits['memcpy']['bytes'] / 2**20:.0f} MiB into a touched buffer",
             _gbps(limits["memcpy"]),
         ],
+        *(
+            [
+                [
+                    f"copy of {limits['memcpy_fresh_pages']['bytes'] / 2**20:.0f} MiB into "
+                    "fresh pages (first touch)",
+                    _gbps(limits["memcpy_fresh_pages"]),
+                ]
+            ]
+            if "memcpy_fresh_pages" in limits
+            else []
+        ),
     ]
 
 
@@ -503,8 +529,137 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| machine limit (same run) | figure |", "| --- | --- |"]
     lines += ["| " + " | ".join(r) + " |" for r in limits_rows(report["limits"])]
+    missed = bounds(report)
+    if missed:
+        lines += ["", "## What bounds each missed target (figures of this run)", ""]
+        lines += [f"- {line}" for line in missed]
     lines += ["", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
+
+
+def _ms(fig: dict[str, Any] | None, key: str = "p50") -> str:
+    return f"{fig[key]:.2f} ms" if fig and fig.get(key) is not None else "—"
+
+
+def bounds(report: dict[str, Any]) -> list[str]:
+    """For each target this run missed: what bounds it, from this run's own
+    figures, and what would remove the bound. Empty when every target is met."""
+    missed = {r["figure"] for r in report["rows"] if r.get("target") and not r["target"]["met"]}
+    if not missed:
+        return []
+    ours, limits = report["ours"], report["limits"]
+    rtt = limits["grpc_unary_rtt"]
+    lines: list[str] = []
+
+    def hit(prefix: str) -> bool:
+        return any(name.startswith(prefix) for name in missed)
+
+    steps = ours.get("attach_steps")
+    if hit("warm attach") and steps:
+        parts = {
+            "broker decision": steps["broker_decision"],
+            "agent starts the worker": steps["worker_start"],
+            "broker bookkeeping": steps["broker_rest"],
+            "grant delivery": steps["grant_delivery"],
+            "first Hello": steps["first_hello"],
+        }
+        largest = max(parts, key=lambda k: parts[k]["p50"])
+        listed = ", ".join(f"{k} {_ms(v)}" for k, v in parts.items())
+        lines.append(
+            f"Warm attach ({_ms(ours['warm_attach'])} against {ATTACH_TARGET:g}x RTT = "
+            f"{ATTACH_TARGET * rtt['p50']:.2f} ms): its steps are {listed}. Every step alone "
+            f"is above the target except the broker's decision; the largest is the {largest}. "
+            f"A new channel and its first call cost {_ms(limits['grpc_new_channel_first_call'])} "
+            "in this run, so a Hello on a fresh channel cannot meet 3x RTT: channels opened to "
+            "warm workers before the request, and the grant answered from the broker's memory "
+            "with its store write after it, would remove those two bounds."
+        )
+    fresh = ours.get("fresh_host", {})
+    floor = fresh.get("prestart", {}).get("cpu_floor")
+    if hit("fresh host") and fresh:
+        torch_fig = fresh["import_torch"]
+        target_ms = torch_fig["p50"] + FRESH_HOST_EXTRA_MS
+        line = (
+            f"Fresh host ({fresh['prestart']['first_remote_cell']['p50'] / 1000:.2f} s against "
+            f"import torch + 0.5 s = {target_ms / 1000:.2f} s)"
+        )
+        if floor:
+            cores = report["machine"].get("cpu_count") or 1
+            line += (
+                f": by the first remote cell the notebook had used "
+                f"{fresh['prestart']['kernel_cpu']['p50'] / 1000:.2f} CPU-s and the embedded "
+                f"stack (broker, agent, zygote, worker) "
+                f"{fresh['prestart']['stack_cpu']['p50'] / 1000:.2f} CPU-s, so on {cores} "
+                f"cores the wall time cannot go below {floor['p50'] / 1000:.2f} s whatever the "
+                "order of the start-up. Most of the stack's share is the zygote importing "
+                "torch, IPython and matplotlib a second time, in its own process; a host with "
+                "more cores than the kernel and the stack keep busy (any GPU host) removes the "
+                "bound, and a zygote that defers what the first cell does not use would lower it."
+            )
+        lines.append(line)
+    if hit("empty remote cell"):
+        bidi = limits["grpc_bidi_call"]
+        lines.append(
+            f"Empty remote cell ({_ms(ours['empty_cell'])} against {CELL_TARGET:g}x RTT = "
+            f"{CELL_TARGET * rtt['p50']:.2f} ms): a cell is one gRPC bidirectional stream "
+            f"(its input() prompts travel back on it), and an empty bidi-stream call alone costs "
+            f"{_ms(bidi)} in this run, {bidi['p50'] / rtt['p50']:.1f}x the unary RTT. A unary "
+            "call for cells that cannot prompt, with a stream opened only when the cell asks for "
+            "input, would remove that bound."
+        )
+    tcp = limits["tcp_throughput"]
+    fresh_pages = limits.get("memcpy_fresh_pages")
+    if hit("migration out") or hit("migration in"):
+        line = (
+            "Migration across hosts: the bytes travel on the side channel (a raw TCP stream), "
+            f"so the ceiling is loopback TCP ({_gbps(tcp)}) less the receiver's work."
+        )
+        if fresh_pages:
+            line += (
+                f" Copying into fresh pages alone runs at {_gbps(fresh_pages)} in this run "
+                f"(into touched memory {_gbps(limits['memcpy'])}): a receiver whose tensors land "
+                "in new memory pays the first touch of every page, which bounds the direction "
+                "that allocates; receiving into storage that is already touched (the kernel's "
+                "existing tensors, a reused arena) removes it."
+            )
+        lines.append(line)
+    if fresh_pages and any("same host" in name for name in missed):
+        lines.append(
+            "Same-host migration: a copy into fresh pages alone runs at "
+            f"{_gbps(fresh_pages)} here; a transfer that maps the sender's pages "
+            "(no copy, no new pages on the receiving side) is what reaches past TCP."
+        )
+    for store, key in (("SQLite", "control_plane"), ("PostgreSQL", "control_plane_pg")):
+        fig = ours.get(key, {}).get("200")
+        if not fig or not hit(f"broker attach+release pairs/s, 200 concurrent clients ({store})"):
+            continue
+        cpu = fig.get("broker_cpu_ms_per_pair")
+        if cpu:
+            lines.append(
+                f"Control plane on {store} ({fig['pairs_per_second']:.0f} pairs/s against "
+                f"{THROUGHPUT_TARGETS[store]:,.0f}): the broker spent {cpu:.2f} ms of CPU per "
+                f"pair at {fig['broker_cpu_share'] * 100:.0f} % of a core, so one core caps it "
+                f"near {1000 / cpu:.0f} pairs/s while 200 clients share the same "
+                f"{report['machine'].get('cpu_count')} cores; less CPU per pair (gRPC's per-call "
+                "cost, the store's per-write cost) is what raises it."
+            )
+    sched = ours.get("scheduling")
+    if sched and hit("scheduling decision"):
+        lines.append(
+            "Scheduling decision: p50 "
+            + ", ".join(f"{k} {_ms(sched[k])}" for k in ("submit", "grant_after_release"))
+            + " with p99 "
+            + ", ".join(f"{_ms(sched[k], 'p99')}" for k in ("submit", "grant_after_release"))
+            + ": the tail, not the typical decision, misses; it follows the machine's load "
+            "(garbage collection and other processes), so rerun on a quiet machine."
+        )
+    b2b = ours.get("back_to_back_reattach", {}).get("zygote", {}).get("attach")
+    if b2b and hit("re-attach back to back"):
+        lines.append(
+            f"Back-to-back re-attach (slowest {_ms(b2b, 'max')}): the slow rounds wait for the "
+            "warm pool's refill; a pool of two warm workers removes the wait."
+        )
+    return lines
 
 
 NOTES = [
