@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Kernel, KernelFactory, Stack, StackFactory
-from tests.pg import PostgresServer, PostgresUnavailable
+from tests.pg import PostgresServer, PostgresUnavailable, broker_database
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,19 +39,24 @@ def pg_url(postgres: PostgresServer) -> Iterator[str]:
     postgres.drop(url)
 
 
+@pytest.fixture(scope="session")
+def broker_template(postgres: PostgresServer) -> str:
+    """A database migrated to the broker's schema once per session: each
+    broker's database is a copy of it, so a broker on PostgreSQL starts
+    without running (and importing) the migrations again."""
+    from gpuattach_broker.broker.store import open_store
+
+    url = postgres.database("broker_template")
+    open_store(url).close()
+    return url.rsplit("/", 1)[1]
+
+
 @pytest.fixture
 def broker_db(request: pytest.FixtureRequest) -> Iterator[str]:
     """The broker's --db-url: "" (its SQLite file, the default) unless a test is
     parametrised with `tests.pg.both_stores`."""
-    if getattr(request, "param", "sqlite") == "sqlite":
-        yield ""
-        return
-    postgres: PostgresServer = request.getfixturevalue("postgres")
-    url = postgres.database("broker")
-    yield url
-    # The broker kept its state there (not in a file of its own).
-    assert postgres.count(url, "SELECT count(*) FROM events WHERE kind = 'broker-started'") > 0
-    postgres.drop(url)
+    with broker_database(request, getattr(request, "param", "sqlite")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.harness import Kernel, KernelFactory, Stack, StackFactory, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -106,6 +107,7 @@ def test_reattach_of_an_unchanged_model_sends_almost_nothing(stack: Stack, kerne
     kernel.ok("%gpu release")
 
 
+@both_stores
 def test_killed_worker_loses_only_the_running_cell_and_auto_reattaches(
     stack: Stack, kernel: Kernel
 ) -> None:
@@ -134,6 +136,7 @@ def test_killed_worker_loses_only_the_running_cell_and_auto_reattaches(
     kernel.ok("%gpu release")
 
 
+@both_stores
 def test_a_killed_kernel_loses_its_lease_within_ttl(
     stack_factory: StackFactory, kernel_factory: KernelFactory
 ) -> None:
@@ -157,6 +160,7 @@ def test_a_killed_kernel_loses_its_lease_within_ttl(
     )
 
 
+@both_stores
 def test_usage_ledger_matches_the_session_timeline(stack: Stack, kernel: Kernel) -> None:
     attach = kernel.ok("%gpu attach")
     attached_at = attach.ended_at

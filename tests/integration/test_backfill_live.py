@@ -16,6 +16,7 @@ import pytest
 from gpuattach_broker.client.broker_client import BrokerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import StackFactory, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +63,7 @@ class Waiter:
             self.granted.set()
 
 
+@both_stores
 def test_small_requests_pass_a_waiting_large_one_which_then_gets_a_reservation(
     stack_factory: StackFactory,
 ) -> None:

@@ -13,6 +13,7 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import key_metadata
 from tests.harness import Kernel, Stack, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +42,7 @@ def test_malformed_magics_give_one_line_and_keep_variables(stack: Stack, kernel:
     assert not stack.leases()
 
 
+@both_stores
 def test_attach_with_wait_zero_to_a_full_pool_is_refused(stack: Stack, kernel: Kernel) -> None:
     holder = stack.client()
     lease = holder.attach(pb.AttachRequest(user="someone-else", wait_seconds=-1))
@@ -98,6 +100,7 @@ def test_unpicklable_names_stay_in_the_kernel_at_attach(stack: Stack, kernel: Ke
     assert kernel.value("type(guard).__name__") == "lock"
 
 
+@both_stores
 def test_wrong_tokens_and_unknown_leases_are_refused(stack: Stack) -> None:
     client = stack.client()
     lease = client.attach(pb.AttachRequest(user="alice", wait_seconds=-1))
@@ -125,6 +128,7 @@ def test_wrong_tokens_and_unknown_leases_are_refused(stack: Stack) -> None:
     assert "has ended (released" in (refused.value.details() or "")
 
 
+@both_stores
 def test_wrong_broker_key_and_oversized_messages_are_refused(stack: Stack) -> None:
     with grpc.insecure_channel(stack.address) as channel:
         stub = pb_grpc.BrokerStub(channel)
@@ -141,6 +145,7 @@ def test_wrong_broker_key_and_oversized_messages_are_refused(stack: Stack) -> No
     assert stack.broker.poll() is None
 
 
+@both_stores
 def test_killed_worker_is_reported_and_names_of_finished_cells_survive(
     stack: Stack, kernel: Kernel
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 from gpuattach_broker.client.broker_client import BrokerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import CellResult, Kernel, KernelFactory, Stack, StackFactory, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,7 @@ def _notes(result: CellResult) -> str:
     return "\n".join(str(output.get("data", {}).get("text/plain", "")) for output in result.outputs)
 
 
+@both_stores
 def test_waiting_whole_device_is_granted_because_an_idle_fraction_moved(
     stack_factory: StackFactory, kernel_factory: KernelFactory
 ) -> None:
@@ -119,6 +121,7 @@ def test_waiting_whole_device_is_granted_because_an_idle_fraction_moved(
     print(f"whole device granted {granted_after * 1000:.0f} ms after B asked; {note}")
 
 
+@both_stores
 def test_a_kernel_running_a_cell_is_not_moved(
     stack_factory: StackFactory, kernel_factory: KernelFactory, tmp_path: object
 ) -> None:

@@ -28,6 +28,7 @@ import pytest
 
 from tests.faultproxy import FaultProxy
 from tests.harness import CellResult, Kernel, Stack, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -283,6 +284,7 @@ def test_one_interrupt_returns_at_once_from_a_frozen_worker(
     )
 
 
+@both_stores
 def test_broker_link_cut_shorter_than_the_ttl_keeps_the_lease(
     stack: Stack, proxy: FaultProxy, proxied: Any
 ) -> None:
@@ -304,6 +306,7 @@ def test_broker_link_cut_shorter_than_the_ttl_keeps_the_lease(
     figure("kernel-broker cut 5 s (TTL 10 s)", reported="nothing (lease kept, cell completes)")
 
 
+@both_stores
 def test_broker_link_cut_longer_than_the_ttl_ends_with_one_line(
     stack_factory: Any, proxy: FaultProxy, proxied: Any
 ) -> None:

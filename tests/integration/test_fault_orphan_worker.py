@@ -28,6 +28,7 @@ from gpuattach_broker.client.broker_client import BrokerClient
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import ExitWatch, Stack, StackFactory, gone, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -188,6 +189,7 @@ def kill_agent(stack: Stack) -> tuple[float, float]:
     return at, wall
 
 
+@both_stores
 def test_a_killed_agents_worker_stops_computing_within_2s_and_its_room_waits_for_it(
     orphan_stack: Stack, tmp_path: Path, processes: list[int]
 ) -> None:
@@ -250,6 +252,7 @@ while True:
 """
 
 
+@both_stores
 def test_an_orphan_that_ignores_its_end_is_killed_by_the_next_agent_before_its_room_is_granted(
     orphan_stack: Stack, tmp_path: Path, processes: list[int]
 ) -> None:

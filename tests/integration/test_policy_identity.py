@@ -38,6 +38,7 @@ def _stack_with(
     return stack, tokens, policy_path
 
 
+@both_stores
 def test_users_cannot_touch_each_others_leases(stack_factory: StackFactory, tmp_path: Path) -> None:
     stack, tokens, _ = _stack_with(stack_factory, tmp_path, "[defaults]\nmax_slices = 2\n")
     alice, bob = stack.client(tokens["alice"]), stack.client(tokens["bob"])
@@ -69,6 +70,7 @@ def test_users_cannot_touch_each_others_leases(stack_factory: StackFactory, tmp_
         alice.renew(lease)
 
 
+@both_stores
 def test_concurrent_limit_refuses_with_the_limit_named(
     stack_factory: StackFactory, tmp_path: Path
 ) -> None:
@@ -113,6 +115,7 @@ def test_gpu_hours_per_day_hold_across_kernels_and_restarts(
     stack.client(tokens["bob"]).release(other)
 
 
+@both_stores
 def test_fair_share_serves_the_lone_user_before_the_busy_one(
     stack_factory: StackFactory, tmp_path: Path
 ) -> None:
@@ -197,6 +200,7 @@ def test_preemption_moves_the_namespace_out_before_the_lease_ends(
     high.release(lease)
 
 
+@both_stores
 def test_a_bad_policy_reload_keeps_the_old_policy(
     stack_factory: StackFactory, tmp_path: Path
 ) -> None:
@@ -230,6 +234,7 @@ def test_a_bad_policy_reload_keeps_the_old_policy(
     alice.release(lease)
 
 
+@both_stores
 def test_malformed_and_oversized_rpcs_leave_broker_and_worker_serving(stack: Stack) -> None:
     garbage = b"\xff\xfe not a protobuf \x00" * 10
     with grpc.insecure_channel(stack.address) as channel:
@@ -290,6 +295,7 @@ def test_usage_by_group_counts_identity_and_policy_groups(
 IDLE_POLICY = '[defaults]\nmax_idle = "2s"\ndefault_idle = "1s"\n'
 
 
+@both_stores
 def test_policy_idle_timeouts_reach_the_kernel(
     stack_factory: StackFactory, kernel_factory: KernelFactory, tmp_path: Path
 ) -> None:
@@ -317,6 +323,7 @@ def test_policy_idle_timeouts_reach_the_kernel(
     assert not stack.leases()
 
 
+@both_stores
 def test_broker_ends_a_lease_idle_past_max_idle(
     stack_factory: StackFactory, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.harness import CellResult, Kernel, Stack, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -175,6 +176,7 @@ def test_manual_release_refuses_what_cannot_come_back_and_names_it(
     assert shown == "onetwo"
 
 
+@both_stores
 def test_held_and_busy_are_one_truth_for_kernel_and_broker(stack: Stack, kernel: Kernel) -> None:
     kernel.ok("%gpu attach")
     kernel.ok("import time\ntime.sleep(1.5)")

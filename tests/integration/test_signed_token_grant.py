@@ -19,6 +19,7 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import bearer_metadata
 from tests.harness import Stack
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +30,7 @@ def _claims(token: str) -> dict[str, object]:
     return decoded
 
 
+@both_stores
 def test_the_grant_carries_a_token_signed_for_its_worker(stack: Stack) -> None:
     client = stack.client()
     try:

@@ -43,6 +43,7 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.simulator import Admission, attach_policy, load_workload, parse_pool, simulate
 from gpuattach_broker.simulator.pool import build_scheduler
 from tests.harness import Stack, wait_for
+from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -186,6 +187,7 @@ def play_simulated(
 # ------------------------------------------------------------------ test ---
 
 
+@both_stores
 def test_a_policy_change_changes_live_and_simulated_decisions_alike(
     stack_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -138,6 +138,7 @@ def assert_cell_interrupted(cell: RunningCell) -> None:
     assert "ended" in str(cell.error)
 
 
+@both_stores
 def test_release_interrupts_the_cell_and_the_token_is_dead_when_it_returns(
     stack: Stack, clients: Callable[[], BrokerClient]
 ) -> None:
@@ -152,6 +153,7 @@ def test_release_interrupts_the_cell_and_the_token_is_dead_when_it_returns(
     held.worker.close()
 
 
+@both_stores
 def test_a_queued_attach_is_granted_only_after_the_first_worker_exited(
     stack: Stack, clients: Callable[[], BrokerClient]
 ) -> None:
@@ -182,6 +184,7 @@ def test_a_queued_attach_is_granted_only_after_the_first_worker_exited(
     clients().release(second["lease"])
 
 
+@both_stores
 def test_a_token_replayed_across_the_release_never_succeeds_after_it(
     stack: Stack, clients: Callable[[], BrokerClient]
 ) -> None:
@@ -242,6 +245,7 @@ def test_revoke_interrupts_the_cell_and_kills_the_token_before_it_returns(
     held.worker.close()
 
 
+@both_stores
 def test_expiry_frees_the_room_only_after_the_worker_exited(stack_factory: StackFactory) -> None:
     stack: Stack = stack_factory(ttl="2s")
     first = stack.client()
@@ -263,6 +267,7 @@ def test_expiry_frees_the_room_only_after_the_worker_exited(stack_factory: Stack
     held.worker.close()
 
 
+@both_stores
 def test_release_latency(stack: Stack, clients: Callable[[], BrokerClient]) -> None:
     """Release now waits for the worker's exit; report what that costs."""
     client = clients()

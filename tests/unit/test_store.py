@@ -259,13 +259,61 @@ def test_migrated_schema_equals_the_metadata(store: SqlStore) -> None:
         diff = compare_metadata(MigrationContext.configure(db), schema.metadata)
         tables = set(sa.inspect(db).get_table_names())
     assert diff == []
-    assert tables == {"alembic_version", "leases", "devices", "events"}
+    assert tables == {"alembic_version", "leases", "devices", "events", "gpuattach_leader"}
 
 
 def test_schema_version_is_the_newest_migration() -> None:
     config = Config()
     config.set_main_option("script_location", MIGRATIONS)
     assert ScriptDirectory.from_config(config).get_heads() == [SCHEMA_VERSION]
+
+
+def test_a_fresh_database_migrated_to_head_has_the_leader_row(db_url: str) -> None:
+    """The leader lease row is part of the schema (revision 0002), not only
+    of a broker's start: one row, epoch 0, free to take."""
+    store = open_store(db_url)
+    try:
+        with store.engine.connect() as db:
+            rows = db.execute(sa.select(schema.leader)).all()
+        assert [tuple(row) for row in rows] == [(1, 0, "", "", 0.0)]
+    finally:
+        store.close()
+
+
+def test_a_leader_table_made_before_revision_0002_is_kept(pg_url: str) -> None:
+    """A database an earlier version left at 0001, whose brokers made the
+    leader table themselves (leader.py's bootstrap), upgrades to head with
+    that table and its epoch untouched, and leader.py's table is the one
+    the migrations describe."""
+    from alembic import command
+
+    from gpuattach_broker.broker.leader import Leadership
+
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        config = Config()
+        config.set_main_option("script_location", MIGRATIONS)
+        with engine.begin() as db:
+            config.attributes["connection"] = db
+            command.upgrade(config, "0001")
+        first = Leadership(engine, "127.0.0.1:1", ttl=30.0)
+        assert first.try_acquire()
+        assert first.epoch == 1
+    finally:
+        engine.dispose()
+    store = open_store(pg_url)
+    try:
+        with store.engine.connect() as db:
+            assert compare_metadata(MigrationContext.configure(db), schema.metadata) == []
+            assert db.execute(sa.select(schema.leader.c.epoch, schema.leader.c.address)).all() == [
+                (1, "127.0.0.1:1")
+            ]
+            version = db.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+        assert version == SCHEMA_VERSION
+        # A broker starting on it bootstraps nothing new and sees the holder.
+        assert Leadership(store.engine, "127.0.0.1:2").current()[:2] == (1, "127.0.0.1:1")
+    finally:
+        store.close()
 
 
 def test_brokers_starting_together_on_a_new_postgresql_database(pg_url: str) -> None:

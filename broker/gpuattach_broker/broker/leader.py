@@ -40,6 +40,10 @@ log = logging.getLogger("gpuattach.broker")
 TABLE = "gpuattach_leader"
 _NOW = "extract(epoch from clock_timestamp())"
 
+# The table is part of the schema (migration 0002, schema.leader); a broker
+# still makes sure of it here, idempotently, so that leadership never hangs
+# on which version migrated the database (tests/unit/test_store.py checks
+# that this DDL and the migration's agree).
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     id INTEGER PRIMARY KEY,

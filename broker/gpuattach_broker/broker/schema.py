@@ -89,3 +89,15 @@ events = sa.Table(
 )
 sa.Index("events_ts", events.c.ts)
 sa.Index("events_lease_id", events.c.lease_id)
+
+# The leader lease row of brokers sharing a PostgreSQL database (leader.py,
+# which also creates it at start: a standby needs it before it may act).
+leader = sa.Table(
+    "gpuattach_leader",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("epoch", sa.BigInteger(), nullable=False),
+    sa.Column("holder", sa.Text(), nullable=False),
+    sa.Column("address", sa.Text(), nullable=False),
+    sa.Column("valid_until", sa.Double(), nullable=False),
+)

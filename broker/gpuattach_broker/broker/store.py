@@ -145,7 +145,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # The newest migration in migrations/versions (a test keeps the two equal).
-SCHEMA_VERSION = "0001"
+SCHEMA_VERSION = "0002"
 MIGRATIONS = "gpuattach_broker.broker:migrations"
 
 
