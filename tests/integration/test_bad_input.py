@@ -42,7 +42,6 @@ def test_malformed_magics_give_one_line_and_keep_variables(stack: Stack, kernel:
     assert not stack.leases()
 
 
-@both_stores
 def test_attach_with_wait_zero_to_a_full_pool_is_refused(stack: Stack, kernel: Kernel) -> None:
     holder = stack.client()
     lease = holder.attach(pb.AttachRequest(user="someone-else", wait_seconds=-1))

@@ -40,7 +40,6 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.rpc import KEY_HEADER
 from tests.harness import wait_for
 from tests.integration.test_jupyterhub_deployment import Deployment, ServerKernel, said
-from tests.pg import broker_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -97,30 +96,25 @@ ALLOWED_REFUSALS = {
 }
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def deployment(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    """The deployment, its broker on each store in turn (tests.pg.both_stores)."""
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     blobs = Path("/dev/shm") / f"gpuattach-cross-user-{uuid.uuid4().hex[:8]}"
-    with broker_database(request, request.param) as db_url:
-        made = Deployment(
-            tmp_path_factory.mktemp("cross-user"),
-            stack_options={
-                "isolation": "uid",
-                "devices": "cpu:3x2GiB",
-                "db_url": db_url,
-                "agent_args": [
-                    *("--user-map", "range:220000-220099"),
-                    *("--blob-cache", str(blobs)),
-                ],
-            },
-        )
-        try:
-            yield made.start()
-        finally:
-            made.stop()
-            shutil.rmtree(blobs, ignore_errors=True)
+    made = Deployment(
+        tmp_path_factory.mktemp("cross-user"),
+        stack_options={
+            "isolation": "uid",
+            "devices": "cpu:3x2GiB",
+            "agent_args": [
+                *("--user-map", "range:220000-220099"),
+                *("--blob-cache", str(blobs)),
+            ],
+        },
+    )
+    try:
+        yield made.start()
+    finally:
+        made.stop()
+        shutil.rmtree(blobs, ignore_errors=True)
 
 
 def message_class(descriptor: Any) -> Any:

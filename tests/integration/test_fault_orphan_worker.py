@@ -189,7 +189,6 @@ def kill_agent(stack: Stack) -> tuple[float, float]:
     return at, wall
 
 
-@both_stores
 def test_a_killed_agents_worker_stops_computing_within_2s_and_its_room_waits_for_it(
     orphan_stack: Stack, tmp_path: Path, processes: list[int]
 ) -> None:

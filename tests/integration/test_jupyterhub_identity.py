@@ -21,7 +21,6 @@ import pytest
 from gpuattach_broker.client.broker_client import BrokerError
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from tests.harness import KernelFactory, StackFactory, free_port, wait_for
-from tests.pg import both_stores
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +111,6 @@ def _token(api: str, user: str, scopes: list[str], expires_in: int = 0) -> str:
     return str(_hub_api(api, f"/users/{user}/tokens", "POST", body)["token"])
 
 
-@both_stores
 def test_hub_tokens_decide_who_attaches(
     stack_factory: StackFactory, kernel_factory: KernelFactory, hub: str, tmp_path: Path
 ) -> None:
