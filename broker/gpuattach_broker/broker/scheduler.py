@@ -322,8 +322,19 @@ class Scheduler:
         return holder is None or holder == request_id
 
     def _view(self, host: _Host, request_id: str = "") -> tuple[HostView, tuple[str, ...]]:
+        # `_usable` and `free_bytes` inlined: this runs over every device of a
+        # host each time the host changes (a host of many devices otherwise
+        # spends most of a grant here).
+        reserved_by = self._reserved_by
         devices: tuple[DeviceView, ...] = tuple(
-            (d.memory_bytes, d.free_bytes, bool(d.leases), self._usable(d, request_id))
+            (
+                d.memory_bytes,
+                d.memory_bytes - d.allocated_bytes,
+                bool(d.leases),
+                d.online
+                and not d.draining
+                and reserved_by.get(d.device_id, request_id) == request_id,
+            )
             for d in host.devices
         )
         view = HostView(
