@@ -34,6 +34,7 @@ backfill does), so it starts when their current leases end.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,6 +258,14 @@ class Scheduler:
         # their order (priority, then arrival), so the best waiting request is
         # the best of the users' heads, found in O(users), not O(queue).
         self._waiting: dict[str, list[SliceRequest]] = {}
+        # The eligible heads by standing, a heap: (standing, stamp, user). A
+        # head's standing changes only when its user's waiting list or share
+        # changes; each change pushes the user anew under a new stamp, and an
+        # entry whose stamp is not its user's current one is stale (skipped,
+        # dropped when on top). So the best head is found in O(log users).
+        self._heads: list[tuple[tuple[int, int, int, float, int], int, str]] = []
+        self._head_stamp: dict[str, int] = {}
+        self._stamps = 0
         self._arrivals = 0
         self._last_grant: dict[str, int] = {}  # user -> grant counter when last served
         self._grants = 0
@@ -755,6 +764,7 @@ class Scheduler:
         self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
         self._grants += 1
         self._last_grant[user] = self._grants
+        self._rank(user)
 
     def _pin(self, request: SliceRequest) -> None:
         if request.gpu_model or request.hosts:
@@ -774,6 +784,7 @@ class Scheduler:
         self._held_by_user[owner] = self._held_by_user.get(owner, 1) - 1
         if not self._held_by_user[owner]:
             del self._held_by_user[owner]
+        self._rank(owner)
         held = self._held.pop(lease_id, {})
         for device_id in placement.device_ids:
             device = self.devices.get(device_id)
@@ -838,6 +849,7 @@ class Scheduler:
     def _enqueue(self, request: SliceRequest) -> None:
         self.queue.append(request)
         bisect.insort(self._waiting.setdefault(request.user, []), request, key=self._own_order)
+        self._rank(request.user)
 
     def _dequeue(self, request: SliceRequest) -> None:
         self.queue.remove(request)
@@ -847,25 +859,44 @@ class Scheduler:
         if not mine:
             self._waiting.pop(request.user, None)
         self._arrival.pop(request.request_id, None)
+        self._rank(request.user)
         self._drop_reservation(request.request_id)
+
+    def _rank(self, user: str) -> None:
+        """The user's head or share changed: (re)enter its head by its standing now."""
+        mine = self._waiting.get(user)
+        if not mine:
+            self._head_stamp.pop(user, None)
+            return
+        self._stamps += 1
+        self._head_stamp[user] = self._stamps
+        head = mine[0]
+        if self._eligible(head):
+            heapq.heappush(self._heads, (self._standing(head), self._stamps, user))
+        if len(self._heads) > 2 * len(self._waiting) + 64:  # mostly stale: rebuild
+            self._rank_all()
+
+    def _rank_all(self) -> None:
+        self._heads = []
+        self._head_stamp = {}
+        for user in list(self._waiting):
+            self._rank(user)
 
     def _best(self) -> SliceRequest | None:
         """The eligible waiting request with the best standing."""
-        best: SliceRequest | None = None
-        best_key: tuple[int, int, int, float, int] | None = None
-        for mine in self._waiting.values():
-            head = mine[0]
-            if not self._eligible(head):
-                continue
-            key = self._standing(head)
-            if best_key is None or key < best_key:
-                best, best_key = head, key
-        return best
+        heads, stamps = self._heads, self._head_stamp
+        while heads:
+            _, stamp, user = heads[0]
+            if stamps.get(user) == stamp:
+                return self._waiting[user][0]
+            heapq.heappop(heads)
+        return None
 
     def reprioritize(self) -> None:
         """Waiting requests' priorities changed (a policy window opened or closed)."""
         for mine in self._waiting.values():
             mine.sort(key=self._own_order)
+        self._rank_all()
 
     def _eligible(self, request: SliceRequest) -> bool:
         return request.max_slices is None or self.held_by(request.user) < request.max_slices
