@@ -418,3 +418,58 @@ def test_an_attach_waits_in_the_queue_then_starts_through_the_agent(tmp_path: Pa
         assert await anext(attach, None) is None, "the stream ends after Granted"
 
     asyncio.run(scenario())
+
+
+def _best_by_scan(scheduler: Scheduler) -> SliceRequest | None:
+    """The best eligible waiting request by looking at every waiting one: each
+    user's own order decides that user's next request, which waits while that
+    request is over its limit; the best of those by standing goes first."""
+    heads = []
+    for user in {r.user for r in scheduler.queue}:
+        mine = sorted(
+            (r for r in scheduler.queue if r.user == user),
+            key=scheduler._own_order,
+        )
+        head = mine[0]
+        if head.max_slices is None or scheduler.held_by(user) < head.max_slices:
+            heads.append(head)
+    return min(
+        heads,
+        key=scheduler._standing,
+        default=None,
+    )
+
+
+@pytest.mark.parametrize("fair_share", [True, False])
+def test_scheduler_best_waiting_request_matches_a_full_scan(fair_share: bool) -> None:
+    """The heap of users' heads names the same next request as looking at the
+    whole queue, through grants, releases, withdrawals, limits and priorities."""
+    import random
+
+    rng = random.Random(13)
+    scheduler = Scheduler(fair_share=fair_share)
+    for index in range(6):
+        scheduler.add_device(DeviceState(f"h/d{index}", "h", "GPU", "gpu", 8 << 30))
+    held: list[str] = []
+    for step in range(600):
+        action = rng.random()
+        if action < 0.5:
+            request = SliceRequest(
+                f"r{step}",
+                f"u{rng.randrange(7)}",
+                submitted_at=float(step),
+                fraction=rng.choice([0.0, 0.5, 0.25]),
+                priority=rng.choice([0, 0, 1]),
+                max_slices=rng.choice([None, 1, 2]),
+            )
+            if scheduler.submit(request) is not None:
+                held.append(request.request_id)
+        elif action < 0.8 and held:
+            scheduler.free(held.pop(rng.randrange(len(held))))
+            held += [p.request_id for p in scheduler.grant_waiting()]
+        elif action < 0.9 and scheduler.queue:
+            scheduler.withdraw(rng.choice(scheduler.queue).request_id)
+        elif scheduler.queue:
+            rng.choice(scheduler.queue).priority = rng.choice([0, 1, 2])
+            scheduler.reprioritize()
+        assert scheduler._best() is _best_by_scan(scheduler), step

@@ -141,14 +141,16 @@ class Admission:
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        self.store.event(
+        requested = (
             "requested" if resumed is None else "resumed",
-            lease_id=slice_request.request_id,
-            user=user,
-            detail=f"{describe_request(slice_request)}, priority {effective.priority_class} "
+            f"{describe_request(slice_request)}, priority {effective.priority_class} "
             f"({limit_source(effective)})",
         )
-        if placement is None:
+        queued = placement is None
+        if queued:
+            self.store.event(
+                requested[0], lease_id=slice_request.request_id, user=user, detail=requested[1]
+            )
             try:
                 async for event in self.wait_in_queue(
                     slice_request, request.wait_seconds, context, identity.groups
@@ -171,6 +173,8 @@ class Admission:
             context,
             groups,
             mirror=(limits.mirror_bytes, limits.mirror_file_bytes),
+            # Placed at once: the request's event goes in the lease's first write.
+            event=("", "") if queued else requested,
         )
         granted = self.granted_reply(lease, token, limits)
         granted.broker_decision_s = decided - entered

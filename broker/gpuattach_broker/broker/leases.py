@@ -115,6 +115,7 @@ class LeaseLifecycle:
         context: Context,
         groups: list[str],
         mirror: tuple[int, int] = (0, 0),
+        event: tuple[str, str] = ("", ""),
     ) -> tuple[LeaseRecord, str, float]:
         """Start the lease's worker: (lease, its token, seconds the agent took).
 
@@ -143,7 +144,7 @@ class LeaseLifecycle:
             priority=req.priority,
             groups=groups,
         )
-        self.store.put_lease(lease)
+        self.store.put_lease(lease, event=event[0], detail=event[1])
         start_clock = self.clock.monotonic()
         agent = self.agents.get(placement.host)
         try:

@@ -34,6 +34,7 @@ backfill does), so it starts when their current leases end.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +72,7 @@ class DeviceState:
         object.__setattr__(self, name, value)
         watcher = self.__dict__.get("_watcher")
         if watcher is not None:
-            watcher(self.host)
+            watcher(self.host, self.device_id)
 
     @property
     def free_bytes(self) -> int:
@@ -189,6 +190,13 @@ class _Host:
     cpus_used: float = 0.0
     memory_used: int = 0
     sig: int = -1  # id of its state in the index; -1: changed since
+    # Its devices' views (DeviceView, by position) and names as the index last
+    # saw them; None: rebuild all. `stale`: device ids changed since, redone
+    # one by one (a grant changes one device of a host of hundreds).
+    views: list[DeviceView] | None = None
+    names: list[str] = field(default_factory=list)
+    positions: dict[str, int] = field(default_factory=dict)
+    stale: set[str] = field(default_factory=set)
 
 
 # Where a request's GPUs could go on one host state: device positions, bytes
@@ -250,6 +258,14 @@ class Scheduler:
         # their order (priority, then arrival), so the best waiting request is
         # the best of the users' heads, found in O(users), not O(queue).
         self._waiting: dict[str, list[SliceRequest]] = {}
+        # The eligible heads by standing, a heap: (standing, stamp, user). A
+        # head's standing changes only when its user's waiting list or share
+        # changes; each change pushes the user anew under a new stamp, and an
+        # entry whose stamp is not its user's current one is stale (skipped,
+        # dropped when on top). So the best head is found in O(log users).
+        self._heads: list[tuple[tuple[int, int, int, float, int], int, str]] = []
+        self._head_stamp: dict[str, int] = {}
+        self._stamps = 0
         self._arrivals = 0
         self._last_grant: dict[str, int] = {}  # user -> grant counter when last served
         self._grants = 0
@@ -303,15 +319,22 @@ class Scheduler:
         entry = self._hosts.setdefault(host, _Host(host))
         entry.cpus, entry.memory = cpus, memory_bytes
         self._satisfiable.clear()
-        self._touch(host)
+        self._dirty.add(host)  # its devices are as they were
 
     def host_usage(self, host: str) -> tuple[float, int]:
         """CPUs and host memory the host's leases take now."""
         entry = self._hosts[host]
         return entry.cpus_used, entry.memory_used
 
-    def _touch(self, host: str) -> None:
+    def _touch(self, host: str, device_id: str = "") -> None:
+        """The host changed: `device_id`, that one of its devices; else all of them."""
         self._dirty.add(host)
+        entry = self._hosts.get(host)
+        if entry is not None:
+            if device_id and entry.views is not None:
+                entry.stale.add(device_id)
+            else:
+                entry.views = None
 
     # ------------------------------------------------------------ index ---
 
@@ -321,9 +344,54 @@ class Scheduler:
         holder = self._reserved_by.get(device.device_id)
         return holder is None or holder == request_id
 
+    def _device_view(self, d: DeviceState, request_id: str) -> DeviceView:
+        # `_usable` and `free_bytes` inlined (this runs once per changed device).
+        return (
+            d.memory_bytes,
+            d.memory_bytes - d.allocated_bytes,
+            bool(d.leases),
+            d.online
+            and not d.draining
+            and self._reserved_by.get(d.device_id, request_id) == request_id,
+        )
+
+    def _index_view(self, host: _Host) -> tuple[HostView, tuple[str, ...]]:
+        """The host's view for the index (no request's reservation counted as
+        its own), redoing only the devices that changed since the last one."""
+        views = host.views
+        if views is None:
+            views = host.views = [self._device_view(d, "") for d in host.devices]
+            host.names = [d.name for d in host.devices]
+            host.positions = {d.device_id: i for i, d in enumerate(host.devices)}
+            host.stale.clear()
+        elif host.stale:
+            devices, positions, names = host.devices, host.positions, host.names
+            for device_id in host.stale:
+                i = positions[device_id]
+                views[i] = self._device_view(devices[i], "")
+                names[i] = devices[i].name
+            host.stale.clear()
+        view = HostView(
+            tuple(views),
+            None if host.cpus is None else host.cpus - host.cpus_used,
+            None if host.memory is None else host.memory - host.memory_used,
+        )
+        return view, tuple(host.names)
+
     def _view(self, host: _Host, request_id: str = "") -> tuple[HostView, tuple[str, ...]]:
+        # `_usable` and `free_bytes` inlined: this runs over every device of a
+        # host (for a request that holds a reservation; the index keeps its
+        # views device by device: `_index_view`).
+        reserved_by = self._reserved_by
         devices: tuple[DeviceView, ...] = tuple(
-            (d.memory_bytes, d.free_bytes, bool(d.leases), self._usable(d, request_id))
+            (
+                d.memory_bytes,
+                d.memory_bytes - d.allocated_bytes,
+                bool(d.leases),
+                d.online
+                and not d.draining
+                and reserved_by.get(d.device_id, request_id) == request_id,
+            )
             for d in host.devices
         )
         view = HostView(
@@ -361,7 +429,7 @@ class Scheduler:
                     group.discard(name)
                     if not group:
                         del self._groups[host.sig]
-            view, names = self._view(host)
+            view, names = self._index_view(host)
             key = (view, names)
             sig = self._sig_ids.get(key)
             if sig is None:
@@ -689,12 +757,14 @@ class Scheduler:
         if host is not None:
             host.cpus_used += placement.cpus
             host.memory_used += placement.host_memory_bytes
-            self._touch(placement.host)
+            # Its devices marked themselves (allocated_bytes); the host's use changed.
+            self._dirty.add(placement.host)
         self.allocations[lease_id] = placement
         self.owners[lease_id] = user
         self._held_by_user[user] = self._held_by_user.get(user, 0) + 1
         self._grants += 1
         self._last_grant[user] = self._grants
+        self._rank(user)
 
     def _pin(self, request: SliceRequest) -> None:
         if request.gpu_model or request.hosts:
@@ -714,6 +784,7 @@ class Scheduler:
         self._held_by_user[owner] = self._held_by_user.get(owner, 1) - 1
         if not self._held_by_user[owner]:
             del self._held_by_user[owner]
+        self._rank(owner)
         held = self._held.pop(lease_id, {})
         for device_id in placement.device_ids:
             device = self.devices.get(device_id)
@@ -724,7 +795,8 @@ class Scheduler:
         if host is not None:
             host.cpus_used -= placement.cpus
             host.memory_used -= placement.host_memory_bytes
-            self._touch(placement.host)
+            # Its devices marked themselves (allocated_bytes); the host's use changed.
+            self._dirty.add(placement.host)
         if held_seconds is not None:
             self._hold_seconds_total += held_seconds
             self._holds += 1
@@ -777,6 +849,7 @@ class Scheduler:
     def _enqueue(self, request: SliceRequest) -> None:
         self.queue.append(request)
         bisect.insort(self._waiting.setdefault(request.user, []), request, key=self._own_order)
+        self._rank(request.user)
 
     def _dequeue(self, request: SliceRequest) -> None:
         self.queue.remove(request)
@@ -786,25 +859,44 @@ class Scheduler:
         if not mine:
             self._waiting.pop(request.user, None)
         self._arrival.pop(request.request_id, None)
+        self._rank(request.user)
         self._drop_reservation(request.request_id)
+
+    def _rank(self, user: str) -> None:
+        """The user's head or share changed: (re)enter its head by its standing now."""
+        mine = self._waiting.get(user)
+        if not mine:
+            self._head_stamp.pop(user, None)
+            return
+        self._stamps += 1
+        self._head_stamp[user] = self._stamps
+        head = mine[0]
+        if self._eligible(head):
+            heapq.heappush(self._heads, (self._standing(head), self._stamps, user))
+        if len(self._heads) > 2 * len(self._waiting) + 64:  # mostly stale: rebuild
+            self._rank_all()
+
+    def _rank_all(self) -> None:
+        self._heads = []
+        self._head_stamp = {}
+        for user in list(self._waiting):
+            self._rank(user)
 
     def _best(self) -> SliceRequest | None:
         """The eligible waiting request with the best standing."""
-        best: SliceRequest | None = None
-        best_key: tuple[int, int, int, float, int] | None = None
-        for mine in self._waiting.values():
-            head = mine[0]
-            if not self._eligible(head):
-                continue
-            key = self._standing(head)
-            if best_key is None or key < best_key:
-                best, best_key = head, key
-        return best
+        heads, stamps = self._heads, self._head_stamp
+        while heads:
+            _, stamp, user = heads[0]
+            if stamps.get(user) == stamp:
+                return self._waiting[user][0]
+            heapq.heappop(heads)
+        return None
 
     def reprioritize(self) -> None:
         """Waiting requests' priorities changed (a policy window opened or closed)."""
         for mine in self._waiting.values():
             mine.sort(key=self._own_order)
+        self._rank_all()
 
     def _eligible(self, request: SliceRequest) -> bool:
         return request.max_slices is None or self.held_by(request.user) < request.max_slices
@@ -911,7 +1003,7 @@ class Scheduler:
         self._reserved[request_id] = tuple(device_ids)
         for device_id in device_ids:
             self._reserved_by[device_id] = request_id
-            self._touch(self.devices[device_id].host)
+            self._touch(self.devices[device_id].host, device_id)
 
     def unreserve(self, request_id: str) -> None:
         """Give up the request's reservation (backfill may reserve again later)."""
@@ -922,7 +1014,7 @@ class Scheduler:
             self._reserved_by.pop(device_id, None)
             device = self.devices.get(device_id)
             if device is not None:
-                self._touch(device.host)
+                self._touch(device.host, device_id)
 
     def _update_reservations(self, now: float) -> None:
         """Give requests waiting past the bound their reservations (best standing first)."""
@@ -950,7 +1042,7 @@ class Scheduler:
             self._reserved[request.request_id] = target
             for device_id in target:
                 self._reserved_by[device_id] = request.request_id
-                self._touch(self.devices[device_id].host)
+                self._touch(self.devices[device_id].host, device_id)
 
     def _reservation_target(self, request: SliceRequest) -> tuple[str, ...] | None:
         """The devices that would hold the request soonest: the least allocated

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -225,14 +226,37 @@ class SqlStore:
         self._update_lease = schema.leases.update().where(
             schema.leases.c.lease_id == sa.bindparam("where_lease_id")
         )
+        self._insert_event = schema.events.insert()
+        # Each thread that writes keeps one connection for its writes: checking
+        # a connection out of the pool and wrapping it anew for every write
+        # cost more than the write itself (the broker writes several times per
+        # attach, on its event loop). A connection the database dropped is
+        # invalidated by SQLAlchemy and replaced at its next use.
+        self._writers = threading.local()
+        self._all_writers: list[sa.Connection] = []
+        self._writers_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._writers_lock:
+            writers, self._all_writers = self._all_writers, []
+        for writer in writers:
+            writer.close()
         self.engine.dispose()
+
+    def _writer(self) -> sa.Connection:
+        writer: sa.Connection | None = getattr(self._writers, "connection", None)
+        if writer is None or writer.closed:
+            writer = self.engine.connect()
+            self._writers.connection = writer
+            with self._writers_lock:
+                self._all_writers.append(writer)
+        return writer
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
         """One write transaction, fenced when a fence is set."""
-        with self.engine.begin() as db:
+        db = self._writer()
+        with db.begin():
             if self.fence is not None:
                 self.fence(db)
             yield db
@@ -262,7 +286,7 @@ class SqlStore:
             db.execute(self._put_lease, lease.values())
             if event:
                 db.execute(
-                    schema.events.insert(),
+                    self._insert_event,
                     self._event_row(event, lease.lease_id, lease.user, detail),
                 )
 
@@ -334,7 +358,7 @@ class SqlStore:
 
     def event(self, kind: str, *, lease_id: str = "", user: str = "", detail: str = "") -> None:
         with self._write() as db:
-            db.execute(schema.events.insert(), self._event_row(kind, lease_id, user, detail))
+            db.execute(self._insert_event, self._event_row(kind, lease_id, user, detail))
 
     def events(
         self, *, since: float = 0.0, lease_id: str = "", user: str = ""
