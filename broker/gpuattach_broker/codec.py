@@ -156,6 +156,21 @@ class BlobStore:
     def clear(self) -> None:
         self._blobs.clear()
 
+    def rebind(self, before: Any, after: Any) -> str:
+        """Storage `before`'s bytes now live in `after` (`gpuattach_broker.inplace`):
+        hold `after` under its digest, and drop `before` from `received`, so
+        nothing keeps the arrived copy alive. Returns the digest ("" if unknown)."""
+        pointer = before.data_ptr()
+        found = ""
+        for digest, storage in self._blobs.items():
+            if storage.data_ptr() == pointer:
+                found = digest
+                break
+        if found:
+            self._blobs[found] = after
+        self.received = [(d, storage_bytes(after) if d == found else b) for d, b in self.received]
+        return found
+
 
 # (data_ptr, nbytes, device) -> (tensor weakref, version, digest). An entry is
 # trusted only while that tensor lives (its storage cannot be reused) and its
