@@ -537,6 +537,13 @@ def _pickle(
         stream, buffer_callback=buffers.append, receiver_has=receiver_has, reducers=reducers
     )
     pickler.dump(obj)
+    # The pickler sits in reference cycles (its handlers are its own bound
+    # methods): drop what it holds of the tensors now, not at the next garbage
+    # collection, so that only the user's own views count as a storage's users
+    # (`gpuattach_broker.inplace`).
+    pickler.clear_memo()
+    pickler._storages.clear()
+    pickler._handlers.clear()
     return stream.getvalue(), buffers, pickler
 
 
