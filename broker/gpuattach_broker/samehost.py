@@ -45,6 +45,9 @@ LAYOUT = struct.Struct("!QIQ")
 PART = struct.Struct("!QQ")
 ALIGN = 4096  # each part starts on a page: tensors built on it are aligned for any dtype
 MAX_PARTS = 1 << 20
+SMALL_PART_BYTES = 1 << 20
+# madvise(2) since Linux 5.14: fault pages in for reading, as a read would.
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class LocalTransferError(RuntimeError):
@@ -279,14 +282,25 @@ def receive(sock: socket.socket, sizes: Sequence[int]) -> Received:
                     f"the sender laid out a part of {length} bytes at {offset} where one of "
                     f"{want} bytes within {size} was due"
                 )
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Not MAP_POPULATE: on a private writable mapping it write-faults
+        # every page, copying the whole file into fresh pages. Read-populate
+        # instead (the sender's pages mapped as they are; a write copies
+        # only the page written).
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(MADV_POPULATE_READ)
     except (OSError, struct.error, ValueError) as exc:
         raise LocalTransferError(f"the same-host transfer failed: {exc}") from None
     finally:
         for fd in fds:
             os.close(fd)  # the mapping keeps the pages
     whole = memoryview(mapping)
-    parts = [whole[o : o + n] for o, n in spans]
+    # Small parts (the pickle stream, the RNG states, small tensors) are
+    # copied out: they must not keep the whole mapping alive after the
+    # large tensors went into storages the receiver held.
+    parts = [
+        whole[o : o + n] if n >= SMALL_PART_BYTES else memoryview(bytearray(whole[o : o + n]))
+        for o, n in spans
+    ]
     whole.release()
     return Received(ident, parts, mapping)

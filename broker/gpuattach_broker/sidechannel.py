@@ -283,7 +283,7 @@ class SideChannelServer:
 
     def offer(self, parts: Sequence[Any], on_sent: Callable[[], None] | None = None) -> str:
         """Open an outgoing transfer of these parts; its token. `on_sent` runs
-        once the receiver confirmed every byte."""
+        once the receiver confirmed every byte (on TCP; not on the same-host path)."""
         views = [_as_bytes(p) for p in parts]
         token, ticket = self._open([v.nbytes for v in views], list(views))
         ticket.on_sent = on_sent
@@ -432,9 +432,11 @@ class SideChannelServer:
         except (OSError, SideChannelError) as exc:
             ticket.error = f"the same-host channel to the kernel broke: {exc}"
         ticket.parts = []
+        # No `on_sent` (the host's blob cache write): a kernel on this host
+        # gets the bytes again through shared memory, and a background write
+        # of the whole namespace would compete with the next cell and keep
+        # the tensors' storages from taking the next push in place.
         ticket.done.set()
-        if not ticket.error and ticket.on_sent is not None:
-            ticket.on_sent()
 
     def _send(self, sock: socket.socket, ticket: _Ticket) -> None:
         try:

@@ -607,7 +607,10 @@ class WorkerService(pb_grpc.WorkerServicer):
 
         try:
             names, problems = self.executor.submit(load).result()
-            if self.cache is not None and self.store.received:
+            # Same host, the kernel keeps its copy and hands it over in shared
+            # memory again at no socket cost: no background write of the
+            # whole namespace into the blob cache competes with the next cell.
+            if self.cache is not None and self.store.received and not mapped:
                 self.cache.put_in_background(self.store.received)
         except Exception as exc:  # noqa: BLE001 - unpickling runs user reducers: any type
             for local in mapped:
