@@ -35,6 +35,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -174,13 +175,19 @@ class Sender:
     def __init__(self) -> None:
         self.arena: Arena | None = None
         self.lent = False  # the receiver may still map the kept arena
+        self._lock = threading.Lock()  # two transfers at once never share an arena
 
     def give_back(self, ident: int) -> None:
         """The receiver says it no longer maps arena `ident`: it may be reused."""
-        if self.arena is not None and self.arena.ident == ident:
-            self.lent = False
+        with self._lock:
+            if self.arena is not None and self.arena.ident == ident:
+                self.lent = False
 
     def forget(self) -> None:
+        with self._lock:
+            self._forget()
+
+    def _forget(self) -> None:
         if self.arena is not None:
             self.arena.close()
         self.arena, self.lent = None, False
@@ -190,13 +197,14 @@ class Sender:
         views = [_as_bytes(p) for p in parts]
         sizes = [v.nbytes for v in views]
         offsets, size = layout(sizes)
-        arena = self.arena
-        if arena is None or self.lent or arena.size < size:
-            self.forget()
-            arena = self.arena = new_arena(size)
+        with self._lock:
+            arena = self.arena
+            if arena is None or self.lent or arena.size < size:
+                self._forget()
+                arena = self.arena = new_arena(size)
+            self.lent = True
         for view, offset in zip(views, offsets, strict=True):
             arena.mapping[offset : offset + view.nbytes] = view
-        self.lent = True
         return arena, offsets, sizes
 
     def send(self, sock: socket.socket, parts: Sequence[Any]) -> int:

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_only_addresses_of_this_host_are_local() -> None:
 
 
 def test_in_place_only_where_nothing_could_tell() -> None:
-    old = {
+    old: dict[str, Any] = {
         "a": torch.ones(64),
         "b": torch.ones(8),
         "shape": torch.ones(8),
@@ -127,7 +128,7 @@ def test_in_place_only_where_nothing_could_tell() -> None:
         "x": 3,
     }
     keeps_view = old["b"][2:]
-    new = {
+    new: dict[str, Any] = {
         "a": torch.full((64,), 2.0),
         "b": torch.full((8,), 2.0),  # the kernel also has a view of the old b
         "shape": torch.full((2, 4), 2.0),  # another shape
