@@ -2,7 +2,7 @@
 
     python benchmarks/migration.py [--mib 1024] [--reps 3]
 
-Four paths, each timed in and out (`ours.measure_migration` and
+Five paths, each timed in and out (`ours.measure_migration` and
 `ours.measure_same_host_migration`, the figures `make bench` reports):
 
 - cross-host path, side channel: the worker client as a kernel on another
@@ -11,6 +11,8 @@ Four paths, each timed in and out (`ours.measure_migration` and
 - same host, shared memory: the kernel's own GPUSession; tensor bytes in a
   memfd handed over a Unix socket by descriptor, mapped by the receiver or
   copied into the tensors it already holds;
+- same host, shared memory, pull into fresh pages (``GPUATTACH_IN_PLACE=0``):
+  what writing pulled tensors into the kernel's own storages saves;
 - same host, tmpfs blob cache (``GPUATTACH_SAME_HOST_CHANNEL=0``): the path
   before it, for comparison in the same run.
 
@@ -86,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         lease.release()
                 os.environ.pop("GPUATTACH_SIDE_CHANNEL", None)
-                for label, switch in (("shared memory", "1"), ("tmpfs blob cache", "0")):
+                same_host = (
+                    ("shared memory", "1", "1"),
+                    ("shared memory, pull into fresh pages", "1", "0"),
+                    ("tmpfs blob cache", "0", "1"),
+                )
+                for label, switch, in_place in same_host:
                     os.environ["GPUATTACH_SAME_HOST_CHANNEL"] = switch
+                    os.environ["GPUATTACH_IN_PLACE"] = in_place
                     forget_blobs(stack)
                     stack.wait_pool_warm(timeout=60)
                     log(f"same host, {label}")
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     if same:
                         rows[f"same host, {label}"] = same
                 os.environ.pop("GPUATTACH_SAME_HOST_CHANNEL", None)
+                os.environ.pop("GPUATTACH_IN_PLACE", None)
             finally:
                 broker.close()
         finally:

@@ -197,7 +197,9 @@ class NamespaceSync:
         ns = self.shell.user_ns
         # Tensors the kernel holds in the same shape take the bytes in place
         # (touched pages; the kernel's objects keep their identity).
-        inplace.reuse_storages(ns, values, self.store)
+        # GPUATTACH_IN_PLACE=0 turns it off (to compare, or to debug).
+        if os.environ.get("GPUATTACH_IN_PLACE", "1").strip().lower() not in ("0", "off", "no"):
+            inplace.reuse_storages(ns, values, self.store)
         self.store.received = []
         ns.update(modules)
         ns.update(values)
