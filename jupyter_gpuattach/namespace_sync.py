@@ -195,10 +195,13 @@ class NamespaceSync:
             values.pop(name, None)
         modules, missing = codec.import_modules(header.imports)
         ns = self.shell.user_ns
-        # Tensors the kernel holds in the same shape take the bytes in place
-        # (touched pages; the kernel's objects keep their identity).
+        # Same host: tensors the kernel holds in the same shape take the bytes
+        # in place (touched pages; the kernel's objects keep their identity),
+        # and the worker may refill its memory file. (Over TCP the bytes are
+        # already in fresh pages here: a copy would only add to it.)
         # GPUATTACH_IN_PLACE=0 turns it off (to compare, or to debug).
-        if os.environ.get("GPUATTACH_IN_PLACE", "1").strip().lower() not in ("0", "off", "no"):
+        in_place = os.environ.get("GPUATTACH_IN_PLACE", "1").strip().lower()
+        if worker.last_local is not None and in_place not in ("0", "off", "no"):
             inplace.reuse_storages(ns, values, self.store)
         self.store.received = []
         ns.update(modules)

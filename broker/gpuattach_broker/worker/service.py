@@ -599,8 +599,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             decoded = codec.decode_namespace_with_problems(got, self.store) if got else empty
             del got
             problems.update(decoded.problems)  # e.g. an open file whose path is not here
-            # Tensors the worker holds in the same shape take the bytes in place.
-            inplace.reuse_storages(self.shell.user_ns, decoded.values, self.store)
+            # Same host: tensors the worker holds in the same shape take the
+            # bytes in place, so the kernel may refill its memory file.
+            if mapped:
+                inplace.reuse_storages(self.shell.user_ns, decoded.values, self.store)
             self.shell.user_ns.update(modules)
             self.shell.user_ns.update(decoded.values)
             return sorted([*modules, *decoded.values]), problems
