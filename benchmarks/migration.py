@@ -2,13 +2,19 @@
 
     python benchmarks/migration.py [--mib 1024] [--reps 3]
 
-Three paths, each timed in and out (`ours.measure_migration` and
+Five paths, each timed in and out (`ours.measure_migration` and
 `ours.measure_same_host_migration`, the figures `make bench` reports):
 
 - cross-host path, side channel: the worker client as a kernel on another
   host uses it (tensor bytes on a raw TCP stream, gRPC for the header);
 - cross-host path, gRPC only (``GPUATTACH_SIDE_CHANNEL=0``): the fallback;
-- same host: the kernel's own GPUSession through the shared tmpfs blob cache.
+- same host, shared memory: the kernel's own GPUSession; tensor bytes in a
+  memfd handed over a Unix socket by descriptor, mapped by the receiver or
+  copied into the tensors it already holds;
+- same host, shared memory, pull into fresh pages (``GPUATTACH_IN_PLACE=0``):
+  what writing pulled tensors into the kernel's own storages saves;
+- same host, tmpfs blob cache (``GPUATTACH_SAME_HOST_CHANNEL=0``): the path
+  before it, for comparison in the same run.
 
 Targets (issue 14): cross-host >= 60 % of loopback TCP both ways; same host
 >= 1.5x loopback TCP. The load average before and after is printed: the
@@ -82,12 +88,24 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         lease.release()
                 os.environ.pop("GPUATTACH_SIDE_CHANNEL", None)
-                forget_blobs(stack)
-                stack.wait_pool_warm(timeout=60)
-                log("same host (shared tmpfs blob cache)")
-                same = ours.measure_same_host_migration(broker, nbytes, args.reps, log)
-                if same:
-                    rows["same host"] = same
+                same_host = (
+                    ("shared memory", "1", "1"),
+                    ("shared memory, pull into fresh pages", "1", "0"),
+                    ("tmpfs blob cache", "0", "1"),
+                )
+                for label, switch, in_place in same_host:
+                    os.environ["GPUATTACH_SAME_HOST_CHANNEL"] = switch
+                    os.environ["GPUATTACH_IN_PLACE"] = in_place
+                    forget_blobs(stack)
+                    stack.wait_pool_warm(timeout=60)
+                    log(f"same host, {label}")
+                    same = ours.measure_same_host_migration(
+                        broker, nbytes, args.reps, log, expect_local=switch == "1"
+                    )
+                    if same:
+                        rows[f"same host, {label}"] = same
+                os.environ.pop("GPUATTACH_SAME_HOST_CHANNEL", None)
+                os.environ.pop("GPUATTACH_IN_PLACE", None)
             finally:
                 broker.close()
         finally:

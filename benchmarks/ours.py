@@ -7,6 +7,7 @@ timed one by one.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -96,6 +97,10 @@ class Lease:
         self.broker = broker
         self.lease = broker.attach(attach_request())
         self.worker = open_worker(self.lease)
+        side = self.worker.side
+        if side is not None and side.local:
+            # The cross-host path: a kernel on another host has no same-host socket.
+            self.worker.side = dataclasses.replace(side, local="")
         self.count = 0
 
     def run(self, code: str, on_output: Callable[[pb.ExecuteOutput], None] = _noop) -> None:
@@ -334,10 +339,14 @@ def measure_migration(lease: Lease, nbytes: int, reps: int, log: Any) -> dict[st
 
 
 def measure_same_host_migration(
-    broker: BrokerClient, nbytes: int, reps: int, log: Any
+    broker: BrokerClient, nbytes: int, reps: int, log: Any, expect_local: bool | None = None
 ) -> dict[str, Any]:
-    """The kernel's own code path on one host: GPUSession pushes through the shared
-    tmpfs blob cache (written once, mapped by the worker) and syncs back the same way.
+    """The kernel's own code path on one host: GPUSession moves tensors through
+    shared memory, a memfd handed over by descriptor (or, where the same-host
+    channel is off, ``GPUATTACH_SAME_HOST_CHANNEL=0``, through the shared tmpfs
+    blob cache: written once, mapped by the worker) and syncs back the same way.
+    `expect_local`: fail unless the session did (True) or did not (False) use
+    the memfd channel.
 
     In: fresh tensor content pushed (push_changes). Out: every tensor changed
     on the worker, then synced back into the kernel (the background sync /
@@ -350,6 +359,11 @@ def measure_same_host_migration(
     if session.host_cache is None:
         session.release()
         return {}
+    side = session.worker.side if session.worker is not None else None
+    local = side is not None and bool(side.local)
+    if expect_local is not None and local != expect_local:
+        session.release()
+        raise RuntimeError(f"the same-host memfd channel is {'on' if local else 'off'}")
     tensors = make_tensors(nbytes)
     push_s, pull_s = [], []
     try:

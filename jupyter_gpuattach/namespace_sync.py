@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuattach_broker import codec
+from gpuattach_broker import codec, inplace
 from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.shared.blobcache import BlobCache
@@ -142,7 +142,8 @@ class NamespaceSync:
         digests = set(blobs)
         missing = worker.missing_blobs(digests) if digests else set()
         staged = 0
-        if missing and self.host_cache is not None:
+        local = worker.side is not None and bool(worker.side.local)
+        if missing and self.host_cache is not None and not local:
             # Same host: write them into the shared cache; the worker maps them.
             cache = self.host_cache
             cache.put_many((d, codec.storage_bytes(blobs[d])) for d in missing)
@@ -187,14 +188,25 @@ class NamespaceSync:
         if not parts:  # refused: some names cannot come back and force was not given
             return Pulled(0, received, time.perf_counter() - started, problems)
         values = codec.decode_namespace(parts, self.store)
+        del parts
         received += sum(s.nbytes() for d, s in self.store.loaded_from_fallback)
         problems.update(getattr(self.store, "problems", None) or {})
         for name in problems:
             values.pop(name, None)
         modules, missing = codec.import_modules(header.imports)
         ns = self.shell.user_ns
+        # Same host: tensors the kernel holds in the same shape take the bytes
+        # in place (touched pages; the kernel's objects keep their identity),
+        # and the worker may refill its memory file. (Over TCP the bytes are
+        # already in fresh pages here: a copy would only add to it.)
+        # GPUATTACH_IN_PLACE=0 turns it off (to compare, or to debug).
+        in_place = os.environ.get("GPUATTACH_IN_PLACE", "1").strip().lower()
+        if worker.last_local is not None and in_place not in ("0", "off", "no"):
+            inplace.reuse_storages(ns, values, self.store)
+        self.store.received = []
         ns.update(modules)
         ns.update(values)
+        worker.done_with_pull()
         remote = set(header.names)
         for name in self.remote_names - remote:
             ns.pop(name, None)  # deleted by a remote cell

@@ -156,6 +156,21 @@ class BlobStore:
     def clear(self) -> None:
         self._blobs.clear()
 
+    def rebind(self, before: Any, after: Any) -> str:
+        """Storage `before`'s bytes now live in `after` (`gpuattach_broker.inplace`):
+        hold `after` under its digest, and drop `before` from `received`, so
+        nothing keeps the arrived copy alive. Returns the digest ("" if unknown)."""
+        pointer = before.data_ptr()
+        found = ""
+        for digest, storage in self._blobs.items():
+            if storage.data_ptr() == pointer:
+                found = digest
+                break
+        if found:
+            self._blobs[found] = after
+        self.received = [(d, storage_bytes(after) if d == found else b) for d, b in self.received]
+        return found
+
 
 # (data_ptr, nbytes, device) -> (tensor weakref, version, digest). An entry is
 # trusted only while that tensor lives (its storage cannot be reused) and its
@@ -522,6 +537,13 @@ def _pickle(
         stream, buffer_callback=buffers.append, receiver_has=receiver_has, reducers=reducers
     )
     pickler.dump(obj)
+    # The pickler sits in reference cycles (its handlers are its own bound
+    # methods): drop what it holds of the tensors now, not at the next garbage
+    # collection, so that only the user's own views count as a storage's users
+    # (`gpuattach_broker.inplace`).
+    pickler.clear_memo()
+    pickler._storages.clear()
+    pickler._handlers.clear()
     return stream.getvalue(), buffers, pickler
 
 

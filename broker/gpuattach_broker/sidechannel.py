@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuattach_broker import transfer
+from gpuattach_broker import samehost, transfer
 
 MAGIC = b"GPUATTACH-SIDE/1\n"
 TOKEN_ID_CHARS = 16  # the lookup half of a token (hex), compared as a key
@@ -201,6 +201,8 @@ class _Ticket:
     received: list[memoryview] = field(default_factory=list)
     taken: bool = False
     on_sent: Callable[[], None] | None = None
+    # Same host: the mapping the parts of a push were received in.
+    local: samehost.Received | None = None
 
 
 class SideChannelServer:
@@ -208,7 +210,12 @@ class SideChannelServer:
 
     One thread accepts; each connection is served on its own thread. Only
     the token of an open transfer is accepted, once; a wrong one is
-    answered with an error message and the connection closed."""
+    answered with an error message and the connection closed.
+
+    Next to the TCP port, where the system allows it, an abstract Unix
+    socket (`unix_name`) serves the same tickets to a kernel on this host:
+    the bytes then move in a memory file handed over by descriptor
+    (`gpuattach_broker.samehost`), never through the socket."""
 
     def __init__(
         self,
@@ -228,12 +235,34 @@ class SideChannelServer:
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True, name="gpuattach-side-accept").start()
+        # Same host: pulls fill this memory file (kept while the kernel gives it back).
+        self.sender = samehost.Sender()
+        self.unix_name = ""
+        self._unix: socket.socket | None = None
+        if samehost.supported():
+            name = samehost.unix_name()
+            try:
+                self._unix = samehost.listen(name)
+            except OSError:
+                self._unix = None
+            else:
+                self.unix_name = name
+                threading.Thread(
+                    target=self._accept,
+                    args=(self._unix, True),
+                    daemon=True,
+                    name="gpuattach-side-accept-local",
+                ).start()
 
     def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
+        for listener in (self._listener, self._unix):
+            if listener is None:
+                continue
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        self.sender.forget()
 
     # tickets
 
@@ -254,7 +283,7 @@ class SideChannelServer:
 
     def offer(self, parts: Sequence[Any], on_sent: Callable[[], None] | None = None) -> str:
         """Open an outgoing transfer of these parts; its token. `on_sent` runs
-        once the receiver confirmed every byte."""
+        once the receiver confirmed every byte (on TCP; not on the same-host path)."""
         views = [_as_bytes(p) for p in parts]
         token, ticket = self._open([v.nbytes for v in views], list(views))
         ticket.on_sent = on_sent
@@ -281,6 +310,10 @@ class SideChannelServer:
     def take(self, token: str, sizes: Sequence[int], timeout: float) -> list[memoryview]:
         """The parts of a finished incoming transfer (once); SideChannelError
         naming why when it failed, never arrived, or does not match `sizes`."""
+        return self.take_ticket(token, sizes, timeout).received
+
+    def take_ticket(self, token: str, sizes: Sequence[int], timeout: float) -> _Ticket:
+        """`take`, with the ticket: its `local` mapping on the same-host path."""
         key = token[:TOKEN_ID_CHARS]
         with self._lock:
             ticket = self._tickets.get(key)
@@ -296,7 +329,7 @@ class SideChannelServer:
             raise SideChannelError(ticket.error)
         if list(sizes) != ticket.sizes:
             raise SideChannelError("the namespace's part sizes differ from the transfer's")
-        return ticket.received
+        return ticket
 
     def _drop(self, token: str) -> None:
         with self._lock:
@@ -304,22 +337,24 @@ class SideChannelServer:
 
     # connections
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket | None = None, local: bool = False) -> None:
+        listener = listener or self._listener
         while not self._closed:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             threading.Thread(
-                target=self._serve, args=(conn,), daemon=True, name="gpuattach-side"
+                target=self._serve, args=(conn, local), daemon=True, name="gpuattach-side"
             ).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, local: bool = False) -> None:
         sock = conn
         try:
             sock.settimeout(self.timeout)
-            _tune(sock)
-            if self.tls is not None:
+            if not local:
+                _tune(sock)
+            if self.tls is not None and not local:  # a Unix socket never leaves this host
                 sock = self.tls.wrap_socket(sock, server_side=True)
             hello = _recv_exact(sock, len(MAGIC) + TOKEN_CHARS, "the transfer's token")
             if not hello.startswith(MAGIC):
@@ -335,7 +370,11 @@ class SideChannelServer:
                 )
                 return
             _send_status(sock)
-            if ticket.parts is not None:
+            if local and ticket.parts is not None:
+                self._send_local(sock, ticket)
+            elif local:
+                self._receive_local(sock, ticket)
+            elif ticket.parts is not None:
                 self._send(sock, ticket)
             else:
                 self._receive(sock, ticket)
@@ -367,6 +406,36 @@ class SideChannelServer:
             _send_status(sock)
         except OSError as exc:
             ticket.error = f"the kernel's side-channel push ended badly: {exc}"
+        ticket.done.set()
+
+    def _receive_local(self, sock: socket.socket, ticket: _Ticket) -> None:
+        try:
+            ticket.local = samehost.receive(sock, ticket.sizes)
+            ticket.received = list(ticket.local.parts)
+        except samehost.LocalTransferError as exc:
+            ticket.error = f"the kernel's same-host push failed: {exc}"
+            ticket.done.set()
+            with contextlib.suppress(OSError):
+                _send_status(sock, str(exc))
+            return
+        try:
+            _send_status(sock)
+        except OSError as exc:
+            ticket.error = f"the kernel's same-host push ended badly: {exc}"
+        ticket.done.set()
+
+    def _send_local(self, sock: socket.socket, ticket: _Ticket) -> None:
+        try:
+            self.sender.send(sock, ticket.parts or [])
+            refused = _read_status(sock, "the kernel's confirmation")
+            ticket.error = f"the kernel refused the namespace: {refused}" if refused else ""
+        except (OSError, SideChannelError) as exc:
+            ticket.error = f"the same-host channel to the kernel broke: {exc}"
+        ticket.parts = []
+        # No `on_sent` (the host's blob cache write): a kernel on this host
+        # gets the bytes again through shared memory, and a background write
+        # of the whole namespace would compete with the next cell and keep
+        # the tensors' storages from taking the next push in place.
         ticket.done.set()
 
     def _send(self, sock: socket.socket, ticket: _Ticket) -> None:
@@ -416,6 +485,70 @@ class Peer:
     port: int
     tls_root: bytes = b""
     timeout: float = 30.0
+    # Same host: the worker's abstract Unix socket ("" when not on this host).
+    local: str = ""
+
+    def connect_local(self, token: str) -> socket.socket:
+        """A Unix-socket connection past the token check; SideChannelUnavailable
+        when the socket cannot be reached (another host or network namespace)."""
+        try:
+            sock = samehost.connect(self.local, CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            raise SideChannelUnavailable(
+                f"cannot reach the worker's same-host channel: {exc}"
+            ) from None
+        try:
+            sock.settimeout(self.timeout)
+            sock.sendall(MAGIC + token.encode("ascii"))
+            refused = _read_status(sock, "the worker's answer to the token")
+        except (OSError, SideChannelError) as exc:
+            sock.close()
+            raise SideChannelError(
+                f"the worker's same-host channel did not answer: {exc}"
+            ) from None
+        if refused:
+            sock.close()
+            raise SideChannelError(f"the worker's side channel refused the transfer: {refused}")
+        return sock
+
+    def push_local(self, token: str, parts: Sequence[Any], sender: samehost.Sender) -> int:
+        """The parts in a memory file handed over by descriptor; bytes moved,
+        once the worker confirmed it mapped them all."""
+        sock = self.connect_local(token)
+        try:
+            try:
+                sent = sender.send(sock, parts)
+            except OSError as exc:
+                sender.forget()
+                raise SideChannelError(
+                    f"the same-host channel to the worker broke: {exc}"
+                ) from None
+            refused = _read_status(sock, "the worker's confirmation")
+            if refused:
+                raise SideChannelError(f"the worker refused the namespace: {refused}")
+            return sent
+        finally:
+            sock.close()
+
+    def pull_local(self, token: str, sizes: Sequence[int]) -> samehost.Received:
+        """The parts of a pull, mapped from the worker's memory file; the
+        worker hears OK only once they are all mapped here."""
+        sock = self.connect_local(token)
+        try:
+            try:
+                received = samehost.receive(sock, sizes)
+            except samehost.LocalTransferError as exc:
+                raise SideChannelError(str(exc)) from None
+            try:
+                _send_status(sock)
+            except OSError as exc:
+                received.release()
+                raise SideChannelError(
+                    f"the worker went away before the transfer was confirmed: {exc}"
+                ) from None
+            return received
+        finally:
+            sock.close()
 
     def connect(self, token: str) -> socket.socket:
         """A connection past the token check; SideChannelUnavailable when the

@@ -36,7 +36,7 @@ from typing import Any, cast
 import cloudpickle
 import grpc
 
-from gpuattach_broker import codec, sidechannel, transfer
+from gpuattach_broker import codec, samehost, sidechannel, transfer
 from gpuattach_broker.memory import keep_message_buffers
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
@@ -130,6 +130,19 @@ def _rpc_error(exc: grpc.RpcError, what: str) -> Exception:
         if state:
             return LeaseOver(f"{what} stopped: {details}")
     return RuntimeError(f"{what} failed: {details}")
+
+
+def same_host_channel(reply: pb.HelloReply, host: str) -> str:
+    """The worker's same-host socket when it runs on this machine: its endpoint
+    is an address of this host and its boot id is this system's. ("" when
+    not, or switched off with GPUATTACH_SAME_HOST_CHANNEL=0.) Whether its
+    socket answers is then up to the first transfer (else TCP)."""
+    enabled = os.environ.get("GPUATTACH_SAME_HOST_CHANNEL", "1").strip().lower()
+    if enabled in ("0", "off", "false", "no") or not reply.side_channel_unix:
+        return ""
+    if not samehost.supported() or not reply.boot_id or reply.boot_id != samehost.boot_id():
+        return ""
+    return reply.side_channel_unix if samehost.is_local_address(host) else ""
 
 
 def check_compatible(kernel: pb.HelloRequest, worker: pb.HelloReply) -> None:
@@ -260,9 +273,16 @@ class WorkerClient:
         # The worker's side channel for tensor bytes, learnt at Hello (None:
         # none, switched off by GPUATTACH_SIDE_CHANNEL=0, or unreachable).
         self.side: sidechannel.Peer | None = None
+        # Same host: the memory file pushes fill (kept while the worker gives
+        # it back), the mapping of the last pull (until the kernel applied
+        # it), and the id of the worker's file to give back on the next pull.
+        self.local_sender = samehost.Sender()
+        self.last_local: samehost.Received | None = None
+        self.arena_free = 0
 
     def close(self) -> None:
         self.channel.close()
+        self.local_sender.forget()
 
     def hello(self, request: pb.HelloRequest) -> pb.HelloReply:
         try:
@@ -276,7 +296,11 @@ class WorkerClient:
             host = sidechannel.endpoint_host(self.endpoint)
             # A link silent for the liveness bound mid-transfer counts as dead.
             self.side = sidechannel.Peer(
-                host, reply.side_channel_port, self.tls_root, timeout=self.bound
+                host,
+                reply.side_channel_port,
+                self.tls_root,
+                timeout=self.bound,
+                local=same_host_channel(reply, host),
             )
         return reply
 
@@ -398,6 +422,8 @@ class WorkerClient:
             reply = self.stub.PushNamespace(counted(), metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "moving the namespace to the GPU") from None
+        if reply.side_arena_free:
+            self.local_sender.give_back(reply.side_arena_free)
         return reply, sent
 
     def _push_side(self, side: sidechannel.Peer, encoded: codec.Encoded) -> tuple[str, int]:
@@ -414,6 +440,17 @@ class WorkerClient:
                 self.side = None
                 return "", 0
             raise _rpc_error(exc, "moving the namespace to the GPU") from None
+        if side.local:
+            try:
+                return ticket.token, side.push_local(ticket.token, encoded.parts, self.local_sender)
+            except sidechannel.SideChannelUnavailable:
+                side = self.side = sidechannel.Peer(
+                    side.host, side.port, side.tls_root, side.timeout
+                )
+            except sidechannel.SideChannelError as exc:
+                raise sidechannel.SideChannelError(
+                    f"moving the namespace to the GPU failed; the worker kept its namespace: {exc}"
+                ) from None
         try:
             return ticket.token, side.push(ticket.token, encoded.parts)
         except sidechannel.SideChannelUnavailable:
@@ -433,17 +470,27 @@ class WorkerClient:
         a transfer that fails midway raises `SideChannelError` and nothing of
         it is returned."""
         side = self.side
+        self.done_with_pull()
         request = pb.PullRequest(
             skip=skip,
             force=force,
             have=sorted(have),
-            via_cache=via_cache,
+            via_cache=via_cache and not (side is not None and side.local),
             side_channel=side is not None,
+            side_arena_free=self.arena_free,
         )
+        self.arena_free = 0
 
         def side_parts(header: pb.NamespaceHeader) -> list[memoryview]:
             if side is None:
                 raise transfer.ProtocolError("the worker sent on a side channel it never announced")
+            if side.local:
+                try:
+                    self.last_local = side.pull_local(header.side_channel_token, header.part_sizes)
+                    return list(self.last_local.parts)
+                except sidechannel.SideChannelUnavailable:
+                    self.side = sidechannel.Peer(side.host, side.port, side.tls_root, side.timeout)
+                    raise
             return side.pull(header.side_channel_token, header.part_sizes)
 
         call = self.stub.PullNamespace(request, metadata=self.metadata)
@@ -453,13 +500,23 @@ class WorkerClient:
             raise _rpc_error(exc, "moving the namespace back") from None
         except sidechannel.SideChannelUnavailable:
             call.cancel()
-            self.side = None
+            if self.side is side:  # the TCP side channel failed: gRPC from now on
+                self.side = None
             return self.pull(skip, force, have, via_cache)
         except sidechannel.SideChannelError as exc:
             call.cancel()
             raise sidechannel.SideChannelError(
                 f"moving the namespace back failed; the kernel kept its own copy: {exc}"
             ) from None
+
+    def done_with_pull(self) -> None:
+        """The last pull's values are applied: drop this side's hold on its
+        same-host mapping; when nothing built on it remains (every tensor went
+        into a storage the kernel held), the next pull tells the worker it may
+        refill its memory file."""
+        local, self.last_local = self.last_local, None
+        if local is not None and local.release():
+            self.arena_free = local.ident
 
     def mirror_files(self, entries: Iterable[pb.FileEntry]) -> pb.MirrorReply:
         """Seed the worker's scratch folder; the reply names the contents it lacks."""

@@ -548,7 +548,7 @@ class HelloRequest(_message.Message):
     def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., client_host: _Optional[str] = ..., cwd: _Optional[str] = ..., sys_path: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., marker_path: _Optional[str] = ..., marker_content: _Optional[str] = ..., mirror_bytes: _Optional[int] = ..., mirror_file_bytes: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder", "side_channel_port", "bound_by", "assigned")
+    __slots__ = ("python_version", "torch_version", "cloudpickle_version", "host", "pid", "cwd", "cuda_available", "device_summary", "lease_id", "blob_cache", "blob_cache_bytes", "note", "shared_folder", "side_channel_port", "bound_by", "assigned", "side_channel_unix", "boot_id")
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLOUDPICKLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -565,6 +565,8 @@ class HelloReply(_message.Message):
     SIDE_CHANNEL_PORT_FIELD_NUMBER: _ClassVar[int]
     BOUND_BY_FIELD_NUMBER: _ClassVar[int]
     ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     python_version: str
     torch_version: str
     cloudpickle_version: str
@@ -581,7 +583,9 @@ class HelloReply(_message.Message):
     side_channel_port: int
     bound_by: str
     assigned: bool
-    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ..., side_channel_port: _Optional[int] = ..., bound_by: _Optional[str] = ..., assigned: _Optional[bool] = ...) -> None: ...
+    side_channel_unix: str
+    boot_id: str
+    def __init__(self, python_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., cloudpickle_version: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., cwd: _Optional[str] = ..., cuda_available: _Optional[bool] = ..., device_summary: _Optional[str] = ..., lease_id: _Optional[str] = ..., blob_cache: _Optional[str] = ..., blob_cache_bytes: _Optional[int] = ..., note: _Optional[str] = ..., shared_folder: _Optional[bool] = ..., side_channel_port: _Optional[int] = ..., bound_by: _Optional[str] = ..., assigned: _Optional[bool] = ..., side_channel_unix: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("path", "size", "digest", "mode", "deleted", "over_limit")
@@ -779,28 +783,32 @@ class NamespaceChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[NamespaceHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("names", "problems", "bytes_received")
+    __slots__ = ("names", "problems", "bytes_received", "side_arena_free")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SIDE_ARENA_FREE_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     problems: _containers.RepeatedCompositeFieldContainer[NameProblem]
     bytes_received: int
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    side_arena_free: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., problems: _Optional[_Iterable[_Union[NameProblem, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., side_arena_free: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("skip", "force", "have", "via_cache", "side_channel")
+    __slots__ = ("skip", "force", "have", "via_cache", "side_channel", "side_arena_free")
     SKIP_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
     VIA_CACHE_FIELD_NUMBER: _ClassVar[int]
     SIDE_CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    SIDE_ARENA_FREE_FIELD_NUMBER: _ClassVar[int]
     skip: _containers.RepeatedScalarFieldContainer[str]
     force: bool
     have: _containers.RepeatedScalarFieldContainer[str]
     via_cache: bool
     side_channel: bool
-    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., via_cache: _Optional[bool] = ..., side_channel: _Optional[bool] = ...) -> None: ...
+    side_arena_free: int
+    def __init__(self, skip: _Optional[_Iterable[str]] = ..., force: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., via_cache: _Optional[bool] = ..., side_channel: _Optional[bool] = ..., side_arena_free: _Optional[int] = ...) -> None: ...
 
 class SideChannelRequest(_message.Message):
     __slots__ = ("part_sizes",)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import cloudpickle
 import grpc
 
-from gpuattach_broker import codec, lease_token, sidechannel, transfer
+from gpuattach_broker import codec, inplace, lease_token, samehost, sidechannel, transfer
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.protos import gpuattach_pb2_grpc as pb_grpc
 from gpuattach_broker.rpc import end_metadata
@@ -364,6 +364,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             note=getattr(self, "context_note", ""),
             shared_folder=shared_folder,
             side_channel_port=self.side.port if self.side is not None else 0,
+            side_channel_unix=self.side.unix_name if self.side is not None else "",
+            boot_id=samehost.boot_id(),
             bound_by=self.bound_by,
             assigned=self.assigned.is_set(),
         )
@@ -569,11 +571,15 @@ class WorkerService(pb_grpc.WorkerServicer):
     ) -> pb.PushReply:
         self._check_lease_token(context)
         side = self.side
+        mapped: list[samehost.Received] = []
 
         def side_parts(header: pb.NamespaceHeader) -> list[memoryview]:
             if side is None:
                 raise transfer.ProtocolError("this worker has no side channel")
-            return side.take(header.side_channel_token, header.part_sizes, timeout=30.0)
+            ticket = side.take_ticket(header.side_channel_token, header.part_sizes, timeout=30.0)
+            if ticket.local is not None:
+                mapped.append(ticket.local)
+            return ticket.received
 
         try:
             header, parts, received = transfer.receive_namespace(
@@ -582,29 +588,49 @@ class WorkerService(pb_grpc.WorkerServicer):
         except (transfer.ProtocolError, sidechannel.SideChannelError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+        # Held here only until decoded: a same-host mapping must not outlive its tensors.
+        incoming = [parts]
+        del parts
+
         def load() -> tuple[list[str], dict[str, str]]:
             modules, problems = codec.import_modules(header.imports)
             empty = codec.Decoded(values={})
-            decoded = codec.decode_namespace_with_problems(parts, self.store) if parts else empty
+            got = incoming.pop()
+            decoded = codec.decode_namespace_with_problems(got, self.store) if got else empty
+            del got
             problems.update(decoded.problems)  # e.g. an open file whose path is not here
+            # Same host: tensors the worker holds in the same shape take the
+            # bytes in place, so the kernel may refill its memory file.
+            if mapped:
+                inplace.reuse_storages(self.shell.user_ns, decoded.values, self.store)
             self.shell.user_ns.update(modules)
             self.shell.user_ns.update(decoded.values)
             return sorted([*modules, *decoded.values]), problems
 
         try:
             names, problems = self.executor.submit(load).result()
-            if self.cache is not None and self.store.received:
+            # Same host, the kernel keeps its copy and hands it over in shared
+            # memory again at no socket cost: no background write of the
+            # whole namespace into the blob cache competes with the next cell.
+            if self.cache is not None and self.store.received and not mapped:
                 self.cache.put_in_background(self.store.received)
         except Exception as exc:  # noqa: BLE001 - unpickling runs user reducers: any type
+            for local in mapped:
+                local.release()
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"could not load the namespace: {type(exc).__name__}: {exc}",
             )
+        self.store.received = []  # the cache writer holds its own list
+        # Same host: when every byte went into storages held here, the
+        # kernel's memory file is no longer mapped and it may refill it.
+        freed = [local.ident for local in mapped if local.release()]
         self._refuse_if_revoked(context)
         return pb.PushReply(
             names=names,
             problems=[pb.NameProblem(name=n, reason=r) for n, r in sorted(problems.items())],
             bytes_received=received,
+            side_arena_free=freed[0] if freed else 0,
         )
 
     def OpenSideChannel(
@@ -629,6 +655,8 @@ class WorkerService(pb_grpc.WorkerServicer):
     ) -> Iterator[pb.NamespaceChunk]:
         self._check_lease_token(context)
         skip = set(request.skip)
+        if request.side_arena_free and self.side is not None:
+            self.side.sender.give_back(request.side_arena_free)
 
         have = frozenset(request.have)
         cache = self.cache if request.via_cache else None
