@@ -609,10 +609,11 @@ class WorkerService(pb_grpc.WorkerServicer):
 
         try:
             names, problems = self.executor.submit(load).result()
-            # Same host, the kernel keeps its copy and hands it over in shared
-            # memory again at no socket cost: no background write of the
-            # whole namespace into the blob cache competes with the next cell.
-            if self.cache is not None and self.store.received and not mapped:
+            # Into the host's blob cache in the background, also after a
+            # same-host move: a later worker on this host (a re-attach after an
+            # idle release) then maps these tensors by digest instead of
+            # taking every byte again.
+            if self.cache is not None and self.store.received:
                 self.cache.put_in_background(self.store.received)
         except Exception as exc:  # noqa: BLE001 - unpickling runs user reducers: any type
             for local in mapped:
