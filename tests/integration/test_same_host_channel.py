@@ -34,6 +34,7 @@ from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.sidechannel import SideChannelError
 from jupyter_gpuattach.namespace_sync import NamespaceSync
 from tests.harness import Stack, StackFactory
+from tests.relay import pump
 
 pytestmark = pytest.mark.integration
 
@@ -151,22 +152,7 @@ class CuttingUnixRelay:
             self._pump(server, client, self.after)
 
     def _pump(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
-        passed = 0
-        with contextlib.suppress(OSError):
-            while True:
-                data = source.recv(1 << 16)
-                if not data:
-                    break
-                if limit is not None and passed + len(data) >= limit:
-                    sink.sendall(data[: limit - passed])
-                    self.cut.set()
-                    break
-                sink.sendall(data)
-                passed += len(data)
-        for end in (source, sink):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-            end.close()
+        pump(source, sink, limit, self.cut)
 
     def close(self) -> None:
         self.listener.close()
