@@ -132,6 +132,17 @@ def clean_copy(target: Path) -> Path:
     return target
 
 
+def seed_yarn_cache(clone: Path) -> None:
+    """Give the clone the npm packages this checkout already downloaded.
+
+    Like PIP_CACHE_DIR below, a download cache only: the clone still installs
+    its node_modules and builds the extension from its own lockfile, but does
+    not fetch the same hundred megabytes from the registry again."""
+    cache = ROOT / "labextension" / ".yarn" / "cache"
+    if cache.is_dir():
+        shutil.copytree(cache, clone / "labextension" / ".yarn" / "cache")
+
+
 def run(command: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> str:
     done = subprocess.run(
         command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
@@ -148,6 +159,7 @@ def test_pip_install_and_binder_scripts_in_a_fresh_venv(tmp_path: Path) -> None:
         pytest.skip("building the JupyterLab extension needs node")
     clone = clean_copy(tmp_path / "clone")
     assert not (clone / "jupyter_gpuattach" / "labextension").exists()
+    seed_yarn_cache(clone)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
