@@ -244,14 +244,10 @@ class Brokers:
         return proc
 
     def stop(self) -> None:
+        from tests.harness import stop_process
+
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 class RealKernels:

@@ -50,6 +50,18 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.1, what:
     raise TimeoutError(f"timed out waiting for {what or predicate}: last={last!r}")
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def gone(pid: int) -> bool:
     """The process has exited (a zombie not yet reaped counts: it runs nothing)."""
     try:
@@ -213,13 +225,8 @@ class Stack:
 
     def stop(self) -> None:
         for proc in (self.agent, self.broker):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                stop_process(proc)
 
 
 def other_host_prefix(hostname: str, hide: Path | None = None) -> list[str]:

@@ -24,7 +24,7 @@ import pytest
 
 from gpuattach_broker.client.broker_client import BrokerAddress, BrokerClient, BrokerError
 from gpuattach_broker.protos import gpuattach_pb2 as pb
-from tests.harness import BIN, Kernel, KernelFactory, Stack, free_port, wait_for
+from tests.harness import BIN, Kernel, KernelFactory, Stack, free_port, stop_process, wait_for
 from tests.pg import PostgresServer
 
 
@@ -102,13 +102,7 @@ class FailoverStack(Stack):
         self.broker = None
         super().stop()
         for proc in self.brokers:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 @pytest.fixture

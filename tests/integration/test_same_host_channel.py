@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,10 +34,9 @@ from gpuattach_broker.sidechannel import SideChannelError
 from jupyter_gpuattach.namespace_sync import NamespaceSync
 from tests.harness import Stack, StackFactory
 from tests.relay import pump
+from tests.remote_worker import MIB, aliased_namespace, attached, run
 
 pytestmark = pytest.mark.integration
-
-MIB = 1 << 20
 
 
 def closed_port() -> int:
@@ -53,36 +51,6 @@ def only_same_host(worker: WorkerClient) -> sidechannel.Peer:
     assert side.local, "the worker on this host was not recognised as local"
     worker.side = dataclasses.replace(side, port=closed_port())
     return worker.side
-
-
-@contextlib.contextmanager
-def attached(stack: Stack, user: str = "ada", token: str = "") -> Iterator[WorkerClient]:
-    client = stack.client(token) if token else stack.client()
-    lease = client.attach(pb.AttachRequest(user=user, wait_seconds=-1))
-    worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
-    try:
-        yield worker
-    finally:
-        worker.close()
-        client.release(lease)
-        client.close()
-
-
-def run(worker: WorkerClient, code: str) -> str:
-    outputs: list[pb.ExecuteOutput] = []
-    done = worker.execute(code, 1, outputs.append, lambda request: "")
-    text = "".join(o.stream.text for o in outputs)
-    errors = [o.error for o in outputs if o.WhichOneof("msg") == "error"]
-    assert done.ok, (text, errors)
-    return text
-
-
-def aliased_namespace() -> dict[str, Any]:
-    """8 MiB of tensors with a notebook's aliasing: a view, a tied weight."""
-    torch.manual_seed(7)
-    w = torch.randn(2 * MIB)
-    model = torch.nn.Linear(512, 512)
-    return {"w": w, "view": w[100:200], "model": model, "tied": model.weight, "n": 3}
 
 
 def plain_namespace() -> dict[str, Any]:

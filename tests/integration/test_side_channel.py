@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import grpc
 import pytest
@@ -27,59 +26,31 @@ from gpuattach_broker.client.worker_client import WorkerClient
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.sidechannel import SideChannelError
 from jupyter_gpuattach.namespace_sync import NamespaceSync
+from tests import remote_worker
 from tests.certs import make_certs
 from tests.harness import Stack, StackFactory
 from tests.relay import pump
+from tests.remote_worker import MIB, aliased_namespace, run
 
 pytestmark = pytest.mark.integration
-
-MIB = 1 << 20
-
-
-def attach(stack: Stack, user: str = "ada") -> tuple[Any, pb.Lease, WorkerClient]:
-    client = stack.client()
-    lease = client.attach(pb.AttachRequest(user=user, wait_seconds=-1))
-    worker = WorkerClient(lease.worker_endpoint, lease.token, lease.worker_tls_root)
-    worker.hello(pb.HelloRequest())
-    if worker.side is not None:
-        # These tests are about the TCP stream (a kernel on another host); the
-        # same-host path has its own (test_same_host_channel.py).
-        worker.side = dataclasses.replace(worker.side, local="")
-    return client, lease, worker
 
 
 @contextlib.contextmanager
 def attached(stack: Stack) -> Iterator[WorkerClient]:
-    client, lease, worker = attach(stack)
-    try:
+    """A lease's worker, said hello to, as a kernel on another host sees it:
+    these tests are about the TCP stream; the same-host path has its own
+    (test_same_host_channel.py)."""
+    with remote_worker.attached(stack) as worker:
+        worker.hello(pb.HelloRequest())
+        if worker.side is not None:
+            worker.side = dataclasses.replace(worker.side, local="")
         yield worker
-    finally:
-        worker.close()
-        client.release(lease)
-        client.close()
-
-
-def run(worker: WorkerClient, code: str) -> str:
-    outputs: list[pb.ExecuteOutput] = []
-    done = worker.execute(code, 1, outputs.append, lambda request: "")
-    text = "".join(o.stream.text for o in outputs)
-    errors = [o.error for o in outputs if o.WhichOneof("msg") == "error"]
-    assert done.ok, (text, errors)
-    return text
-
-
-def big_namespace() -> dict[str, Any]:
-    """8 MiB of tensors with the aliasing a notebook has: a view, a tied weight."""
-    torch.manual_seed(7)
-    w = torch.randn(2 * MIB)
-    model = torch.nn.Linear(512, 512)
-    return {"w": w, "view": w[100:200], "model": model, "tied": model.weight, "n": 3}
 
 
 def test_namespace_round_trips_on_the_side_channel_with_aliasing(stack: Stack) -> None:
     with attached(stack) as worker:
         assert worker.side is not None, "the worker announced no side channel"
-        values = big_namespace()
+        values = aliased_namespace()
         encoded = codec.encode_namespace(values)
         assert encoded.nbytes >= sidechannel.MIN_BYTES
         reply, sent = worker.push(encoded, {})
@@ -130,7 +101,7 @@ def test_wrong_token_is_refused_and_an_unreachable_channel_falls_back(stack: Sta
         with socket.create_server(("127.0.0.1", 0)) as closed:
             port = closed.getsockname()[1]
         worker.side = sidechannel.Peer(side.host, port)
-        values = big_namespace()
+        values = aliased_namespace()
         reply, _ = worker.push(codec.encode_namespace(values), {})
         assert sorted(reply.names) == sorted(values)
         assert worker.side is None
@@ -146,7 +117,7 @@ def test_wrong_token_is_refused_and_an_unreachable_channel_falls_back(stack: Sta
 def test_a_push_cut_mid_tensor_applies_nothing(stack: Stack) -> None:
     with attached(stack) as worker:
         run(worker, "w = 'before'")
-        values = big_namespace()
+        values = aliased_namespace()
         encoded = codec.encode_namespace(values)
         sizes = [p.nbytes for p in encoded.parts]
         ticket = worker.stub.OpenSideChannel(
@@ -208,7 +179,7 @@ def test_a_pull_cut_mid_tensor_leaves_the_kernel_namespace_unchanged(stack: Stac
     with attached(stack) as worker:
         side = worker.side
         assert side is not None
-        shell = SimpleNamespace(user_ns=big_namespace(), user_ns_hidden={})
+        shell = SimpleNamespace(user_ns=aliased_namespace(), user_ns_hidden={})
         kept = {k: v for k, v in shell.user_ns.items()}
         before = shell.user_ns["w"].clone()
         sync = NamespaceSync(shell)
@@ -251,7 +222,7 @@ def test_a_tls_lease_moves_tensors_on_a_tls_side_channel(
         side = worker.side
         assert side is not None
         assert side.tls_root == ca
-        values = big_namespace()
+        values = aliased_namespace()
         worker.push(codec.encode_namespace(values), {})
         assert worker.side is not None, "the push fell back to gRPC"
         run(worker, "w.neg_()")
