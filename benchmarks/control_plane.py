@@ -150,10 +150,17 @@ async def _load(stack: Stack, clients: int, warmup: float, seconds: float) -> di
         )
         for i in range(clients)
     ]
+    clients_process = psutil.Process()
     await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
     cpu_before = sum(broker.cpu_times()[:2]) if broker is not None else 0.0
+    clients_before = sum(clients_process.cpu_times()[:2])
+    machine_before = psutil.cpu_times()
     await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
     cpu_used = (sum(broker.cpu_times()[:2]) - cpu_before) if broker is not None else 0.0
+    clients_used = sum(clients_process.cpu_times()[:2]) - clients_before
+    machine_after = psutil.cpu_times()
+    machine_total = sum(machine_after) - sum(machine_before)
+    machine_idle = machine_after.idle - machine_before.idle
     await asyncio.gather(*tasks)
     return {
         "clients": clients,
@@ -164,6 +171,10 @@ async def _load(stack: Stack, clients: int, warmup: float, seconds: float) -> di
         "release": latency(release_s) if release_s else None,
         "broker_cpu_share": cpu_used / seconds,  # 1.0 = one core all the time
         "broker_cpu_ms_per_pair": 1e3 * cpu_used / pairs[0] if pairs[0] else None,
+        # The clients and the stand-in agent (this process) share the machine:
+        # when the broker and they fill every core, the machine is the bound.
+        "clients_cpu_share": clients_used / seconds,
+        "machine_busy": 1.0 - machine_idle / machine_total if machine_total > 0 else None,
     }
 
 

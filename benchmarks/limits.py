@@ -3,6 +3,9 @@
 - empty gRPC unary round trip (and an empty bidi-stream call, the shape of
   Execute) against a trivial server in another process, with a generic
   handler and raw bytes: no .proto involved;
+- how many empty unary calls an asyncio gRPC server (the broker's kind: one
+  event loop) answers per second under 200 concurrent clients, and its CPU
+  per call: the ceiling of any Python control plane on this machine;
 - raw TCP 1-byte ping-pong between two processes;
 - loopback TCP throughput between two processes, both ends reusing touched
   buffers (first touch of fresh memory costs 1-2.5 s per GiB here);
@@ -71,6 +74,30 @@ def _grpc_server(port_queue: Any, stop: Any) -> None:
     port_queue.put(port)
     stop.wait()
     server.stop(0)
+
+
+def _grpc_aio_server(port_queue: Any, stop: Any) -> None:
+    """An asyncio gRPC server with one empty unary method, as the broker serves."""
+    import asyncio
+
+    import grpc
+
+    async def ping(request: bytes, context: Any) -> bytes:
+        return b""
+
+    async def serve() -> None:
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_queue.put(port)
+        await asyncio.to_thread(stop.wait)
+        await server.stop(0)
+
+    asyncio.run(serve())
 
 
 def _listen() -> socket.socket:
@@ -179,6 +206,60 @@ def grpc_figures(n: int, stream_bytes: int, stream_reps: int, warmup: int = 100)
             proc.join(5)
 
 
+def grpc_aio_capacity(clients: int = 200, seconds: float = 3.0) -> dict[str, Any]:
+    """Empty unary calls/s of an asyncio gRPC server under `clients` concurrent
+    callers (each its own channel, as the control-plane benchmark's), and the
+    server's CPU per call. The callers share this machine, as there."""
+    import asyncio
+
+    import grpc
+    import psutil
+
+    port_queue, stop = CTX.Queue(), CTX.Event()
+    proc = CTX.Process(target=_grpc_aio_server, args=(port_queue, stop), daemon=True)
+    proc.start()
+    try:
+        target = f"127.0.0.1:{int(port_queue.get(timeout=60))}"
+        server = psutil.Process(proc.pid)
+
+        async def caller(calls: list[int], measure_from: float, stop_at: float) -> None:
+            async with grpc.aio.insecure_channel(target) as channel:
+                ping = channel.unary_unary(f"/{SERVICE}/Ping", None, None)
+                while time.monotonic() < stop_at:
+                    await ping(b"", timeout=30)
+                    if time.monotonic() >= measure_from:
+                        calls[0] += 1
+
+        async def load() -> dict[str, Any]:
+            calls = [0]
+            now = time.monotonic()
+            measure_from, stop_at = now + 1.0, now + 1.0 + seconds
+            tasks = [
+                asyncio.create_task(caller(calls, measure_from, stop_at)) for _ in range(clients)
+            ]
+            await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+            cpu_before = sum(server.cpu_times()[:2])
+            counted_before = calls[0]
+            await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+            cpu_used = sum(server.cpu_times()[:2]) - cpu_before
+            counted = calls[0] - counted_before
+            await asyncio.gather(*tasks)
+            return {
+                "clients": clients,
+                "calls_per_second": counted / seconds,
+                "server_cpu_share": cpu_used / seconds,
+                "server_cpu_us_per_call": 1e6 * cpu_used / counted if counted else None,
+            }
+
+        return asyncio.run(load())
+    finally:
+        stop.set()
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
 def tcp_pingpong(n: int, warmup: int = 200) -> dict[str, Any]:
     with _child(_tcp_echo_server) as port:
         sock = socket.create_connection(("127.0.0.1", port))
@@ -245,6 +326,8 @@ def memcpy_fresh(nbytes: int, reps: int) -> dict[str, Any]:
 def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     log("limits: gRPC round trips and server-streaming throughput")
     rpc = grpc_figures(cfg.grpc_n, cfg.tcp_bytes, cfg.tcp_reps)
+    log("limits: asyncio gRPC server, empty unary calls/s under 200 clients")
+    capacity = grpc_aio_capacity(seconds=1.0 if cfg.grpc_n < 500 else 3.0)
     log("limits: TCP 1-byte ping-pong")
     pingpong = tcp_pingpong(cfg.pingpong_n)
     log(f"limits: loopback TCP throughput ({cfg.tcp_bytes / 2**20:.0f} MiB)")
@@ -258,6 +341,7 @@ def measure(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
         "grpc_bidi_call": rpc["bidi_stream"],
         "grpc_new_channel_first_call": rpc["new_channel_first_call"],
         "grpc_stream_throughput": rpc["stream_throughput"],
+        "grpc_aio_capacity": capacity,
         "tcp_pingpong": pingpong,
         "tcp_throughput": tcp,
         "memcpy": copy,

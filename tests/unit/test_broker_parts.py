@@ -10,6 +10,7 @@ identity checks are each checked on their own.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,11 +19,12 @@ import grpc
 import pytest
 
 from gpuattach_broker.broker.auth import BrokerAuth
+from gpuattach_broker.broker.group_commit import GroupCommit
 from gpuattach_broker.broker.lease_schema import LeaseRecord, LeaseState, hash_token
 from gpuattach_broker.broker.policy import Policy, parse_policy
 from gpuattach_broker.broker.scheduler import DeviceState, Placement, Scheduler, SliceRequest
 from gpuattach_broker.broker.service import AgentConnection, BrokerService, Waiter
-from gpuattach_broker.broker.store import open_store
+from gpuattach_broker.broker.store import WriteBatch, open_store
 from gpuattach_broker.broker.working_set import WorkingSet
 from gpuattach_broker.protos import gpuattach_pb2 as pb
 from gpuattach_broker.rpc import KEY_HEADER
@@ -473,3 +475,43 @@ def test_scheduler_best_waiting_request_matches_a_full_scan(fair_share: bool) ->
             rng.choice(scheduler.queue).priority = rng.choice([0, 1, 2])
             scheduler.reprioritize()
         assert scheduler._best() is _best_by_scan(scheduler), step
+
+
+# ------------------------------------------------------------ durability ---
+
+
+def test_a_release_answers_only_after_its_row_is_committed(tmp_path: Path) -> None:
+    """The store's writer commits in groups, off the loop; an RPC still
+    answers only what a broker killed right after it would not forget."""
+    clock = FakeClock()
+    service = make(tmp_path, clock)
+    hold(service, "L1", "alice", f"{HOST}/d0")
+    assert service.store.flush(timeout=10)
+    store = service.store.store
+    gate = threading.Event()
+
+    def gated(batch: WriteBatch) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        store.write(batch)
+
+    service.store.writer.close()
+    service.store.writer = GroupCommit(gated)
+
+    def stored_state() -> str:
+        lease = store.get_lease("L1")
+        assert lease is not None
+        return lease.state
+
+    async def scenario() -> None:
+        ref = pb.LeaseRef(lease_id="L1", token=TOKEN)
+        release = asyncio.create_task(service.Release(ref, FakeContext()))  # type: ignore[arg-type]
+        for _ in range(50):  # the release runs as far as it can
+            await asyncio.sleep(0)
+        assert state(service, "L1") == "released"  # decided, in memory
+        assert not release.done()  # but not answered
+        assert stored_state() == "active"
+        gate.set()
+        await asyncio.wait_for(release, 10)
+        assert stored_state() == "released"
+
+    asyncio.run(scenario())

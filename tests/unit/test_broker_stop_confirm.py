@@ -79,7 +79,7 @@ def test_an_unanswered_stop_frees_the_room_after_the_timeout(
         await service._stopped("L1")
         assert 0.15 < time.monotonic() - started < 2.0
         assert "L1" not in service.scheduler.allocations
-        kinds = [e.kind for e in service.store.store.events(lease_id="L1")]
+        kinds = [e.kind for e in await service.store.events(lease_id="L1")]
         assert "stop-unconfirmed" in kinds
 
     asyncio.run(scenario())

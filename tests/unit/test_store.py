@@ -25,6 +25,8 @@ from gpuattach_broker.broker.store import (
     LeaseRecord,
     SqlStore,
     StoreError,
+    WriteBatch,
+    event_row,
     hash_token,
     open_store,
 )
@@ -123,15 +125,38 @@ def test_put_replaces(store: SqlStore) -> None:
     assert len(store.leases(include_ended=True)) == 1
 
 
-def test_update_lease_writes_only_the_named_fields(store: SqlStore) -> None:
-    store.put_lease(lease("L1", expires_at=150.0, busy_seconds=3.0))
-    changed = lease("L1", expires_at=999.5, busy_seconds=7.0, end_reason="not written")
-    store.update_lease(changed, ["expires_at", "busy_seconds"])
+def test_a_batch_commits_every_row_in_one_transaction_or_none(store: SqlStore) -> None:
+    commits: list[str] = []
+    sa.event.listen(store.engine, "commit", lambda _: commits.append("commit"))
+    batch = WriteBatch(
+        leases={f"L{i}": lease(f"L{i}", requested_at=float(i)).values() for i in range(50)},
+        events=[event_row(100.0 + i, "granted", f"L{i}", "alice", "") for i in range(50)],
+    )
+    store.write(batch)
+    assert commits == ["commit"]
+    assert len(store.leases()) == 50
+    assert [e.lease_id for e in store.events()] == [f"L{i}" for i in range(50)]  # in order
+
+    # A bad row fails the whole batch: the good lease before it is not written.
+    broken = WriteBatch(
+        leases={"good": lease("good").values(), "bad": {**lease("bad").values(), "state": None}}
+    )
+    with pytest.raises(sa.exc.IntegrityError):
+        store.write(broken)
+    assert store.get_lease("good") is None
+
+
+def test_a_later_batch_keeps_a_leases_latest_row(store: SqlStore) -> None:
+    first = WriteBatch(leases={"L1": lease("L1", expires_at=150.0).values()})
+    newer = WriteBatch(
+        leases={"L1": lease("L1", expires_at=999.5, busy_seconds=7.0).values()},
+        events=[event_row(1.0, "renewed", "L1", "alice", "")],
+    )
+    store.write(first.then(newer))
     got = store.get_lease("L1")
     assert got is not None
-    assert (got.expires_at, got.busy_seconds, got.end_reason) == (999.5, 7.0, "")
-    store.update_lease(lease("nobody"), ["expires_at"])  # a missing lease changes nothing
-    assert store.get_lease("nobody") is None
+    assert (got.expires_at, got.busy_seconds) == (999.5, 7.0)
+    assert [e.kind for e in store.events(lease_id="L1")] == ["renewed"]
 
 
 def test_leases_filters(store: SqlStore) -> None:

@@ -126,6 +126,11 @@ class AgentHub:
         try:
             self.pump_queue()
             while not reader.done():
+                if not agent.commands.empty():
+                    # Under load commands queue up: send them without a task
+                    # and a wait each (those cost more than the send).
+                    yield agent.commands.get_nowait()
+                    continue
                 get = asyncio.create_task(agent.commands.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from sqlalchemy import make_url
 
 from gpuattach_broker.agent.agent import Agent
 from gpuattach_broker.agent.backends import open_backend
+from gpuattach_broker.broker.group_commit import StoreFailed
 from gpuattach_broker.broker.leader import LeaderGuard, Leadership
 from gpuattach_broker.broker.policy import PolicyErrors, load_policy
 from gpuattach_broker.broker.scheduler import Backfill
@@ -147,6 +149,7 @@ async def serve(options: BrokerApp) -> None:
     host = options.address.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     await server.start()
+    _tune_garbage_collector()
     log.info("broker listening on %s (state in %s)", address, _without_password(db_url))
 
     tasks = [asyncio.create_task(service.expire_loop())]
@@ -181,11 +184,26 @@ async def serve(options: BrokerApp) -> None:
         for task in tasks:
             task.cancel()
         await server.stop(grace=1.0)
+        # The last writes commit while this broker still holds the lease row.
+        with contextlib.suppress(StoreFailed):
+            if not store.flush(timeout=10.0):
+                log.error("the state database did not take the last writes within 10 s")
         if leadership is not None:
             leadership.close(resign=not leadership.lost)
         store.close()
     if leadership is not None and leadership.lost:
         raise SystemExit(3)  # another broker is active: a supervisor restarts this one as standby
+
+
+def _tune_garbage_collector() -> None:
+    """Collect less often: every RPC allocates hundreds of short-lived objects
+    (messages, futures, tasks) that reference counting frees, and the cycle
+    collector's default (a pass every 700 allocations, walking the broker's
+    long-lived leases and gRPC state) took a tenth of the event loop's time
+    at a few hundred attaches a second. What exists at start-up is frozen out
+    of the collector's reach, and a pass runs every 20,000 allocations."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def _become_active(

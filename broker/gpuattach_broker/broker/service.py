@@ -21,6 +21,7 @@ from gpuattach_broker.broker.agent_hub import AgentHub
 from gpuattach_broker.broker.auth import BrokerAuth, Context
 from gpuattach_broker.broker.clock import SYSTEM_CLOCK, Clock
 from gpuattach_broker.broker.defragment import Defragmenter, Move
+from gpuattach_broker.broker.group_commit import StoreFailed
 from gpuattach_broker.broker.identity import Authenticator, Identity
 from gpuattach_broker.broker.lease_schema import (
     LeaseRecord,
@@ -232,7 +233,18 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = await self._identify(context, request.user)
         self.last_activity = self.clock.monotonic()
         async for event in self.admission.attach(request, context, identity):
+            await self._durable(context)
             yield event
+
+    async def _durable(self, context: Context) -> None:
+        """Answer only what is committed: a broker killed after answering
+        has lost nothing it said (the store's writer commits in groups)."""
+        try:
+            await self.store.durable()
+        except StoreFailed as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"{exc}; retry, and the active broker answers"
+            )
 
     def _pump_queue(self) -> None:
         self.admission.pump_queue()
@@ -312,6 +324,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             # The kernel's lease watch hears of it and renews at once, so the
             # new deadline is on the lease within a heartbeat's round trip.
             self._notify(lease)
+        await self._durable(context)
         return pb.KernelIdleReply(leases=len(leases))
 
     async def Release(self, request: pb.LeaseRef, context: Context) -> pb.ReleaseReply:
@@ -325,6 +338,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             else:
                 self._end(lease, LeaseState.RELEASED, request.reason or "released by the kernel")
         await self._stopped(lease.lease_id)
+        await self._durable(context)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
     async def Revoke(self, request: pb.RevokeRequest, context: Context) -> pb.ReleaseReply:
@@ -339,6 +353,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             )
             self._end(lease, LeaseState.REVOKED, reason)
         await self._stopped(lease.lease_id)
+        await self._durable(context)
         return pb.ReleaseReply(held_seconds=lease.held_seconds())
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainReply:
@@ -352,6 +367,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.store.event(what, user=identity.user, detail=request.host)
         if request.undrain:
             self._pump_queue()
+        await self._durable(context)
         return pb.DrainReply(
             devices=len(devices), active_leases=sum(len(d.leases) for d in devices)
         )

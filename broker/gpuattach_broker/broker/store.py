@@ -12,9 +12,11 @@ Every write is one transaction: a lease and the event that tells why it
 changed are committed together or not at all. Tokens are kept only as
 SHA-256 hashes.
 
-The broker does not read through this on its event loop: it keeps its
-working set in memory (`working_set.py`) and writes through. The admin CLI,
-the simulator's ledger input and the examples read through `open_store`.
+The broker neither reads nor writes through this on its event loop: it keeps
+its working set in memory (`working_set.py`) and hands its writes to a
+writer thread (`group_commit.py`) that commits them as `WriteBatch`es, many
+RPCs' rows per transaction. The admin CLI, the simulator's ledger input and
+the examples read through `open_store`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import contextlib
 import importlib.util
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +51,9 @@ __all__ = [
     "SqlStore",
     "Store",
     "StoreError",
+    "WriteBatch",
     "db_url_for",
+    "event_row",
     "hash_token",
     "open_store",
 ]
@@ -60,17 +65,43 @@ class StoreError(ValueError):
     """A db_url the broker cannot use, said so that the admin can fix it."""
 
 
+@dataclass
+class WriteBatch:
+    """Rows to commit in one transaction: the unit of the broker's writes.
+
+    Leases and devices are whole rows keyed by id, so a lease changed three
+    times before the batch commits is written once, as it last was; events
+    are all kept, in the order they happened."""
+
+    leases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.leases or self.events or self.devices)
+
+    def then(self, newer: WriteBatch) -> WriteBatch:
+        """This batch followed by `newer`, as one (a retry takes what came since)."""
+        return WriteBatch(
+            leases={**self.leases, **newer.leases},
+            events=self.events + newer.events,
+            devices={**self.devices, **newer.devices},
+        )
+
+
+def event_row(ts: float, kind: str, lease_id: str, user: str, detail: str) -> dict[str, Any]:
+    """An events row: when, which lease, whose, what happened and why."""
+    return {"ts": ts, "lease_id": lease_id, "user": user, "kind": kind, "detail": detail}
+
+
 class Store(Protocol):
     """What the broker, the admin CLI and the simulator need of a state database."""
 
     def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
         """Insert or replace the lease; with `event`, log it in the same transaction."""
 
-    def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
-        """Write only these fields of the lease (heartbeats: a few columns)."""
-
-    def update_leases(self, leases: Sequence[LeaseRecord], names: Sequence[str]) -> None:
-        """`update_lease` for many leases in one transaction (a broker taking over)."""
+    def write(self, batch: WriteBatch) -> None:
+        """Commit the batch's rows in one transaction, or none of them."""
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
 
@@ -223,15 +254,11 @@ class SqlStore:
         # the round trip, not SQL generation.
         self._put_lease = self._upsert(schema.leases, "lease_id")
         self._put_device = self._upsert(schema.devices, "device_id")
-        self._update_lease = schema.leases.update().where(
-            schema.leases.c.lease_id == sa.bindparam("where_lease_id")
-        )
         self._insert_event = schema.events.insert()
         # Each thread that writes keeps one connection for its writes: checking
         # a connection out of the pool and wrapping it anew for every write
-        # cost more than the write itself (the broker writes several times per
-        # attach, on its event loop). A connection the database dropped is
-        # invalidated by SQLAlchemy and replaced at its next use.
+        # cost more than the write itself. A connection the database dropped
+        # is invalidated by SQLAlchemy and replaced at its next use.
         self._writers = threading.local()
         self._all_writers: list[sa.Connection] = []
         self._writers_lock = threading.Lock()
@@ -272,38 +299,25 @@ class SqlStore:
             set_={c: statement.excluded[c.key] for c in table.columns if c.key != key},
         )
 
-    def _event_row(self, kind: str, lease_id: str, user: str, detail: str) -> dict[str, Any]:
-        return {
-            "ts": self.clock(),
-            "lease_id": lease_id,
-            "user": user,
-            "kind": kind,
-            "detail": detail,
-        }
-
-    def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
-        with self._write() as db:
-            db.execute(self._put_lease, lease.values())
-            if event:
-                db.execute(
-                    self._insert_event,
-                    self._event_row(event, lease.lease_id, lease.user, detail),
-                )
-
-    def update_lease(self, lease: LeaseRecord, names: Sequence[str]) -> None:
-        values = {name: getattr(lease, name) for name in names}
-        with self._write() as db:
-            db.execute(self._update_lease, {**values, "where_lease_id": lease.lease_id})
-
-    def update_leases(self, leases: Sequence[LeaseRecord], names: Sequence[str]) -> None:
-        rows = [
-            {**{name: getattr(lease, name) for name in names}, "where_lease_id": lease.lease_id}
-            for lease in leases
-        ]
-        if not rows:
+    def write(self, batch: WriteBatch) -> None:
+        """One transaction: each statement once, with every row of its kind
+        (executemany), so a batch of a hundred RPCs' rows costs little more
+        than one row did."""
+        if not batch:
             return
         with self._write() as db:
-            db.execute(self._update_lease, rows)
+            if batch.leases:
+                db.execute(self._put_lease, list(batch.leases.values()))
+            if batch.devices:
+                db.execute(self._put_device, list(batch.devices.values()))
+            if batch.events:
+                db.execute(self._insert_event, batch.events)
+
+    def put_lease(self, lease: LeaseRecord, *, event: str = "", detail: str = "") -> None:
+        batch = WriteBatch(leases={lease.lease_id: lease.values()})
+        if event:
+            batch.events.append(event_row(self.clock(), event, lease.lease_id, lease.user, detail))
+        self.write(batch)
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None:
         with self.engine.connect() as db:
@@ -346,8 +360,7 @@ class SqlStore:
 
     def put_device(self, device: DeviceRecord) -> None:
         values = {**device._asdict(), "last_seen": self.clock()}
-        with self._write() as db:
-            db.execute(self._put_device, values)
+        self.write(WriteBatch(devices={device.device_id: values}))
 
     def devices(self) -> list[DeviceRecord]:
         with self.engine.connect() as db:
@@ -357,8 +370,7 @@ class SqlStore:
     # ----------------------------------------------------------- events ---
 
     def event(self, kind: str, *, lease_id: str = "", user: str = "", detail: str = "") -> None:
-        with self._write() as db:
-            db.execute(self._insert_event, self._event_row(kind, lease_id, user, detail))
+        self.write(WriteBatch(events=[event_row(self.clock(), kind, lease_id, user, detail)]))
 
     def events(
         self, *, since: float = 0.0, lease_id: str = "", user: str = ""
