@@ -10,7 +10,11 @@ the new active broker and says hello with the leases it runs, as the real
 agent does. Afterwards the ledger must account for every lease (granted =
 released + expired + revoked), no capacity may stay allocated, and every
 error a kernel saw must be explained by the failover (UNAVAILABLE while no
-broker was active).
+broker was active). Real kernels can meet such an error just after the
+takeover too: until the real agent has reconnected to the new active broker,
+the stand-in host is the only one online, so an attach placed then gets a
+stand-in worker, whose endpoint answers nothing; the kernel gives that lease
+back (it is released, so the ledger still balances) and attaches again.
 
 `tests/integration/test_load.py` runs it briefly; `make bench` for 60 s.
 """

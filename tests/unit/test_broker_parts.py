@@ -515,3 +515,71 @@ def test_a_release_answers_only_after_its_row_is_committed(tmp_path: Path) -> No
         assert stored_state() == "released"
 
     asyncio.run(scenario())
+
+
+def test_an_agent_is_told_to_stop_a_worker_only_once_the_release_is_committed(
+    tmp_path: Path,
+) -> None:
+    """Else, killed between the two, the broker would leave its successor a
+    lease still active whose worker the agent no longer has: it would end
+    "failed" instead of "released"."""
+    clock = FakeClock()
+    service = make(tmp_path, clock)
+    hold(service, "L1", "alice", f"{HOST}/d0")
+    assert service.store.flush(timeout=10)
+    store = service.store.store
+    gate = threading.Event()
+
+    def gated(batch: WriteBatch) -> None:
+        assert gate.wait(10), "the test never opened the gate"
+        store.write(batch)
+
+    def stored_state() -> str:
+        lease = store.get_lease("L1")
+        assert lease is not None
+        return lease.state
+
+    async def scenario() -> None:
+        hung_up = asyncio.Event()
+
+        async def agent_says() -> AsyncIterator[pb.AgentMessage]:
+            yield pb.AgentMessage(
+                hello=pb.AgentHello(
+                    host=HOST,
+                    agent_id="a1",
+                    devices=[pb.DeviceInfo(device_id=f"{HOST}/d0", kind="cpu", memory_bytes=GIB)],
+                    live_leases=[pb.LiveLease(lease_id="L1")],
+                )
+            )
+            await hung_up.wait()
+
+        commands = service.AgentChannel(agent_says(), FakeContext())  # type: ignore[arg-type]
+
+        async def next_command() -> pb.BrokerCommand:
+            return await anext(commands)
+
+        first = asyncio.create_task(next_command())
+        for _ in range(100):  # the hello is taken as the channel's first step
+            if HOST in service.agents:
+                break
+            await asyncio.sleep(0)
+        assert HOST in service.agents
+        assert service.store.flush(timeout=10)  # the hello's device rows
+        service.store.writer.close()
+        service.store.writer = GroupCommit(gated)
+
+        ref = pb.LeaseRef(lease_id="L1", token=TOKEN)
+        release = asyncio.create_task(service.Release(ref, FakeContext()))  # type: ignore[arg-type]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert state(service, "L1") == "released"  # decided, in memory
+        assert not first.done(), "the agent heard of a release the store does not hold"
+        assert stored_state() == "active"
+        gate.set()
+        command = await asyncio.wait_for(first, 10)
+        assert command.stop.lease_id == "L1"
+        assert stored_state() == "released"
+        release.cancel()
+        hung_up.set()
+
+    asyncio.run(scenario())

@@ -127,16 +127,22 @@ class AgentHub:
             self.pump_queue()
             while not reader.done():
                 if not agent.commands.empty():
-                    # Under load commands queue up: send them without a task
+                    # Under load commands queue up: take them without a task
                     # and a wait each (those cost more than the send).
-                    yield agent.commands.get_nowait()
-                    continue
-                get = asyncio.create_task(agent.commands.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    yield get.result()
+                    command = agent.commands.get_nowait()
                 else:
-                    get.cancel()
+                    get = asyncio.create_task(agent.commands.get())
+                    done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    if get not in done:
+                        get.cancel()
+                        continue
+                    command = get.result()
+                # What the agent does must follow from committed state: a
+                # worker stopped for a release the store had not yet recorded
+                # would, after a failover, look to the next broker like a
+                # worker that died (the lease would end "failed").
+                await self.store.durable()
+                yield command
         finally:
             reader.cancel()
             if self.agents.get(hello.host) is agent:

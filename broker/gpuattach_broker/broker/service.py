@@ -238,7 +238,9 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     async def _durable(self, context: Context) -> None:
         """Answer only what is committed: a broker killed after answering
-        has lost nothing it said (the store's writer commits in groups)."""
+        has lost nothing it said (the store's writer commits in groups).
+        Every reply and notice to a kernel waits for it, as every command to
+        an agent does (agent_hub)."""
         try:
             await self.store.durable()
         except StoreFailed as exc:
@@ -283,7 +285,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
         self.last_activity = self.clock.monotonic()
-        return await self.leases.renew(lease, request, context)
+        reply = await self.leases.renew(lease, request, context)
+        await self._durable(context)
+        return reply
 
     async def WatchLease(
         self, request: pb.LeaseRef, context: Context
@@ -291,6 +295,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity = await self._identify(context)
         lease = await self._lease_for(request, context, identity)
         async for notice in self.leases.watch(lease):
+            await self._durable(context)
             yield notice
 
     def _notice(self, lease: LeaseRecord) -> pb.LeaseNotice:
