@@ -35,7 +35,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # Test files that run longest, started first: `make test` runs the files in
 # parallel (pytest-xdist, --dist loadfile: a file's tests stay on one worker)
 # and hands them out in collection order, so a long file collected last would
-# run alone at the end. Measured with --durations on a 2-core machine.
+# run alone at the end. The longest by --durations (make test on 2 cores): the
+# Binder install (~7 min), the Hub deployment (~2 min), the browser tests.
 SLOW_FILES_FIRST = (
     "tests/server/test_binder.py",
     "tests/integration/test_jupyterhub_deployment.py",
