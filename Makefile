@@ -70,9 +70,15 @@ CHP := .ci-node/node_modules/.bin/configurable-http-proxy
 $(CHP):
 	npm install --silent --no-audit --no-fund --prefix .ci-node configurable-http-proxy@5
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), a file's tests in one
+# of them (--dist loadfile), the files in collection order: tests/conftest.py
+# puts the longest first. Each test process has its own PostgreSQL server and
+# state folder; `make test TEST_WORKERS=0` runs them in this process, in order.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) lint chromium postgresql $(CHP)
 	cd labextension && PATH="$(abspath $(VENV))/bin:$$PATH" jlpm test
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Ibroker --python_out=broker --pyi_out=broker \

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,38 @@ def pytest_configure(config: pytest.Config) -> None:
     # behind every such kernel. The tests of that start build their own
     # environment (tests/integration/test_embedded_broker.py).
     os.environ.setdefault("GPUATTACH_PRESTART", "0")
+    # The state folder of whatever the tests start without one of their own
+    # (the agent's process ledger, the user map, logs): one per test process.
+    # The default (~/.local/state/gpuattach) is shared by every process on
+    # the machine: two agents for one host there cannot both hold its process
+    # ledger, so `pytest -n 2` (make test) or a second session would collide.
+    os.environ["GPUATTACH_STATE_DIR"] = tempfile.mkdtemp(prefix="gpuattach-test-state-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop("GPUATTACH_STATE_DIR", ""), ignore_errors=True)
+
+
+# Test files that run longest, started first: `make test` runs the files in
+# parallel (pytest-xdist, --dist loadfile: a file's tests stay on one worker)
+# and hands them out in collection order, so a long file collected last would
+# run alone at the end. The longest by --durations (make test on 2 cores): the
+# Binder install (~7 min), the Hub deployment (~2 min), the browser tests.
+SLOW_FILES_FIRST = (
+    "tests/server/test_binder.py",
+    "tests/integration/test_jupyterhub_deployment.py",
+    "tests/integration/test_cross_user.py",
+    "tests/browser/test_glance.py",
+    "tests/browser/test_lab.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return SLOW_FILES_FIRST.index(path) if path in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,7 @@ def _stop_embedded_broker(runtime: Path) -> None:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
     """``jupyter lab`` under a non-default base_url, with the embedded broker on the CPU backend."""
     root = tmp_path / "notebooks"
     root.mkdir()
@@ -139,7 +139,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         _stop_embedded_broker(runtime)
         log.close()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / "lab.log", ARTIFACTS / "lab.log")
+        # One log per test: the browser tests' files may run at once (make test).
+        shutil.copy(tmp_path / "lab.log", ARTIFACTS / f"{request.node.name}-lab.log")
 
 
 @pytest.fixture

@@ -104,6 +104,12 @@ def test_wrong_tokens_and_unknown_leases_are_refused(stack: Stack) -> None:
     client = stack.client()
     lease = client.attach(pb.AttachRequest(user="alice", wait_seconds=-1))
     try:
+        # The lease's own hello first, as a kernel's after its attach: from then on
+        # the worker serves this lease even if the agent's Assign has not reached
+        # it yet (before either, a stranger hears "not bound to a lease yet").
+        owner = WorkerClient(lease.worker_endpoint, lease.token)
+        assert owner.hello(pb.HelloRequest()).lease_id == lease.lease_id
+        owner.close()
         stranger = WorkerClient(lease.worker_endpoint, "not-the-token")
         with pytest.raises(RuntimeError, match="present that lease's token"):
             stranger.hello(pb.HelloRequest())

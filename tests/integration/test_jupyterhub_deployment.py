@@ -310,9 +310,15 @@ class ServerKernel:
         assert result.status == "ok", (code, result.stdout, result.stderr, result.error)
         return result
 
-    def close(self) -> None:
+    async def _close(self) -> None:
+        # On this kernel's loop: closing writes a frame, and outside a running
+        # loop that would make (and leave open) a new default loop for the thread,
+        # which the next test to replace the thread's loop then finds unclosed.
         self.ws.close()
-        self.loop.run_until_complete(asyncio.sleep(0))
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self._close())
         self.loop.close()
 
 

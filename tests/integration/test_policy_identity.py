@@ -55,6 +55,11 @@ def test_users_cannot_touch_each_others_leases(stack_factory: StackFactory, tmp_
         # even with alice's lease id and no token, acting "on behalf" needs the broker key
         with pytest.raises(BrokerError, match=r"belongs to another user|broker key"):
             bob.release_for(lease.lease_id, "bob", "mine now")
+        # Alice's kernel says hello first: from then on her worker serves her lease
+        # even if the agent's Assign has not reached it yet.
+        owner = WorkerClient(lease.worker_endpoint, lease.token)
+        assert owner.hello(pb.HelloRequest()).lease_id == lease.lease_id
+        owner.close()
         intruder = WorkerClient(lease.worker_endpoint, tokens["bob"])
         with pytest.raises(RuntimeError, match="present that lease's token"):
             intruder.hello(pb.HelloRequest())

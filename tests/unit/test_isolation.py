@@ -194,7 +194,14 @@ def test_a_private_tmp_keeps_the_interpreter_folders_under_tmp(tmp_path: Path) -
     other = tmp_path / "someone-elses-file"
     other.write_text("private")
     code = (
-        "import os, sys\n"
+        "import json, os, sys\n"
+        # The staging folders this process makes in the host's /tmp (other
+        # tests' workers may be staging theirs there at the same time).
+        "staged = []\n"
+        "sys.addaudithook(lambda event, args: event == 'os.mkdir'\n"
+        "    and os.path.dirname(args[0]) == '/tmp'\n"
+        "    and os.path.basename(args[0]).startswith('.gpuattach-tmp-')\n"
+        "    and staged.append(args[0]))\n"
         f"sys.path.insert(0, {str(lib)!r})\n"
         "from gpuattach_broker.worker.privileges import enter_private_mounts, interpreter_paths\n"
         "kept = {p.split('/')[2] for p in interpreter_paths() if p.startswith('/tmp/')}\n"
@@ -202,13 +209,15 @@ def test_a_private_tmp_keeps_the_interpreter_folders_under_tmp(tmp_path: Path) -
         "import late_module\n"
         f"print(state.problem or 'ok', late_module.VALUE, os.path.exists({str(other)!r}))\n"
         "print(sorted(os.listdir('/tmp')) == sorted(kept))\n"
+        "print(json.dumps(staged))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
-    first, only_kept = done.stdout.splitlines()
+    first, only_kept, staged = done.stdout.splitlines()
     assert first == "ok 42 False"
     # Only the paths down to the kept folders exist in the new /tmp.
     assert only_kept == "True"
-    assert not list(Path("/tmp").glob(".gpuattach-tmp-*")), "the staging folder was left behind"
+    (stage,) = json.loads(staged)
+    assert not Path(stage).exists(), "the staging folder was left behind"
