@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -321,8 +322,7 @@ class RealKernels:
             for kernel in self.kernels:
                 cells.append(kernel.submit(REAL_CELL.format(seconds=self.seconds)))
             self.ready.set()
-            for kernel, msg_id in zip(self.kernels, cells, strict=True):
-                result = kernel.collect(msg_id, timeout=self.seconds + 300)
+            for result in self._collect_all(cells):
                 lines = result.stdout.splitlines()
                 cycles = [x for x in lines if x.startswith("cycles")]
                 errors = [x.split(" ", 2)[1:] for x in lines if x.startswith("error ")]
@@ -341,6 +341,31 @@ class RealKernels:
             self.ready.set()
             for kernel in self.kernels:
                 kernel.shutdown()
+
+    def _collect_all(self, cells: list[str]) -> list[Any]:
+        """Every kernel's cell result, read from all of them in turn.
+
+        Reading one kernel to its end while the others run let their output
+        queue up unread for the whole run, and a kernel's messages past the
+        ZMQ high-water mark are dropped: the cell's end with them, which left
+        the run waiting out a timeout per kernel. In turn, each queue stays
+        short. A kernel whose cell has not ended by the deadline is reported
+        as timed out."""
+        from tests.harness import CellResult
+
+        results = [CellResult(status="") for _ in cells]
+        pending = list(range(len(cells)))
+        deadline = time.monotonic() + self.seconds + 300
+        while pending:
+            for index in list(pending):
+                try:
+                    self.kernels[index].collect(cells[index], timeout=0.2, into=results[index])
+                except queue.Empty:
+                    if time.monotonic() < deadline:
+                        continue
+                    results[index].status = "timeout"
+                pending.remove(index)
+        return results
 
     def stop(self) -> None:
         if self.thread is not None:

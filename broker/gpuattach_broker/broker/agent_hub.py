@@ -137,11 +137,15 @@ class AgentHub:
                         get.cancel()
                         continue
                     command = get.result()
-                # What the agent does must follow from committed state: a
-                # worker stopped for a release the store had not yet recorded
-                # would, after a failover, look to the next broker like a
-                # worker that died (the lease would end "failed").
-                await self.store.durable()
+                # A worker is stopped only for an end the store holds: one
+                # stopped for a release not yet committed would, after a
+                # failover, look to the next broker like a worker that died
+                # (the lease would end "failed"). A start need not wait: a
+                # worker started for a lease the next broker never heard of
+                # is stopped when the agent says hello ("unknown lease"), and
+                # no kernel was told of it.
+                if command.HasField("stop"):
+                    await self.store.durable()
                 yield command
         finally:
             reader.cancel()
