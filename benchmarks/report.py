@@ -681,7 +681,7 @@ def bounds(report: dict[str, Any]) -> list[str]:
                 "attach stream, the release) and four messages on the agent's channel: "
                 f"{target:,.0f} pairs/s would need {2 * target:,.0f} calls/s before any work, "
                 f"{200 * target / cap['calls_per_second']:.0f} % of what a server that does "
-                "nothing answered here."
+                "nothing answered here, before the agent's four messages and any work."
                 if per_call
                 else ""
             )
@@ -696,6 +696,18 @@ def bounds(report: dict[str, Any]) -> list[str]:
                 + " Several brokers, each with its own pools and core, would raise it; one "
                 "Python broker's loop cannot reach the target on this machine."
             )
+    big = ours.get("reattach", {}).get("2 GB")
+    if big and hit("re-attach of an unchanged 2 GB"):
+        again = big["reattach"]["wire_bytes"] / big["bytes"]
+        lines.append(
+            f"Re-attach of an unchanged 2 GB ({_ms(big['reattach'])} against "
+            f"{REATTACH_TARGET_MS:.0f} ms): up to {again * 100:.0f} % of the namespace travelled "
+            "again. A same-host push reaches the worker as a memory file, which the worker "
+            "copies into the host's blob cache in the background; the idle release, a second "
+            "after the attach, stopped the worker before that copy had finished, so the next "
+            "worker found few or none of the blobs. A release that waits (bounded) for the "
+            "copy, or a cache that keeps the push's memory file as it is, would remove it."
+        )
     sched = ours.get("scheduling")
     if sched and hit("scheduling decision"):
         lines.append(
