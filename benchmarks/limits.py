@@ -152,6 +152,15 @@ def _child(target: Callable[..., None], *args: Any) -> Iterator[int]:
             proc.join(5)
 
 
+def _stop_child(proc: Any, stop: Any) -> None:
+    """Ask a server process started with a stop event to end; then make sure."""
+    stop.set()
+    proc.join(5)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+
+
 # ------------------------------------------------------------- figures ---
 
 
@@ -199,11 +208,7 @@ def grpc_figures(n: int, stream_bytes: int, stream_reps: int, warmup: int = 100)
             },
         }
     finally:
-        stop.set()
-        proc.join(5)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
+        _stop_child(proc, stop)
 
 
 def grpc_aio_capacity(clients: int = 200, seconds: float = 3.0) -> dict[str, Any]:
@@ -253,11 +258,7 @@ def grpc_aio_capacity(clients: int = 200, seconds: float = 3.0) -> dict[str, Any
 
         return asyncio.run(load())
     finally:
-        stop.set()
-        proc.join(5)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(5)
+        _stop_child(proc, stop)
 
 
 def tcp_pingpong(n: int, warmup: int = 200) -> dict[str, Any]:

@@ -480,12 +480,9 @@ def test_scheduler_best_waiting_request_matches_a_full_scan(fair_share: bool) ->
 # ------------------------------------------------------------ durability ---
 
 
-def test_a_release_answers_only_after_its_row_is_committed(tmp_path: Path) -> None:
-    """The store's writer commits in groups, off the loop; an RPC still
-    answers only what a broker killed right after it would not forget."""
-    clock = FakeClock()
-    service = make(tmp_path, clock)
-    hold(service, "L1", "alice", f"{HOST}/d0")
+def gate_commits(service: BrokerService) -> threading.Event:
+    """Commit what is queued, then hold every later commit until the returned
+    event is set: the store's own writer, with a gate before each write."""
     assert service.store.flush(timeout=10)
     store = service.store.store
     gate = threading.Event()
@@ -496,9 +493,18 @@ def test_a_release_answers_only_after_its_row_is_committed(tmp_path: Path) -> No
 
     service.store.writer.close()
     service.store.writer = GroupCommit(gated)
+    return gate
+
+
+def test_a_release_answers_only_after_its_row_is_committed(tmp_path: Path) -> None:
+    """The store's writer commits in groups, off the loop; an RPC still
+    answers only what a broker killed right after it would not forget."""
+    service = make(tmp_path, FakeClock())
+    hold(service, "L1", "alice", f"{HOST}/d0")
+    gate = gate_commits(service)
 
     def stored_state() -> str:
-        lease = store.get_lease("L1")
+        lease = service.store.store.get_lease("L1")
         assert lease is not None
         return lease.state
 
@@ -523,19 +529,11 @@ def test_an_agent_is_told_to_stop_a_worker_only_once_the_release_is_committed(
     """Else, killed between the two, the broker would leave its successor a
     lease still active whose worker the agent no longer has: it would end
     "failed" instead of "released"."""
-    clock = FakeClock()
-    service = make(tmp_path, clock)
+    service = make(tmp_path, FakeClock())
     hold(service, "L1", "alice", f"{HOST}/d0")
-    assert service.store.flush(timeout=10)
-    store = service.store.store
-    gate = threading.Event()
-
-    def gated(batch: WriteBatch) -> None:
-        assert gate.wait(10), "the test never opened the gate"
-        store.write(batch)
 
     def stored_state() -> str:
-        lease = store.get_lease("L1")
+        lease = service.store.store.get_lease("L1")
         assert lease is not None
         return lease.state
 
@@ -564,9 +562,7 @@ def test_an_agent_is_told_to_stop_a_worker_only_once_the_release_is_committed(
                 break
             await asyncio.sleep(0)
         assert HOST in service.agents
-        assert service.store.flush(timeout=10)  # the hello's device rows
-        service.store.writer.close()
-        service.store.writer = GroupCommit(gated)
+        gate = gate_commits(service)  # after the hello's device rows
 
         ref = pb.LeaseRef(lease_id="L1", token=TOKEN)
         release = asyncio.create_task(service.Release(ref, FakeContext()))  # type: ignore[arg-type]
