@@ -199,8 +199,8 @@ def _tune_garbage_collector() -> None:
     """Collect less often: every RPC allocates hundreds of short-lived objects
     (messages, futures, tasks) that reference counting frees, and the cycle
     collector's default (a pass every 700 allocations, walking the broker's
-    long-lived leases and gRPC state) took a tenth of the event loop's time
-    at a few hundred attaches a second. What exists at start-up is frozen out
+    long-lived leases and gRPC state) took about 7 % of the event loop's
+    time at a few hundred attaches a second. What exists at start-up is frozen out
     of the collector's reach, and a pass runs every 20,000 allocations."""
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)

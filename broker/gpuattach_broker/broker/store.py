@@ -53,6 +53,7 @@ __all__ = [
     "StoreError",
     "WriteBatch",
     "db_url_for",
+    "device_row",
     "event_row",
     "hash_token",
     "open_store",
@@ -87,6 +88,11 @@ class WriteBatch:
             events=self.events + newer.events,
             devices={**self.devices, **newer.devices},
         )
+
+
+def device_row(device: DeviceRecord, last_seen: float) -> dict[str, Any]:
+    """A devices row: the device as its agent described it, and when."""
+    return {**device._asdict(), "last_seen": last_seen}
 
 
 def event_row(ts: float, kind: str, lease_id: str, user: str, detail: str) -> dict[str, Any]:
@@ -359,8 +365,7 @@ class SqlStore:
     # ---------------------------------------------------------- devices ---
 
     def put_device(self, device: DeviceRecord) -> None:
-        values = {**device._asdict(), "last_seen": self.clock()}
-        self.write(WriteBatch(devices={device.device_id: values}))
+        self.write(WriteBatch(devices={device.device_id: device_row(device, self.clock())}))
 
     def devices(self) -> list[DeviceRecord]:
         with self.engine.connect() as db:

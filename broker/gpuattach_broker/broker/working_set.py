@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from gpuattach_broker.broker.group_commit import GroupCommit
 from gpuattach_broker.broker.lease_schema import DeviceRecord, EventRecord, LeaseRecord
-from gpuattach_broker.broker.store import Store, event_row
+from gpuattach_broker.broker.store import Store, device_row, event_row
 
 # A week of GPU-hour quotas, and a day of slack.
 RETAIN_ENDED_S = 8 * 24 * 3600.0
@@ -176,7 +176,7 @@ class WorkingSet:
         self, device_id: str, host: str, name: str, kind: str, memory_bytes: int, uuid: str
     ) -> None:
         device = DeviceRecord(device_id, host, name, kind, memory_bytes, uuid)
-        self.writer.submit(devices=[{**device._asdict(), "last_seen": self.clock()}])
+        self.writer.submit(devices=[device_row(device, self.clock())])
         self._devices[device_id] = device
 
     def devices(self) -> list[DeviceRecord]:
